@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Assemble the initramfs: busybox-static, virtio modules in dependency order, init, agent, workloads.
+set -euo pipefail
+out=$(realpath "$1") cache=$(realpath "$2")
+here=$(dirname "$(realpath "$0")")
+kver=$(cat "$out/kernel-version")
+moddir="$cache/root/lib/modules/$kver"
+root=$(mktemp -d "$cache/initrd.XXXXXX")
+trap 'rm -rf "$root"' EXIT
+mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,run,etc,lib/modules,root,mnt,var}
+cp /bin/busybox "$root/bin/busybox"
+for app in $("$root/bin/busybox" --list); do
+  [ -e "$root/bin/$app" ] || ln -s busybox "$root/bin/$app"
+done
+: > "$root/etc/modules.order"
+for ko in $("$here/resolve_modules.py" "$moddir" virtio_pci virtio_blk virtio_net virtio_balloon virtio_console button evdev); do
+  cp "$moddir/$ko" "$root/lib/modules/"
+  echo "$(basename "$ko")" >> "$root/etc/modules.order"
+done
+cp "$out"/bin/* "$root/bin/"
+cp "$here/init.sh" "$root/init"
+chmod 0755 "$root/init"
+echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
+(cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$out/initrd.img.tmp"
+mv "$out/initrd.img.tmp" "$out/initrd.img"
+echo "build_initrd: $(wc -c < "$out/initrd.img") bytes, modules: $(tr '\n' ' ' < "$root/etc/modules.order")"
