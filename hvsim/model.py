@@ -1,0 +1,152 @@
+"""Validated, serialisable specs: cloud, datacenter, host, VM, disk, NIC."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import SpecError
+
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
+
+
+def check_name(kind: str, name: object) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise SpecError(f"{kind} name {name!r} is invalid: use 1-32 lowercase letters, digits and '-', "
+                        "starting with a letter and not ending with '-'")
+    return name
+
+
+def _positive(kind: str, name: str, fld: str, value: object, minimum: float = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        raise SpecError(f"{kind} {name!r}: {fld} must be a number >= {minimum:g}, got {value!r}")
+
+
+def check_unique(kind: str, names: list[str]) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise SpecError(f"duplicate {kind} name {n!r}")
+        seen.add(n)
+
+
+class _Spec:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = set(data) - known
+        if unknown:
+            raise SpecError(f"{cls.__name__}: unknown field(s) {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class CloudSpec(_Spec):
+    name: str
+    provider: str = "hvsim"
+
+    def __post_init__(self) -> None:
+        check_name("cloud", self.name)
+
+
+@dataclass(frozen=True)
+class DatacenterSpec(_Spec):
+    name: str
+    cloud: str = "default"
+
+    def __post_init__(self) -> None:
+        check_name("datacenter", self.name)
+        check_name("cloud", self.cloud)
+
+
+@dataclass(frozen=True)
+class HostSpec(_Spec):
+    """A hypervisor host. Capacity = physical x overcommit ratio."""
+    name: str
+    vcpus: int = 4
+    memory_mib: int = 2048
+    cpu_overcommit: float = 4.0
+    mem_overcommit: float = 1.0
+    datacenter: str = "dc1"
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_name("host", self.name)
+        check_name("datacenter", self.datacenter)
+        _positive("host", self.name, "vcpus", self.vcpus)
+        _positive("host", self.name, "memory_mib", self.memory_mib, 64)
+        _positive("host", self.name, "cpu_overcommit", self.cpu_overcommit, 0.1)
+        _positive("host", self.name, "mem_overcommit", self.mem_overcommit, 0.1)
+
+    @property
+    def vcpu_capacity(self) -> int:
+        return int(self.vcpus * self.cpu_overcommit)
+
+    @property
+    def memory_capacity_mib(self) -> int:
+        return int(self.memory_mib * self.mem_overcommit)
+
+
+@dataclass(frozen=True)
+class DiskSpec(_Spec):
+    """A virtio-blk disk. kind "file": a raw/qcow2 image created in the VM's run dir (or ``path``);
+    kind "shim": served by an hvsim NBD shim process (e.g. the swap disk)."""
+    name: str
+    size_mib: int = 64
+    kind: Literal["file", "shim"] = "file"
+    format: Literal["raw", "qcow2"] = "raw"
+    path: str = ""
+
+    def __post_init__(self) -> None:
+        check_name("disk", self.name)
+        _positive("disk", self.name, "size_mib", self.size_mib)
+        if self.kind not in ("file", "shim"):
+            raise SpecError(f"disk {self.name!r}: kind must be 'file' or 'shim', got {self.kind!r}")
+        if self.format not in ("raw", "qcow2"):
+            raise SpecError(f"disk {self.name!r}: format must be 'raw' or 'qcow2', got {self.format!r}")
+
+
+@dataclass(frozen=True)
+class NicSpec(_Spec):
+    """A virtio-net NIC; ``mac`` is derived from the VM and NIC names when empty."""
+    name: str
+    network: str = "default"
+    mac: str = ""
+    ip: str = ""   # guest address with prefix, e.g. "10.77.0.5/24", set by guest init
+
+    def __post_init__(self) -> None:
+        check_name("nic", self.name)
+        if self.mac and not re.match(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$", self.mac):
+            raise SpecError(f"nic {self.name!r}: bad MAC {self.mac!r} (want lowercase aa:bb:cc:dd:ee:ff)")
+
+
+def derive_mac(vm: str, nic: str) -> str:
+    h = hashlib.sha256(f"{vm}/{nic}".encode()).digest()
+    return "52:54:00:%02x:%02x:%02x" % (h[0], h[1], h[2])
+
+
+@dataclass(frozen=True)
+class VMSpec(_Spec):
+    name: str
+    vcpus: int = 1
+    memory_mib: int = 256
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+    balloon: bool = True
+    kernel_args: str = ""
+
+    def __post_init__(self) -> None:
+        check_name("vm", self.name)
+        _positive("vm", self.name, "vcpus", self.vcpus)
+        _positive("vm", self.name, "memory_mib", self.memory_mib, 64)
+        object.__setattr__(self, "disks", tuple(
+            d if isinstance(d, DiskSpec) else DiskSpec.from_dict(d) for d in self.disks))
+        object.__setattr__(self, "nics", tuple(
+            n if isinstance(n, NicSpec) else NicSpec.from_dict(n) for n in self.nics))
+        check_unique(f"disk (in vm {self.name!r})", [d.name for d in self.disks])
+        check_unique(f"nic (in vm {self.name!r})", [n.name for n in self.nics])
