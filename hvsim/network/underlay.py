@@ -29,13 +29,13 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
 from . import netns as nsutil
 from . import records
-from .errors import (CommandError, NetworkError, SetupError, StateError, TeardownError,
+from .errors import (NetworkError, SetupError, StateError, TeardownError,
                      TopologyError, UnknownHostError)
-from .shaping import (DEFAULT_LATENCY_MS, LinkShape, QdiscStats, check_mbit, coerce_shape,
+from .shaping import (DEFAULT_LATENCY_MS, LinkShape, QdiscStats, check_mbit,
                       parse_qdisc_json, tbf_replace_line)
 
 log = logging.getLogger("hvsim.network")
