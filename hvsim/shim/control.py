@@ -1,0 +1,169 @@
+"""JSON control channel of the shim (unix socket, mode 0600): one JSON object per line each way.
+
+Request ``{"cmd": NAME, ...args}``; answer ``{"ok": true, "result": ...}`` or
+``{"ok": false, "error": "..."}``. Commands: ``ping``, ``stats``, ``reset_stats``,
+``prefetch {budget_bytes, wait?}``, ``wait_prefetch``, ``drop_cache``, ``checkpoint``,
+``restore {state}``, ``shutdown``. Every command but ping/shutdown takes an optional ``export``.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ControlError, ShimConfigError, ShimError
+from .sockets import prepare_socket_path, secure_socket
+
+if TYPE_CHECKING:
+    from .daemon import ShimDaemon
+
+log = logging.getLogger(__name__)
+MAX_LINE = 64 * 1024 * 1024  # a checkpoint of a large swap disk is a long line
+
+
+class ControlServer:
+    def __init__(self, path: str | os.PathLike[str], daemon: "ShimDaemon") -> None:
+        self.path = Path(path)
+        self.daemon = daemon
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        path = prepare_socket_path(self.path)
+        self._server = await asyncio.start_unix_server(self._client, str(path), limit=MAX_LINE)
+        secure_socket(path)
+
+    async def close(self) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        self._server = None
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            while line := await reader.readline():
+                answer = await self._answer(line)
+                writer.write(json.dumps(answer).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+            log.info("control client dropped: %s", exc)
+        finally:
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _answer(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict) or not isinstance(req.get("cmd"), str):
+                raise ShimConfigError('a request must be a JSON object with a string "cmd"')
+            return {"ok": True, "result": await self.dispatch(req)}
+        except json.JSONDecodeError as exc:
+            return {"ok": False, "error": f"invalid JSON: {exc}"}
+        except ShimError as exc:
+            return {"ok": False, "error": str(exc)}
+        except (TypeError, ValueError, KeyError) as exc:
+            return {"ok": False, "error": f"bad arguments: {exc!r}"}
+
+    async def dispatch(self, req: dict[str, Any]) -> Any:
+        cmd = req["cmd"]
+        d = self.daemon
+        if cmd == "ping":
+            return {"pid": os.getpid(), "exports": [e.name for e in d.exports]}
+        if cmd == "shutdown":
+            asyncio.get_running_loop().call_soon(d.request_stop)
+            return {}
+        export = d.export(req.get("export"))
+        if cmd == "stats":
+            return {**export.stats(), "server": d.server.stats()}
+        if cmd == "reset_stats":
+            export.reset_stats()
+            return {}
+        if cmd == "prefetch":
+            if "budget_bytes" not in req:
+                raise ShimConfigError("prefetch needs budget_bytes")
+            result = await export.prefetch(req["budget_bytes"])
+            if req.get("wait"):
+                await export.wait_prefetch()
+            return result
+        if cmd == "wait_prefetch":
+            await export.wait_prefetch()
+            return export.stats()
+        if cmd == "drop_cache":
+            await export.drop_cache()
+            return {}
+        if cmd == "checkpoint":
+            return export.checkpoint()
+        if cmd == "restore":
+            await export.restore(req["state"])
+            return {}
+        raise ShimConfigError(f"unknown control command {cmd!r}")
+
+
+class ShimControlClient:
+    """Async client of the control socket: one short connection per call."""
+
+    def __init__(self, path: str | os.PathLike[str], timeout: float = 10.0) -> None:
+        self.path = Path(path)
+        self.timeout = timeout
+
+    async def call(self, cmd: str, **args: Any) -> Any:
+        req = {"cmd": cmd, **{k: v for k, v in args.items() if v is not None}}
+        try:
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_unix_connection(str(self.path), limit=MAX_LINE)
+                try:
+                    writer.write(json.dumps(req).encode() + b"\n")
+                    await writer.drain()
+                    line = await reader.readline()
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError) as exc:
+            raise ControlError(f"control call {cmd!r} on {self.path} failed: {exc!r}") from exc
+        if not line:
+            raise ControlError(f"shim closed the control socket {self.path} without answering {cmd!r}")
+        try:
+            answer = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ControlError(f"shim answered {cmd!r} with invalid JSON") from exc
+        if not answer.get("ok"):
+            raise ControlError(f"shim refused {cmd!r}: {answer.get('error')}")
+        return answer.get("result")
+
+    async def ping(self) -> dict[str, Any]:
+        return await self.call("ping")
+
+    async def stats(self, export: str | None = None) -> dict[str, Any]:
+        return await self.call("stats", export=export)
+
+    async def reset_stats(self, export: str | None = None) -> None:
+        await self.call("reset_stats", export=export)
+
+    async def prefetch(self, budget_bytes: int, *, wait: bool = False, export: str | None = None) -> dict[str, Any]:
+        return await self.call("prefetch", budget_bytes=budget_bytes, wait=wait or None, export=export)
+
+    async def wait_prefetch(self, export: str | None = None) -> dict[str, Any]:
+        return await self.call("wait_prefetch", export=export)
+
+    async def drop_cache(self, export: str | None = None) -> None:
+        await self.call("drop_cache", export=export)
+
+    async def checkpoint(self, export: str | None = None) -> dict[str, Any]:
+        return await self.call("checkpoint", export=export)
+
+    async def restore(self, state: dict[str, Any], export: str | None = None) -> None:
+        await self.call("restore", state=state, export=export)
+
+    async def shutdown(self) -> None:
+        await self.call("shutdown")

@@ -1,0 +1,464 @@
+"""An export: one backing store, its swap tracker, its page cache and the background prefetcher.
+
+The NBD server validates offsets and lengths, then calls the ``Export`` data methods. The export
+keeps the cache correct under concurrent writes: a write patches cached pages before it reaches
+the backing file, and a prefetch read that overlaps a write (begun before or during the fetch) is
+discarded instead of being inserted, so stale data never enters the cache.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from enum import Enum
+from typing import Any
+
+from . import protocol as P
+from .cache import PAGE, PageCache, SwapTracker, page_span
+from .errors import ShimConfigError, ShimStateError, StoreError
+from .store import BackingStore
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+_COUNTERS = (
+    "reads", "writes", "flushes", "trims", "zeroes", "read_bytes", "write_bytes",
+    "hits", "misses", "prefetched_pages", "prefetch_used_pages", "prefetched_in_time", "prefetch_late",
+    "prefetch_discarded", "prefetch_errors",
+)
+
+
+class ExportState(str, Enum):
+    CREATED = "created"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class PrefetchState(str, Enum):
+    IDLE = "idle"
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
+class Export:
+    """A named export. ``open()`` it, serve it, ``await close()`` it."""
+
+    def __init__(self, name: str, store: BackingStore, *, description: str = "",
+                 prefetch_concurrency: int = 4, max_run_pages: int = 32) -> None:
+        if len(name.encode()) > P.MAX_STRING:
+            raise ShimConfigError(f"export name longer than {P.MAX_STRING} bytes")
+        if prefetch_concurrency < 1:
+            raise ShimConfigError(f"prefetch concurrency must be >= 1, got {prefetch_concurrency}")
+        self.name = name
+        self.description = description
+        self.store = store
+        self.prefetch_concurrency = prefetch_concurrency
+        self.max_run_pages = max_run_pages
+        self.state = ExportState.CREATED
+        self.tracker = SwapTracker()
+        self.cache = PageCache(0)
+        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        self.prefetch_state = PrefetchState.IDLE
+        self._prefetch_task: asyncio.Task[None] | None = None
+        self._queue: deque[tuple[int, int]] = deque()
+        self._urgent: deque[tuple[int, int]] = deque()
+        self._planned: set[int] = set()
+        self._inflight: dict[int, asyncio.Future[None]] = {}
+        self._poisoned: set[int] = set()
+        self._writing: dict[int, int] = {}
+        self._unused_prefetched: set[int] = set()
+        self._epoch_planned = 0
+        self._epoch_tracked = 0
+        self._epoch_prefetched = 0
+
+    # lifecycle -------------------------------------------------------------------------------
+    def open(self) -> "Export":
+        if self.state is not ExportState.CREATED:
+            raise ShimStateError(f"export {self.name!r} cannot open from state {self.state.value}")
+        self.store.open()
+        self.state = ExportState.OPEN
+        return self
+
+    async def close(self) -> None:
+        if self.state in (ExportState.CLOSING, ExportState.CLOSED):
+            return
+        if self.state is ExportState.CREATED:
+            self.state = ExportState.CLOSED
+            return
+        self.state = ExportState.CLOSING
+        await self._cancel_prefetch()
+        await asyncio.to_thread(self.store.close)
+        self.state = ExportState.CLOSED
+
+    def _require_open(self) -> None:
+        if self.state is not ExportState.OPEN:
+            raise ShimStateError(f"export {self.name!r} is {self.state.value}, not open")
+
+    @property
+    def size(self) -> int:
+        return self.store.size
+
+    @property
+    def read_only(self) -> bool:
+        return self.store.read_only
+
+    def transmission_flags(self) -> int:
+        flags = (P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH | P.FLAG_SEND_FUA | P.FLAG_CAN_MULTI_CONN)
+        if self.read_only:
+            flags |= P.FLAG_READ_ONLY
+        else:
+            flags |= P.FLAG_SEND_TRIM | P.FLAG_SEND_WRITE_ZEROES
+        return flags
+
+    # accounting ------------------------------------------------------------------------------
+    def _account(self, span: range, cached: bool | set[int], late: set[int] | None = None) -> None:
+        c = self.counters
+        if cached is True:
+            hit_pages: Any = span
+            miss_pages: Any = ()
+        elif cached is False:
+            hit_pages, miss_pages = (), span
+        else:
+            hit_pages = [p for p in span if p in cached]
+            miss_pages = [p for p in span if p not in cached]
+        c["hits"] += len(hit_pages)
+        c["misses"] += len(miss_pages)
+        unused = self._unused_prefetched
+        if unused:
+            for p in hit_pages:
+                if p in unused:
+                    unused.discard(p)
+                    c["prefetch_used_pages"] += 1
+                    if late and p in late:
+                        c["prefetch_late"] += 1
+                    else:
+                        c["prefetched_in_time"] += 1
+        planned = self._planned
+        if planned and miss_pages:
+            for p in miss_pages:
+                if p in planned:
+                    # demand-read now: do not fetch it again, and pull its successors forward
+                    planned.discard(p)
+                    if p + 1 in planned:
+                        self._urgent.append((p + 1, self.max_run_pages))
+
+    # data path -------------------------------------------------------------------------------
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """Serve a read without awaiting (cache hit or OS page-cache hit), or None."""
+        if self.state is not ExportState.OPEN:
+            return None
+        if self.cache.pages:
+            data = self.cache.read(offset, length)
+            if data is not None:
+                self.counters["reads"] += 1
+                self.counters["read_bytes"] += length
+                self._account(page_span(offset, length), True)
+                return data
+            span = page_span(offset, length)
+            if any(p in self.cache.pages for p in span):
+                return None
+        else:
+            span = page_span(offset, length)
+        if self._inflight and any(p in self._inflight for p in span):
+            return None
+        data = self.store.try_read_nowait(offset, length)
+        if data is not None:
+            self.counters["reads"] += 1
+            self.counters["read_bytes"] += length
+            self._account(span, False)
+        return data
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self._require_open()
+        span = page_span(offset, length)
+        late: set[int] = set()
+        if self._inflight:
+            waits = {}
+            for p in span:
+                fut = self._inflight.get(p)
+                if fut is not None:
+                    waits[id(fut)] = fut
+                    late.add(p)
+            if waits:
+                await asyncio.gather(*(asyncio.shield(f) for f in waits.values()))
+        self.counters["reads"] += 1
+        self.counters["read_bytes"] += length
+        pages = self.cache.pages
+        data = self.cache.read(offset, length) if pages else None
+        if data is not None:
+            self._account(span, True, late)
+            return data
+        cached = {p for p in span if p in pages} if pages else set()
+        if not cached:
+            self._account(span, False)
+            return await self.store.read(offset, length)
+        # mixed: copy cached segments now, fetch the rest from the backing store
+        self._account(span, cached, late)
+        end = offset + length
+        segments: list[tuple[bool, int, int]] = []
+        for p in span:
+            lo, hi = max(offset, p * PAGE), min(end, (p + 1) * PAGE)
+            hit = p in cached
+            if segments and segments[-1][0] == hit and segments[-1][2] == lo:
+                segments[-1] = (hit, segments[-1][1], hi)
+            else:
+                segments.append((hit, lo, hi))
+        parts: list[Any] = []
+        for hit, lo, hi in segments:
+            if hit:
+                parts.append(self.cache.read(lo, hi - lo) or None)
+            else:
+                parts.append(None)
+        fetch = [(i, lo, hi) for i, (hit, lo, hi) in enumerate(segments) if parts[i] is None]
+        results = await asyncio.gather(*(self.store.read(lo, hi - lo) for _, lo, hi in fetch))
+        for (i, _, _), data_i in zip(fetch, results):
+            parts[i] = data_i
+        return b"".join(parts)
+
+    def _writes_begin(self, span: range) -> None:
+        writing = self._writing
+        inflight = self._inflight
+        for p in span:
+            writing[p] = writing.get(p, 0) + 1
+            if inflight and p in inflight:
+                self._poisoned.add(p)
+
+    def _writes_end(self, span: range) -> None:
+        writing = self._writing
+        for p in span:
+            n = writing[p] - 1
+            if n:
+                writing[p] = n
+            else:
+                del writing[p]
+
+    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+        self._require_open()
+        span = page_span(offset, len(data))
+        self._writes_begin(span)
+        try:
+            self.cache.patch(offset, data)
+            self.tracker.record_write(offset, data)
+            await self.store.write(offset, data, fua)
+        except BaseException:
+            self.cache.drop(offset, len(data))
+            raise
+        finally:
+            self._writes_end(span)
+        self.counters["writes"] += 1
+        self.counters["write_bytes"] += len(data)
+
+    async def _discard(self, offset: int, length: int, op: str, fua: bool, may_punch: bool) -> None:
+        self._require_open()
+        span = page_span(offset, length)
+        self._writes_begin(span)
+        try:
+            self.cache.drop(offset, length)
+            self.tracker.forget(offset, length)
+            if op == "trim":
+                await self.store.trim(offset, length, fua)
+            else:
+                await self.store.write_zeroes(offset, length, may_punch=may_punch, fua=fua)
+        finally:
+            self._writes_end(span)
+        self.counters["trims" if op == "trim" else "zeroes"] += 1
+
+    async def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        await self._discard(offset, length, "trim", fua, True)
+
+    async def write_zeroes(self, offset: int, length: int, *, no_hole: bool = False, fua: bool = False) -> None:
+        await self._discard(offset, length, "zero", fua, not no_hole)
+
+    async def flush(self) -> None:
+        self._require_open()
+        await self.store.flush()
+        self.counters["flushes"] += 1
+
+    # prefetch --------------------------------------------------------------------------------
+    async def prefetch(self, budget_bytes: int) -> dict[str, Any]:
+        """Set the cache budget and prefetch recorded swap pages into it in the background.
+
+        A new call replaces the running prefetch. ``budget_bytes=0`` empties the cache.
+        """
+        self._require_open()
+        if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes < 0:
+            raise ShimConfigError(f"budget_bytes must be an integer >= 0, got {budget_bytes!r}")
+        await self._cancel_prefetch()
+        self.cache.set_budget(budget_bytes)
+        runs = self.tracker.plan(self.cache.free_pages(), exclude=self.cache.pages, max_run=self.max_run_pages)
+        self._queue = deque(runs)
+        self._urgent = deque()
+        self._planned = {p for first, n in runs for p in range(first, first + n)}
+        self._epoch_planned = len(self._planned)
+        self._epoch_tracked = len(self.tracker)
+        self._epoch_prefetched = 0
+        if runs:
+            self.prefetch_state = PrefetchState.RUNNING
+            self._prefetch_task = asyncio.get_running_loop().create_task(
+                self._prefetch_main(), name=f"shim-prefetch-{self.name}")
+        else:
+            self.prefetch_state = PrefetchState.DONE
+        return {"budget_bytes": self.cache.budget_bytes, "planned_pages": self._epoch_planned,
+                "runs": len(runs), "cached_pages": len(self.cache), "tracked_pages": self._epoch_tracked}
+
+    async def wait_prefetch(self) -> None:
+        task = self._prefetch_task
+        if task is not None:
+            await asyncio.shield(task)
+
+    async def drop_cache(self) -> None:
+        await self._cancel_prefetch()
+        self.cache.clear()
+        self._unused_prefetched.clear()
+
+    async def _cancel_prefetch(self) -> None:
+        task, self._prefetch_task = self._prefetch_task, None
+        self._queue.clear()
+        self._urgent.clear()
+        self._planned.clear()
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+            self.prefetch_state = PrefetchState.CANCELLED
+
+    async def _prefetch_main(self) -> None:
+        try:
+            await asyncio.gather(*(self._prefetch_worker() for _ in range(self.prefetch_concurrency)))
+        finally:
+            self._planned.clear()
+        self.prefetch_state = PrefetchState.DONE
+        log.info("prefetch %s done: %d pages in cache", self.name, len(self.cache))
+
+    def _next_run(self) -> tuple[int, int] | None:
+        if self._urgent:
+            return self._urgent.popleft()
+        if self._queue:
+            return self._queue.popleft()
+        return None
+
+    async def _prefetch_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (run := self._next_run()) is not None:
+            first, n = run
+            planned = self._planned
+            cand = [p for p in range(first, first + n) if p in planned]
+            for p in cand:
+                planned.discard(p)
+            cand = [p for p in cand if p in self.tracker and p not in self.cache.pages
+                    and p not in self._writing and p not in self._inflight]
+            i = 0
+            while i < len(cand):
+                j = i + 1
+                while j < len(cand) and cand[j] == cand[j - 1] + 1:
+                    j += 1
+                sub = cand[i:j]
+                i = j
+                if not self.cache.reserve(len(sub)):
+                    self._queue.clear()
+                    self._urgent.clear()
+                    self._planned.clear()
+                    return
+                await self._fetch(loop, sub)
+
+    async def _fetch(self, loop: asyncio.AbstractEventLoop, sub: list[int]) -> None:
+        fut: asyncio.Future[None] = loop.create_future()
+        for p in sub:
+            self._inflight[p] = fut
+        remaining = len(sub)
+        try:
+            off = sub[0] * PAGE
+            length = min(len(sub) * PAGE, self.size - off)
+            data = await self.store.read(off, length)
+            view = memoryview(data)
+            for k, p in enumerate(sub):
+                remaining -= 1
+                if p in self._poisoned or p not in self.tracker:
+                    self.cache.release(1)
+                    self.counters["prefetch_discarded"] += 1
+                    continue
+                self.cache.insert_reserved(p, view[k * PAGE:(k + 1) * PAGE])
+                if p in self.cache.pages:
+                    self._unused_prefetched.add(p)
+                    self.counters["prefetched_pages"] += 1
+                    self._epoch_prefetched += 1
+        except StoreError as exc:
+            self.counters["prefetch_errors"] += 1
+            log.warning("prefetch read of pages %d..%d failed: %s", sub[0], sub[-1], exc)
+        finally:
+            self.cache.release(remaining)
+            for p in sub:
+                self._inflight.pop(p, None)
+                self._poisoned.discard(p)
+            fut.set_result(None)
+
+    # stats and state ---------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        c = self.counters
+        looked = c["hits"] + c["misses"]
+        link = self.store.link
+        return {
+            "export": self.name,
+            "state": self.state.value,
+            "size": self.size,
+            **c,
+            "hit_rate": c["hits"] / looked if looked else 0.0,
+            "accuracy": c["prefetch_used_pages"] / c["prefetched_pages"] if c["prefetched_pages"] else 0.0,
+            "coverage": min(1.0, self._epoch_prefetched / self._epoch_tracked) if self._epoch_tracked else 0.0,
+            "cache_bytes": self.cache.cache_bytes,
+            "cache_pages": len(self.cache),
+            "reserved_bytes": self.cache.reserved * PAGE,
+            "budget_bytes": self.cache.budget_bytes,
+            "tracked_pages": len(self.tracker),
+            "swap_header": self.tracker.swap_header,
+            "swap_last_page": self.tracker.swap_last_page,
+            "prefetch_state": self.prefetch_state.value,
+            "prefetch_planned_pages": self._epoch_planned,
+            "prefetch_pending_pages": len(self._planned),
+            "prefetch_inflight_pages": len(self._inflight),
+            "backing_reads": self.store.backing_reads,
+            "backing_read_bytes": self.store.backing_read_bytes,
+            "backing_writes": self.store.backing_writes,
+            "backing_write_bytes": self.store.backing_write_bytes,
+            "latency_ms": link.latency_s * 1000.0,
+            "bandwidth_bps": link.bandwidth_bps,
+        }
+
+    def reset_stats(self) -> None:
+        self.counters = dict.fromkeys(_COUNTERS, 0)
+        self._unused_prefetched.clear()
+        self._epoch_planned = self._epoch_tracked = self._epoch_prefetched = 0
+        s = self.store
+        s.backing_reads = s.backing_read_bytes = s.backing_writes = s.backing_write_bytes = 0
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Serialisable device state (the cache contents are not part of it: re-prefetch after restore)."""
+        return {
+            "version": CHECKPOINT_VERSION,
+            "export": self.name,
+            "size": self.size,
+            "budget_bytes": self.cache.budget_bytes,
+            "tracker": self.tracker.checkpoint(),
+            "counters": dict(self.counters),
+        }
+
+    async def restore(self, state: dict[str, Any]) -> None:
+        self._require_open()
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            raise ShimConfigError(f"checkpoint version must be {CHECKPOINT_VERSION}, got "
+                                  f"{state.get('version') if isinstance(state, dict) else type(state).__name__}")
+        if state.get("size") != self.size:
+            raise ShimConfigError(f"checkpoint is for a {state.get('size')}-byte export, this one has {self.size}")
+        tracker = SwapTracker()
+        tracker.restore(state.get("tracker", {}))
+        await self.drop_cache()
+        self.tracker = tracker
+        self.cache.set_budget(int(state.get("budget_bytes", 0)))
+        counters = state.get("counters", {})
+        self.counters = {k: int(counters.get(k, 0)) for k in _COUNTERS}
+        self.prefetch_state = PrefetchState.IDLE

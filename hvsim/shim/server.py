@@ -1,0 +1,542 @@
+"""Asyncio NBD server: fixed newstyle negotiation, simple replies, concurrent out-of-order requests.
+
+One ``NbdConnection`` (an ``asyncio.Protocol``) per client. Negotiation is a coroutine reading from
+the connection's buffer; transmission is parsed straight from ``data_received``: a read the export
+can answer without waiting (page-cache or shim-cache hit) is answered inline, everything else runs
+as a task whose reply goes out when it completes (out of order). Replies produced in one loop
+iteration are written to the transport in one batch.
+
+Error policy (proto.md): unknown command or flag -> EINVAL; read or trim past the end -> EINVAL;
+write or write-zeroes past the end -> ENOSPC; offset+length overflowing 64 bits -> EINVAL; read or
+write longer than the 32 MiB maximum block size -> EOVERFLOW (a write's payload is read and
+discarded so the stream stays in sync); write on a read-only export -> EPERM; any request after
+shutdown began -> ESHUTDOWN. A bad request magic or a malformed handshake is a protocol violation:
+the connection is dropped, the server keeps serving everyone else.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import protocol as P
+from .errors import NbdProtocolError, ShimConfigError, ShimStateError, StoreError
+from .export import Export
+from .sockets import prepare_socket_path, secure_socket
+
+log = logging.getLogger(__name__)
+
+_KNOWN_CMDS = frozenset({P.Cmd.READ, P.Cmd.WRITE, P.Cmd.DISC, P.Cmd.FLUSH, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES})
+_WRITE_LIKE = frozenset({P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES})
+_MAX_DISCARD = 2**32  # a length field is 32 bits, so an oversized payload is always finite
+
+
+class ServerState(str, Enum):
+    CREATED = "created"
+    SERVING = "serving"
+    SHUTTING_DOWN = "shutting_down"
+    STOPPED = "stopped"
+
+
+class ConnPhase(str, Enum):
+    NEGOTIATING = "negotiating"
+    TRANSMISSION = "transmission"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class NbdConnection(asyncio.Protocol):
+    def __init__(self, server: "NbdServer", conn_id: int) -> None:
+        self.server = server
+        self.id = conn_id
+        self.log = log.getChild(f"conn{conn_id}")
+        self.phase = ConnPhase.NEGOTIATING
+        self.export: Export | None = None
+        self.transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[None] | None = None
+        self._eof = False
+        self._lost = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
+        self._read_paused = False
+        self._write_paused = False
+        self._disc = False
+        self._shutting_down = False
+        self._discard_left = 0
+        self._discard_cookie = 0
+        self._no_zeroes = False
+        self._closed = asyncio.get_running_loop().create_future()
+        self._negotiation: asyncio.Task[None] | None = None
+        self.requests = 0
+
+    # asyncio.Protocol ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._negotiation = asyncio.get_running_loop().create_task(self._negotiate(), name=f"nbd-negotiate-{self.id}")
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase is ConnPhase.TRANSMISSION:
+            self._buf += data
+            self._process()
+        elif self.phase is ConnPhase.NEGOTIATING:
+            self._buf += data
+            if len(self._buf) > 4 * P.MAX_OPTION_LENGTH:
+                self.log.warning("client floods negotiation with %d unread bytes; dropping it", len(self._buf))
+                self._abort()
+                return
+            self._wake()
+        # CLOSING/CLOSED: input after NBD_CMD_DISC is ignored
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._eof = True
+        self._wake()
+        if self._negotiation is not None and not self._negotiation.done():
+            self._negotiation.cancel()
+        if self._discard_left or (self.phase is ConnPhase.TRANSMISSION and self._buf):
+            self.log.info("client went away with %d bytes of an incomplete request", len(self._buf) + self._discard_left)
+        self.phase = ConnPhase.CLOSED
+        self._maybe_done()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._set_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._set_reading()
+        if self.phase is ConnPhase.TRANSMISSION:
+            self._process()
+
+    # helpers ---------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def _abort(self) -> None:
+        if self.transport is not None and not self._lost:
+            self.transport.abort()
+
+    def _maybe_done(self) -> None:
+        if self._lost and not self._tasks and not self._closed.done():
+            self._closed.set_result(None)
+            self.server._forget(self)
+
+    async def wait_closed(self) -> None:
+        await asyncio.shield(self._closed)
+
+    def begin_shutdown(self) -> None:
+        self._shutting_down = True
+        if self.phase is ConnPhase.TRANSMISSION:
+            self._process()
+        self._wake()
+
+    def _send(self, *chunks: bytes) -> None:
+        if self._lost:
+            return
+        self._out.extend(chunks)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and not self._lost and self.transport is not None:
+            out, self._out = self._out, []
+            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if self._disc and not self._tasks and self.transport is not None and not self._lost:
+            self.transport.close()
+
+    def _set_reading(self) -> None:
+        if self.transport is None or self._lost:
+            return
+        want_pause = self._write_paused or len(self._tasks) >= self.server.max_inflight or self._disc
+        if want_pause and not self._read_paused:
+            self.transport.pause_reading()
+            self._read_paused = True
+        elif not want_pause and self._read_paused:
+            self.transport.resume_reading()
+            self._read_paused = False
+
+    # negotiation -----------------------------------------------------------------------------
+    async def _read_exact(self, n: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        while len(self._buf) < n:
+            if self._eof:
+                raise NbdProtocolError(f"client closed during negotiation ({len(self._buf)} of {n} bytes)")
+            self._waiter = loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+    def _opt_reply(self, opt: int, rep: int, data: bytes = b"") -> None:
+        assert self.transport is not None
+        self.transport.write(P.option_reply(opt, rep, data))
+
+    def _opt_error(self, opt: int, rep: P.Rep, message: str) -> None:
+        self.log.debug("option %d refused with %s: %s", opt, rep.name, message)
+        self._opt_reply(opt, rep, message.encode()[: P.MAX_STRING])
+
+    async def _negotiate(self) -> None:
+        assert self.transport is not None
+        try:
+            async with asyncio.timeout(self.server.handshake_timeout):
+                await self._negotiate_inner()
+        except asyncio.CancelledError:
+            if not self._lost:
+                self._abort()
+            raise
+        except (NbdProtocolError, TimeoutError, ConnectionError) as exc:
+            self.log.info("negotiation ended: %s", exc or type(exc).__name__)
+            self._abort()
+        except Exception:  # never let one client take the server down
+            self.log.exception("negotiation failed")
+            self._abort()
+
+    async def _negotiate_inner(self) -> None:
+        assert self.transport is not None
+        self.transport.write(P.greeting())
+        (cflags,) = P.U32.unpack(await self._read_exact(4))
+        if cflags & ~(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES):
+            raise NbdProtocolError(f"client sent unknown client flags {cflags:#x}")
+        fixed = bool(cflags & P.FLAG_C_FIXED_NEWSTYLE)
+        self._no_zeroes = bool(cflags & P.FLAG_C_NO_ZEROES)
+        while True:
+            magic, opt, length = P.OPTION_HEADER.unpack(await self._read_exact(P.OPTION_HEADER.size))
+            if magic != P.IHAVEOPT:
+                raise NbdProtocolError(f"bad option magic {magic!r}")
+            if length > P.MAX_OPTION_LENGTH:
+                raise NbdProtocolError(f"option {opt} claims {length} bytes of data (limit {P.MAX_OPTION_LENGTH})")
+            data = await self._read_exact(length)
+            if opt == P.Opt.EXPORT_NAME:
+                export = self.server.lookup(self._decode_name(data))
+                if export is None or self._shutting_down:
+                    raise NbdProtocolError(f"NBD_OPT_EXPORT_NAME for unknown export {data[:64]!r}")
+                reply = P.U64.pack(export.size) + P.U16.pack(export.transmission_flags())
+                if not self._no_zeroes:
+                    reply += bytes(124)
+                self.transport.write(reply)
+                self._enter_transmission(export)
+                return
+            if not fixed:
+                raise NbdProtocolError(f"option {opt} from a client without fixed newstyle")
+            if opt == P.Opt.ABORT:
+                self._opt_reply(opt, P.Rep.ACK)
+                self.transport.close()
+                return
+            if self._shutting_down:
+                self._opt_error(opt, P.Rep.ERR_SHUTDOWN, "server is shutting down")
+                self.transport.close()
+                return
+            if opt == P.Opt.LIST:
+                if length:
+                    self._opt_error(opt, P.Rep.ERR_INVALID, "NBD_OPT_LIST takes no data")
+                    continue
+                for name in self.server.exports:
+                    raw = name.encode()
+                    self._opt_reply(opt, P.Rep.SERVER, P.U32.pack(len(raw)) + raw)
+                self._opt_reply(opt, P.Rep.ACK)
+            elif opt in (P.Opt.INFO, P.Opt.GO):
+                export = self._info_or_go(opt, data)
+                if export is not None and opt == P.Opt.GO:
+                    self._enter_transmission(export)
+                    return
+            else:
+                self._opt_error(opt, P.Rep.ERR_UNSUP, f"option {opt} is not supported")
+
+    @staticmethod
+    def _decode_name(raw: bytes) -> str | None:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    def _info_or_go(self, opt: int, data: bytes) -> Export | None:
+        if len(data) < 6:
+            self._opt_error(opt, P.Rep.ERR_INVALID, f"option data of {len(data)} bytes is too short")
+            return None
+        (nlen,) = P.U32.unpack_from(data, 0)
+        if nlen > P.MAX_STRING or 4 + nlen + 2 > len(data):
+            self._opt_error(opt, P.Rep.ERR_INVALID, f"export name length {nlen} does not fit the option data")
+            return None
+        name = self._decode_name(data[4:4 + nlen])
+        (nreq,) = P.U16.unpack_from(data, 4 + nlen)
+        if 4 + nlen + 2 + 2 * nreq != len(data):
+            self._opt_error(opt, P.Rep.ERR_INVALID, f"{nreq} information requests do not match the option length")
+            return None
+        if name is None:
+            self._opt_error(opt, P.Rep.ERR_INVALID, "export name is not UTF-8")
+            return None
+        reqs = {P.U16.unpack_from(data, 6 + nlen + 2 * i)[0] for i in range(nreq)}
+        export = self.server.lookup(name)
+        if export is None:
+            self._opt_error(opt, P.Rep.ERR_UNKNOWN, f"no export named {name!r}")
+            return None
+        self._opt_reply(opt, P.Rep.INFO, P.info_export(export.size, export.transmission_flags()))
+        if P.Info.NAME in reqs:
+            self._opt_reply(opt, P.Rep.INFO, P.info_name(export.name))
+        if P.Info.DESCRIPTION in reqs and export.description:
+            self._opt_reply(opt, P.Rep.INFO, P.info_description(export.description))
+        self._opt_reply(opt, P.Rep.INFO, P.info_block_size())
+        self._opt_reply(opt, P.Rep.ACK)
+        return export
+
+    def _enter_transmission(self, export: Export) -> None:
+        self.export = export
+        self.phase = ConnPhase.TRANSMISSION
+        self.log.debug("transmission on export %r", export.name)
+        if self._buf:
+            asyncio.get_running_loop().call_soon(self._process)
+
+    # transmission ----------------------------------------------------------------------------
+    def _validate(self, flags: int, cmd: int, offset: int, length: int) -> int:
+        export = self.export
+        assert export is not None
+        if cmd not in _KNOWN_CMDS:
+            return P.EINVAL
+        allowed = P.CMD_FLAG_FUA | (P.CMD_FLAG_NO_HOLE if cmd == P.Cmd.WRITE_ZEROES else 0)
+        if flags & ~allowed:
+            return P.EINVAL
+        if cmd == P.Cmd.FLUSH:
+            return P.EINVAL if (offset or length) else 0
+        if cmd in _WRITE_LIKE and export.read_only:
+            return P.EPERM
+        if length == 0:
+            return P.EINVAL
+        if cmd in (P.Cmd.READ, P.Cmd.WRITE) and length > P.MAX_BLOCK:
+            return P.EOVERFLOW
+        end = offset + length
+        if end > 0xFFFF_FFFF_FFFF_FFFF:
+            return P.EINVAL
+        if end > export.size:
+            return P.ENOSPC if cmd in (P.Cmd.WRITE, P.Cmd.WRITE_ZEROES) else P.EINVAL
+        return 0
+
+    def _process(self) -> None:
+        """Parse and dispatch every complete request in the buffer (bounded by max_inflight)."""
+        if self.phase is not ConnPhase.TRANSMISSION or self._lost:
+            return
+        buf = self._buf
+        export = self.export
+        assert export is not None
+        pos = 0
+        n_buf = len(buf)
+        out = self._out
+        max_inflight = self.server.max_inflight
+        tasks = self._tasks
+        unpack = P.REQUEST.unpack_from
+        hdr = P.REQUEST_SIZE
+        while True:
+            if self._discard_left:
+                take = min(self._discard_left, n_buf - pos)
+                pos += take
+                self._discard_left -= take
+                if self._discard_left:
+                    break
+                out.append(P.simple_reply(self._discard_cookie, P.EOVERFLOW))
+                continue
+            if n_buf - pos < hdr or len(tasks) >= max_inflight or self._write_paused:
+                break
+            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+            if magic != P.REQUEST_MAGIC:
+                self.log.warning("bad request magic %#x: dropping the connection", magic)
+                del buf[:]
+                self._flush()
+                self._abort()
+                return
+            payload: bytes | None = None
+            if cmd == P.Cmd.WRITE:
+                if length > P.MAX_BLOCK:
+                    pos += hdr
+                    self._discard_left = length
+                    self._discard_cookie = cookie
+                    self.log.info("write of %d bytes exceeds the %d-byte maximum: discarding payload", length, P.MAX_BLOCK)
+                    continue
+                if n_buf - pos < hdr + length:
+                    break
+                payload = bytes(buf[pos + hdr:pos + hdr + length])
+                pos += hdr + length
+            else:
+                pos += hdr
+            self.requests += 1
+            if cmd == P.Cmd.DISC:
+                self._disc = True
+                pos = n_buf
+                break
+            err = self._validate(flags, cmd, offset, length)
+            if err:
+                out.append(P.simple_reply(cookie, err))
+                continue
+            if self._shutting_down:
+                out.append(P.simple_reply(cookie, P.ESHUTDOWN))
+                continue
+            if cmd == P.Cmd.READ:
+                data = export.read_nowait(offset, length)
+                if data is not None:
+                    out.append(P.simple_reply(cookie, 0))
+                    out.append(data)
+                    continue
+            task = asyncio.get_running_loop().create_task(self._handle(cmd, flags, cookie, offset, length, payload))
+            tasks.add(task)
+            task.add_done_callback(self._task_done)
+        if pos:
+            del buf[:pos]
+        self._set_reading()
+        self._flush()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("request task failed: %r", task.exception())
+        if self._lost:
+            self._maybe_done()
+            return
+        self._set_reading()
+        if self._buf and len(self._tasks) < self.server.max_inflight:
+            self._process()
+        elif self._disc and not self._tasks:
+            self._flush()
+
+    async def _handle(self, cmd: int, flags: int, cookie: int, offset: int, length: int, payload: bytes | None) -> None:
+        export = self.export
+        assert export is not None
+        fua = bool(flags & P.CMD_FLAG_FUA)
+        err = 0
+        data = b""
+        try:
+            if cmd == P.Cmd.READ:
+                data = await export.read(offset, length)
+            elif cmd == P.Cmd.WRITE:
+                assert payload is not None
+                await export.write(offset, payload, fua)
+            elif cmd == P.Cmd.FLUSH:
+                await export.flush()
+            elif cmd == P.Cmd.TRIM:
+                await export.trim(offset, length, fua)
+            elif cmd == P.Cmd.WRITE_ZEROES:
+                await export.write_zeroes(offset, length, no_hole=bool(flags & P.CMD_FLAG_NO_HOLE), fua=fua)
+        except StoreError as exc:
+            self.log.warning("%s at %d+%d failed: %s", P.Cmd(cmd).name, offset, length, exc)
+            err = exc.errno
+        except ShimStateError:
+            err = P.ESHUTDOWN
+        except Exception:
+            self.log.exception("%s at %d+%d crashed", P.Cmd(cmd).name, offset, length)
+            err = P.EIO
+        if err or cmd != P.Cmd.READ:
+            self._send(P.simple_reply(cookie, err))
+        else:
+            self._send(P.simple_reply(cookie, 0), data)
+
+
+class NbdServer:
+    """Serves exports on a unix socket (mode 0600, private directory)."""
+
+    def __init__(self, socket_path: str | os.PathLike[str], exports: Iterable[Export] = (), *,
+                 default_export: str | None = None, handshake_timeout: float = 30.0, max_inflight: int = 128) -> None:
+        self.socket_path = Path(socket_path)
+        self.state = ServerState.CREATED
+        self.exports: dict[str, Export] = {}
+        for e in exports:
+            self.add_export(e)
+        self.default_export = default_export
+        self.handshake_timeout = handshake_timeout
+        self.max_inflight = max_inflight
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[NbdConnection] = set()
+        self._ids = itertools.count(1)
+        self.connections_total = 0
+
+    def add_export(self, export: Export) -> None:
+        if self.state in (ServerState.SHUTTING_DOWN, ServerState.STOPPED):
+            raise ShimStateError(f"cannot add export {export.name!r}: server is {self.state.value}")
+        if export.name in self.exports:
+            raise ShimConfigError(f"duplicate export name {export.name!r}")
+        self.exports[export.name] = export
+
+    def lookup(self, name: str | None) -> Export | None:
+        if name is None:
+            return None
+        if name == "" and "" not in self.exports:
+            name = self.default_export if self.default_export is not None else next(iter(self.exports), "")
+        return self.exports.get(name)
+
+    def _new_connection(self) -> NbdConnection:
+        conn = NbdConnection(self, next(self._ids))
+        self._conns.add(conn)
+        self.connections_total += 1
+        if self.state is not ServerState.SERVING:
+            conn.begin_shutdown()
+        return conn
+
+    def _forget(self, conn: NbdConnection) -> None:
+        self._conns.discard(conn)
+
+    async def start(self) -> None:
+        if self.state is not ServerState.CREATED:
+            raise ShimStateError(f"server cannot start from state {self.state.value}")
+        if not self.exports:
+            raise ShimConfigError("server has no exports")
+        path = prepare_socket_path(self.socket_path)
+        loop = asyncio.get_running_loop()
+        try:
+            self._server = await loop.create_unix_server(self._new_connection, str(path))
+        except OSError as exc:
+            raise ShimConfigError(f"cannot listen on {path}: {exc.strerror}") from exc
+        secure_socket(path)
+        self.state = ServerState.SERVING
+        log.info("NBD server on %s with exports %s", path, ", ".join(repr(n) for n in self.exports))
+
+    def stats(self) -> dict[str, Any]:
+        return {"state": self.state.value, "socket": str(self.socket_path), "connections": len(self._conns),
+                "connections_total": self.connections_total}
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Stop accepting, answer ESHUTDOWN to new requests, let in-flight ones finish, then close."""
+        if self.state in (ServerState.SHUTTING_DOWN, ServerState.STOPPED):
+            return
+        if self.state is ServerState.CREATED:
+            self.state = ServerState.STOPPED
+            return
+        self.state = ServerState.SHUTTING_DOWN
+        assert self._server is not None
+        self._server.close()
+        conns = list(self._conns)
+        for c in conns:
+            c.begin_shutdown()
+        if conns:
+            done, pending = await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=grace)
+            for c in list(self._conns):
+                c._abort()
+            for p in pending:
+                p.cancel()
+            still = [c for c in conns if not c._closed.done()]
+            if still:
+                await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in still], timeout=grace)
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
+        except TimeoutError:
+            pass
+        try:
+            self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        self.state = ServerState.STOPPED
+        log.info("NBD server on %s stopped", self.socket_path)
