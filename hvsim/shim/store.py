@@ -143,7 +143,7 @@ class BackingStore:
         loop = asyncio.get_running_loop()
         now = loop.time()
         done = now
-        if link.bandwidth_bps is not None:
+        if link.bandwidth_bps is not None and nbytes:
             start = max(now, self._link_free)
             self._link_free = start + nbytes / link.bandwidth_bps
             done = self._link_free
