@@ -320,11 +320,7 @@ class Export:
         self._planned.clear()
         if task is not None and not task.done():
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                    raise
+            await asyncio.wait([task])  # waits without swallowing a cancellation aimed at us
             self.prefetch_state = PrefetchState.CANCELLED
 
     async def _prefetch_main(self) -> None:

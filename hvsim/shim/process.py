@@ -141,6 +141,8 @@ class ShimProcess:
             log.info("shim pid %d serving %s on %s", proc.pid, self.backing, self.socket_path)
             return
         ready.cancel()
+        if exited not in done and ready in done:  # stdout closed without the ready line: it is exiting
+            done, _ = await asyncio.wait({exited}, timeout=5.0)
         if exited not in done:
             exited.cancel()
             await self._hard_kill()
@@ -218,10 +220,9 @@ class ShimProcess:
 
     async def _reap(self) -> None:
         if self._watch is not None:
-            self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch
-            self._watch = None
+            watch, self._watch = self._watch, None
+            watch.cancel()
+            await asyncio.wait([watch])  # never swallows a cancellation aimed at us
         if self._proc is not None and self._proc.returncode is None:
             await self._proc.wait()
 
