@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 _KNOWN_CMDS = frozenset({P.Cmd.READ, P.Cmd.WRITE, P.Cmd.DISC, P.Cmd.FLUSH, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES})
 _WRITE_LIKE = frozenset({P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES})
-_MAX_DISCARD = 2**32  # a length field is 32 bits, so an oversized payload is always finite
+MAX_INFLIGHT_BYTES = 64 * 1024 * 1024  # per connection: stop parsing past this much pending I/O
 
 
 class ServerState(str, Enum):
@@ -61,7 +61,8 @@ class NbdConnection(asyncio.Protocol):
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
         self._lost = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], int] = {}
+        self._inflight_bytes = 0
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._read_paused = False
@@ -163,7 +164,8 @@ class NbdConnection(asyncio.Protocol):
     def _set_reading(self) -> None:
         if self.transport is None or self._lost:
             return
-        want_pause = self._write_paused or len(self._tasks) >= self.server.max_inflight or self._disc
+        want_pause = (self._write_paused or self._disc or len(self._tasks) >= self.server.max_inflight
+                      or self._inflight_bytes >= MAX_INFLIGHT_BYTES)
         if want_pause and not self._read_paused:
             self.transport.pause_reading()
             self._read_paused = True
@@ -352,7 +354,8 @@ class NbdConnection(asyncio.Protocol):
                     break
                 out.append(P.simple_reply(self._discard_cookie, P.EOVERFLOW))
                 continue
-            if n_buf - pos < hdr or len(tasks) >= max_inflight or self._write_paused:
+            if (n_buf - pos < hdr or len(tasks) >= max_inflight or self._write_paused
+                    or self._inflight_bytes >= MAX_INFLIGHT_BYTES):
                 break
             magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
             if magic != P.REQUEST_MAGIC:
@@ -394,7 +397,8 @@ class NbdConnection(asyncio.Protocol):
                     out.append(data)
                     continue
             task = asyncio.get_running_loop().create_task(self._handle(cmd, flags, cookie, offset, length, payload))
-            tasks.add(task)
+            tasks[task] = length
+            self._inflight_bytes += length
             task.add_done_callback(self._task_done)
         if pos:
             del buf[:pos]
@@ -402,14 +406,14 @@ class NbdConnection(asyncio.Protocol):
         self._flush()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+        self._inflight_bytes -= self._tasks.pop(task, 0)
         if not task.cancelled() and task.exception() is not None:
             self.log.error("request task failed: %r", task.exception())
         if self._lost:
             self._maybe_done()
             return
         self._set_reading()
-        if self._buf and len(self._tasks) < self.server.max_inflight:
+        if self._buf and len(self._tasks) < self.server.max_inflight and self._inflight_bytes < MAX_INFLIGHT_BYTES:
             self._process()
         elif self._disc and not self._tasks:
             self._flush()
