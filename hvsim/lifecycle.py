@@ -30,7 +30,7 @@ ALLOWED: dict[str, frozenset[VMState]] = {
     "destroy": frozenset({S.STARTING, S.RUNNING, S.PAUSED, S.SHUTTING_DOWN, S.CRASHED, S.MIGRATING}),
     "migrate": frozenset({S.RUNNING, S.PAUSED}),
     "undefine": frozenset({S.SHUTOFF, S.CRASHED}),
-    "agent": frozenset({S.RUNNING, S.MIGRATING}),
+    "agent": frozenset({S.RUNNING, S.PAUSED, S.MIGRATING}),  # paused: queued until resume
 }
 
 # state -> states it may move to (by actions or by events such as a crash)

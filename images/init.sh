@@ -32,7 +32,7 @@ if [ -n "${ipaddr:-}" ] && [ -e /sys/class/net/eth0 ]; then
 fi
 # ACPI power button: the kernel's button driver reports it as KEY_POWER on an evdev device.
 mkdir -p /etc/acpi/PWRF
-printf '#!/bin/sh\necho "hvsim-init: ACPI power button, powering off"\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+printf '#!/bin/sh\necho "hvsim-init: ACPI power button, powering off" > /dev/console\nsync\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod 0755 /etc/acpi/PWRF/00000080
 acpid -c /etc/acpi -l /run/acpid.log
 echo "hvsim-init: starting agent"

@@ -113,7 +113,7 @@ def build_argv(spec: MachineSpec, qemu_binary: str = "qemu-system-x86_64") -> li
         "-cpu", "host" if spec.accel == "kvm" else spec.cpu_model,
         "-m", str(spec.memory_mib),
         "-smp", str(spec.vcpus),
-        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-nodefaults", "-no-user-config", "-display", "none",
         "-kernel", spec.kernel, "-initrd", spec.initrd, "-append", append,
         "-chardev", f"file,id=console0,path={spec.console_log}",
         "-serial", "chardev:console0",
