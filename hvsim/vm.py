@@ -37,6 +37,7 @@ class VM:
         self.state = VMState.SHUTOFF
         self.reason = "defined"
         self.process: QemuProcess | None = None
+        self.instance_dir = self.run_dir       # where the current QEMU's sockets and logs live
         self.agent = GuestAgent(spec.name, self.agent_socket, self._guard)
         self.boot_time_s: float | None = None
         self.started_at: float | None = None
@@ -62,15 +63,15 @@ class VM:
 
     @property
     def agent_socket(self) -> Path:
-        return self.run_dir / "agent.sock"
+        return self.instance_dir / "agent.sock"
 
     @property
     def heartbeat_socket(self) -> Path:
-        return self.run_dir / "hb.sock"
+        return self.instance_dir / "hb.sock"
 
     @property
     def console_log(self) -> Path:
-        return self.run_dir / "console.log"
+        return self.instance_dir / "console.log"
 
     @property
     def qmp(self) -> QMPSession:
@@ -135,7 +136,7 @@ class VM:
     # -- machine description -----------------------------------------------------------------------
     def machine_spec(self, incoming: str | None = None, run_dir: Path | None = None,
                      suffix: str = "") -> MachineSpec:
-        rd = run_dir or self.run_dir
+        rd = run_dir or self.instance_dir
         drives = [Drive(id=f"disk-{d.name}", path=str(self.cluster.disk_path(self, d)), fmt=d.format)
                   for d in self.spec.disks if d.kind == "file"] + list(self.extra_drives)
         nics = [Nic(id=f"nic-{n.name}", mac=n.mac or derive_mac(self.name, n.name), backend="user")
@@ -160,7 +161,7 @@ class VM:
             try:
                 self._set_state(VMState.STARTING, "booting")
                 self.cluster.prepare_disks(self)
-                proc = QemuProcess(self.machine_spec(), self.run_dir, netns=self.host.netns)
+                proc = QemuProcess(self.machine_spec(), self.instance_dir, netns=self.host.netns)
                 self.started_at = time.monotonic()
                 await proc.launch()
             except BaseException as exc:
@@ -183,6 +184,19 @@ class VM:
         assert proc.qmp is not None
         sub = proc.qmp.subscribe("SHUTDOWN")
         self._watch = asyncio.create_task(self._watch_exit(proc, sub), name=f"vm-watch-{self.name}")
+
+    async def adopt_migrated(self, proc: QemuProcess, host: "Host", instance_dir: Path) -> None:
+        """After a successful migration: ``proc`` (on ``host``, files in ``instance_dir``) becomes
+        this VM's QEMU. The caller stops the source QEMU (with expected_exit set) and moves the
+        capacity reservation; this switches the agent channel and the crash watch."""
+        old = self.process
+        if old is not None:
+            old.expected_exit = True
+        await self.agent.close()
+        self.host = host
+        self.instance_dir = Path(instance_dir)
+        self.agent = GuestAgent(self.name, self.agent_socket, self._guard)
+        self._adopt(proc)
 
     async def _watch_exit(self, proc: QemuProcess, sub: Any) -> None:
         code = await asyncio.shield(proc.exited)
