@@ -173,10 +173,14 @@ class Cluster:
             return Path(disk.path)
         return vm.run_dir / f"{disk.name}.{'img' if disk.format == 'raw' else 'qcow2'}"
 
-    def prepare_disks(self, vm: VM) -> None:
+    async def prepare_disks(self, vm: VM) -> None:
+        """Create file disks; start the NBD shim process of every "shim" disk (once per VM)."""
         for d in vm.spec.disks:
             if d.kind == "file":
                 make_raw_disk(self.disk_path(vm, d), d.size_mib, d.format)
+            elif d.name not in vm.shim_drives:
+                from .shim.attach import start_shim_for_disk  # the shim subsystem owns this
+                vm.shim_drives[d.name] = await start_shim_for_disk(self, vm, d)
 
     def status_rows(self) -> list[dict[str, Any]]:
         return [vm.status_row() for vm in self.vms.values()]

@@ -50,6 +50,8 @@ class VM:
         self.generation = 0                    # bumps with every new QEMU process (start, migration)
         self.extra_drives: list[Drive] = []    # attached by subsystems (e.g. the swap shim)
         self.extra_nics: list[Nic] = []
+        self.shim_drives: dict[str, Drive] = {}  # disk name -> NBD drive of its shim process
+        self.shims: dict[str, Any] = {}          # disk name -> the shim process object
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # -- identity and files ---------------------------------------------------------------------
@@ -138,7 +140,8 @@ class VM:
                      suffix: str = "") -> MachineSpec:
         rd = run_dir or self.instance_dir
         drives = [Drive(id=f"disk-{d.name}", path=str(self.cluster.disk_path(self, d)), fmt=d.format)
-                  for d in self.spec.disks if d.kind == "file"] + list(self.extra_drives)
+                  for d in self.spec.disks if d.kind == "file"] + \
+            [self.shim_drives[d.name] for d in self.spec.disks if d.kind == "shim"] + list(self.extra_drives)
         nics = [Nic(id=f"nic-{n.name}", mac=n.mac or derive_mac(self.name, n.name), backend="user")
                 for n in self.spec.nics] + list(self.extra_nics)
         ip_args = " ".join(f"hvsim.ip={n.ip}" for n in self.spec.nics[:1] if n.ip)
@@ -160,7 +163,7 @@ class VM:
             self.host.reserve(self.spec)      # CapacityError before anything is started
             try:
                 self._set_state(VMState.STARTING, "booting")
-                self.cluster.prepare_disks(self)
+                await self.cluster.prepare_disks(self)
                 proc = QemuProcess(self.machine_spec(), self.instance_dir, netns=self.host.netns)
                 self.started_at = time.monotonic()
                 await proc.launch()
@@ -336,6 +339,29 @@ class VM:
     async def _watch_done(self) -> None:
         if self._watch is not None:
             await asyncio.gather(self._watch, return_exceptions=True)
+
+    # -- subsystems (implemented in their own packages) ------------------------------------------
+    async def migrate(self, dest_host: "Host | str", policy: str = "hvsim-predictive",
+                      timeout: float = 300.0, **options: Any) -> Any:
+        """Live-migrate to ``dest_host``; returns the finished Migration (see hvsim.migration)."""
+        from .migration.api import migrate
+        return await migrate(self, dest_host, policy=policy, timeout=timeout, **options)
+
+    def start_migration(self, dest_host: "Host | str", policy: str = "hvsim-predictive",
+                        timeout: float = 300.0, **options: Any) -> Any:
+        """Begin a live migration in the background; returns the Migration object at once."""
+        from .migration.api import start_migration
+        return start_migration(self, dest_host, policy=policy, timeout=timeout, **options)
+
+    async def consolidate_memory(self, target_mib: int, timeout: float = 120.0) -> Any:
+        """Inflate the balloon until the guest has given memory down to ``target_mib``."""
+        from .memory import consolidate_memory
+        return await consolidate_memory(self, target_mib, timeout=timeout)
+
+    async def restore_memory(self, timeout: float = 120.0, prefetch: bool = True) -> Any:
+        """Deflate the balloon and have the swap shim prefetch what the guest swapped out."""
+        from .memory import restore_memory
+        return await restore_memory(self, timeout=timeout, prefetch=prefetch)
 
     async def query_status(self) -> dict[str, Any]:
         return await self.qmp.execute("query-status")

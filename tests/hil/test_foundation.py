@@ -170,7 +170,9 @@ async def test_launch_failure_carries_exit_code_and_argv(cluster):
     missing = cluster.run_dir / "no-such-image.img"
     vm = await cluster.define_vm(VMSpec("g1", disks=(DiskSpec("data", 8, path=str(missing)),)), "h1")
     # the path is set explicitly, so hvsim does not create it: QEMU must refuse to start
-    cluster.prepare_disks = lambda vm: None  # type: ignore[method-assign]
+    async def no_prepare(vm):
+        return None
+    cluster.prepare_disks = no_prepare  # type: ignore[method-assign]
     with pytest.raises(VMError, match="failed to start") as ei:
         await vm.start()
     cause = ei.value.__cause__
