@@ -33,6 +33,37 @@ log = logging.getLogger("hvsim.cluster")
 REPO = Path(__file__).resolve().parent.parent
 
 
+OWNER_FILE = "owner"
+
+
+def _proc_start_time(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def remove_stale_run_dirs(base: Path | None = None) -> list[Path]:
+    """Remove run dirs of earlier hvsim processes that died without cleaning up (e.g. SIGKILL).
+
+    Only directories we made (hvsim-* with an owner file) whose owner process is gone (or whose
+    pid was reused by another process) are removed; their QEMUs died with them (PDEATHSIG)."""
+    base = base or Path(tempfile.gettempdir())
+    removed = []
+    for d in base.glob("hvsim-*"):
+        owner = d / OWNER_FILE
+        try:
+            pid_s, _, start = owner.read_text().strip().partition(" ")
+            pid = int(pid_s)
+        except (OSError, ValueError):
+            continue
+        if os.path.exists(f"/proc/{pid}") and _proc_start_time(pid) == start:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        removed.append(d)
+    return removed
+
+
 def images_dir() -> Path:
     return Path(os.environ.get("HVSIM_IMAGES", REPO / "images" / "out"))
 
@@ -45,9 +76,12 @@ class Cluster:
         self.kernel = imgs / "vmlinuz"
         self.initrd = imgs / "initrd.img"
         self._own_run_dir = run_dir is None
+        if self._own_run_dir:
+            remove_stale_run_dirs()
         self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix=f"hvsim-{name}-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.run_dir, 0o700)
+        (self.run_dir / OWNER_FILE).write_text(f"{os.getpid()} {_proc_start_time(os.getpid())}\n")
         self.keep_run_dir = keep_run_dir
         self.clouds: dict[str, CloudSpec] = {}
         self.datacenters: dict[str, DatacenterSpec] = {}
