@@ -1,0 +1,425 @@
+"""Memory consolidation with the virtio-balloon, and restore with swap prefetch.
+
+``await vm.consolidate_memory(target_mib)`` inflates the balloon (QMP ``balloon``) and waits until
+the guest has really given the memory up: the balloon's ``actual`` size reached the target *and*
+the guest's own statistics (``guest-stats`` of ``balloon0``, polled every second once we turn
+polling on) show its total memory down by the same amount. Pages the guest cannot keep go to its
+swap disk, which hvsim serves through the NBD shim (``hvsim.shim``), recording where they land.
+
+``await vm.restore_memory()`` tells every shim of the VM the budget (the bytes of memory given
+back) so it prefetches the recorded swap pages into its cache, then deflates the balloon and waits
+until the guest sees its full memory again.
+
+Per VM, the state is explicit (:class:`MemoryState`)::
+
+    FULL --consolidate--> CONSOLIDATING --> CONSOLIDATED --restore--> RESTORING --> FULL
+                               |                 |  ^                     |
+                               |                 +--+ consolidate deeper  |
+                               +-- failure: CONSOLIDATED (partial) or FULL  +-- failure: CONSOLIDATED
+
+Anything else (restore while FULL, a second operation while one runs) raises
+:class:`MemoryStateError`. A new QEMU instance (restart) resets the state from the balloon.
+
+Guest-side helpers (through the agent): :func:`setup_guest_swap` (find the disk by its virtio
+serial, mkswap, swapon, set ``vm.page-cluster``), :func:`guest_swap_stats`, :func:`guest_swap_back`.
+
+Errors::
+
+    HvsimError
+     +-- IllegalTransitionError
+     |    +-- MemoryStateError          illegal memory-state transition
+     +-- VMError
+          +-- MemoryOpError             a consolidation or restore failed
+               +-- BalloonUnavailable   VM without a balloon, or the guest driver is not active
+               +-- MemoryTimeoutError   the guest did not get there in time (says how far it got)
+               +-- GuestSwapError       guest swap setup or query failed
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import re
+import shlex
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from qmp_bridge.errors import QEMUBridgeError
+
+from .errors import AgentError, IllegalTransitionError, SpecError, VMError
+from .lifecycle import VMState
+
+if TYPE_CHECKING:
+    from .vm import VM
+
+log = logging.getLogger("hvsim.memory")
+
+MIB = 1024 * 1024
+BALLOON_PATH = "/machine/peripheral/balloon0"
+STATS_INTERVAL_S = 1
+MIN_TARGET_MIB = 16
+SLACK_MIB = 2.0          # guest-stats total may differ from the balloon by rounding
+POLL_S = 0.2
+
+
+class MemoryOpError(VMError):
+    """A consolidation or restore failed."""
+
+
+class BalloonUnavailable(MemoryOpError):
+    """The VM has no balloon device, or the guest driver never activated it."""
+
+
+class MemoryTimeoutError(MemoryOpError):
+    """The guest did not give up (or take back) the memory in time."""
+
+
+class GuestSwapError(MemoryOpError):
+    """Setting up or reading the guest's swap failed."""
+
+
+class MemoryStateError(IllegalTransitionError):
+    """A memory operation that is not legal in the VM's current memory state."""
+
+
+class MemoryState(enum.Enum):
+    FULL = "full"
+    CONSOLIDATING = "consolidating"
+    CONSOLIDATED = "consolidated"
+    RESTORING = "restoring"
+
+
+M = MemoryState
+TRANSITIONS: dict[MemoryState, frozenset[MemoryState]] = {
+    M.FULL: frozenset({M.CONSOLIDATING}),
+    M.CONSOLIDATING: frozenset({M.CONSOLIDATED, M.FULL}),
+    M.CONSOLIDATED: frozenset({M.CONSOLIDATING, M.RESTORING}),
+    M.RESTORING: frozenset({M.FULL, M.CONSOLIDATED}),
+}
+
+
+def check_memory_transition(vm: str, old: MemoryState, new: MemoryState) -> None:
+    if new not in TRANSITIONS[old]:
+        raise MemoryStateError(f"vm {vm!r}: memory cannot go {old.value} -> {new.value}")
+
+
+@dataclass(frozen=True)
+class MemoryResult:
+    """What a consolidation or restore achieved."""
+
+    op: str                       # "consolidate" | "restore"
+    vm: str
+    full_mib: int
+    target_mib: int
+    reached_mib: float            # balloon "actual" at the end
+    seconds: float
+    guest_total_mib: float | None  # guest-stats stat-total-memory at the end
+    swapped_bytes: int | None     # guest /proc/swaps "Used" at the end (None without the agent)
+    pswpin: int | None            # guest /proc/vmstat counters at the end
+    pswpout: int | None
+    budget_bytes: int = 0         # restore: prefetch budget given to each shim
+    prefetch: dict[str, Any] = field(default_factory=dict)  # restore: disk -> shim's answer
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+class MemoryController:
+    """Per-VM memory state and the balloon operations (one operation at a time)."""
+
+    def __init__(self, vm: "VM") -> None:
+        self.vm = vm
+        self.state = MemoryState.FULL
+        self.generation = vm.generation
+        self.target_mib: int | None = None
+        self.reached_mib: float = float(vm.spec.memory_mib)
+        self.guest_total_full: int | None = None  # guest-stats total (bytes) with the balloon empty
+        self.history: list[tuple[float, MemoryState, MemoryState, str]] = []
+
+    @property
+    def full_mib(self) -> int:
+        return self.vm.spec.memory_mib
+
+    def _set(self, new: MemoryState, why: str) -> None:
+        check_memory_transition(self.vm.name, self.state, new)
+        self.history.append((time.time(), self.state, new, why))
+        log.info("vm %s memory: %s -> %s (%s)", self.vm.name, self.state.value, new.value, why)
+        self.state = new
+
+    # -- QMP helpers -----------------------------------------------------------------------------
+    async def _qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        try:
+            return await self.vm.qmp.execute(cmd, args)
+        except QEMUBridgeError as exc:
+            text = str(exc)
+            if "balloon" in text.lower() and ("not" in text.lower() or "activ" in text.lower()):
+                raise BalloonUnavailable(f"vm {self.vm.name!r}: {cmd} failed: {text}") from exc
+            raise MemoryOpError(f"vm {self.vm.name!r}: QMP {cmd} failed: {text}") from exc
+
+    async def _actual(self) -> int:
+        return int((await self._qmp("query-balloon"))["actual"])
+
+    async def _guest_total(self) -> int | None:
+        st = await self._qmp("qom-get", {"path": BALLOON_PATH, "property": "guest-stats"})
+        total = (st or {}).get("stats", {}).get("stat-total-memory", -1)
+        return int(total) if total is not None and total >= 0 else None
+
+    async def _enable_stats(self) -> None:
+        await self._qmp("qom-set", {"path": BALLOON_PATH, "property": "guest-stats-polling-interval",
+                                    "value": STATS_INTERVAL_S})
+
+    # -- checks ------------------------------------------------------------------------------------
+    async def _preflight(self, op: str) -> None:
+        vm = self.vm
+        if not vm.spec.balloon:
+            raise BalloonUnavailable(f"vm {vm.name!r} has no balloon device (VMSpec.balloon=False); "
+                                     f"cannot {op} memory")
+        if vm.state is not VMState.RUNNING:
+            raise MemoryStateError(f"cannot {op} memory of vm {vm.name!r}: it is {vm.state.value}, not running")
+        if vm.generation != self.generation:  # a new QEMU: its balloon decides where we are
+            self.generation = vm.generation
+            actual = await self._actual()
+            self.state = MemoryState.FULL if actual >= self.full_mib * MIB else MemoryState.CONSOLIDATED
+            self.reached_mib = actual / MIB
+            self.guest_total_full = None
+
+    async def _wait(self, op: str, target_bytes: int, want_total: Any, deadline: float,
+                    t0: float, start_mib: float) -> tuple[int, int | None]:
+        """Poll until balloon actual == target and ``want_total(guest_total)`` holds."""
+        actual, total = await self._actual(), None
+        while True:
+            reached = actual <= target_bytes if op == "consolidate" else actual >= target_bytes
+            if reached:
+                total = await self._guest_total()
+                if total is not None and want_total(total):
+                    return actual, total
+            if time.monotonic() >= deadline:
+                self.reached_mib = actual / MIB
+                tot = f"{total / MIB:.0f} MiB" if total is not None else "not reported yet"
+                raise MemoryTimeoutError(
+                    f"vm {self.vm.name!r}: {op} to {target_bytes / MIB:.0f} MiB timed out after "
+                    f"{time.monotonic() - t0:.1f}s: the balloon went from {start_mib:.0f} to "
+                    f"{actual / MIB:.0f} MiB; guest total memory {tot}")
+            await asyncio.sleep(POLL_S)
+            actual = await self._actual()
+
+    # -- operations --------------------------------------------------------------------------------
+    async def consolidate(self, target_mib: int, timeout: float = 120.0) -> MemoryResult:
+        vm = self.vm
+        if isinstance(target_mib, bool) or not isinstance(target_mib, int):
+            raise SpecError(f"vm {vm.name!r}: target_mib must be an integer, got {target_mib!r}")
+        if timeout <= 0:
+            raise SpecError(f"vm {vm.name!r}: timeout must be > 0 s, got {timeout}")
+        await self._preflight("consolidate")
+        if target_mib < MIN_TARGET_MIB:
+            raise SpecError(f"vm {vm.name!r}: target {target_mib} MiB is below the minimum of {MIN_TARGET_MIB} MiB")
+        if target_mib >= self.reached_mib:
+            raise SpecError(f"vm {vm.name!r}: target {target_mib} MiB is not below its current memory of "
+                            f"{self.reached_mib:.0f} MiB (full {self.full_mib} MiB); use restore_memory to grow")
+        self._set(MemoryState.CONSOLIDATING, f"target {target_mib} MiB")
+        t0 = time.monotonic()
+        start_mib = self.reached_mib
+        try:
+            await self._enable_stats()
+            if self.guest_total_full is None:
+                self.guest_total_full = await self._wait_total_reported(t0 + timeout)
+            given = (self.full_mib - target_mib) * MIB
+            expect = self.guest_total_full - given
+            target = target_mib * MIB
+            await self._qmp("balloon", {"value": target})
+            actual, total = await self._wait("consolidate", target, lambda t: t <= expect + SLACK_MIB * MIB,
+                                             t0 + timeout, t0, start_mib)
+        except BaseException as exc:
+            await self._settle_after_failure("consolidate", exc)
+            raise
+        self.target_mib = target_mib
+        self.reached_mib = actual / MIB
+        self._set(MemoryState.CONSOLIDATED, f"reached {self.reached_mib:.0f} MiB")
+        swap = await _swap_stats_or_none(vm)
+        return MemoryResult("consolidate", vm.name, self.full_mib, target_mib, self.reached_mib,
+                            time.monotonic() - t0, total / MIB if total is not None else None,
+                            swap.get("swap_used_bytes"), swap.get("pswpin"), swap.get("pswpout"))
+
+    async def _wait_total_reported(self, deadline: float) -> int:
+        """The guest's total memory with the balloon empty (waits for the first stats report)."""
+        while True:
+            total = await self._guest_total()
+            if total is not None:
+                return total
+            if time.monotonic() >= deadline:
+                raise BalloonUnavailable(f"vm {self.vm.name!r}: the guest never reported balloon statistics "
+                                         "(is the virtio_balloon driver loaded?)")
+            await asyncio.sleep(POLL_S)
+
+    async def _settle_after_failure(self, op: str, exc: BaseException) -> None:
+        """After a failed/cancelled operation: CONSOLIDATED if memory is (still) given away, else FULL."""
+        try:
+            actual = await asyncio.shield(self._actual())
+            self.reached_mib = actual / MIB
+        except (MemoryOpError, IllegalTransitionError):
+            pass  # QEMU is gone or the balloon is unusable: keep the last known size
+        except asyncio.CancelledError:
+            pass  # being cancelled ourselves: settle with what we know
+        new = MemoryState.FULL if self.reached_mib >= self.full_mib else MemoryState.CONSOLIDATED
+        self._set(new, f"{op} failed: {type(exc).__name__}")
+
+    async def restore(self, timeout: float = 120.0, prefetch: bool = True) -> MemoryResult:
+        vm = self.vm
+        if timeout <= 0:
+            raise SpecError(f"vm {vm.name!r}: timeout must be > 0 s, got {timeout}")
+        await self._preflight("restore")
+        if self.state is not MemoryState.CONSOLIDATED:
+            raise MemoryStateError(f"cannot restore memory of vm {vm.name!r}: its memory is "
+                                   f"{self.state.value}, not consolidated")
+        self._set(MemoryState.RESTORING, "deflate")
+        t0 = time.monotonic()
+        start_mib = self.reached_mib
+        budget = int(max(0.0, self.full_mib - self.reached_mib) * MIB)
+        answers: dict[str, Any] = {}
+        try:
+            if prefetch:  # first: the prefetch overlaps the deflation and the guest's first faults
+                answers = await prefetch_shims(vm, budget)
+            await self._enable_stats()
+            full = self.full_mib * MIB
+            await self._qmp("balloon", {"value": full})
+            want = self.guest_total_full
+            actual, total = await self._wait(
+                "restore", full, (lambda t: want is None or t >= want - SLACK_MIB * MIB), t0 + timeout, t0, start_mib)
+        except BaseException as exc:
+            await self._settle_after_failure("restore", exc)
+            raise
+        self.reached_mib = actual / MIB
+        self.target_mib = None
+        self._set(MemoryState.FULL, "deflated")
+        swap = await _swap_stats_or_none(vm)
+        return MemoryResult("restore", vm.name, self.full_mib, self.full_mib, self.reached_mib,
+                            time.monotonic() - t0, total / MIB if total is not None else None,
+                            swap.get("swap_used_bytes"), swap.get("pswpin"), swap.get("pswpout"),
+                            budget if prefetch else 0, answers)
+
+
+_CONTROLLERS: "weakref.WeakKeyDictionary[Any, MemoryController]" = weakref.WeakKeyDictionary()
+
+
+def memory_controller(vm: "VM") -> MemoryController:
+    """The VM's memory controller (created on first use)."""
+    ctl = _CONTROLLERS.get(vm)
+    if ctl is None:
+        ctl = _CONTROLLERS[vm] = MemoryController(vm)
+    return ctl
+
+
+def memory_state(vm: "VM") -> MemoryState:
+    return memory_controller(vm).state
+
+
+async def consolidate_memory(vm: "VM", target_mib: int, timeout: float = 120.0) -> MemoryResult:
+    """Inflate the balloon until the guest has given its memory down to ``target_mib``."""
+    return await memory_controller(vm).consolidate(target_mib, timeout=timeout)
+
+
+async def restore_memory(vm: "VM", timeout: float = 120.0, prefetch: bool = True) -> MemoryResult:
+    """Give the guest its full memory back; with ``prefetch`` the shims prefetch within the budget."""
+    return await memory_controller(vm).restore(timeout=timeout, prefetch=prefetch)
+
+
+async def prefetch_shims(vm: "VM", budget_bytes: int, wait: bool = False) -> dict[str, Any]:
+    """Ask every shim of ``vm`` to prefetch its recorded swap pages within ``budget_bytes`` each."""
+    from .shim.errors import ShimError
+    answers: dict[str, Any] = {}
+    for disk, shim in vm.shims.items():
+        try:
+            answers[disk] = await shim.control.prefetch(budget_bytes, wait=wait)
+        except ShimError as exc:
+            raise MemoryOpError(f"vm {vm.name!r}: shim of disk {disk!r} refused the prefetch: {exc}") from exc
+    return answers
+
+
+# -- guest side (agent) ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GuestSwap:
+    device: str        # e.g. /dev/vda
+    size_bytes: int
+    page_cluster: int
+
+
+async def find_guest_disk(vm: "VM", serial: str, timeout: float = 30.0) -> str:
+    """The guest block device (``/dev/vdX``) whose virtio serial is ``serial``."""
+    script = ("for d in /sys/block/vd*; do [ \"$(cat $d/serial 2>/dev/null)\" = " + shlex.quote(serial) +
+              " ] && echo ${d##*/}; done; true")
+    res = await _exec(vm, script, timeout)
+    names = res.stdout.split()
+    if len(names) != 1:
+        raise GuestSwapError(f"vm {vm.name!r}: expected one disk with serial {serial!r}, found {names or 'none'}")
+    return f"/dev/{names[0]}"
+
+
+async def setup_guest_swap(vm: "VM", disk: str = "swap", page_cluster: int = 0, serial: str | None = None,
+                           timeout: float = 60.0) -> GuestSwap:
+    """mkswap + swapon on the VM's disk ``disk`` (found by its serial ``disk-<name>``)."""
+    if isinstance(page_cluster, bool) or not isinstance(page_cluster, int) or not 0 <= page_cluster <= 10:
+        raise SpecError(f"page_cluster must be an integer 0..10 (log2 pages per swap read), got {page_cluster!r}")
+    dev = await find_guest_disk(vm, serial or f"disk-{disk}", timeout)
+    q = shlex.quote(dev)
+    res = await _exec(vm, f"mkswap {q} >/dev/null && swapon {q} && echo {page_cluster} > /proc/sys/vm/page-cluster"
+                          f" && cat /proc/swaps", timeout)
+    if res.exit_code != 0:
+        raise GuestSwapError(f"vm {vm.name!r}: swap setup on {dev} failed ({res.exit_code}): "
+                             f"{(res.stderr or res.stdout).strip()[-300:]}")
+    size = 0
+    for line in res.stdout.splitlines()[1:]:
+        parts = line.split()
+        if parts and parts[0] == dev:
+            size = int(parts[2]) * 1024
+    if not size:
+        raise GuestSwapError(f"vm {vm.name!r}: swapon {dev} did not show up in /proc/swaps:\n{res.stdout}")
+    return GuestSwap(dev, size, page_cluster)
+
+
+_VMSTAT = re.compile(r"^(pswpin|pswpout) (\d+)$", re.M)
+
+
+async def guest_swap_stats(vm: "VM", timeout: float = 30.0) -> dict[str, int]:
+    """``swap_used_bytes`` (all swap areas), ``pswpin``/``pswpout`` (pages, since boot)."""
+    res = await _exec(vm, "cat /proc/swaps; grep -E '^pswp(in|out) ' /proc/vmstat", timeout)
+    used = 0
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[0].startswith("/") and parts[3].isdigit():
+            used += int(parts[3]) * 1024
+    out = {"swap_used_bytes": used}
+    for name, value in _VMSTAT.findall(res.stdout):
+        out[name] = int(value)
+    if "pswpin" not in out:
+        raise GuestSwapError(f"vm {vm.name!r}: no pswpin in /proc/vmstat:\n{res.stdout[-300:]}")
+    return out
+
+
+async def guest_swap_back(vm: "VM", device: str, timeout: float = 300.0) -> float:
+    """Have the guest pull its swapped pages back in (swapoff), then re-enable the swap area.
+
+    Returns the guest-side seconds. Used after a restore: the reads hit the shim's prefetched cache."""
+    q = shlex.quote(device)
+    t0 = time.monotonic()
+    res = await _exec(vm, f"swapoff {q} && swapon {q}", timeout)
+    if res.exit_code != 0:
+        raise GuestSwapError(f"vm {vm.name!r}: swapoff/swapon {device} failed: {(res.stderr or res.stdout).strip()}")
+    return time.monotonic() - t0
+
+
+async def _exec(vm: "VM", cmd: str, timeout: float) -> Any:
+    try:
+        return await vm.exec(cmd, timeout=timeout)
+    except AgentError as exc:
+        raise GuestSwapError(f"vm {vm.name!r}: guest command failed: {exc}") from exc
+
+
+async def _swap_stats_or_none(vm: "VM") -> dict[str, int]:
+    try:
+        return await guest_swap_stats(vm, timeout=15.0)
+    except (GuestSwapError, IllegalTransitionError) as exc:
+        log.info("vm %s: no guest swap stats: %s", vm.name, exc)
+        return {}
