@@ -1,0 +1,293 @@
+"""Lab scenario: memory consolidation and restore with swap prefetch (issue 4).
+
+One experiment (:func:`run_case`) boots a small guest whose swap disk is served by the hvsim shim
+(or by nbdkit, the peer), fills most of its memory with ``memfill``, consolidates it with the
+balloon (forcing at least half of the fill out to swap), restores it (with or without shim
+prefetch) and has ``retouch`` re-read and verify every page in one order. ``bench/swap_prefetch.py``
+runs the full matrix; the lab ``run()`` shows prefetch against no prefetch with a hit-rate table and
+a PNG plot of the guest's swap-ins over time.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qmp_bridge import Drive
+
+from hvsim.cluster import Cluster
+from hvsim.memory import guest_swap_back, guest_swap_stats, setup_guest_swap
+from hvsim.model import DiskSpec, HostSpec, VMSpec
+from hvsim.shim.attach import ShimOptions, set_shim_options
+
+CONFIGS = ("baseline", "floor", "shim-no-prefetch", "shim-prefetch", "shim-prefetch-guest-assisted",
+           "nbdkit-delay", "nbdkit-readahead")
+PATTERNS = ("seq", "rev", "rand")
+SHIM_CONFIGS = frozenset({"baseline", "floor", "shim-no-prefetch", "shim-prefetch", "shim-prefetch-guest-assisted"})
+PREFETCH_CONFIGS = frozenset({"shim-prefetch", "shim-prefetch-guest-assisted"})
+MIB = 1024 * 1024
+_OK = re.compile(r"OK order=(\w+) pages=(\d+) bad=(\d+) secs=([0-9.]+)")
+
+
+@dataclass(frozen=True)
+class Setup:
+    latency_ms: float = 1.0
+    guest_mib: int = 256
+    fill_mib: int = 128
+    target_mib: int = 128
+    swap_mib: int = 384
+    timeout_s: float = 300.0
+
+    @property
+    def budget_bytes(self) -> int:
+        return (self.guest_mib - self.target_mib) * MIB
+
+
+@dataclass
+class CaseResult:
+    config: str
+    pattern: str
+    retouch_s: float | None = None
+    hit_rate: float | None = None
+    accuracy: float | None = None
+    cache_bytes: int | None = None       # the most the shim's cache held (incl. reservations) during the run
+    budget_bytes: int | None = None
+    swapped_bytes: int | None = None     # guest swap in use after consolidation
+    verified: bool = False
+    # context (not part of the bench JSON)
+    swap_back_s: float | None = None
+    retouch_only_s: float | None = None
+    consolidate_s: float | None = None
+    restore_s: float | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    timeline: list[tuple[float, int]] = field(default_factory=list)  # (s since retouch start, pswpin pages)
+    error: str | None = None
+
+    def bench_row(self) -> dict[str, Any]:
+        keys = ("config", "pattern", "retouch_s", "hit_rate", "accuracy", "cache_bytes", "budget_bytes",
+                "swapped_bytes", "verified")
+        return {k: getattr(self, k) for k in keys}
+
+
+class Nbdkit:
+    """nbdkit serving a file over a unix socket, with the delay filter (and readahead + cache)."""
+
+    def __init__(self, sock: Path, backing: Path, latency_ms: float, readahead_budget: int | None,
+                 cache_dir: Path) -> None:
+        self.sock, self.backing, self.cache_dir = sock, backing, cache_dir
+        filters = ["--filter=readahead", "--filter=cache"] if readahead_budget is not None else []
+        filters.append("--filter=delay")
+        delay = f"{latency_ms:g}ms"
+        self.argv = ["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "-e", "swap", *filters,
+                     "file", f"file={backing}", f"rdelay={delay}", f"wdelay={delay}"]
+        if readahead_budget is not None:
+            self.argv += ["cache=writethrough", "cache-on-read=true", f"cache-max-size={readahead_budget}"]
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, timeout: float = 15.0) -> None:
+        if shutil.which("nbdkit") is None:
+            raise RuntimeError("nbdkit is not installed (Debian package nbdkit)")
+        with contextlib.suppress(FileNotFoundError):
+            self.sock.unlink()
+        env = dict(os.environ, TMPDIR=str(self.cache_dir))
+        self.proc = await asyncio.create_subprocess_exec(*self.argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                         stdout=asyncio.subprocess.DEVNULL,
+                                                         stderr=asyncio.subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.returncode is not None:
+                err = await self.proc.stderr.read() if self.proc.stderr else b""
+                raise RuntimeError(f"nbdkit exited {self.proc.returncode}: {err.decode(errors='replace')}")
+            if self.sock.exists():
+                try:
+                    _, w = await asyncio.open_unix_connection(str(self.sock))
+                    w.close()
+                    return
+                except OSError:
+                    pass
+            await asyncio.sleep(0.05)
+        await self.stop()
+        raise RuntimeError(f"nbdkit did not listen on {self.sock} within {timeout}s")
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 5)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+async def _sample(vm: Any, res: CaseResult, shim: Any, guest: bool, t0: float, stop: asyncio.Event) -> None:
+    """Until ``stop``: the shim's peak cache size and (optionally) the guest's pswpin over time."""
+    while not stop.is_set():
+        if shim is not None:
+            with contextlib.suppress(Exception):
+                st = await shim.control.stats()
+                res.cache_bytes = max(res.cache_bytes or 0, st["cache_bytes"] + st["reserved_bytes"])
+        if guest:
+            with contextlib.suppress(Exception):
+                s = await guest_swap_stats(vm, timeout=10)
+                res.timeline.append((time.monotonic() - t0, s["pswpin"]))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.25 if guest else 0.5)
+
+
+async def run_case(config: str, pattern: str, setup: Setup = Setup(), *, sample_guest: bool = False,
+                   log: Any = print) -> CaseResult:
+    """One experiment; failures are recorded in the result (``error``), never raised (but cancellation is)."""
+    if config not in CONFIGS or pattern not in PATTERNS:
+        raise ValueError(f"unknown config {config!r} or pattern {pattern!r}")
+    res = CaseResult(config, pattern)
+    try:
+        async with asyncio.timeout(setup.timeout_s):
+            await _run_case(config, pattern, setup, sample_guest, res)
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the matrix goes on; the failure is reported with the row
+        res.error = f"{type(exc).__name__}: {exc}".strip()[:500]
+        res.verified = False
+        log(f"  {config}/{pattern}: FAILED: {res.error}")
+    return res
+
+
+async def _run_case(config: str, pattern: str, setup: Setup, sample_guest: bool, res: CaseResult) -> None:
+    shim_cfg = config in SHIM_CONFIGS
+    async with Cluster("swapbench") as cl:
+        cl.add_host(HostSpec("h1", vcpus=2, memory_mib=4096))
+        nbdkit: Nbdkit | None = None
+        if shim_cfg:
+            set_shim_options(cl, ShimOptions(latency_ms=0.0 if config == "floor" else setup.latency_ms), vm="guest")
+            spec = VMSpec("guest", memory_mib=setup.guest_mib, disks=(DiskSpec("swap", setup.swap_mib, kind="shim"),))
+        else:
+            spec = VMSpec("guest", memory_mib=setup.guest_mib)
+            d = cl.run_dir / "nbdkit"
+            d.mkdir(mode=0o700)
+            backing = d / "swap.img"
+            with open(backing, "wb") as f:
+                f.truncate(setup.swap_mib * MIB)
+            cache_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else d  # the cache lives in memory
+            ra = setup.budget_bytes if config == "nbdkit-readahead" else None
+            nbdkit = Nbdkit(d / "nbd.sock", backing, setup.latency_ms, ra, cache_dir)
+            await nbdkit.start()
+            cl.on_close(nbdkit.stop)
+        vm = await cl.define_vm(spec, "h1")
+        if nbdkit is not None:
+            vm.extra_drives.append(Drive(id="disk-swap", path=str(nbdkit.sock), kind="nbd", export="swap",
+                                         reconnect_delay=10))
+        await vm.start(wait_ready=True, ready_timeout=120)
+        swap = await setup_guest_swap(vm, "swap", page_cluster=0)
+        await vm.exec(f"memfill {setup.fill_mib}", timeout=120, check=True)
+        shim = vm.shims.get("swap")
+        if config != "baseline":
+            cons = await vm.consolidate_memory(setup.target_mib, timeout=120)
+            res.consolidate_s = cons.seconds
+            res.swapped_bytes = cons.swapped_bytes
+            if config == "nbdkit-readahead" and nbdkit is not None:
+                # the cache holds what the guest just wrote; empty it like the shim's (budget 0 until
+                # restore): a fresh nbdkit on the same socket, QEMU reconnects (reconnect-delay)
+                await nbdkit.stop()
+                await nbdkit.start()
+            if shim is not None:
+                await shim.control.reset_stats()
+            rest = await vm.restore_memory(timeout=120, prefetch=config in PREFETCH_CONFIGS)
+            res.restore_s = rest.seconds
+            res.budget_bytes = rest.budget_bytes or (setup.budget_bytes if config == "nbdkit-readahead" else 0)
+        else:
+            res.swapped_bytes = (await guest_swap_stats(vm))["swap_used_bytes"]
+            res.budget_bytes = 0
+        stop = asyncio.Event()
+        t0 = time.monotonic()
+        sampler = asyncio.ensure_future(_sample(vm, res, shim, sample_guest, t0, stop))
+        try:
+            if config == "shim-prefetch-guest-assisted":
+                res.swap_back_s = await guest_swap_back(vm, swap.device)
+            out = await vm.exec(f"retouch {pattern}", timeout=setup.timeout_s)
+        finally:
+            stop.set()
+            await sampler
+        m = _OK.search(out.stdout)
+        if not m:
+            raise RuntimeError(f"retouch printed no report: {out.stdout!r} {out.stderr!r}")
+        res.retouch_only_s = float(m.group(4))
+        res.retouch_s = res.retouch_only_s + (res.swap_back_s or 0.0)
+        res.verified = out.exit_code == 0 and int(m.group(3)) == 0 and int(m.group(2)) == setup.fill_mib * 256
+        if shim is not None:
+            st = await shim.control.stats()
+            res.stats = st
+            res.hit_rate, res.accuracy = st["hit_rate"], st["accuracy"]
+            res.cache_bytes = max(res.cache_bytes or 0, st["cache_bytes"])
+            if res.budget_bytes:
+                assert st["budget_bytes"] == res.budget_bytes, st
+
+
+# -- the lab scenario --------------------------------------------------------------------------------
+
+def plot_timelines(results: list[CaseResult], path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for r in results:
+        if not r.timeline:
+            continue
+        base = r.timeline[0][1]
+        xs = [t for t, _ in r.timeline]
+        ys = [(p - base) * 4096 / MIB for _, p in r.timeline]
+        ax.plot(xs, ys, marker=".", label=f"{r.config} ({r.pattern}, {r.retouch_s or 0:.1f}s)")
+    ax.set_xlabel("seconds since retouch started")
+    ax.set_ylabel("guest swap-in (MiB, pswpin)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+async def run(console: Any, out_dir: Path) -> None:
+    from rich.table import Table
+
+    setup = Setup(latency_ms=1.0)
+    console.print(f"guest {setup.guest_mib} MiB, memfill {setup.fill_mib} MiB, consolidate to {setup.target_mib} MiB, "
+                  f"swap on the shim with {setup.latency_ms:g} ms datastore latency, page-cluster 0")
+    results = []
+    for config in ("shim-no-prefetch", "shim-prefetch"):
+        console.print(f"  {config}: boot, fill, consolidate, restore, retouch seq ...")
+        results.append(await run_case(config, "seq", setup, sample_guest=True, log=console.print))
+    table = Table(title="retouch seq after consolidation + restore")
+    for col in ("config", "retouch s", "swapped MiB", "hit rate", "accuracy", "peak cache MiB", "budget MiB",
+                "verified"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.config, f"{r.retouch_s:.2f}" if r.retouch_s is not None else "-",
+                      f"{(r.swapped_bytes or 0) / MIB:.0f}",
+                      f"{r.hit_rate:.1%}" if r.hit_rate is not None else "-",
+                      f"{r.accuracy:.1%}" if r.accuracy is not None else "-",
+                      f"{(r.cache_bytes or 0) / MIB:.1f}", f"{(r.budget_bytes or 0) / MIB:.0f}",
+                      "yes" if r.verified else f"NO {r.error or ''}")
+    console.print(table)
+    a, b = results
+    if a.retouch_s and b.retouch_s:
+        console.print(f"prefetch speed-up: {a.retouch_s / b.retouch_s:.1f}x")
+    png = plot_timelines(results, out_dir / "swap_prefetch.png",
+                         f"guest swap-in during retouch ({setup.latency_ms:g} ms datastore)")
+    console.print(f"plot: {png}")
+    rows = [asdict(r) | {"stats": {k: v for k, v in r.stats.items() if isinstance(v, (int, float, str, bool))}}
+            for r in results]
+    (out_dir / "swap_prefetch.json").write_text(json.dumps({"setup": asdict(setup), "runs": rows}, indent=2))
+    if not all(r.verified for r in results):
+        raise RuntimeError("a swap_prefetch lab run did not verify: " + "; ".join(
+            f"{r.config}: {r.error}" for r in results if not r.verified))
