@@ -213,6 +213,8 @@ class MemoryController:
         if timeout <= 0:
             raise SpecError(f"vm {vm.name!r}: timeout must be > 0 s, got {timeout}")
         await self._preflight("consolidate")
+        if self.state in (MemoryState.CONSOLIDATING, MemoryState.RESTORING):
+            raise MemoryStateError(f"cannot consolidate memory of vm {vm.name!r}: it is {self.state.value} now")
         if target_mib < MIN_TARGET_MIB:
             raise SpecError(f"vm {vm.name!r}: target {target_mib} MiB is below the minimum of {MIN_TARGET_MIB} MiB")
         if target_mib >= self.reached_mib:
