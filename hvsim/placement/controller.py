@@ -1,0 +1,270 @@
+"""PlacementController: the current placement of a cluster, and group placement on request.
+
+Independent of QEMU: the cluster tells it the hosts (name, vCPUs, memory MiB, overcommit, domain
+path such as ``{"datacenter": "dc1", "rack": "r1"}``), asks it where a new group's VMs go, starts
+them there, and tells it when VMs go away.
+
+Concurrency: requests that change the placement or the rules (``place_group``, ``add_rule``,
+``add_host``) are serialised by one ``asyncio.Lock``, so two groups created at once are placed one
+after the other, each against the placement the other committed (Nova's "affinity policy
+violated with parallel requests" cannot happen). The solve itself runs in a worker thread.
+``release`` is synchronous and may run while a solve is in flight (it only frees capacity, but
+it can change spread counts), so the new placement is checked again by the independent checker
+against the live state before it is committed, and solved again if that check fails.
+
+Call everything from the event loop's thread.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Iterable, Mapping
+
+from .check import check
+from .cpsat import SolverOptions
+from .model import (HOST_LEVEL, Group, Host, MovePolicy, Objective, Problem, ProblemError, Rule, find_conflicts,
+                    validate_base, validate_rule)
+from .schema import group_from_dict, rule_from_dict
+from .solver import PlacementResult, solve
+
+log = logging.getLogger(__name__)
+
+
+class PlacementRefused(Exception):
+    """Raised by ``place_group(..., raise_on_refusal=True)``; ``result`` says why."""
+
+    def __init__(self, result: PlacementResult):
+        self.result = result
+        super().__init__(result.message or result.status)
+
+
+def host_from_spec(spec: Host | Mapping[str, Any]) -> Host:
+    """A Host from ``{"name", "vcpus", "memory_mib", "overcommit", "domain"}`` (flat) or from
+    ``{"name", "capacity", "overcommit", "domain"}``. A scalar overcommit applies to vCPUs."""
+    if isinstance(spec, Host):
+        return spec
+    s = dict(spec)
+    if "capacity" in s:
+        oc = s.get("overcommit", {})
+        oc = {"vcpus": float(oc)} if isinstance(oc, (int, float)) else dict(oc)
+        return Host(s["name"], dict(s["capacity"]), oc, dict(s.get("domain", {})))
+    extra = {k: v for k, v in s.items() if k not in ("name", "vcpus", "memory_mib", "overcommit", "domain")}
+    return Host.make(s["name"], s["vcpus"], s["memory_mib"], s.get("overcommit", 1.0), s.get("domain"), **extra)
+
+
+class PlacementController:
+    def __init__(self, hosts: Iterable[Host | Mapping[str, Any]], *, levels: Iterable[str] | None = None,
+                 rules: Iterable[Rule | Mapping[str, Any]] = (), objective: Objective | None = None,
+                 solver: str = "cpsat", options: SolverOptions | None = None, explain_time_s: float = 2.0,
+                 max_attempts: int = 3):
+        hs = [host_from_spec(h) for h in hosts]
+        if levels is None:
+            levels = [lv for lv in (hs[0].domain if hs else {})] + [HOST_LEVEL]
+        self._problem = Problem(hs, [], [self._rule(r) for r in rules], tuple(levels), {}, MovePolicy(False),
+                                objective or Objective())
+        errors = validate_base(self._problem)
+        if errors:
+            raise ProblemError(errors)
+        self.solver = solver
+        self.options = options or SolverOptions(time_limit_s=5.0)
+        self.explain_time_s = explain_time_s
+        self.max_attempts = max_attempts
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_problem(cls, problem: Problem, placement: Mapping[str, str] | None = None,
+                     **kw: Any) -> "PlacementController":
+        """A controller holding ``problem``'s hosts, groups and rules with every VM placed as in
+        ``placement`` (default: ``problem.current``). Refused (ProblemError) when the problem is
+        invalid or the placement is incomplete or breaks a required rule."""
+        problem.validate()
+        c = cls(problem.hosts, levels=problem.levels, objective=problem.objective, **kw)
+        current = dict(placement if placement is not None else problem.current)
+        p = Problem(problem.hosts, [Group(g.name, list(g.vms)) for g in problem.groups], list(problem.rules),
+                    problem.levels, current, MovePolicy(False), problem.objective)
+        rep = check(p, current)
+        if not rep.ok:
+            raise ProblemError([("placement", f"{rep.required_violations} required violations: "
+                                              f"{'; '.join(rep.problems[:3] + rep.violated()[:3])}")])
+        c._problem = p
+        return c
+
+    # ------------------------------------------------------------------ views
+    @property
+    def placement(self) -> dict[str, str]:
+        """VM name -> host name, a copy."""
+        return dict(self._problem.current)
+
+    @property
+    def hosts(self) -> list[Host]:
+        return list(self._problem.hosts)
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        return {g.name: [v.name for v in g.vms] for g in self._problem.groups}
+
+    @property
+    def rules(self) -> list[Rule]:
+        return list(self._problem.rules)
+
+    def problem(self) -> Problem:
+        """A snapshot of the cluster as a placement problem (current placement fixed)."""
+        return self._snapshot()
+
+    def check(self):
+        """Independent check of the whole current placement."""
+        p = self._problem
+        return check(p, p.current)
+
+    def host_of(self, vm: str) -> str:
+        return self._problem.current[vm]
+
+    # ------------------------------------------------------------------ changes
+    @staticmethod
+    def _rule(r: Rule | Mapping[str, Any]) -> Rule:
+        return r if isinstance(r, Rule) else rule_from_dict(r)
+
+    def _snapshot(self, group: Group | None = None, rules: Iterable[Rule] = ()) -> Problem:
+        p = self._problem
+        groups = [Group(g.name, list(g.vms)) for g in p.groups]  # copies: release() may run meanwhile
+        if group is not None:
+            groups.append(group)
+        snap = Problem(p.hosts, groups, list(p.rules) + list(rules), p.levels, dict(p.current), MovePolicy(False),
+                       p.objective)
+        snap._topo = p.topology
+        return snap
+
+    def _validate_additions(self, snap: Problem, group: Group | None, rules: list[Rule]) -> None:
+        errors: list[tuple[str, str]] = []
+        gnames = {g.name for g in snap.groups}
+        if group is not None:
+            if sum(1 for g in snap.groups if g.name == group.name) > 1:
+                errors.append(("group.name", f"group {group.name!r} already exists"))
+            known = {v.name for g in snap.groups[:-1] for v in g.vms}
+            if not group.vms:
+                errors.append(("group.vms", f"group {group.name!r} has no VMs"))
+            for j, vm in enumerate(group.vms):
+                if vm.name in known:
+                    errors.append((f"group.vms[{j}].name", f"VM {vm.name!r} already exists"))
+                for r, a in vm.demand.items():
+                    if isinstance(a, bool) or not isinstance(a, int) or a < 0:
+                        errors.append((f"group.vms[{j}].demand.{r}", f"must be a non-negative integer, got {a!r}"))
+        have = {r.name for r in self._problem.rules}
+        for i, r in enumerate(rules):
+            w = f"rules[{i}] ({r.name})"
+            if r.name in have:
+                errors.append((f"{w}.name", f"rule {r.name!r} already exists"))
+            have.add(r.name)
+            errors.extend(validate_rule(r, w, gnames, snap.topology))
+        if errors:
+            raise ProblemError(errors)
+        new_groups = {group.name} if group is not None else set()
+        conflicts = find_conflicts(snap, only=[r.name for r in rules], groups=new_groups)
+        if conflicts:
+            from .model import RuleConflictError
+            raise RuleConflictError([(f"rules ({', '.join(n)})", m) for n, m in conflicts], [n for n, _ in conflicts])
+
+    async def place_group(self, group: Group | Mapping[str, Any], rules: Iterable[Rule | Mapping[str, Any]] = (), *,
+                          solver: str | None = None, raise_on_refusal: bool = False) -> PlacementResult:
+        """Place every VM of a new group (and add ``rules``, which may name it) or refuse with an
+        explanation. On success the placement is committed: ``placement`` shows the new VMs.
+        Bad input or rules contradicting the existing ones raise ProblemError at once."""
+        g = group if isinstance(group, Group) else group_from_dict(group)
+        new_rules = [self._rule(r) for r in rules]
+        async with self._lock:
+            result: PlacementResult | None = None
+            for attempt in range(self.max_attempts):
+                snap = self._snapshot(g, new_rules)
+                self._validate_additions(snap, g, new_rules)
+                touched = [r.name for r in snap.rules if g.name in getattr(r, "groups", ())
+                           or r.kind in ("reserve_hosts", "reserve_amount")]
+                result = await asyncio.to_thread(
+                    solve, snap, solver or self.solver, options=self.options, explain_time_s=self.explain_time_s,
+                    check_rules=touched, check_hosts=[])
+                if not result.ok:
+                    break
+                if self._commit(g, new_rules, result):
+                    break
+                log.info("placement of %s went stale during the solve (attempt %d); solving again", g.name, attempt + 1)
+            else:
+                result = PlacementResult("failed", result.solver if result else "", message="placement kept going stale")
+        assert result is not None
+        if not result.ok and raise_on_refusal:
+            raise PlacementRefused(result)
+        return result
+
+    def _commit(self, g: Group, rules: list[Rule], result: PlacementResult) -> bool:
+        """Check the new VMs against the live state (releases may have happened) and commit."""
+        mine = {v.name: result.assignment[v.name] for v in g.vms}
+        merged = self._snapshot(g, rules)
+        merged.current.update(mine)
+        touched = [r.name for r in merged.rules if g.name in getattr(r, "groups", ())
+                   or r.kind in ("reserve_hosts", "reserve_amount")]
+        rep = check(merged, merged.current, rules=touched, hosts=set(mine.values()))
+        if not rep.ok:
+            return False
+        merged._topo = self._problem.topology
+        self._problem = merged
+        result.assignment = mine
+        return True
+
+    async def add_rule(self, rule: Rule | Mapping[str, Any]) -> None:
+        """Add a rule on existing groups. Refused (ProblemError) if it contradicts another rule or
+        if the current placement breaks it (required rules only)."""
+        r = self._rule(rule)
+        async with self._lock:
+            snap = self._snapshot(None, [r])
+            self._validate_additions(snap, None, [r])
+            if r.required:
+                rep = check(snap, snap.current, rules=[r.name], hosts=[])
+                if not rep.ok:
+                    raise ProblemError([(f"rule ({r.name})", f"the current placement breaks it "
+                                                             f"({rep.required_violations} violations)")])
+            self._problem = snap
+
+    def remove_rule(self, name: str) -> None:
+        p = self._problem
+        p.rules = [r for r in p.rules if r.name != name]
+
+    async def add_host(self, host: Host | Mapping[str, Any]) -> None:
+        h = host_from_spec(host)
+        async with self._lock:
+            p = self._problem
+            np = Problem(p.hosts + [h], p.groups, p.rules, p.levels, p.current, MovePolicy(False), p.objective)
+            errors = validate_base(np)
+            if errors:
+                raise ProblemError(errors)
+            self._problem = np
+
+    def release(self, vm_name: str) -> list[str]:
+        """Forget a VM (it was destroyed). When it was the last of its group, the group goes too,
+        with the rules that name it; their names are returned."""
+        p = self._problem
+        if vm_name not in p.current:
+            raise KeyError(f"unknown VM {vm_name!r}")
+        del p.current[vm_name]
+        for i, g in enumerate(p.groups):
+            if any(v.name == vm_name for v in g.vms):
+                rest = [v for v in g.vms if v.name != vm_name]
+                if rest:
+                    p.groups[i] = Group(g.name, rest)  # copy on write: snapshots keep theirs
+                    return []
+                return self._drop_group(g.name)
+        return []
+
+    def release_group(self, name: str) -> list[str]:
+        """Forget a whole group; returns the names of the rules dropped with it."""
+        p = self._problem
+        g = p.group(name)
+        for v in g.vms:
+            p.current.pop(v.name, None)
+        return self._drop_group(name)
+
+    def _drop_group(self, name: str) -> list[str]:
+        p = self._problem
+        p.groups = [g for g in p.groups if g.name != name]
+        dropped = [r.name for r in p.rules if name in getattr(r, "groups", ())]
+        p.rules = [r for r in p.rules if name not in getattr(r, "groups", ())]
+        if dropped:
+            log.info("group %s released; dropped its rules %s", name, ", ".join(dropped))
+        return dropped

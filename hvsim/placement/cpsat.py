@@ -1,0 +1,582 @@
+"""CP-SAT model of a placement problem.
+
+VMs of one group with the same demand are interchangeable, so the model does not decide "VM v on
+host h" (400k booleans at 2000 VMs x 200 hosts) but "how many VMs of class k on host h": one
+bounded integer per (class, allowed host). Names are given back to VMs after solving, keeping
+VMs that may move on their current host where the count allows.
+
+Two ways to build:
+
+- normal: VMs that may not move are constants; rules that touch no variable VM are skipped
+  (callers check them with the independent checker); required domain rules and host
+  reservations prune the hosts a class may use. This is the fast, incremental path: placing one
+  new group into a cluster builds variables for that group only.
+- explain: every VM is a variable and every required rule (plus ``keep:GROUP`` for VMs that may
+  not move and ``move-limit``) is guarded by an assumption literal, so the solver can name a
+  set of rules that cannot hold together.
+
+Objective (lexicographic, as one weighted sum with multipliers that keep the levels apart):
+preferred penalty, then moves, then balance (total load above the cluster average, per-mille
+of each host's capacity, summed over hosts and resources) or packing (hosts used).
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from ortools.sat.python import cp_model as cp
+
+from .model import (HOST_LEVEL, Affinity, AntiAffinity, DomainAffinity, DomainAntiAffinity, MaxPerDomain, Problem,
+                    ReserveAmount, ReserveHosts, Rule, Spread, eligible_hosts)
+
+KEEP_PREFIX = "keep:"
+MOVE_LIMIT = "move-limit"
+SCALE = 1000  # balance weights: one unit of load weighs its per-mille share of an average host
+SMALL_MODEL_VARS = 5000
+
+
+@dataclass
+class SolverOptions:
+    time_limit_s: float = 10.0
+    seed: int = 0
+    workers: int = 2
+    log: bool = False
+
+
+@dataclass
+class _Class:
+    group: str
+    demand: dict[str, int]
+    vms: list[str]                     # names, in group order
+    cur: dict[int, int] = field(default_factory=dict)      # host -> VMs currently there (movable ones)
+    keep: dict[int, int] = field(default_factory=dict)     # host -> VMs that must stay (explain mode)
+    hosts: list[int] = field(default_factory=list)
+    vars: list[cp.IntVar] = field(default_factory=list)
+    ubs: list[int] = field(default_factory=list)
+    at: dict[int, cp.IntVar] = field(default_factory=dict)  # host -> variable
+
+
+@dataclass
+class _Count:
+    vars: list
+    const: int
+    ub: int
+    ubs: list = field(default_factory=list)  # per variable
+
+    def expr(self):
+        return cp.LinearExpr.sum(self.vars) + self.const if self.vars else self.const
+
+
+class PlacementModel:
+    def __init__(self, problem: Problem, *, explain: bool = False, hint: Mapping[str, str] | None = None):
+        self.p = problem
+        self.topo = problem.topology
+        self.explain = explain
+        self.m = cp.CpModel()
+        self.lits: dict[str, cp.IntVar] = {}      # explain: rule name -> assumption literal
+        self.penalty: list[tuple[int, object]] = []
+        self.penalty_const = 0
+        self.skipped: list[str] = []              # normal mode: rules touching no variable VM
+        self._cache: dict[tuple, dict[str, _Count]] = {}
+        self._build_vms()
+        self._build_vars()
+        self._build_capacity()
+        self._build_moves()
+        for r in problem.rules:
+            self._rule(r)
+        if not explain:
+            self._build_objective()
+            if hint:
+                self._hint(hint)
+
+    # ------------------------------------------------------------------ VMs and classes
+    def _build_vms(self) -> None:
+        p, topo = self.p, self.topo
+        hidx = topo.host_index
+        H = len(p.hosts)
+        self.fixed: dict[str, int] = {}                        # vm -> host (normal mode)
+        self.fixed_count: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        self.fixed_load = [defaultdict(int) for _ in range(H)]
+        self.classes: list[_Class] = []
+        self.classes_of: dict[str, list[_Class]] = defaultdict(list)
+        self.group_size: dict[str, int] = {}
+        self.total_demand: dict[str, int] = defaultdict(int)
+        may_move = p.moves.allowed
+        for g in p.groups:
+            self.group_size[g.name] = len(g.vms)
+            by_key: dict[tuple, _Class] = {}
+            for vm in g.vms:
+                for r, a in vm.demand.items():
+                    self.total_demand[r] += a
+                h = p.current.get(vm.name)
+                hi = hidx.get(h) if h is not None else None
+                if hi is not None and not may_move and not self.explain:
+                    self.fixed[vm.name] = hi
+                    self.fixed_count[g.name][hi] += 1
+                    fl = self.fixed_load[hi]
+                    for r, a in vm.demand.items():
+                        fl[r] += a
+                    continue
+                key = tuple(sorted(vm.demand.items()))
+                c = by_key.get(key)
+                if c is None:
+                    c = by_key[key] = _Class(g.name, dict(vm.demand), [])
+                    self.classes.append(c)
+                    self.classes_of[g.name].append(c)
+                c.vms.append(vm.name)
+                if hi is not None:
+                    if may_move:
+                        c.cur[hi] = c.cur.get(hi, 0) + 1
+                    else:
+                        c.keep[hi] = c.keep.get(hi, 0) + 1
+        self.variable_groups = {c.group for c in self.classes}
+
+    def _allowed(self, group: str) -> set[int]:
+        if self.explain:
+            return set(range(len(self.p.hosts)))
+        return eligible_hosts(self.p, group)[0]
+
+    def _build_vars(self) -> None:
+        topo = self.topo
+        m = self.m
+        eff = topo.effective
+        self.host_terms: list[list[tuple[_Class, object, int]]] = [[] for _ in self.p.hosts]
+        allowed_cache: dict[str, set[int]] = {}
+        per_host: dict[str, int] = {}  # normal mode: required per-host caps tighten the bounds
+        if not self.explain:
+            for r in self.p.rules:
+                if r.required and getattr(r, "level", None) == HOST_LEVEL:
+                    if r.kind == "anti_affinity" and len(r.groups) == 1:
+                        per_host[r.groups[0]] = 1
+                    elif r.kind == "max_per_domain":
+                        for g in r.groups:
+                            per_host[g] = min(per_host.get(g, r.max), r.max)
+        for ci, c in enumerate(self.classes):
+            allowed = allowed_cache.get(c.group)
+            if allowed is None:
+                allowed = allowed_cache[c.group] = self._allowed(c.group)
+            n = len(c.vms)
+            cap_g = per_host.get(c.group, n)
+            dem = [(r, a) for r, a in c.demand.items() if a > 0]
+            for h in sorted(allowed | set(c.keep)):
+                ub = n
+                fl = self.fixed_load[h]
+                for r, a in dem:
+                    ub = min(ub, (eff[h].get(r, 0) - fl.get(r, 0)) // a)
+                ub = min(ub, cap_g - self.fixed_count.get(c.group, {}).get(h, 0))
+                if h in c.keep:
+                    ub = max(ub, c.keep[h])
+                if ub <= 0:
+                    continue
+                v = m.new_int_var(0, ub, f"n{ci}_{h}")
+                c.hosts.append(h)
+                c.vars.append(v)
+                c.ubs.append(ub)
+                c.at[h] = v
+                self.host_terms[h].append((c, v, ub))
+            m.add(cp.LinearExpr.sum(c.vars) == n) if c.vars else m.add_bool_or([])  # no host at all: infeasible
+
+    def _enf(self, ct, rule: Rule | str) -> None:
+        name = rule if isinstance(rule, str) else rule.name
+        if self.explain and (isinstance(rule, str) or rule.required):
+            lit = self.lits.get(name)
+            if lit is None:
+                lit = self.lits[name] = self.m.new_bool_var(f"rule:{name}")
+            ct.only_enforce_if(lit)
+
+    def _build_capacity(self) -> None:
+        eff = self.topo.effective
+        for h, terms in enumerate(self.host_terms):
+            if not terms:
+                continue
+            for r in {r for c, _, _ in terms for r, a in c.demand.items() if a > 0}:
+                rhs = eff[h].get(r, 0) - self.fixed_load[h].get(r, 0)
+                coeffs = [c.demand.get(r, 0) for c, _, _ in terms]
+                if sum(a * u for a, (_, _, u) in zip(coeffs, terms)) <= rhs:
+                    continue
+                self.m.add(cp.LinearExpr.weighted_sum([v for _, v, _ in terms], coeffs) <= rhs)
+
+    def _build_moves(self) -> None:
+        m = self.m
+        self.moves_ub = 0
+        stays = []
+        total_cur = 0
+        for c in self.classes:
+            if c.keep:
+                for h, k in c.keep.items():
+                    ct = m.add(c.at[h] >= k) if h in c.at else m.add_bool_or([])
+                    self._enf(ct, KEEP_PREFIX + c.group)
+            for h, k in c.cur.items():
+                total_cur += k
+                if h not in c.at:
+                    continue
+                s = m.new_int_var(0, k, "")
+                m.add(s <= c.at[h])
+                stays.append(s)
+        self.moves_ub = total_cur
+        self.moves_expr = total_cur - cp.LinearExpr.sum(stays) if stays else total_cur
+        if self.p.moves.allowed and self.p.moves.max is not None and total_cur:
+            self._enf(m.add(self.moves_expr <= self.p.moves.max), MOVE_LIMIT)
+
+    # ------------------------------------------------------------------ counts
+    def _counts(self, groups: tuple[str, ...], level: str) -> dict[str, _Count]:
+        key = (groups, level)
+        got = self._cache.get(key)
+        if got is not None:
+            return got
+        dom_of = self.topo.domain_of[level]
+        vs: dict[str, list] = defaultdict(list)
+        vub: dict[str, list] = defaultdict(list)
+        ub: dict[str, int] = defaultdict(int)
+        const: dict[str, int] = defaultdict(int)
+        total = 0
+        for g in groups:
+            for c in self.classes_of.get(g, ()):
+                total += len(c.vms)
+                for h, v, u in zip(c.hosts, c.vars, c.ubs):
+                    d = dom_of[h]
+                    vs[d].append(v)
+                    vub[d].append(u)
+                    ub[d] += u
+            for h, k in self.fixed_count.get(g, {}).items():
+                const[dom_of[h]] += k
+        out = {d: _Count(vs.get(d, []), const.get(d, 0), min(ub.get(d, 0), total) + const.get(d, 0), vub.get(d, []))
+               for d in set(vs) | set(const)}
+        self._cache[key] = out
+        return out
+
+    def _touches_vars(self, rule: Rule) -> bool:
+        groups = getattr(rule, "groups", None)
+        if groups is None:  # reservations apply to every VM
+            return bool(self.classes)
+        return any(g in self.variable_groups for g in groups)
+
+    def _presence(self, c: _Count, lit=None):
+        """1 if the count is surely positive, else a boolean that must be 1 when it is (``lit``:
+        reuse that boolean). One big-M per variable: a tighter LP than one over the sum."""
+        if c.const > 0 and lit is None:
+            return 1
+        b = lit if lit is not None else self.m.new_bool_var("")
+        if c.const > 0:
+            self.m.add(b == 1)
+        for v, u in zip(c.vars, c.ubs):
+            self.m.add(v <= u * b)
+        return b
+
+    def _soft(self, rule: Rule, ub: int) -> cp.IntVar:
+        v = self.m.new_int_var(0, max(ub, 0), "") if ub > 1 else self.m.new_bool_var("")
+        self.penalty.append((rule.weight, v))
+        return v
+
+    # ------------------------------------------------------------------ rules
+    def _rule(self, r: Rule) -> None:
+        if not self.explain and not self._touches_vars(r):
+            self.skipped.append(r.name)
+            return
+        getattr(self, "_r_" + r.kind)(r)
+
+    def _r_anti_affinity(self, r: AntiAffinity) -> None:
+        m = self.m
+        if len(r.groups) == 1:
+            for d, c in self._counts(tuple(r.groups), r.level).items():
+                if c.ub <= 1:
+                    continue
+                if r.required:
+                    self._enf(m.add(c.expr() <= 1), r)
+                else:
+                    e = self._soft(r, c.ub - 1)
+                    m.add(e >= c.expr() - 1)
+            return
+        per = [self._counts((g,), r.level) for g in r.groups]
+        for d in set().union(*per):
+            pres = []
+            for cg in per:
+                c = cg.get(d)
+                if c is None or c.ub == 0:
+                    continue
+                pres.append(self._presence(c))
+            if len(pres) < 2:
+                continue
+            if r.required:
+                self._enf(m.add(cp.LinearExpr.sum(pres) <= 1), r)
+            else:
+                v = self._soft(r, 1)
+                m.add(cp.LinearExpr.sum(pres) <= 1 + (len(pres) - 1) * v)
+
+    def _r_affinity(self, r: Affinity) -> None:
+        m = self.m
+        cs = {d: c for d, c in self._counts(tuple(r.groups), r.level).items() if c.ub > 0}
+        sel = []
+        for d, c in sorted(cs.items()):
+            b = m.new_bool_var("") if r.required else self._soft(r, 1)
+            sel.append(b)
+            if r.required and self.explain:
+                self._enf(m.add(c.expr() <= c.ub * b), r)
+            else:
+                self._presence(c, b)
+        if r.required:
+            self._enf(m.add(cp.LinearExpr.sum(sel) <= 1), r)
+        else:
+            self.penalty_const -= r.weight
+
+    def _domain_rule(self, r: DomainAffinity, inside_ok: bool) -> None:
+        m = self.m
+        inside = self.topo.hosts_in(r.domains)
+        bad = lambda h: (h in inside) != inside_ok  # noqa: E731
+        if r.required and not self.explain:
+            return  # pruned from the hosts the classes may use
+        for g in r.groups:
+            for c in self.classes_of.get(g, ()):
+                vs = [v for h, v in zip(c.hosts, c.vars) if bad(h)]
+                if not vs:
+                    continue
+                if r.required:
+                    self._enf(m.add(cp.LinearExpr.sum(vs) == 0), r)
+                else:
+                    for v in vs:
+                        self.penalty.append((r.weight, v))
+            if not r.required:
+                self.penalty_const += r.weight * sum(k for h, k in self.fixed_count.get(g, {}).items() if bad(h))
+
+    def _r_domain_affinity(self, r: DomainAffinity) -> None:
+        self._domain_rule(r, True)
+
+    def _r_domain_anti_affinity(self, r: DomainAntiAffinity) -> None:
+        self._domain_rule(r, False)
+
+    def _r_spread(self, r: Spread) -> None:
+        m = self.m
+        cs = self._counts(tuple(r.groups), r.level)
+        hosts: set[int] = set()
+        for g in r.groups:
+            hosts |= eligible_hosts(self.p, g)[0]
+        dom_of = self.topo.domain_of[r.level]
+        domains = sorted({dom_of[h] for h in hosts} | set(cs))
+        total = sum(self.group_size.get(g, 0) for g in r.groups)
+        zero = _Count([], 0, 0)
+        counts = [cs.get(d, zero) for d in domains]
+        if len(domains) > 1:
+            mx = m.new_int_var(0, total, "")
+            mn = m.new_int_var(0, total, "")
+            for c in counts:
+                e = c.expr()
+                m.add(mx >= e)
+                m.add(mn <= e)
+            if r.required:
+                self._enf(m.add(mx - mn <= r.max_skew), r)
+            else:
+                s = self._soft(r, total)
+                m.add(s >= mx - mn - r.max_skew)
+        if r.min_domains > 1:
+            used = []
+            for c in counts:
+                if c.const > 0:
+                    used.append(1)
+                elif c.ub > 0:
+                    u = m.new_bool_var("")
+                    m.add(cp.LinearExpr.sum(c.vars) >= u)
+                    used.append(u)
+            if r.required:
+                self._enf(m.add(cp.LinearExpr.sum(used) >= r.min_domains) if used
+                          else m.add_bool_or([]), r)
+            else:
+                t = self._soft(r, r.min_domains)
+                m.add(t >= r.min_domains - cp.LinearExpr.sum(used)) if used else m.add(t >= r.min_domains)
+
+    def _r_max_per_domain(self, r: MaxPerDomain) -> None:
+        for d, c in self._counts(tuple(r.groups), r.level).items():
+            if c.ub <= r.max:
+                continue
+            if r.required:
+                self._enf(self.m.add(c.expr() <= r.max), r)
+            else:
+                e = self._soft(r, c.ub - r.max)
+                self.m.add(e >= c.expr() - r.max)
+
+    def _r_reserve_hosts(self, r: ReserveHosts) -> None:
+        if r.required and not self.explain:
+            return  # pruned
+        for name in r.hosts:
+            h = self.topo.host_index[name]
+            vs = [v for _, v, _ in self.host_terms[h]]
+            busy = any(fc.get(h, 0) for fc in self.fixed_count.values())
+            if r.required:
+                if vs:
+                    self._enf(self.m.add(cp.LinearExpr.sum(vs) == 0), r)
+            elif busy:
+                self.penalty_const += r.weight
+            elif vs:
+                b = self._soft(r, 1)
+                self.m.add(cp.LinearExpr.sum(vs) <= sum(u for _, _, u in self.host_terms[h]) * b)
+
+    def _r_reserve_amount(self, r: ReserveAmount) -> None:
+        topo = self.topo
+        eff = topo.effective
+        doms = topo.members[r.level]
+        names = sorted(doms) if not r.domains else [topo.resolve(d)[1] for d in r.domains]
+        for d in names:
+            hs = doms[d]
+            for res, amt in r.amount.items():
+                cap = sum(eff[h].get(res, 0) for h in hs)
+                fixed = sum(self.fixed_load[h].get(res, 0) for h in hs)
+                vs, co, mx = [], [], fixed
+                for h in hs:
+                    for c, v, u in self.host_terms[h]:
+                        a = c.demand.get(res, 0)
+                        if a:
+                            vs.append(v)
+                            co.append(a)
+                            mx += a * u
+                rhs = cap - amt
+                if mx <= rhs:
+                    continue
+                load = cp.LinearExpr.weighted_sum(vs, co) + fixed if vs else fixed
+                if r.required:
+                    self._enf(self.m.add(load <= rhs), r)
+                else:
+                    b = self._soft(r, 1)
+                    self.m.add(load <= rhs + (mx - rhs) * b)
+
+    # ------------------------------------------------------------------ objective
+    def _build_objective(self) -> None:
+        m = self.m
+        eff = self.topo.effective
+        obj = self.p.objective
+        bal_terms = []
+        bal_ub = 0
+        if obj.mode == "pack":
+            for h, terms in enumerate(self.host_terms):
+                if not terms or any(self.fixed_load[h].values()):
+                    continue
+                u = m.new_bool_var("")
+                m.add(cp.LinearExpr.sum([v for _, v, _ in terms]) <= sum(ub for _, _, ub in terms) * u)
+                bal_terms.append(u)
+            bal_ub = len(bal_terms)
+        else:
+            # load above the cluster-average utilisation, host by host; counted in units of the
+            # gcd of the demands (small coefficients keep CP-SAT's propagation and LP sharp) and
+            # weighted so that one unit weighs its share of an average host
+            res = obj.resources or tuple(sorted(r for r, a in self.total_demand.items() if a > 0))
+            H = len(eff)
+            for r in res:
+                total_cap = sum(e.get(r, 0) for e in eff)
+                unit = 0
+                for c in self.classes:
+                    unit = math.gcd(unit, c.demand.get(r, 0))
+                if total_cap <= 0 or unit <= 0:
+                    continue
+                weight = max(1, round(SCALE * unit * H / total_cap))
+                frac = self.total_demand.get(r, 0) / total_cap
+                for h, terms in enumerate(self.host_terms):
+                    cap = eff[h].get(r, 0)
+                    vs = [(v, c.demand.get(r, 0) // unit) for c, v, _ in terms if c.demand.get(r, 0)]
+                    if cap <= 0 or not vs:
+                        continue
+                    target = int(frac * cap) - self.fixed_load[h].get(r, 0)
+                    ub = max(0, (cap - self.fixed_load[h].get(r, 0)) // unit - target // unit)
+                    if ub == 0:
+                        continue
+                    e = m.new_int_var(0, ub, "")
+                    m.add(e >= cp.LinearExpr.weighted_sum([v for v, _ in vs], [k for _, k in vs]) - target // unit)
+                    bal_terms.append((e, weight))
+                    bal_ub += weight * ub
+        if obj.mode == "pack":
+            self.balance_expr = cp.LinearExpr.sum(bal_terms) if bal_terms else 0
+        else:
+            self.balance_expr = cp.LinearExpr.weighted_sum([e for e, _ in bal_terms], [w for _, w in bal_terms]) \
+                if bal_terms else 0
+        w2 = bal_ub + 1
+        w1 = w2 * (self.moves_ub + 1)
+        self.weights = (w1, w2)
+        pen = cp.LinearExpr.weighted_sum([v for _, v in self.penalty], [w for w, _ in self.penalty]) \
+            if self.penalty else 0
+        self.penalty_expr = pen
+        m.minimize(w1 * pen + w2 * self.moves_expr + self.balance_expr)
+
+    def _hint(self, hint: Mapping[str, str]) -> None:
+        """Warm start from a placement. The auxiliary variables (penalties, presence, balance)
+        are completed by solving a copy with the counts fixed, so the hint is a whole solution
+        CP-SAT can start improving at once; a hint that breaks a rule is given as counts only."""
+        hidx = self.topo.host_index
+        fixed = self.m.clone()
+        pairs = []
+        for c in self.classes:
+            want: dict[int, int] = defaultdict(int)
+            for vm in c.vms:
+                h = hidx.get(hint.get(vm, ""))
+                if h is not None:
+                    want[h] += 1
+            for h, v in zip(c.hosts, c.vars):
+                pairs.append((v, want.get(h, 0)))
+                fixed.add(fixed.get_int_var_from_proto_index(v.index) == want.get(h, 0))
+        s = cp.CpSolver()
+        s.parameters.num_workers = 1
+        s.parameters.max_time_in_seconds = 2.0
+        if s.solve(fixed) in (cp.OPTIMAL, cp.FEASIBLE):
+            sol = s.response_proto.solution
+            hp = self.m.proto.solution_hint
+            hp.vars.extend(range(len(sol)))
+            hp.values.extend(sol)
+        else:
+            for v, k in pairs:
+                self.m.add_hint(v, k)
+
+    # ------------------------------------------------------------------ solving
+    def solver(self, opts: SolverOptions) -> cp.CpSolver:
+        s = cp.CpSolver()
+        prm = s.parameters
+        prm.max_time_in_seconds = max(0.01, opts.time_limit_s)
+        prm.random_seed = opts.seed
+        # small models (an incremental placement) solve faster on one worker, which is also
+        # fully deterministic; big ones get the configured portfolio
+        small = len(self.m.proto.variables) < SMALL_MODEL_VARS
+        prm.num_workers = 1 if small else max(1, opts.workers)
+        if small:
+            prm.linearization_level = 2  # proves preferred-rule bounds that level 1 leaves open
+        prm.log_search_progress = opts.log
+        return s
+
+    def assignment(self, s: cp.CpSolver) -> dict[str, str]:
+        names = [h.name for h in self.p.hosts]
+        out = {vm: names[h] for vm, h in self.fixed.items()}
+        for c in self.classes:
+            left = {h: s.value(v) for h, v in zip(c.hosts, c.vars)}
+            rest = []
+            cur = {vm: self.topo.host_index[self.p.current[vm]] for vm in c.vms
+                   if self.p.current.get(vm) in self.topo.host_index}
+            for vm in c.vms:  # stay where possible
+                h = cur.get(vm)
+                if h is not None and left.get(h, 0) > 0:
+                    out[vm] = names[h]
+                    left[h] -= 1
+                else:
+                    rest.append(vm)
+            slots = (h for h in c.hosts for _ in range(left[h]))
+            for vm, h in zip(rest, slots):
+                out[vm] = names[h]
+        return out
+
+    def components(self, s: cp.CpSolver) -> dict[str, int]:
+        return {"preferred_penalty": int(s.value(self.penalty_expr)) + self.penalty_const if self.penalty else
+                self.penalty_const,
+                "moves": int(s.value(self.moves_expr)) if not isinstance(self.moves_expr, int) else self.moves_expr,
+                ("hosts_used" if self.p.objective.mode == "pack" else "balance"):
+                    int(s.value(self.balance_expr)) if not isinstance(self.balance_expr, int) else 0}
+
+    def assume(self, names: Iterable[str]) -> None:
+        self.m.clear_assumptions()
+        self.m.add_assumptions([self.lits[n] for n in names])
+
+
+STATUS = {cp.OPTIMAL: "optimal", cp.FEASIBLE: "feasible", cp.INFEASIBLE: "infeasible",
+          cp.UNKNOWN: "unknown", cp.MODEL_INVALID: "unknown"}
+
+
+def gap(s: cp.CpSolver) -> float:
+    obj, bound = s.objective_value, s.best_objective_bound
+    return 0.0 if math.isclose(obj, bound) else max(0.0, (obj - bound) / max(1.0, abs(obj)))
+
+
+__all__ = ["PlacementModel", "SolverOptions", "STATUS", "KEEP_PREFIX", "MOVE_LIMIT", "gap", "HOST_LEVEL"]

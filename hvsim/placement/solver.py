@@ -1,0 +1,252 @@
+"""Solve a placement problem with CP-SAT or the greedy baseline; explain refusals.
+
+``solve`` is synchronous and CPU-bound; async callers use ``solve_async``, which runs it in a
+worker thread so the event loop keeps going. Every placement returned with status optimal or
+feasible has passed the independent checker (check.py) with zero required violations: a result
+that does not is never handed out as a placement.
+
+Explanation of an infeasible problem: a model where every required rule (and ``keep:GROUP`` for
+VMs that may not move, ``move-limit`` for the move budget) hangs on an assumption literal; CP-SAT
+names a sufficient set of them, which is then shrunk by deletion until dropping any one rule
+makes the problem feasible. The greedy scheduler is replayed to say, at the VM where it got
+stuck, which filter eliminated how many hosts.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from ortools.sat.python import cp_model as cp
+
+from . import greedy
+from .check import CheckReport, check
+from .cpsat import KEEP_PREFIX, MOVE_LIMIT, STATUS, PlacementModel, SolverOptions, gap
+from .model import RESOURCE_LABELS, Problem
+
+SOLVERS = ("cpsat", "greedy")
+WARM_START_VMS = 1000
+
+
+def _variable_vms(p: Problem) -> int:
+    n = sum(len(g.vms) for g in p.groups)
+    return n if p.moves.allowed else n - sum(1 for v in p.current if v)
+
+
+@dataclass
+class Explanation:
+    core: list[str] | None          # rule names; None when the solver could not name one in time
+    minimal: bool                    # dropping any one rule of the core makes the problem feasible
+    solve_s: float
+    hosts: list[greedy.HostReport] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)
+    details: dict[str, str] = field(default_factory=dict)  # core rule -> what it says
+
+    def text(self) -> str:
+        lines = list(self.messages)
+        if self.core:
+            lines.append(f"conflicting rules ({'minimal' if self.minimal else 'not proven minimal'}):")
+            lines += [f"  - {n}: {self.details.get(n, '')}" for n in self.core]
+        for hr in self.hosts:
+            lines.append(f"{hr.vm} ({hr.group}): {hr.text}")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"core": self.core, "minimal": self.minimal, "solve_s": round(self.solve_s, 4),
+                "details": dict(self.details), "hosts": [h.to_dict() for h in self.hosts],
+                "messages": list(self.messages)}
+
+
+@dataclass
+class PlacementResult:
+    status: str                      # optimal | feasible | infeasible | unknown | failed
+    solver: str
+    assignment: dict[str, str] = field(default_factory=dict)
+    solve_s: float = 0.0
+    gap: float | None = None
+    objective: dict[str, int] = field(default_factory=dict)
+    check: CheckReport | None = None
+    explanation: Explanation | None = None
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("optimal", "feasible")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "solver": self.solver, "solve_s": round(self.solve_s, 4), "gap": self.gap,
+                "objective": dict(self.objective), "message": self.message,
+                "assignment": dict(sorted(self.assignment.items())),
+                "check": self.check.to_dict() if self.check else None,
+                "explanation": self.explanation.to_dict() if self.explanation else None}
+
+
+def solve(problem: Problem, solver: str = "cpsat", *, explain: bool = True, options: SolverOptions | None = None,
+          hint: Mapping[str, str] | None = None, explain_time_s: float = 2.0,
+          check_rules: Iterable[str] | None = None, check_hosts: Iterable[str] | None = None,
+          warm_start: bool = True) -> PlacementResult:
+    """Place every VM of ``problem``.
+
+    ``warm_start``: for big problems (>= WARM_START_VMS VMs to place) start CP-SAT from the greedy
+    placement (its time counts in the limit). ``explain``: on refusal, compute the minimal conflicting rule set (within ``explain_time_s``);
+    the per-host elimination counts are always given. ``check_rules``/``check_hosts`` narrow the
+    final independent check to what could have changed (the controller's incremental path)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r} (known: {', '.join(SOLVERS)})")
+    opts = options or SolverOptions()
+    t0 = time.perf_counter()
+    if solver == "greedy":
+        return _greedy(problem, t0, check_rules, check_hosts)
+
+    if hint is None and warm_start and _variable_vms(problem) >= WARM_START_VMS:
+        out = greedy.schedule(problem)  # a good first solution for a big model, if greedy finds one
+        if out.placed_all:
+            hint = out.assignment
+    pm = PlacementModel(problem, hint=hint)
+    left = opts.time_limit_s - (time.perf_counter() - t0)
+    s = pm.solver(SolverOptions(max(0.05, left), opts.seed, opts.workers, opts.log))
+    status = STATUS[s.solve(pm.m)]
+    if status in ("optimal", "feasible"):
+        asg = pm.assignment(s)
+        rep = check(problem, asg, rules=check_rules, hosts=check_hosts)
+        if rep.ok:
+            return PlacementResult(status, "cpsat", asg, time.perf_counter() - t0, gap(s), pm.components(s), rep)
+        # a rule the fast model skipped (it touches only VMs that may not move) is broken
+    elif status == "unknown":
+        return PlacementResult("unknown", "cpsat", solve_s=time.perf_counter() - t0,
+                               message=f"no placement found within {opts.time_limit_s:g} s")
+    expl = explain_infeasible(problem, opts, minimise=explain, budget_s=explain_time_s)
+    if expl is None:
+        return PlacementResult("failed", "cpsat", solve_s=time.perf_counter() - t0,
+                               message="internal error: the solver's placement breaks a required rule "
+                                       "but the problem is feasible")
+    return PlacementResult("infeasible", "cpsat", solve_s=time.perf_counter() - t0, explanation=expl,
+                           message=_headline(expl))
+
+
+async def solve_async(problem: Problem, solver: str = "cpsat", **kw: Any) -> PlacementResult:
+    """``solve`` in a worker thread, off the event loop."""
+    return await asyncio.to_thread(solve, problem, solver, **kw)
+
+
+def _greedy(problem: Problem, t0: float, check_rules, check_hosts) -> PlacementResult:
+    out = greedy.schedule(problem)
+    if not out.placed_all:
+        assert out.failure is not None
+        ex = Explanation(None, False, 0.0, [out.failure],
+                         [f"greedy found no host for {out.failure.vm}; a placement may still exist "
+                          f"(the cpsat solver decides)"])
+        return PlacementResult("failed", "greedy", out.assignment, time.perf_counter() - t0, explanation=ex,
+                               message=f"no host for {out.failure.vm}: {out.failure.text}")
+    rep = check(problem, out.assignment, rules=check_rules, hosts=check_hosts)
+    if not rep.ok:
+        return PlacementResult("failed", "greedy", out.assignment, time.perf_counter() - t0, check=rep,
+                               message=f"greedy placed every VM but breaks {', '.join(rep.violated()) or rep.problems}")
+    return PlacementResult("feasible", "greedy", out.assignment, time.perf_counter() - t0,
+                           objective={"preferred_penalty": rep.preferred_penalty, "moves": rep.moves}, check=rep)
+
+
+# ------------------------------------------------------------------------------------------ explanations
+
+
+def _describe(problem: Problem, name: str) -> str:
+    if name.startswith(KEEP_PREFIX):
+        return f"VMs of {name[len(KEEP_PREFIX):]} stay on their current hosts (moves not allowed)"
+    if name == MOVE_LIMIT:
+        return f"at most {problem.moves.max} moves"
+    r = problem.rule(name)
+    fields = {k: getattr(r, k) for k in ("groups", "level", "domains", "max_skew", "min_domains", "max", "hosts",
+                                         "amount") if hasattr(r, k)}
+    body = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in fields.items())
+    return f"required {r.kind} ({body})"
+
+
+def _headline(ex: Explanation) -> str:
+    if ex.core:
+        return "no placement: rules " + ", ".join(ex.core) + " cannot all hold"
+    return ex.messages[0] if ex.messages else "no placement"
+
+
+def explain_infeasible(problem: Problem, opts: SolverOptions | None = None, *, minimise: bool = True,
+                       budget_s: float = 2.0) -> Explanation | None:
+    """Why ``problem`` has no placement. None when it turns out to have one."""
+    t0 = time.perf_counter()
+    opts = opts or SolverOptions()
+    em = PlacementModel(problem, explain=True)
+    by_index = {lit.index: name for name, lit in em.lits.items()}
+    names = sorted(em.lits)
+
+    def run(assumed: list[str]) -> tuple[str, list[str]]:
+        left = budget_s - (time.perf_counter() - t0)
+        em.assume(assumed)
+        s = em.solver(SolverOptions(max(0.05, left), opts.seed, opts.workers))
+        # the LP over enforced constraints settles counting arguments (more VMs than domains
+        # allow) at once, which clause learning alone takes exponentially long to refute
+        s.parameters.linearization_level = 2
+        st = STATUS[s.solve(em.m)]
+        core = [by_index[i] for i in s.sufficient_assumptions_for_infeasibility()] if st == "infeasible" else []
+        return st, core
+
+    st, core = run(names)
+    if st in ("optimal", "feasible"):
+        return None
+    messages: list[str] = []
+    minimal = False
+    result_core: list[str] | None
+    if st == "infeasible":
+        core = sorted(set(core))
+        minimal = True
+        if minimise:
+            i = 0
+            while i < len(core):
+                if time.perf_counter() - t0 > budget_s:
+                    minimal = False
+                    break
+                trial = core[:i] + core[i + 1:]
+                st2, sub = run(trial)
+                if st2 == "infeasible":
+                    core = sorted(set(sub) & set(trial)) if sub else trial
+                    # (i stays: the rule now at position i has not been tried)
+                elif st2 in ("optimal", "feasible"):
+                    i += 1
+                else:
+                    minimal = False
+                    i += 1
+        else:
+            minimal = len(core) <= 1
+        result_core = core
+    else:
+        result_core = None
+        messages.append("the solver could not name the conflicting rules within the time budget")
+    if result_core == []:
+        messages.extend(_capacity_messages(problem))
+    gr = greedy.schedule(problem)
+    hosts = [gr.failure] if gr.failure else []
+    if gr.placed_all:
+        rep = check(problem, gr.assignment)
+        messages.append(f"one-at-a-time placement fits every VM but breaks {', '.join(rep.violated())}")
+    details = {n: _describe(problem, n) for n in (result_core or [])}
+    return Explanation(result_core, minimal if result_core is not None else False, time.perf_counter() - t0,
+                       hosts, messages, details)
+
+
+def _capacity_messages(problem: Problem) -> list[str]:
+    out = ["the VMs do not fit even with every rule dropped"]
+    topo = problem.topology
+    demand: dict[str, int] = {}
+    for vm in problem.vms():
+        for r, a in vm.demand.items():
+            demand[r] = demand.get(r, 0) + a
+    for r, a in sorted(demand.items()):
+        cap = sum(e.get(r, 0) for e in topo.effective)
+        if a > cap:
+            out.append(f"{RESOURCE_LABELS.get(r, r)}: demand {a} > capacity {cap}")
+    for vm in problem.vms():
+        if not any(all(e.get(r, 0) >= a for r, a in vm.demand.items()) for e in topo.effective):
+            out.append(f"VM {vm.name} ({', '.join(f'{r} {a}' for r, a in vm.demand.items())}) fits no host")
+            break
+    return out
+
+
+__all__ = ["solve", "solve_async", "explain_infeasible", "PlacementResult", "Explanation", "SolverOptions", "cp"]
