@@ -100,9 +100,8 @@ def solve(problem: Problem, solver: str = "cpsat", *, explain: bool = True, opti
         return _greedy(problem, t0, check_rules, check_hosts)
 
     if hint is None and warm_start and _variable_vms(problem) >= WARM_START_VMS:
-        out = greedy.schedule(problem)  # a good first solution for a big model, if greedy finds one
-        if out.placed_all:
-            hint = out.assignment
+        out = greedy.schedule(problem)  # a first solution for a big model (or as much as greedy placed)
+        hint = out.assignment
     pm = PlacementModel(problem, hint=hint)
     left = opts.time_limit_s - (time.perf_counter() - t0)
     s = pm.solver(SolverOptions(max(0.05, left), opts.seed, opts.workers, opts.log))
