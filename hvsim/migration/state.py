@@ -1,0 +1,46 @@
+"""The state machine of one migration (pure logic)."""
+from __future__ import annotations
+
+import enum
+
+from .errors import MigrationStateError
+
+
+class MigrationState(enum.Enum):
+    NEW = "new"
+    PREPARING = "preparing"            # capacity reserved, destination QEMU starting
+    ACTIVE = "active"                  # precopy passes running
+    SWITCHING_OVER = "switching-over"  # the policy decided; QEMU stops the source and copies the rest
+    POSTCOPY = "postcopy"              # guest runs on the destination, pages pulled on demand
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed-out"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+M = MigrationState
+TERMINAL = frozenset({M.COMPLETED, M.FAILED, M.CANCELLED, M.TIMED_OUT})
+
+TRANSITIONS: dict[MigrationState, frozenset[MigrationState]] = {
+    M.NEW: frozenset({M.PREPARING, M.FAILED, M.CANCELLED}),
+    M.PREPARING: frozenset({M.ACTIVE, M.FAILED, M.CANCELLED, M.TIMED_OUT}),
+    M.ACTIVE: frozenset({M.SWITCHING_OVER, M.POSTCOPY, M.COMPLETED, M.FAILED, M.CANCELLED, M.TIMED_OUT}),
+    # QEMU may still fail the final phase (then the source resumes): FAILED/TIMED_OUT stay possible
+    M.SWITCHING_OVER: frozenset({M.ACTIVE, M.POSTCOPY, M.COMPLETED, M.FAILED, M.CANCELLED, M.TIMED_OUT}),
+    M.POSTCOPY: frozenset({M.COMPLETED, M.FAILED}),  # no way back: the guest already runs on the destination
+    M.COMPLETED: frozenset(),
+    M.FAILED: frozenset(),
+    M.CANCELLED: frozenset(),
+    M.TIMED_OUT: frozenset(),
+}
+
+
+def check_transition(name: str, old: MigrationState, new: MigrationState) -> None:
+    if new not in TRANSITIONS[old]:
+        allowed = ", ".join(s.value for s in TRANSITIONS[old]) or "none (terminal)"
+        raise MigrationStateError(
+            f"migration {name}: illegal state change {old.value} -> {new.value} (allowed: {allowed})")
