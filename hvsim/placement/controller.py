@@ -66,7 +66,9 @@ class PlacementController:
         if errors:
             raise ProblemError(errors)
         self.solver = solver
-        self.options = options or SolverOptions(time_limit_s=5.0)
+        # interactive: answer within a second with the best placement found (status feasible + gap
+        # when the optimum is not proven by then); every placement still passes the checker
+        self.options = options or SolverOptions(time_limit_s=1.0)
         self.explain_time_s = explain_time_s
         self.max_attempts = max_attempts
         self._lock = asyncio.Lock()
