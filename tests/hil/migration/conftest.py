@@ -1,0 +1,53 @@
+"""Fixtures for migration HIL tests: hosts in an Underlay (shaped links), a Cluster inside it.
+
+The cluster is closed before the underlay (its QEMUs live in the underlay's namespaces)."""
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from hvsim.cluster import Cluster
+from hvsim.model import HostSpec, VMSpec
+from hvsim.network.underlay import Underlay
+from hvsim.vm import VM
+
+LINK_MBIT = 400          # fast enough that each migration of a small guest takes ~1-3 s
+GUEST_MIB = 160
+
+
+@pytest.fixture
+async def underlay_hosts() -> list[str]:
+    return ["a", "b", "c"]
+
+
+@pytest.fixture
+async def underlay(underlay_hosts: list[str]) -> AsyncIterator[Underlay]:
+    assert os.geteuid() == 0, "migration HIL tests need root (network namespaces, tc)"
+    for tool in ("ip", "tc"):
+        assert shutil.which(tool), f"{tool} missing: install iproute2"
+    await Underlay.cleanup_stale("hvs-")
+    async with Underlay(underlay_hosts, mbit=LINK_MBIT) as ul:
+        yield ul
+
+
+@pytest.fixture
+async def lab(underlay: Underlay, cluster: Cluster) -> AsyncIterator[Callable[..., Any]]:
+    """``await lab.boot(name, host)`` -> a running, agent-ready VM on a host of the underlay."""
+    for h in underlay.hosts:
+        cluster.add_host(HostSpec(h, vcpus=4, memory_mib=1024), netns=underlay.host_ns(h))
+
+    class Lab:
+        cl = cluster
+        ul = underlay
+
+        @staticmethod
+        async def boot(name: str, host: str = "a", memory_mib: int = GUEST_MIB) -> VM:
+            vm = await cluster.define_vm(VMSpec(name, memory_mib=memory_mib), host)
+            await vm.start(wait_ready=True, ready_timeout=120)
+            return vm
+
+    yield Lab

@@ -1,0 +1,142 @@
+"""Live migration on real guests over a shaped underlay link (issue 3)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from hvsim.errors import CapacityError
+from hvsim.heartbeat import HeartbeatMonitor
+from hvsim.lifecycle import VMState
+from hvsim.migration import (DestinationStartError, MigrationCancelledError, MigrationRefusedError,
+                             MigrationState)
+from hvsim.model import HostSpec
+
+pytestmark = [pytest.mark.hil, pytest.mark.timeout(240)]
+
+
+def pid_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def assert_source_untouched(vm, host: str, generation: int) -> None:  # type: ignore[no-untyped-def]
+    assert vm.state is VMState.RUNNING
+    assert vm.host.name == host and vm.generation == generation
+    assert (await vm.query_status())["status"] == "running"
+    assert (await vm.exec("echo alive", timeout=30)).stdout.strip() == "alive"
+    assert not list(vm.run_dir.glob("mig*")), "destination files left behind"
+
+
+@pytest.mark.parametrize("policy,params", [
+    ("hvsim-predictive", {}),
+    ("qemu-default", {}),
+    # Nova's schedule scaled to a small guest: 10 s/GiB, no 2 GB floor
+    ("stepwise", {"downtime_delay_s": 10, "data_gb_floor": 0}),
+])
+async def test_busy_guest_migrates_without_losing_a_beat_or_a_byte(lab, policy: str, params: dict) -> None:
+    vm = await lab.boot("busy")
+    filled = await vm.exec("memfill 24 --seed 7 --sock /run/mf.sock", timeout=60, check=True)
+    assert "FILLED" in filled.stdout
+    await vm.exec("dirty 8 4 >/dev/null 2>&1 &", check=True)
+    hb = HeartbeatMonitor()
+    await hb.attach(vm.heartbeat_socket)
+    await hb.wait_beats(20, timeout=20)
+    src_pid, gen = vm.pid, vm.generation
+
+    m = await vm.migrate("b", policy=policy, timeout=120, heartbeat=hb, policy_params=params)
+    t_done = time.monotonic()
+    res = m.result
+    assert m.state is MigrationState.COMPLETED and res.outcome == "completed"
+    assert vm.state is VMState.RUNNING and vm.reason == "migrated"
+    assert vm.host.name == "b" and vm.generation == gen + 1 and vm.pid != src_pid
+    assert not pid_alive(src_pid), "source QEMU still running"
+    assert "busy" in lab.cl.hosts["b"].allocations and "busy" not in lab.cl.hosts["a"].allocations
+    assert (await vm.query_status())["status"] == "running"
+    # the heartbeat stream continues on the destination with no lost beat
+    await hb.wait_beats(20, timeout=20)
+    st = hb.stats()
+    assert st.lost == 0 and st.duplicates == 0
+    assert any(b.host_t > t_done for b in hb.beats)
+    await hb.close()
+    # memory written before the migration is intact after it
+    chk = await vm.exec("retouch seq --sock /run/mf.sock", timeout=60)
+    assert chk.exit_code == 0 and "bad=0" in chk.stdout, chk.stdout + chk.stderr
+    # measurements and decisions are recorded
+    assert res.bytes > 0 and res.touched_bytes > 0 and res.passes >= 1
+    assert res.downtime_ms_qemu is not None and res.downtime_ms_guest is not None
+    assert res.heartbeat_lost == 0
+    kinds = [d.action for d in res.decisions]
+    if policy == "qemu-default":
+        assert kinds == ["set-downtime-limit"] and res.decisions[0].value == 300
+    elif policy == "stepwise":
+        assert kinds[0] == "set-downtime-limit" and res.decisions[0].value == 50   # Nova's step 0 (500/10)
+    else:
+        assert kinds[0] == "set-downtime-limit" and res.decisions[0].value == 1    # QEMU kept tiny
+        assert kinds[-1] in ("switchover", "start-postcopy")
+        assert all("predicted_ms" in d.inputs for d in res.decisions[1:])
+
+
+async def test_cancel_midway_leaves_the_source_running_and_nothing_of_the_destination(lab) -> None:
+    vm = await lab.boot("cancelme")
+    await vm.exec("dirty 96 0 >/dev/null 2>&1 &", check=True)
+    await lab.ul.set_bandwidth("b", 40)        # slow enough to be caught midway
+    gen = vm.generation
+    m = vm.start_migration("b", policy="qemu-default", timeout=120)
+    async for p in m:
+        if p.state is MigrationState.ACTIVE and p.transferred > 4 * 2**20:
+            break
+    dest_proc = m._dest_proc
+    assert dest_proc is not None and pid_alive(dest_proc.pid)
+    m.cancel()
+    with pytest.raises(MigrationCancelledError):
+        await m
+    assert m.state is MigrationState.CANCELLED and m.result.outcome == "cancelled"
+    assert not pid_alive(dest_proc.pid), "destination QEMU still running"
+    assert m._dest_dir is not None and not m._dest_dir.exists()
+    assert "cancelme" not in lab.cl.hosts["b"].allocations
+    await assert_source_untouched(vm, "a", gen)
+    with pytest.raises(Exception, match="already ended"):
+        m.cancel()
+
+
+async def test_destination_that_fails_to_start_gives_a_clear_error_and_an_untouched_source(lab) -> None:
+    vm = await lab.boot("badest")
+    gen = vm.generation
+    with pytest.raises(DestinationStartError, match="failed to start") as ei:
+        await vm.migrate("b", timeout=60, dest_extra_args=("-no-such-qemu-option",))
+    assert "no-such-qemu-option" in str(ei.value)
+    assert ei.value.result.outcome == "failed"
+    assert "badest" not in lab.cl.hosts["b"].allocations and "badest" in lab.cl.hosts["a"].allocations
+    await assert_source_untouched(vm, "a", gen)
+
+
+async def test_destination_without_capacity_is_refused_before_any_process_starts(lab) -> None:
+    small = lab.cl.add_host(HostSpec("tiny", vcpus=1, memory_mib=128), netns=lab.ul.host_ns("c"))
+    vm = await lab.boot("fat")
+    gen = vm.generation
+    with pytest.raises(MigrationRefusedError, match="cannot take vm 'fat'") as ei:
+        vm.start_migration(small, timeout=60)
+    assert isinstance(ei.value, CapacityError)
+    assert not list(vm.run_dir.glob("mig*")) and small.allocations == {}
+    await assert_source_untouched(vm, "a", gen)
+
+
+async def test_two_migrations_at_once_to_different_hosts(lab) -> None:
+    v1, v2 = await asyncio.gather(lab.boot("one"), lab.boot("two"))
+    await asyncio.gather(v1.exec("dirty 8 2 >/dev/null 2>&1 &", check=True),
+                         v2.exec("dirty 8 2 >/dev/null 2>&1 &", check=True))
+    m1, m2 = v1.start_migration("b", timeout=120), v2.start_migration("c", timeout=120)
+    r1, r2 = await asyncio.gather(m1.wait(), m2.wait())
+    assert (r1.outcome, r2.outcome) == ("completed", "completed")
+    assert (v1.host.name, v2.host.name) == ("b", "c")
+    assert lab.cl.hosts["a"].allocations == {}
+    for v in (v1, v2):
+        assert (await v.exec("echo ok", timeout=30)).stdout.strip() == "ok"
