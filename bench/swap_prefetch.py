@@ -59,8 +59,8 @@ async def _main(quick: bool) -> None:
     patterns = QUICK_PATTERNS if quick else PATTERNS
     results: list[CaseResult] = []
     t_all = time.monotonic()
-    for config in configs:
-        for pattern in patterns:
+    for pattern in patterns:  # configs interleaved in time: load drift on the shared host hits them alike
+        for config in configs:
             t0 = time.monotonic()
             r = await run_case(config, pattern, setup)
             results.append(r)
