@@ -12,6 +12,7 @@ _SUBCOMMAND_MODULES = [
     "hvsim.cli_core",
     "hvsim.placement.cli",
     "hvsim.shim.cli",
+    "hvsim.migration.cli",
 ]
 
 
