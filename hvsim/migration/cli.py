@@ -1,0 +1,112 @@
+"""`hvsim vm migrate`: two hosts on a shaped link, a busy guest, a live migration with a progress bar."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .engine import Migration
+from .errors import MigrationError
+from .measure import MigrationResult
+from .policies.base import policy_names
+
+MIB = 2**20
+
+
+def _fmt(v: float | None, unit: str = "") -> str:
+    return "-" if v is None else f"{v:.0f}{unit}"
+
+
+async def follow(m: Migration, console: Console) -> MigrationResult | None:
+    """Show a live progress bar of ``m`` until it ends; return its result (None if it failed:
+    the error is printed, ``m.result`` still holds the measurements)."""
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(bar_width=30),
+            TextColumn("{task.fields[state]:>14} pass {task.fields[passes]:>3}  sent {task.fields[sent]:>6} MiB"
+                       "  left {task.fields[left]:>6} MiB  dirty {task.fields[dirty]:>5} MiB/s"
+                       "  link {task.fields[bw]:>5} MiB/s  predicted downtime {task.fields[pred]:>6}"),
+            TimeElapsedColumn()]
+    with Progress(*cols, console=console, transient=False) as bar:
+        task = bar.add_task(f"{m.vm.name} {m.source.name}->{m.dest.name} [{m.policy.name}]", total=1.0,
+                            state="preparing", passes=0, sent="0", left="-", dirty="-", bw="-", pred="-")
+        async for p in m:
+            done = 1.0 - (p.remaining / p.total if p.total and p.passes <= 1 else 0.0)
+            if p.passes > 1:
+                done = max(0.9, 1.0 - p.remaining / max(p.total, 1))
+            bar.update(task, completed=min(done, 0.99), state=p.state.value, passes=p.passes,
+                       sent=f"{p.transferred / MIB:.0f}", left=f"{p.remaining / MIB:.0f}",
+                       dirty=f"{p.dirty_rate / MIB:.1f}", bw=f"{(p.bandwidth or 0) / MIB:.1f}",
+                       pred=_fmt(p.predicted_downtime_ms, " ms"))
+        try:
+            res = await m.wait()
+        except MigrationError as exc:
+            bar.update(task, state=m.state.value)
+            console.print(f"[red]{type(exc).__name__}[/red]: {exc}")
+            return None
+        bar.update(task, completed=1.0, state=m.state.value)
+        return res
+
+
+def result_table(results: list[MigrationResult], title: str = "migration") -> Table:
+    t = Table(title=title)
+    for col in ("policy", "outcome", "total s", "downtime qemu ms", "downtime guest ms", "predicted ms",
+                "sent MiB", "touched MiB", "passes", "postcopy"):
+        t.add_column(col, justify="right" if col not in ("policy", "outcome") else "left")
+    for r in results:
+        t.add_row(r.policy, r.outcome, f"{r.total_s or 0:.1f}", _fmt(r.downtime_ms_qemu),
+                  _fmt(r.downtime_ms_guest), _fmt(r.predicted_downtime_ms), f"{r.bytes / MIB:.1f}",
+                  f"{r.touched_bytes / MIB:.1f}", str(r.passes), "yes" if r.postcopy else "")
+    return t
+
+
+def decisions_table(r: MigrationResult) -> Table:
+    t = Table(title=f"decisions of {r.policy}")
+    for col in ("t s", "pass", "action", "value", "reason"):
+        t.add_column(col)
+    for d in r.decisions:
+        t.add_row(f"{d.t:.2f}", str(d.passes), d.action, "" if d.value is None else f"{d.value:g}", d.reason)
+    return t
+
+
+def migrate_cmd(policy: str = typer.Option("hvsim-predictive", "--policy", help="one of: " +
+                                           ", ".join(policy_names())),
+                memory_mib: int = typer.Option(256, "--memory", help="guest memory in MiB"),
+                wss_mib: int = typer.Option(64, "--wss", help="working set the guest keeps dirty (MiB)"),
+                rate: float = typer.Option(8.0, "--rate", help="dirty rate in MiB/s (0 = flat out)"),
+                link_mbit: float = typer.Option(200.0, "--link-mbit", help="underlay link bandwidth"),
+                timeout: float = typer.Option(120.0, "--timeout", help="migration timeout in seconds")) -> None:
+    """Boot a guest running `dirty` on host-a, live-migrate it to host-b over a shaped link."""
+    if wss_mib <= 0 or wss_mib >= memory_mib:
+        raise typer.BadParameter(f"--wss must be within 1..{memory_mib - 1} MiB")
+    console = Console()
+
+    async def go() -> int:
+        from ..cluster import Cluster
+        from ..model import HostSpec, VMSpec
+        from ..network import Underlay
+        async with Underlay(["host-a", "host-b"], mbit=link_mbit) as ul:
+            async with Cluster("cli-mig") as cl:
+                for h in ("host-a", "host-b"):
+                    cl.add_host(HostSpec(h, vcpus=2, memory_mib=max(1024, memory_mib + 256)), netns=ul.host_ns(h))
+                vm = await cl.define_vm(VMSpec("guest", memory_mib=memory_mib), "host-a")
+                console.print(f"booting a {memory_mib} MiB guest on host-a (link {link_mbit:g} Mbit/s) ...")
+                await vm.start(wait_ready=True, ready_timeout=120)
+                await vm.exec(f"dirty {wss_mib} {rate:g} >/dev/null 2>&1 &", check=True)
+                await asyncio.sleep(min(20.0, wss_mib / rate + 1) if rate > 0 else 2.0)
+                m = vm.start_migration("host-b", policy=policy, timeout=timeout)
+                res = await follow(m, console)
+                r = res or m.result
+                if r is not None:
+                    console.print(result_table([r]))
+                    console.print(decisions_table(r))
+                console.print(f"vm {vm.name}: {vm.state.value} on {vm.host.name}")
+                return 0 if res is not None else 1
+    raise typer.Exit(asyncio.run(go()))
+
+
+def register(app: Any) -> None:
+    from ..cli_core import vm_app
+    vm_app.command("migrate")(migrate_cmd)
