@@ -64,6 +64,7 @@ class _Count:
     const: int
     ub: int
     ubs: list = field(default_factory=list)  # per variable
+    cap: int | None = None  # a bound the required rules imply (for big-M only, never to skip a rule)
 
     def expr(self):
         return cp.LinearExpr.sum(self.vars) + self.const if self.vars else self.const
@@ -80,6 +81,8 @@ class PlacementModel:
         self.penalty_const = 0
         self.skipped: list[str] = []              # normal mode: rules touching no variable VM
         self._cache: dict[tuple, dict[str, _Count]] = {}
+        self._pres: dict[tuple, object] = {}
+        self._caps: dict[tuple, int] = {} if explain else self._required_caps()
         self._build_vms()
         self._build_vars()
         self._build_capacity()
@@ -242,10 +245,44 @@ class PlacementModel:
                     ub[d] += u
             for h, k in self.fixed_count.get(g, {}).items():
                 const[dom_of[h]] += k
-        out = {d: _Count(vs.get(d, []), const.get(d, 0), min(ub.get(d, 0), total) + const.get(d, 0), vub.get(d, []))
+        cap = self._caps.get(key)
+        out = {d: _Count(vs.get(d, []), const.get(d, 0), min(ub.get(d, 0), total) + const.get(d, 0), vub.get(d, []),
+                         cap)
                for d in set(vs) | set(const)}
         self._cache[key] = out
         return out
+
+    def _spread_domains(self, r: Spread) -> list[str]:
+        """The domains a spread counts over: those with a host its groups may use (and any
+        holding their VMs)."""
+        hosts: set[int] = set()
+        for g in r.groups:
+            hosts |= eligible_hosts(self.p, g)[0]
+        dom_of = self.topo.domain_of[r.level]
+        return sorted({dom_of[h] for h in hosts} | set(self._counts(tuple(r.groups), r.level)))
+
+    def _required_caps(self) -> dict[tuple, int]:
+        """(groups, level) -> most VMs of the groups any one domain may hold under the required
+        rules: 1 for a one-group anti-affinity, ``max`` for max_per_domain, average + max_skew for
+        a spread. Used to tighten big-M terms only."""
+        caps: dict[tuple, int] = {}
+
+        def put(key: tuple, v: int) -> None:
+            caps[key] = min(caps.get(key, v), v)
+
+        for r in self.p.rules:
+            if not r.required:
+                continue
+            if r.kind == "anti_affinity" and len(r.groups) == 1:
+                put((tuple(r.groups), r.level), 1)
+            elif r.kind == "max_per_domain":
+                put((tuple(r.groups), r.level), r.max)
+            elif r.kind == "spread":
+                total = sum(len(self.p.group(g).vms) for g in r.groups)
+                n_dom = len({self.topo.domain_of[r.level][h] for g in r.groups for h in eligible_hosts(self.p, g)[0]})
+                if n_dom:
+                    put((tuple(r.groups), r.level), total // n_dom + r.max_skew)
+        return caps
 
     def _touches_vars(self, rule: Rule) -> bool:
         groups = getattr(rule, "groups", None)
@@ -253,16 +290,36 @@ class PlacementModel:
             return bool(self.classes)
         return any(g in self.variable_groups for g in groups)
 
-    def _presence(self, c: _Count, lit=None):
-        """1 if the count is surely positive, else a boolean that must be 1 when it is (``lit``:
-        reuse that boolean). One big-M per variable: a tighter LP than one over the sum."""
+    def _presence(self, c: _Count, lit=None, key: tuple | None = None):
+        """1 if the count is surely positive, else a boolean that is 1 exactly when it is
+        (``lit``: use that boolean). One big-M per variable plus one over the sum (with the
+        domain's own bound): a tighter LP than either alone. With ``key`` (groups, level,
+        domain) the boolean is shared by every rule asking for the same count."""
         if c.const > 0 and lit is None:
             return 1
+        if key is not None and lit is None:
+            got = self._pres.get(key)
+            if got is not None:
+                return got
         b = lit if lit is not None else self.m.new_bool_var("")
         if c.const > 0:
             self.m.add(b == 1)
-        for v, u in zip(c.vars, c.ubs):
-            self.m.add(v <= u * b)
+        else:
+            cap = c.ub if c.cap is None else min(c.ub, c.cap)
+            for v, u in zip(c.vars, c.ubs):
+                u = min(u, cap)
+                if u > 1:
+                    self.m.add(v <= u * b)
+                else:
+                    self.m.add(v <= b)
+            if len(c.vars) > 1:
+                self.m.add(cp.LinearExpr.sum(c.vars) <= cap * b)
+            if c.vars:
+                self.m.add(cp.LinearExpr.sum(c.vars) >= b)
+            else:
+                self.m.add(b == 0)
+        if key is not None and lit is None:
+            self._pres[key] = b
         return b
 
     def _soft(self, rule: Rule, ub: int) -> cp.IntVar:
@@ -289,14 +346,14 @@ class PlacementModel:
                     e = self._soft(r, c.ub - 1)
                     m.add(e >= c.expr() - 1)
             return
-        per = [self._counts((g,), r.level) for g in r.groups]
-        for d in set().union(*per):
+        per = [(g, self._counts((g,), r.level)) for g in r.groups]
+        for d in set().union(*(cg for _, cg in per)):
             pres = []
-            for cg in per:
+            for g, cg in per:
                 c = cg.get(d)
                 if c is None or c.ub == 0:
                     continue
-                pres.append(self._presence(c))
+                pres.append(self._presence(c, key=((g,), r.level, d)))
             if len(pres) < 2:
                 continue
             if r.required:
@@ -310,12 +367,17 @@ class PlacementModel:
         cs = {d: c for d, c in self._counts(tuple(r.groups), r.level).items() if c.ub > 0}
         sel = []
         for d, c in sorted(cs.items()):
-            b = m.new_bool_var("") if r.required else self._soft(r, 1)
-            sel.append(b)
             if r.required and self.explain:
+                b = m.new_bool_var("")
                 self._enf(m.add(c.expr() <= c.ub * b), r)
             else:
-                self._presence(c, b)
+                b = self._presence(c, key=(tuple(r.groups), r.level, d))
+                if not r.required:
+                    if isinstance(b, int):
+                        self.penalty_const += r.weight * b
+                    else:
+                        self.penalty.append((r.weight, b))
+            sel.append(b)
         if r.required:
             self._enf(m.add(cp.LinearExpr.sum(sel) <= 1), r)
         else:
@@ -358,26 +420,37 @@ class PlacementModel:
         zero = _Count([], 0, 0)
         counts = [cs.get(d, zero) for d in domains]
         if len(domains) > 1:
-            mx = m.new_int_var(0, total, "")
-            mn = m.new_int_var(0, total, "")
+            # every VM of the groups is in one of the domains: min <= average <= max
+            mx = m.new_int_var(-(-total // len(domains)), total, "")
+            mn = m.new_int_var(0, total // len(domains), "")
             for c in counts:
                 e = c.expr()
                 m.add(mx >= e)
                 m.add(mn <= e)
             if r.required:
                 self._enf(m.add(mx - mn <= r.max_skew), r)
+                avg = total // len(domains)
+                if not self.explain and len(domains) <= 64 and avg <= 3:
+                    # a domain left empty forces min = 0, so every used one holds <= max_skew:
+                    # count <= max_skew * present + min, and min >= 1 makes every domain present.
+                    # Same solutions, a much tighter LP where other rules push domains empty.
+                    for d, c in zip(domains, counts):
+                        if c.const > 0 or not c.vars:
+                            continue
+                        pb = self._presence(c, key=(tuple(r.groups), r.level, d))
+                        m.add(c.expr() <= r.max_skew * pb + mn)
+                        if avg:
+                            m.add(avg * pb >= mn)
             else:
                 s = self._soft(r, total)
                 m.add(s >= mx - mn - r.max_skew)
         if r.min_domains > 1:
             used = []
-            for c in counts:
+            for d, c in zip(domains, counts):
                 if c.const > 0:
                     used.append(1)
                 elif c.ub > 0:
-                    u = m.new_bool_var("")
-                    m.add(cp.LinearExpr.sum(c.vars) >= u)
-                    used.append(u)
+                    used.append(self._presence(c, key=(tuple(r.groups), r.level, d)))
             if r.required:
                 self._enf(m.add(cp.LinearExpr.sum(used) >= r.min_domains) if used
                           else m.add_bool_or([]), r)
@@ -488,12 +561,19 @@ class PlacementModel:
             self.balance_expr = cp.LinearExpr.weighted_sum([e for e, _ in bal_terms], [w for _, w in bal_terms]) \
                 if bal_terms else 0
         w2 = bal_ub + 1
-        w1 = w2 * (self.moves_ub + 1)
-        self.weights = (w1, w2)
-        pen = cp.LinearExpr.weighted_sum([v for _, v in self.penalty], [w for w, _ in self.penalty]) \
+        self.weights = (w2 * (self.moves_ub + 1), w2)
+        self.penalty_expr = cp.LinearExpr.weighted_sum([v for _, v in self.penalty], [w for w, _ in self.penalty]) \
             if self.penalty else 0
-        self.penalty_expr = pen
-        m.minimize(w1 * pen + w2 * self.moves_expr + self.balance_expr)
+        # stage 2 objective: moves above balance, kept apart by the multiplier
+        has_moves = not isinstance(self.moves_expr, int)
+        has_bal = not isinstance(self.balance_expr, int)
+        self.secondary_expr = (w2 * self.moves_expr if has_moves else 0) + (self.balance_expr if has_bal else 0) \
+            if has_moves or has_bal else 0
+        # stage 1 first (also the objective the hint is completed under)
+        if self.penalty:
+            m.minimize(self.penalty_expr)
+        elif not isinstance(self.secondary_expr, int):
+            m.minimize(self.secondary_expr)
 
     def _hint(self, hint: Mapping[str, str]) -> None:
         """Warm start from a placement. The auxiliary variables (penalties, presence, balance)
@@ -570,6 +650,91 @@ class PlacementModel:
         self.m.add_assumptions([self.lits[n] for n in names])
 
 
+@dataclass
+class Staged:
+    """Outcome of ``solve_staged``: ``solver`` holds the placement (when status is optimal or
+    feasible). ``gaps``: relative gap per stage that ran; ``gap``: the gap of the most important
+    stage whose optimum is not proven (0.0 when every stage is proven optimal)."""
+    status: str
+    solver: cp.CpSolver | None
+    gap: float | None = None
+    gaps: dict[str, float] = field(default_factory=dict)
+    stage_s: dict[str, float] = field(default_factory=dict)
+
+
+def _stage_gap(s: cp.CpSolver, status: str, offset: int = 0) -> float:
+    obj, bound = s.objective_value + offset, s.best_objective_bound + offset
+    if status == "optimal" or math.isclose(obj, bound):
+        return 0.0
+    return max(0.0, (obj - bound) / max(1.0, abs(obj)))
+
+
+def solve_staged(pm: PlacementModel, opts: SolverOptions, deadline: float, *,
+                 stage2_share: float = 0.2) -> Staged:
+    """Lexicographic optimisation in stages on one model: (1) the weighted preferred-rule
+    penalty, alone, so that its bound is proven on its own scale; (2) with the penalty fixed at
+    its best value, moves then balance/packing (one weighted sum), warm-started from stage 1's
+    solution. Stage 1 may use the time up to ``deadline`` minus ``stage2_share`` of what is left
+    (all of it when stage 2 has nothing to do); stage 2 gets the rest. When stage 2 finds
+    nothing better in time, stage 1's placement stands."""
+    import time
+    out = Staged("unknown", None)
+    m = pm.m
+    has_pen = bool(pm.penalty)
+    has_sec = not isinstance(pm.secondary_expr, int)
+
+    def run(limit: float) -> tuple[str, cp.CpSolver, float]:
+        t = time.perf_counter()
+        sv = pm.solver(SolverOptions(max(0.01, limit), opts.seed, opts.workers, opts.log))
+        st = STATUS[sv.solve(m)]
+        return st, sv, time.perf_counter() - t
+
+    first = None
+    if has_pen:
+        left = deadline - time.perf_counter()
+        st, sv, dt = run(left * (1 - stage2_share) if has_sec else left)
+        out.stage_s["preferred_penalty"] = dt
+        if st not in ("optimal", "feasible"):
+            out.status = st
+            return out
+        first = sv
+        out.gaps["preferred_penalty"] = _stage_gap(sv, st, pm.penalty_const)
+        out.status, out.solver = st, sv
+        if not has_sec:
+            out.gap = out.gaps["preferred_penalty"]
+            return out
+        best = int(round(sv.objective_value))
+        sol = list(sv.response_proto.solution)
+        m.add(pm.penalty_expr <= best)
+        m.minimize(pm.secondary_expr)
+        m.clear_hints()
+        hp = m.proto.solution_hint
+        hp.vars.extend(range(len(sol)))
+        hp.values.extend(sol)
+    if has_sec:
+        st, sv, dt = run(deadline - time.perf_counter())
+        out.stage_s["secondary"] = dt
+        if st in ("optimal", "feasible"):
+            out.gaps["secondary"] = _stage_gap(sv, st)
+            out.solver = sv
+            out.status = "optimal" if st == "optimal" and (first is None or out.gaps["preferred_penalty"] == 0) \
+                else "feasible"
+        elif first is None:
+            out.status = st
+            return out
+        else:  # keep stage 1's placement; its secondary objective is not optimised
+            out.status = "feasible"
+            out.gaps["secondary"] = 1.0
+    if not has_pen and not has_sec:  # nothing to optimise: a feasibility problem
+        st, sv, dt = run(deadline - time.perf_counter())
+        out.stage_s["feasibility"] = dt
+        out.status, out.solver = st, (sv if st in ("optimal", "feasible") else None)
+        if out.solver is None:
+            return out
+    out.gap = next((g for g in out.gaps.values() if g > 0), 0.0)
+    return out
+
+
 STATUS = {cp.OPTIMAL: "optimal", cp.FEASIBLE: "feasible", cp.INFEASIBLE: "infeasible",
           cp.UNKNOWN: "unknown", cp.MODEL_INVALID: "unknown"}
 
@@ -579,4 +744,4 @@ def gap(s: cp.CpSolver) -> float:
     return 0.0 if math.isclose(obj, bound) else max(0.0, (obj - bound) / max(1.0, abs(obj)))
 
 
-__all__ = ["PlacementModel", "SolverOptions", "STATUS", "KEEP_PREFIX", "MOVE_LIMIT", "gap", "HOST_LEVEL"]
+__all__ = ["PlacementModel", "SolverOptions", "Staged", "solve_staged", "STATUS", "KEEP_PREFIX", "MOVE_LIMIT", "gap", "HOST_LEVEL"]

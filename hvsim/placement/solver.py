@@ -22,7 +22,7 @@ from ortools.sat.python import cp_model as cp
 
 from . import greedy
 from .check import CheckReport, check
-from .cpsat import KEEP_PREFIX, MOVE_LIMIT, STATUS, PlacementModel, SolverOptions, gap
+from .cpsat import KEEP_PREFIX, MOVE_LIMIT, STATUS, PlacementModel, SolverOptions, solve_staged
 from .model import RESOURCE_LABELS, Problem
 
 SOLVERS = ("cpsat", "greedy")
@@ -69,6 +69,7 @@ class PlacementResult:
     check: CheckReport | None = None
     explanation: Explanation | None = None
     message: str = ""
+    gaps: dict[str, float] = field(default_factory=dict)  # per solver stage (see docs/placement.md)
 
     @property
     def ok(self) -> bool:
@@ -76,6 +77,7 @@ class PlacementResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"status": self.status, "solver": self.solver, "solve_s": round(self.solve_s, 4), "gap": self.gap,
+                "gaps": dict(self.gaps),
                 "objective": dict(self.objective), "message": self.message,
                 "assignment": dict(sorted(self.assignment.items())),
                 "check": self.check.to_dict() if self.check else None,
@@ -103,14 +105,17 @@ def solve(problem: Problem, solver: str = "cpsat", *, explain: bool = True, opti
         out = greedy.schedule(problem)  # a first solution for a big model (or as much as greedy placed)
         hint = out.assignment
     pm = PlacementModel(problem, hint=hint)
-    left = opts.time_limit_s - (time.perf_counter() - t0)
-    s = pm.solver(SolverOptions(max(0.05, left), opts.seed, opts.workers, opts.log))
-    status = STATUS[s.solve(pm.m)]
+    deadline = max(t0 + opts.time_limit_s, time.perf_counter() + 0.05)
+    staged = solve_staged(pm, opts, deadline)
+    status = staged.status
     if status in ("optimal", "feasible"):
+        s = staged.solver
+        assert s is not None
         asg = pm.assignment(s)
         rep = check(problem, asg, rules=check_rules, hosts=check_hosts)
         if rep.ok:
-            return PlacementResult(status, "cpsat", asg, time.perf_counter() - t0, gap(s), pm.components(s), rep)
+            return PlacementResult(status, "cpsat", asg, time.perf_counter() - t0, staged.gap, pm.components(s), rep,
+                                   gaps={k: round(v, 6) for k, v in staged.gaps.items()})
         # a rule the fast model skipped (it touches only VMs that may not move) is broken
     elif status == "unknown":
         return PlacementResult("unknown", "cpsat", solve_s=time.perf_counter() - t0,
