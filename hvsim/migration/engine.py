@@ -37,7 +37,7 @@ from .errors import (DestinationStartError, MigrationAbortedError, MigrationCanc
                      MigrationFailedError, MigrationStateError, MigrationTimeoutError)
 from .measure import MigrationResult
 from .policies.base import Action, ActionKind, Decision, MigrationContext, Policy
-from .policies.predictive import FIXED_COST
+from .policies.predictive import FIXED_COST, POSTCOPY_STALL
 from .progress import BandwidthMeter, Observation, observation_from_qmp
 from .state import TERMINAL, MigrationState, check_transition
 
@@ -140,6 +140,7 @@ class Migration:
         self._setup_s: float | None = None
         self._dirty_rate_sampled: float | None = None
         self.capabilities: list[str] = []
+        self._last_info: dict[str, Any] = {}
         self._extra_caps: list[str] = []
         self._extra_params: dict[str, Any] = {}
         self._ctx: MigrationContext | None = None
@@ -379,6 +380,7 @@ class Migration:
                     ev = await sub.get(timeout=self.poll_interval)
                     self.log.debug("event %s", ev)
                 info = await qmp.execute("query-migrate")
+                self._last_info = info
                 t = time.monotonic() - self._t_migrate
                 ram = info.get("ram") or {}
                 bw = self._bw.update(t, int(ram.get("transferred", 0) or 0))
@@ -459,6 +461,9 @@ class Migration:
                     act.kind is ActionKind.FORCE_COMPLETE and self.policy.uses_postcopy):
                 self._predicted_at_switch = act.inputs.get("predicted_postcopy_ms", self._postcopy_prediction(obs))
                 self._t_switch = time.monotonic()
+                if act.kind is ActionKind.START_POSTCOPY and act.value:
+                    # background pages limited below the link: urgent page requests find the queue empty
+                    await qmp.execute("migrate-set-parameters", {"max-postcopy-bandwidth": int(act.value)})
                 await qmp.execute("migrate-start-postcopy")
             elif act.kind is ActionKind.FORCE_COMPLETE:
                 await qmp.execute("stop")          # Nova without postcopy: pause, precopy then converges
@@ -479,12 +484,7 @@ class Migration:
                                            inputs=dict(act.inputs), error=err))
 
     def _postcopy_prediction(self, obs: Observation | None) -> float | None:
-        if obs is None:
-            return None
-        bw = obs.bandwidth or (obs.mbps * 1e6 / 8 if obs.mbps else None)
-        if not bw:
-            return None
-        return 256 * 1024 / bw * 1000 + FIXED_COST.get()
+        return POSTCOPY_STALL.get()
 
     # -- endings -----------------------------------------------------------------------------------
     async def _finish(self) -> MigrationResult:
@@ -519,15 +519,18 @@ class Migration:
         res = self._result("completed", None, t_running)
         res.downtime_ms_qemu = float(final["downtime"]) if "downtime" in final else None
         res.bytes = int(ram.get("transferred", 0) or 0)
-        page = int(ram.get("page-size", 4096) or 4096)
-        res.touched_bytes = max(0, int(ram.get("total", 0) or 0) - int(ram.get("duplicate", 0) or 0) * page
-                                - int(ram.get("skipped", 0) or 0) * page)
+        res.touched_bytes = touched_bytes(ram)
         res.passes = int(ram.get("dirty-sync-count", 0) or 0)
+        if res.predicted_downtime_ms is None:   # QEMU decided: its (or our) last prediction before the stop
+            preds = [o.predicted_downtime_ms for o in self.samples if o.predicted_downtime_ms is not None]
+            res.predicted_downtime_ms = round(preds[-1], 1) if preds else None
         # learn the fixed part of the downtime from precopy switch-overs
         bw = self._bw.value
         if (not self._postcopy and res.downtime_ms_guest is not None and bw
                 and ram.get("downtime-bytes") is not None):
             FIXED_COST.learn(res.downtime_ms_guest - int(ram["downtime-bytes"]) / bw * 1000)
+        if self._postcopy and res.downtime_ms_guest is not None and res.heartbeat_beats > 0:
+            POSTCOPY_STALL.learn(res.downtime_ms_guest)
         if self._own_heartbeat:
             await self.heartbeat.close()
         self.result = res
@@ -540,6 +543,7 @@ class Migration:
         guest_gap = hb.max_gap_ms if hb and hb.beats >= 2 else None
         last = self.samples[-1] if self.samples else None
         return MigrationResult(
+            touched_bytes=touched_bytes(self._last_info.get("ram") or {}),
             vm=self.vm.name, policy=self.policy.name, source=self.source.name, destination=self.dest.name,
             outcome=outcome, error=error, total_s=round(t_end - t0, 3), setup_s=self._setup_s,
             downtime_ms_guest=guest_gap, bytes=last.transferred if last else 0,
@@ -613,6 +617,14 @@ class Migration:
 
     def __repr__(self) -> str:
         return f"<Migration {self.id} {self.state.value} policy={self.policy.name}>"
+
+
+def touched_bytes(ram: dict[str, Any]) -> int:
+    """Guest RAM minus the zero pages QEMU found: what has to cross the link at least once.
+    (Zero pages are counted once, in the pass that finds them; resent pages are never zero.)"""
+    page = int(ram.get("page-size", 4096) or 4096)
+    return max(0, int(ram.get("total", 0) or 0) - int(ram.get("duplicate", 0) or 0) * page
+               - int(ram.get("skipped", 0) or 0) * page)
 
 
 def _ms(value: float) -> int:

@@ -20,7 +20,7 @@ from ..progress import Observation
 class ActionKind(enum.Enum):
     SET_DOWNTIME_LIMIT = "set-downtime-limit"   # value: ms (QEMU decides when to stop)
     SWITCHOVER = "switchover"                   # value: ms; raise the limit deliberately so QEMU stops now
-    START_POSTCOPY = "start-postcopy"           # migrate-start-postcopy
+    START_POSTCOPY = "start-postcopy"           # migrate-start-postcopy; value: background bytes/s cap (optional)
     AUTO_CONVERGE = "auto-converge"             # value: initial throttle %; enables the capability
     FORCE_COMPLETE = "force-complete"           # postcopy if enabled, else pause the guest (Nova semantics)
     ABORT = "abort"                             # migrate_cancel; the source keeps running
