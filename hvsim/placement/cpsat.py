@@ -161,14 +161,15 @@ class PlacementModel:
             if allowed is None:
                 allowed = allowed_cache[c.group] = self._allowed(c.group)
             n = len(c.vms)
-            cap_g = per_host.get(c.group, n)
+            cap_g = per_host.get(c.group)  # a required per-host cap on the whole group, if any
             dem = [(r, a) for r, a in c.demand.items() if a > 0]
             for h in sorted(allowed | set(c.keep)):
                 ub = n
                 fl = self.fixed_load[h]
                 for r, a in dem:
                     ub = min(ub, (eff[h].get(r, 0) - fl.get(r, 0)) // a)
-                ub = min(ub, cap_g - self.fixed_count.get(c.group, {}).get(h, 0))
+                if cap_g is not None:
+                    ub = min(ub, cap_g - self.fixed_count.get(c.group, {}).get(h, 0))
                 if h in c.keep:
                     ub = max(ub, c.keep[h])
                 if ub <= 0:
@@ -615,6 +616,9 @@ class PlacementModel:
         prm.num_workers = 1 if small else max(1, opts.workers)
         if small:
             prm.linearization_level = 2  # proves preferred-rule bounds that level 1 leaves open
+        else:
+            # big models: probing in presolve costs seconds and finds little here; search sooner
+            prm.cp_model_probing_level = 0
         prm.log_search_progress = opts.log
         return s
 

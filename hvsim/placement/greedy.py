@@ -10,6 +10,8 @@ family in bench/placement.py); whatever it returns is checked by the independent
 """
 from __future__ import annotations
 
+import time
+
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -321,8 +323,11 @@ def host_report(st: State, vm: VM, filters: list[Filter]) -> tuple[list[int], Ho
     return ok, HostReport(vm.name, vm.group, len(st.p.hosts), len(ok), dict(elim))
 
 
-def schedule(p: Problem, vms: Iterable[VM] | None = None, state: State | None = None) -> GreedyOutcome:
-    """Place VMs one at a time. VMs that may not move are put back where they are first."""
+def schedule(p: Problem, vms: Iterable[VM] | None = None, state: State | None = None, *,
+             deadline: float | None = None) -> GreedyOutcome:
+    """Place VMs one at a time. VMs that may not move are put back where they are first.
+    ``deadline`` (a ``time.perf_counter()`` value): stop there and return what is placed so far
+    (``placed_all`` False, no failure report): a partial warm start for the exact solver."""
     st = state or State(p)
     hidx = st.topo.host_index
     all_vms = list(vms) if vms is not None else [v for g in p.groups for v in g.vms]
@@ -339,6 +344,8 @@ def schedule(p: Problem, vms: Iterable[VM] | None = None, state: State | None = 
     flt: dict[str, list[Filter]] = {}
     ws = weighers(p)
     for vm in all_vms:
+        if deadline is not None and time.perf_counter() > deadline:
+            return GreedyOutcome(dict(st.assignment), False)
         fs = flt.get(vm.group)
         if fs is None:
             fs = flt[vm.group] = filters_for(p, vm.group, resources)

@@ -27,6 +27,7 @@ from .model import RESOURCE_LABELS, Problem
 
 SOLVERS = ("cpsat", "greedy")
 WARM_START_VMS = 1000
+WARM_START_SHARE = 0.25  # of the time limit, at most, for the greedy warm start
 
 
 def _variable_vms(p: Problem) -> int:
@@ -87,7 +88,7 @@ class PlacementResult:
 def solve(problem: Problem, solver: str = "cpsat", *, explain: bool = True, options: SolverOptions | None = None,
           hint: Mapping[str, str] | None = None, explain_time_s: float = 2.0,
           check_rules: Iterable[str] | None = None, check_hosts: Iterable[str] | None = None,
-          warm_start: bool = True) -> PlacementResult:
+          warm_start: bool = False) -> PlacementResult:
     """Place every VM of ``problem``.
 
     ``warm_start``: for big problems (>= WARM_START_VMS VMs to place) start CP-SAT from the greedy
@@ -102,7 +103,8 @@ def solve(problem: Problem, solver: str = "cpsat", *, explain: bool = True, opti
         return _greedy(problem, t0, check_rules, check_hosts)
 
     if hint is None and warm_start and _variable_vms(problem) >= WARM_START_VMS:
-        out = greedy.schedule(problem)  # a first solution for a big model (or as much as greedy placed)
+        # a first solution for a big model (or as much as greedy places in its share of the time)
+        out = greedy.schedule(problem, deadline=t0 + WARM_START_SHARE * opts.time_limit_s)
         hint = out.assignment
     pm = PlacementModel(problem, hint=hint)
     deadline = max(t0 + opts.time_limit_s, time.perf_counter() + 0.05)
