@@ -24,20 +24,20 @@ def _fmt(v: float | None, unit: str = "") -> str:
 async def follow(m: Migration, console: Console) -> MigrationResult | None:
     """Show a live progress bar of ``m`` until it ends; return its result (None if it failed:
     the error is printed, ``m.result`` still holds the measurements)."""
-    cols = [TextColumn("[bold]{task.description}"), BarColumn(bar_width=30),
-            TextColumn("{task.fields[state]:>14} pass {task.fields[passes]:>3}  sent {task.fields[sent]:>6} MiB"
-                       "  left {task.fields[left]:>6} MiB  dirty {task.fields[dirty]:>5} MiB/s"
-                       "  link {task.fields[bw]:>5} MiB/s  predicted downtime {task.fields[pred]:>6}"),
+    cols = [TextColumn("[bold]{task.description}"), BarColumn(bar_width=20),
+            TextColumn("{task.fields[state]} pass {task.fields[passes]}: sent {task.fields[sent]} left "
+                       "{task.fields[left]} MiB, dirty {task.fields[dirty]} link {task.fields[bw]} MiB/s, "
+                       "downtime~{task.fields[pred]}"),
             TimeElapsedColumn()]
     with Progress(*cols, console=console, transient=False) as bar:
-        task = bar.add_task(f"{m.vm.name} {m.source.name}->{m.dest.name} [{m.policy.name}]", total=1.0,
+        task = bar.add_task(f"{m.vm.name}->{m.dest.name}", total=1.0,
                             state="preparing", passes=0, sent="0", left="-", dirty="-", bw="-", pred="-")
         async for p in m:
             done = 1.0 - (p.remaining / p.total if p.total and p.passes <= 1 else 0.0)
             if p.passes > 1:
                 done = max(0.9, 1.0 - p.remaining / max(p.total, 1))
             bar.update(task, completed=min(done, 0.99), state=p.state.value, passes=p.passes,
-                       sent=f"{p.transferred / MIB:.0f}", left=f"{p.remaining / MIB:.0f}",
+                       sent=f"{p.transferred / MIB:.0f}", left=f"{p.remaining / MIB:.0f}" if p.passes else "-",
                        dirty=f"{p.dirty_rate / MIB:.1f}", bw=f"{(p.bandwidth or 0) / MIB:.1f}",
                        pred=_fmt(p.predicted_downtime_ms, " ms"))
         try:
@@ -52,7 +52,7 @@ async def follow(m: Migration, console: Console) -> MigrationResult | None:
 
 def result_table(results: list[MigrationResult], title: str = "migration") -> Table:
     t = Table(title=title)
-    for col in ("policy", "outcome", "total s", "downtime qemu ms", "downtime guest ms", "predicted ms",
+    for col in ("policy", "outcome", "total s", "dt qemu ms", "dt guest ms", "predicted ms",
                 "sent MiB", "touched MiB", "passes", "postcopy"):
         t.add_column(col, justify="right" if col not in ("policy", "outcome") else "left")
     for r in results:

@@ -49,6 +49,7 @@ log = logging.getLogger("hvsim.migration")
 
 MAX_BANDWIDTH = 1 << 40          # bytes/s: effectively unlimited, so only the link limits the stream
 DEFAULT_PORT_RANGE = (20000, 60000)
+MANAGED_CAPS = ["events", "postcopy-ram", "postcopy-preempt", "auto-converge", "xbzrle"]
 
 
 @dataclass(frozen=True)
@@ -273,8 +274,7 @@ class Migration:
             self._extra_caps, self._extra_params = self.policy.setup(self._ctx)
             caps = self._capabilities()
             try:
-                await dq.execute("migrate-set-capabilities", {"capabilities": [
-                    {"capability": c, "state": True} for c in caps["dest"]]})
+                await dq.execute("migrate-set-capabilities", {"capabilities": self._cap_list(caps["dest"])})
                 ip = netns_ipv4(dest.netns) if dest.netns else "127.0.0.1"
                 await self._listen(dq, ip)
             except QEMUBridgeError as exc:
@@ -330,6 +330,12 @@ class Migration:
                                 dirty_rate_estimate=self._dirty_rate_sampled,
                                 link_bandwidth_hint=self.link_bandwidth_hint)
 
+    def _cap_list(self, wanted: list[str]) -> list[dict[str, Any]]:
+        """Every capability we ever touch, set explicitly: they are sticky in a QEMU process, and a
+        QEMU that was a postcopy destination must not keep postcopy on when it becomes a source."""
+        names = list(dict.fromkeys(MANAGED_CAPS + wanted))
+        return [{"capability": c, "state": c in wanted} for c in names]
+
     def _capabilities(self) -> dict[str, list[str]]:
         both = ["events"]
         if self.policy.uses_postcopy:
@@ -348,10 +354,10 @@ class Migration:
         ctx = self._ctx
         assert ctx is not None
         src_caps = caps["source"]
-        await qmp.execute("migrate-set-capabilities", {"capabilities": [
-            {"capability": c, "state": True} for c in src_caps]})
-        params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH,
-                                  "downtime-limit": _ms(self.policy.initial_downtime_limit_ms)}
+        await qmp.execute("migrate-set-capabilities", {"capabilities": self._cap_list(src_caps)})
+        params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH, "max-postcopy-bandwidth": 0,
+                                  "downtime-limit": _ms(self.policy.initial_downtime_limit_ms),
+                                  "throttle-trigger-threshold": 50, "cpu-throttle-initial": 20}
         if "auto-converge" in src_caps:
             params["throttle-trigger-threshold"] = 100   # QEMU only throttles on its own when rho > 1
         params.update(self._extra_params)

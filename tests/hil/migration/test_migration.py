@@ -84,6 +84,20 @@ async def test_busy_guest_migrates_without_losing_a_beat_or_a_byte(lab, policy: 
         assert all("predicted_ms" in d.inputs for d in res.decisions[1:])
 
 
+async def test_round_trip_with_different_policies(lab) -> None:
+    """A QEMU that was a (postcopy-capable) destination becomes a source: capabilities are sticky
+    in QEMU, so each migration must set all of them explicitly."""
+    vm = await lab.boot("rt")
+    await vm.exec("dirty 8 4 >/dev/null 2>&1 &", check=True)
+    m1 = await vm.migrate("b", policy="hvsim-predictive", timeout=120)
+    assert m1.result.outcome == "completed" and vm.host.name == "b"
+    m2 = await vm.migrate("a", policy="qemu-default", timeout=120)
+    assert m2.result.outcome == "completed" and vm.host.name == "a" and vm.generation == 3
+    assert lab.cl.hosts["b"].allocations == {} and "rt" in lab.cl.hosts["a"].allocations
+    assert not list(vm.run_dir.glob("mig*"))[1:], "old destination dirs left behind"
+    assert (await vm.exec("echo back", timeout=30)).stdout.strip() == "back"
+
+
 async def test_cancel_midway_leaves_the_source_running_and_nothing_of_the_destination(lab) -> None:
     vm = await lab.boot("cancelme")
     await vm.exec("dirty 96 0 >/dev/null 2>&1 &", check=True)
