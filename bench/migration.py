@@ -92,7 +92,7 @@ def check_targets(cells: list[dict[str, Any]]) -> list[list[Any]]:
         if c["rho"] >= 1.2:
             checks["bytes<=2x"] = ratio is not None and ratio <= 2.0
             checks["time<=2.5xRAM/bw"] = c["total_s"] is not None and c["total_s"] <= 2.5 * ram_over_bw
-        checks["pred±20%"] = pred_err is not None and abs(pred_err) <= 0.2
+        checks["pred+-20%"] = pred_err is not None and abs(pred_err) <= 0.2
         out.append([c["wss_mib"], c["rho"], round(ratio, 2) if ratio else None,
                     f"{pred_err:+.0%}" if pred_err is not None else "-",
                     " ".join(f"{k}:{'ok' if v else 'MISS'}" for k, v in checks.items())])
@@ -127,8 +127,10 @@ def main(quick: bool) -> None:
     write_result("migration", data)
     rows = []
     for c in data["cells"]:
+        def d(v: Any) -> Any:
+            return "-" if v is None else v
         rows.append([c["wss_mib"], c["rho"], c["dirty_mib_s"], c["policy"], c["outcome"], c["total_s"],
-                     c["downtime_ms_qemu"], c["downtime_ms_guest"], c["predicted_downtime_ms"],
+                     d(c["downtime_ms_qemu"]), d(c["downtime_ms_guest"]), d(c["predicted_downtime_ms"]),
                      round(c["bytes"] / 2**20, 1), round(c["touched_bytes"] / 2**20, 1), c["passes"]])
     print_table(["wss MiB", "rho", "MiB/s", "policy", "outcome", "total s", "dt qemu ms", "dt guest ms",
                  "predicted ms", "sent MiB", "touched MiB", "passes"], rows)
