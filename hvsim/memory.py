@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hvsim.memory")
 
 MIB = 1024 * 1024
+PAGE = 4096
 BALLOON_PATH = "/machine/peripheral/balloon0"
 STATS_INTERVAL_S = 1
 MIN_TARGET_MIB = 16
@@ -267,7 +268,8 @@ class MemoryController:
         new = MemoryState.FULL if self.reached_mib >= self.full_mib else MemoryState.CONSOLIDATED
         self._set(new, f"{op} failed: {type(exc).__name__}")
 
-    async def restore(self, timeout: float = 120.0, prefetch: bool = True) -> MemoryResult:
+    async def restore(self, timeout: float = 120.0, prefetch: bool = True,
+                      swap_cache_hint: bool = True) -> MemoryResult:
         vm = self.vm
         if timeout <= 0:
             raise SpecError(f"vm {vm.name!r}: timeout must be > 0 s, got {timeout}")
@@ -282,7 +284,12 @@ class MemoryController:
         answers: dict[str, Any] = {}
         try:
             if prefetch:  # first: the prefetch overlaps the deflation and the guest's first faults
-                answers = await prefetch_shims(vm, budget)
+                skip = 0
+                if swap_cache_hint and len(vm.shims) == 1:
+                    # pages written to swap but still in the guest's swap cache are never read back;
+                    # they are the last ones written: the shim leaves that many of its newest out
+                    skip = (await _swap_stats_or_none(vm)).get("swap_cached_bytes", 0) // PAGE
+                answers = await prefetch_shims(vm, budget, skip_recent_pages=skip)
             await self._enable_stats()
             full = self.full_mib * MIB
             await self._qmp("balloon", {"value": full})
@@ -322,18 +329,24 @@ async def consolidate_memory(vm: "VM", target_mib: int, timeout: float = 120.0) 
     return await memory_controller(vm).consolidate(target_mib, timeout=timeout)
 
 
-async def restore_memory(vm: "VM", timeout: float = 120.0, prefetch: bool = True) -> MemoryResult:
-    """Give the guest its full memory back; with ``prefetch`` the shims prefetch within the budget."""
-    return await memory_controller(vm).restore(timeout=timeout, prefetch=prefetch)
+async def restore_memory(vm: "VM", timeout: float = 120.0, prefetch: bool = True,
+                         swap_cache_hint: bool = True) -> MemoryResult:
+    """Give the guest its full memory back; with ``prefetch`` the shims prefetch within the budget.
+
+    ``swap_cache_hint``: read the guest's ``SwapCached`` (agent) first and have the shim skip that
+    many of its most recently written pages (still resident in the guest; only with one shim)."""
+    return await memory_controller(vm).restore(timeout=timeout, prefetch=prefetch, swap_cache_hint=swap_cache_hint)
 
 
-async def prefetch_shims(vm: "VM", budget_bytes: int, wait: bool = False) -> dict[str, Any]:
+async def prefetch_shims(vm: "VM", budget_bytes: int, wait: bool = False,
+                         skip_recent_pages: int = 0) -> dict[str, Any]:
     """Ask every shim of ``vm`` to prefetch its recorded swap pages within ``budget_bytes`` each."""
     from .shim.errors import ShimError
     answers: dict[str, Any] = {}
     for disk, shim in vm.shims.items():
         try:
-            answers[disk] = await shim.control.prefetch(budget_bytes, wait=wait)
+            answers[disk] = await shim.control.prefetch(budget_bytes, wait=wait,
+                                                        skip_recent_pages=skip_recent_pages or None)
         except ShimError as exc:
             raise MemoryOpError(f"vm {vm.name!r}: shim of disk {disk!r} refused the prefetch: {exc}") from exc
     return answers
@@ -385,14 +398,19 @@ _VMSTAT = re.compile(r"^(pswpin|pswpout) (\d+)$", re.M)
 
 
 async def guest_swap_stats(vm: "VM", timeout: float = 30.0) -> dict[str, int]:
-    """``swap_used_bytes`` (all swap areas), ``pswpin``/``pswpout`` (pages, since boot)."""
-    res = await _exec(vm, "cat /proc/swaps; grep -E '^pswp(in|out) ' /proc/vmstat", timeout)
+    """``swap_used_bytes`` (all swap areas), ``swap_cached_bytes`` (swapped pages still resident),
+    ``pswpin``/``pswpout`` (pages, since boot)."""
+    res = await _exec(vm, "cat /proc/swaps; grep -E '^pswp(in|out) ' /proc/vmstat; grep '^SwapCached:' /proc/meminfo",
+                      timeout)
     used = 0
     for line in res.stdout.splitlines():
         parts = line.split()
         if len(parts) >= 5 and parts[0].startswith("/") and parts[3].isdigit():
             used += int(parts[3]) * 1024
     out = {"swap_used_bytes": used}
+    cached = re.search(r"^SwapCached:\s+(\d+) kB", res.stdout, re.M)
+    if cached:
+        out["swap_cached_bytes"] = int(cached.group(1)) * 1024
     for name, value in _VMSTAT.findall(res.stdout):
         out[name] = int(value)
     if "pswpin" not in out:

@@ -99,16 +99,28 @@ class SwapTracker:
             self.swap_version = self.swap_last_page = None
         return n
 
+    def recent(self, n: int) -> set[int]:
+        """The ``n`` most recently written pages."""
+        if n <= 0:
+            return set()
+        return {p for p, _ in heapq.nlargest(n, self.pages.items(), key=lambda ps: ps[1])}
+
     def plan(self, max_pages: int, exclude: set[int] | dict[int, Any] | None = None,
-             max_run: int = 32) -> list[tuple[int, int]]:
-        """Runs ``(first_page, n_pages)`` to prefetch, highest priority first (see module doc)."""
+             max_run: int = 32, skip_recent: int = 0) -> list[tuple[int, int]]:
+        """Runs ``(first_page, n_pages)`` to prefetch, highest priority first (see module doc).
+
+        ``skip_recent``: leave out the that many most recently written pages (the guest still holds
+        the last pages it wrote out in its swap cache: they will not be read back)."""
         if max_pages <= 0 or not self.pages:
             return []
         if max_run < 1:
             raise ShimConfigError(f"max_run must be >= 1, got {max_run}")
-        items = self.pages.items()
-        if exclude:
-            items = [(p, s) for p, s in items if p not in exclude]
+        if skip_recent < 0:
+            raise ShimConfigError(f"skip_recent must be >= 0, got {skip_recent}")
+        items: Any = self.pages.items()
+        skip = self.recent(skip_recent)
+        if exclude or skip:
+            items = [(p, s) for p, s in items if p not in skip and not (exclude and p in exclude)]
         chosen = heapq.nlargest(max_pages, items, key=lambda ps: ps[1])
         chosen.sort()
         runs: list[tuple[int, int, int]] = []  # (-max_seq, first, n)

@@ -50,14 +50,17 @@ def stats(control: Path = typer.Option(..., "--control"), export: Optional[str] 
 
 @shim_app.command("prefetch")
 def prefetch(control: Path = typer.Option(..., "--control"), budget_bytes: int = typer.Option(..., "--budget-bytes"),
-             wait: bool = typer.Option(False, "--wait")) -> None:
+             wait: bool = typer.Option(False, "--wait"),
+             skip_recent_pages: int = typer.Option(0, "--skip-recent-pages",
+                                                   help="most recent writes the guest still holds (not fetched)")) -> None:
     """Ask a running shim to prefetch recorded swap pages within a byte budget."""
     import asyncio
     import json
 
     from .control import ShimControlClient
 
-    typer.echo(json.dumps(asyncio.run(ShimControlClient(control).prefetch(budget_bytes, wait=wait)), indent=2))
+    typer.echo(json.dumps(asyncio.run(ShimControlClient(control).prefetch(budget_bytes, wait=wait,
+                                                                              skip_recent_pages=skip_recent_pages)), indent=2))
 
 
 def register(app: typer.Typer) -> None:

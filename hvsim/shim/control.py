@@ -2,7 +2,7 @@
 
 Request ``{"cmd": NAME, ...args}``; answer ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": "..."}``. Commands: ``ping``, ``stats``, ``reset_stats``,
-``prefetch {budget_bytes, wait?}``, ``wait_prefetch``, ``drop_cache``, ``checkpoint``,
+``prefetch {budget_bytes, wait?, skip_recent_pages?}``, ``wait_prefetch``, ``drop_cache``, ``checkpoint``,
 ``restore {state}``, ``shutdown``. Every command but ping/shutdown takes an optional ``export``.
 """
 from __future__ import annotations
@@ -93,7 +93,7 @@ class ControlServer:
         if cmd == "prefetch":
             if "budget_bytes" not in req:
                 raise ShimConfigError("prefetch needs budget_bytes")
-            result = await export.prefetch(req["budget_bytes"])
+            result = await export.prefetch(req["budget_bytes"], req.get("skip_recent_pages", 0))
             if req.get("wait"):
                 await export.wait_prefetch()
             return result
@@ -150,8 +150,10 @@ class ShimControlClient:
     async def reset_stats(self, export: str | None = None) -> None:
         await self.call("reset_stats", export=export)
 
-    async def prefetch(self, budget_bytes: int, *, wait: bool = False, export: str | None = None) -> dict[str, Any]:
-        return await self.call("prefetch", budget_bytes=budget_bytes, wait=wait or None, export=export)
+    async def prefetch(self, budget_bytes: int, *, wait: bool = False, export: str | None = None,
+                       skip_recent_pages: int | None = None) -> dict[str, Any]:
+        return await self.call("prefetch", budget_bytes=budget_bytes, wait=wait or None, export=export,
+                               skip_recent_pages=skip_recent_pages)
 
     async def wait_prefetch(self, export: str | None = None) -> dict[str, Any]:
         return await self.call("wait_prefetch", export=export)

@@ -24,7 +24,7 @@ CHECKPOINT_VERSION = 1
 _COUNTERS = (
     "reads", "writes", "flushes", "trims", "zeroes", "read_bytes", "write_bytes",
     "hits", "misses", "prefetched_pages", "prefetch_used_pages", "prefetched_in_time", "prefetch_late",
-    "prefetch_discarded", "prefetch_errors",
+    "prefetch_discarded", "prefetch_errors", "prefetch_woken_pages",
 )
 
 
@@ -65,6 +65,7 @@ class Export:
         self._queue: deque[tuple[int, int]] = deque()
         self._urgent: deque[tuple[int, int]] = deque()
         self._planned: set[int] = set()
+        self._skipped: set[int] = set()   # left out of the plan as guest-resident; woken by a miss
         self._inflight: dict[int, asyncio.Future[None]] = {}
         self._poisoned: set[int] = set()
         self._writing: dict[int, int] = {}
@@ -143,6 +144,29 @@ class Export:
                     planned.discard(p)
                     if p + 1 in planned:
                         self._urgent.append((p + 1, self.max_run_pages))
+        if self._skipped and miss_pages:
+            for p in miss_pages:
+                if p in self._skipped:
+                    self._wake_skipped(p)
+
+    def _wake_skipped(self, page: int) -> None:
+        """A skipped page was read after all: the guest did not hold it. Fetch its skipped
+        neighbours (a window of ``max_run_pages`` each side: swap slots were written in clusters)."""
+        skipped = self._skipped
+        skipped.discard(page)
+        lo, hi = page - self.max_run_pages + 1, page + self.max_run_pages
+        woken = [q for q in range(lo, hi) if q in skipped]
+        if not woken or not self.cache.free_pages():
+            return
+        for q in woken:
+            skipped.discard(q)
+            self._planned.add(q)
+        self.counters["prefetch_woken_pages"] += len(woken)
+        self._urgent.append((lo, hi - lo))
+        if self._prefetch_task is None or self._prefetch_task.done():
+            self.prefetch_state = PrefetchState.RUNNING
+            self._prefetch_task = asyncio.get_running_loop().create_task(
+                self._prefetch_main(), name=f"shim-prefetch-{self.name}")
 
     # data path -------------------------------------------------------------------------------
     def read_nowait(self, offset: int, length: int) -> bytes | None:
@@ -277,17 +301,23 @@ class Export:
         self.counters["flushes"] += 1
 
     # prefetch --------------------------------------------------------------------------------
-    async def prefetch(self, budget_bytes: int) -> dict[str, Any]:
+    async def prefetch(self, budget_bytes: int, skip_recent_pages: int = 0) -> dict[str, Any]:
         """Set the cache budget and prefetch recorded swap pages into it in the background.
 
         A new call replaces the running prefetch. ``budget_bytes=0`` empties the cache.
+        ``skip_recent_pages``: how many of the most recently written pages the guest still holds
+        in memory (its swap cache, e.g. ``SwapCached`` of /proc/meminfo): they are not fetched.
         """
         self._require_open()
-        if not isinstance(budget_bytes, int) or isinstance(budget_bytes, bool) or budget_bytes < 0:
-            raise ShimConfigError(f"budget_bytes must be an integer >= 0, got {budget_bytes!r}")
+        for what, v in (("budget_bytes", budget_bytes), ("skip_recent_pages", skip_recent_pages)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ShimConfigError(f"{what} must be an integer >= 0, got {v!r}")
         await self._cancel_prefetch()
         self.cache.set_budget(budget_bytes)
-        runs = self.tracker.plan(self.cache.free_pages(), exclude=self.cache.pages, max_run=self.max_run_pages)
+        skipped = self.tracker.recent(skip_recent_pages)
+        runs = self.tracker.plan(self.cache.free_pages(), exclude=self.cache.pages, max_run=self.max_run_pages,
+                                 skip_recent=skip_recent_pages)
+        self._skipped = skipped.difference(self.cache.pages)
         self._queue = deque(runs)
         self._urgent = deque()
         self._planned = {p for first, n in runs for p in range(first, first + n)}
@@ -301,7 +331,8 @@ class Export:
         else:
             self.prefetch_state = PrefetchState.DONE
         return {"budget_bytes": self.cache.budget_bytes, "planned_pages": self._epoch_planned,
-                "runs": len(runs), "cached_pages": len(self.cache), "tracked_pages": self._epoch_tracked}
+                "runs": len(runs), "cached_pages": len(self.cache), "tracked_pages": self._epoch_tracked,
+                "skipped_recent_pages": len(self._skipped)}
 
     async def wait_prefetch(self) -> None:
         task = self._prefetch_task
@@ -318,6 +349,7 @@ class Export:
         self._queue.clear()
         self._urgent.clear()
         self._planned.clear()
+        self._skipped.clear()
         if task is not None and not task.done():
             task.cancel()
             await asyncio.wait([task])  # waits without swallowing a cancellation aimed at us
@@ -325,7 +357,10 @@ class Export:
 
     async def _prefetch_main(self) -> None:
         try:
-            await asyncio.gather(*(self._prefetch_worker() for _ in range(self.prefetch_concurrency)))
+            while True:  # a miss may wake skipped pages while the last workers finish
+                await asyncio.gather(*(self._prefetch_worker() for _ in range(self.prefetch_concurrency)))
+                if not (self._urgent or self._queue) or not self.cache.free_pages():
+                    break
         finally:
             self._planned.clear()
         self.prefetch_state = PrefetchState.DONE
@@ -416,6 +451,7 @@ class Export:
             "prefetch_state": self.prefetch_state.value,
             "prefetch_planned_pages": self._epoch_planned,
             "prefetch_pending_pages": len(self._planned),
+            "prefetch_skipped_pages": len(self._skipped),
             "prefetch_inflight_pages": len(self._inflight),
             "backing_reads": self.store.backing_reads,
             "backing_read_bytes": self.store.backing_read_bytes,

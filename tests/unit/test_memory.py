@@ -53,9 +53,12 @@ class FakeQMP:
 class FakeControl:
     def __init__(self) -> None:
         self.budgets: list[int] = []
+        self.skips: list[int | None] = []
 
-    async def prefetch(self, budget_bytes: int, *, wait: bool = False) -> dict[str, Any]:
+    async def prefetch(self, budget_bytes: int, *, wait: bool = False,
+                       skip_recent_pages: int | None = None) -> dict[str, Any]:
         self.budgets.append(budget_bytes)
+        self.skips.append(skip_recent_pages)
         return {"budget_bytes": budget_bytes, "planned_pages": 7}
 
 
@@ -77,7 +80,7 @@ class FakeVM:
     async def exec(self, command: str, timeout: float = 60.0, check: bool = False) -> ExecResult:
         self.commands.append(command)
         out = ("Filename\tType\tSize\tUsed\tPriority\n/dev/vda partition 393212 81920 -2\n"
-               "pswpin 12\npswpout 20480\n")
+               "pswpin 12\npswpout 20480\nSwapCached:         4096 kB\n")
         return ExecResult(command, 0, out, "")
 
 
@@ -112,6 +115,7 @@ async def test_consolidate_then_restore_tells_the_shims_the_budget() -> None:
     assert M.memory_state(vm) is M.MemoryState.FULL  # type: ignore[arg-type]
     assert rest.reached_mib == 256 and rest.budget_bytes == 160 * MIB
     assert vm.shims["swap"].control.budgets == [160 * MIB]
+    assert vm.shims["swap"].control.skips == [1024]  # SwapCached 4096 kB: the guest holds 1024 swapped pages
     assert rest.prefetch == {"swap": {"budget_bytes": 160 * MIB, "planned_pages": 7}}
 
 
@@ -120,6 +124,9 @@ async def test_restore_without_prefetch_leaves_the_shims_alone() -> None:
     await M.consolidate_memory(vm, 200)  # type: ignore[arg-type]
     rest = await M.restore_memory(vm, prefetch=False)  # type: ignore[arg-type]
     assert rest.budget_bytes == 0 and vm.shims["swap"].control.budgets == []
+    await M.consolidate_memory(vm, 200)  # type: ignore[arg-type]
+    await M.restore_memory(vm, swap_cache_hint=False)  # type: ignore[arg-type]
+    assert vm.shims["swap"].control.skips == [None]
 
 
 async def test_bad_requests_are_refused_with_the_reason() -> None:

@@ -283,3 +283,40 @@ async def test_closed_export_refuses_io(make_export) -> None:
     with pytest.raises(ShimStateError):
         await e.read(0, PAGE)
     assert e.read_nowait(0, PAGE) is None
+
+
+def test_plan_skips_the_most_recent_writes() -> None:
+    t = SwapTracker()
+    for p in (10, 11, 12, 50, 51, 5):
+        t.record_write(p * PAGE, bytes(PAGE))
+    assert t.recent(2) == {51, 5}
+    assert t.plan(100, skip_recent=2) == [(50, 1), (10, 3)]
+    assert t.plan(2, skip_recent=2) == [(50, 1), (12, 1)]
+    assert t.plan(100, skip_recent=100) == []
+    with pytest.raises(ShimConfigError):
+        t.plan(100, skip_recent=-1)
+
+
+async def test_skipped_recent_pages_are_woken_by_a_miss(tmp_path: Path) -> None:
+    """Pages left out as guest-resident are fetched after all once the guest reads one of them."""
+    path = tmp_path / "b.img"
+    path.write_bytes(bytes(256 * PAGE))
+    exp = Export("x", BackingStore(path, link=LinkSpec(latency_s=0.001))).open()
+    try:
+        for p in range(1, 101):
+            await exp.write(p * PAGE, bytes([p]) * PAGE)
+        info = await exp.prefetch(200 * PAGE, skip_recent_pages=40)  # pages 61..100 left out
+        assert info["planned_pages"] == 60 and info["skipped_recent_pages"] == 40
+        await exp.wait_prefetch()
+        assert set(exp.cache.pages) == set(range(1, 61))
+        assert await exp.read(80 * PAGE, PAGE) == bytes([80]) * PAGE  # a miss on a skipped page
+        st = exp.stats()
+        assert st["misses"] == 1 and st["prefetch_woken_pages"] == 39
+        await exp.wait_prefetch()
+        assert set(exp.cache.pages) == set(range(1, 101)) - {80}
+        assert exp.stats()["prefetch_skipped_pages"] == 0
+        for p in (61, 79, 81, 100):
+            assert await exp.read(p * PAGE, PAGE) == bytes([p]) * PAGE
+        assert exp.stats()["hits"] == 4
+    finally:
+        await exp.close()
