@@ -581,17 +581,28 @@ class PlacementModel:
         are completed by solving a copy with the counts fixed, so the hint is a whole solution
         CP-SAT can start improving at once; a hint that breaks a rule is given as counts only."""
         hidx = self.topo.host_index
-        fixed = self.m.clone()
         pairs = []
+        complete = True
         for c in self.classes:
             want: dict[int, int] = defaultdict(int)
             for vm in c.vms:
                 h = hidx.get(hint.get(vm, ""))
-                if h is not None:
+                if h is not None and h in c.at:
                     want[h] += 1
+                else:
+                    complete = False
             for h, v in zip(c.hosts, c.vars):
                 pairs.append((v, want.get(h, 0)))
-                fixed.add(fixed.get_int_var_from_proto_index(v.index) == want.get(h, 0))
+        if not complete:
+            # a partial placement (greedy got stuck): hint where it put VMs, leave the rest to
+            # the solver (hinting zeros there would steer it away from completing the placement)
+            for v, k in pairs:
+                if k > 0:
+                    self.m.add_hint(v, k)
+            return
+        fixed = self.m.clone()
+        for v, k in pairs:
+            fixed.add(fixed.get_int_var_from_proto_index(v.index) == k)
         s = cp.CpSolver()
         s.parameters.num_workers = 1
         s.parameters.max_time_in_seconds = 2.0
@@ -687,9 +698,13 @@ def solve_staged(pm: PlacementModel, opts: SolverOptions, deadline: float, *,
     has_pen = bool(pm.penalty)
     has_sec = not isinstance(pm.secondary_expr, int)
 
-    def run(limit: float) -> tuple[str, cp.CpSolver, float]:
+    def run(limit: float, second: bool = False) -> tuple[str, cp.CpSolver, float]:
         t = time.perf_counter()
         sv = pm.solver(SolverOptions(max(0.01, limit), opts.seed, opts.workers, opts.log))
+        if second and sv.parameters.num_workers > 1:
+            # big model, complete hint from stage 1: a second presolve would eat the short
+            # stage-2 budget before the hint is even loaded
+            sv.parameters.cp_model_presolve = False
         st = STATUS[sv.solve(m)]
         return st, sv, time.perf_counter() - t
 
@@ -716,7 +731,7 @@ def solve_staged(pm: PlacementModel, opts: SolverOptions, deadline: float, *,
         hp.vars.extend(range(len(sol)))
         hp.values.extend(sol)
     if has_sec:
-        st, sv, dt = run(deadline - time.perf_counter())
+        st, sv, dt = run(deadline - time.perf_counter(), second=first is not None)
         out.stage_s["secondary"] = dt
         if st in ("optimal", "feasible"):
             out.gaps["secondary"] = _stage_gap(sv, st)
