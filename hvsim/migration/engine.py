@@ -386,7 +386,8 @@ class Migration:
                     ev = await sub.get(timeout=self.poll_interval)
                     self.log.debug("event %s", ev)
                 info = await qmp.execute("query-migrate")
-                self._last_info = info
+                if info.get("ram"):
+                    self._last_info = info
                 t = time.monotonic() - self._t_migrate
                 ram = info.get("ram") or {}
                 bw = self._bw.update(t, int(ram.get("transferred", 0) or 0))

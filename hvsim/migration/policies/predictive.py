@@ -17,7 +17,10 @@ check, and never with more than the margin (the switch-over is deliberate).
 
 At every pass boundary from the first resend pass on, it projects how many more passes precopy
 needs to meet the budget (the dirty set shrinks by the observed ratio of the last two syncs, or
-D / C before that); if more than ``converge_within`` (3), or if it already had them, it escalates through a ladder: ``accept`` (switch at
+D / C before that). A dirty set that does not shrink (or D >= ``diverge_rho`` x C) is
+non-convergence, detected at the second or third pass; a converging one may take up to
+``converge_within`` (5) more passes. Otherwise, or once it had them, it escalates through a
+ladder: ``accept`` (switch at
 the smallest achievable downtime if it is under ``hard_max_ms``), ``postcopy``
 (``migrate-start-postcopy``), ``auto-converge`` (lower QEMU's throttle trigger so it throttles the
 guest). After ``max_passes`` it switches at whatever the prediction is: it never iterates forever.
@@ -83,7 +86,7 @@ class Predictive(Policy):
 
     def __init__(self, budget_ms: float = 300.0, hard_max_ms: float = 1000.0, margin_factor: float = 1.2,
                  tiny_limit_ms: float = 1.0, fixed_cost_ms: float | None = None,
-                 device_state_bytes: int = 256 * 1024, converge_within: int = 3,
+                 device_state_bytes: int = 256 * 1024, converge_within: int = 5,
                  diverge_rho: float = 0.95, ladder: Sequence[str] = LADDER_STEPS,
                  xbzrle: bool | str = False, xbzrle_min_rate: float = 1 * MIB,
                  xbzrle_cache_bytes: int | None = None,
