@@ -257,16 +257,17 @@ class MemoryController:
             await asyncio.sleep(POLL_S)
 
     async def _settle_after_failure(self, op: str, exc: BaseException) -> None:
-        """After a failed/cancelled operation: CONSOLIDATED if memory is (still) given away, else FULL."""
+        """After a failed/cancelled operation: CONSOLIDATED if memory is (still) given away, else FULL.
+
+        A cancellation arriving while we ask QEMU still propagates, after the state is settled."""
         try:
             actual = await asyncio.shield(self._actual())
             self.reached_mib = actual / MIB
         except (MemoryOpError, IllegalTransitionError):
             pass  # QEMU is gone or the balloon is unusable: keep the last known size
-        except asyncio.CancelledError:
-            pass  # being cancelled ourselves: settle with what we know
-        new = MemoryState.FULL if self.reached_mib >= self.full_mib else MemoryState.CONSOLIDATED
-        self._set(new, f"{op} failed: {type(exc).__name__}")
+        finally:
+            new = MemoryState.FULL if self.reached_mib >= self.full_mib else MemoryState.CONSOLIDATED
+            self._set(new, f"{op} failed: {type(exc).__name__}")
 
     async def restore(self, timeout: float = 120.0, prefetch: bool = True,
                       swap_cache_hint: bool = True) -> MemoryResult:

@@ -12,7 +12,10 @@ reclaim evicts the coldest pages first, so the pages swapped out last were the w
 likeliest to be touched soon after memory comes back), then adjacent chosen pages are coalesced into
 runs of at most ``max_run`` pages (the swap allocator hands out slots in sequential clusters, so
 one larger read replaces many 4 KiB round trips to the slow store), and the runs are ordered by the
-most recent write they contain.
+most recent write they contain. ``skip_recent`` leaves out the newest pages when the caller knows
+the guest still holds that many swapped pages in memory (its swap cache: the last pages written
+before reclaim stopped were often not freed yet); the export fetches them after all, with their
+neighbours, as soon as the guest reads one of them.
 """
 from __future__ import annotations
 
