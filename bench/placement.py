@@ -9,6 +9,8 @@ PlacementController (end-to-end wall time per group).
 Writes bench/results/placement.json:
   instances:    name, hosts, vms, rules, solver, status, required_violations (independent
                 checker; null when no placement was returned), preferred_penalty, solve_s, gap
+                (of the preferred-penalty stage unless that is proven optimal, see
+                docs/placement.md), gaps (per solver stage)
   incremental:  group_vms, median_ms, p95_ms (+ groups, samples_ms)
   explanations: name, core_size, minimal, solve_s (+ core)
 `--quick` runs the 50 x 500 size, the hard family and the infeasible family.
@@ -39,7 +41,8 @@ def _row(name, p, res) -> dict:
             "solver": res.solver, "status": res.status,
             "required_violations": rep.required_violations if rep else None,
             "preferred_penalty": rep.preferred_penalty if rep else None,
-            "solve_s": round(res.solve_s, 3), "gap": None if res.gap is None else round(res.gap, 4)}
+            "solve_s": round(res.solve_s, 3), "gap": None if res.gap is None else round(res.gap, 4),
+            "gaps": {k: round(v, 4) for k, v in res.gaps.items()}}
 
 
 def instances(quick: bool) -> list[dict]:

@@ -65,6 +65,7 @@ class _Count:
     ub: int
     ubs: list = field(default_factory=list)  # per variable
     cap: int | None = None  # a bound the required rules imply (for big-M only, never to skip a rule)
+    parts: list = field(default_factory=list)  # per class: (its variables here, its bound here)
 
     def expr(self):
         return cp.LinearExpr.sum(self.vars) + self.const if self.vars else self.const
@@ -235,20 +236,25 @@ class PlacementModel:
         vub: dict[str, list] = defaultdict(list)
         ub: dict[str, int] = defaultdict(int)
         const: dict[str, int] = defaultdict(int)
+        parts: dict[str, list] = defaultdict(list)
         total = 0
         for g in groups:
             for c in self.classes_of.get(g, ()):
                 total += len(c.vms)
+                mine: dict[str, list] = defaultdict(list)
                 for h, v, u in zip(c.hosts, c.vars, c.ubs):
                     d = dom_of[h]
                     vs[d].append(v)
                     vub[d].append(u)
                     ub[d] += u
+                    mine[d].append((v, u))
+                for d, vu in mine.items():
+                    parts[d].append(([v for v, _ in vu], min(len(c.vms), sum(u for _, u in vu))))
             for h, k in self.fixed_count.get(g, {}).items():
                 const[dom_of[h]] += k
         cap = self._caps.get(key)
         out = {d: _Count(vs.get(d, []), const.get(d, 0), min(ub.get(d, 0), total) + const.get(d, 0), vub.get(d, []),
-                         cap)
+                         cap, parts.get(d, []))
                for d in set(vs) | set(const)}
         self._cache[key] = out
         return out
@@ -315,6 +321,11 @@ class PlacementModel:
                     self.m.add(v <= b)
             if len(c.vars) > 1:
                 self.m.add(cp.LinearExpr.sum(c.vars) <= cap * b)
+            if len(c.parts) > 1:  # several classes: each within its own bound (a tighter LP when
+                for pv, pu in c.parts:  # the groups may use different domains)
+                    pu = min(pu, cap)
+                    if len(pv) > 1 and pu > 1:
+                        self.m.add(cp.LinearExpr.sum(pv) <= pu * b)
             if c.vars:
                 self.m.add(cp.LinearExpr.sum(c.vars) >= b)
             else:
