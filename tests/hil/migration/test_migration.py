@@ -11,7 +11,7 @@ from hvsim.errors import CapacityError
 from hvsim.heartbeat import HeartbeatMonitor
 from hvsim.lifecycle import VMState
 from hvsim.migration import (DestinationStartError, MigrationCancelledError, MigrationRefusedError,
-                             MigrationState)
+                             MigrationState, MigrationTimeoutError)
 from hvsim.model import HostSpec
 
 pytestmark = [pytest.mark.hil, pytest.mark.timeout(240)]
@@ -119,6 +119,21 @@ async def test_cancel_midway_leaves_the_source_running_and_nothing_of_the_destin
     await assert_source_untouched(vm, "a", gen)
     with pytest.raises(Exception, match="already ended"):
         m.cancel()
+
+
+async def test_timeout_cancels_and_leaves_the_source_running(lab) -> None:
+    vm = await lab.boot("slowpoke")
+    await vm.exec("dirty 96 0 >/dev/null 2>&1 &", check=True)
+    await lab.ul.set_bandwidth("b", 40)        # QEMU's default cannot converge on this
+    gen = vm.generation
+    m = vm.start_migration("b", policy="qemu-default", timeout=4)
+    with pytest.raises(MigrationTimeoutError, match="did not finish within 4 s"):
+        await m
+    assert m.state is MigrationState.TIMED_OUT and m.result.outcome == "timeout"
+    assert m.result.bytes > 0 and m.result.touched_bytes > 0
+    assert m._dest_proc is not None and not pid_alive(m._dest_proc.pid)
+    assert "slowpoke" not in lab.cl.hosts["b"].allocations
+    await assert_source_untouched(vm, "a", gen)
 
 
 async def test_destination_that_fails_to_start_gives_a_clear_error_and_an_untouched_source(lab) -> None:
