@@ -111,7 +111,7 @@ def solve(problem: Problem, solver: str = "cpsat", *, explain: bool = True, opti
     # big models: stage 2 (balance) starts from stage 1's complete solution without presolve;
     # most of the time goes to the preferred penalty, the objective that ranks first
     big = len(pm.m.proto.variables) >= SMALL_MODEL_VARS
-    staged = solve_staged(pm, opts, deadline, stage2_share=0.1 if big else 0.2)
+    staged = solve_staged(pm, opts, deadline, stage2_share=0.1 if big else 0.2, combined_share=0.0 if big else 0.4)
     status = staged.status
     if status in ("optimal", "feasible"):
         s = staged.solver
