@@ -83,8 +83,10 @@ class PlacementModel:
         self.skipped: list[str] = []              # normal mode: rules touching no variable VM
         self._cache: dict[tuple, dict[str, _Count]] = {}
         self._pres: dict[tuple, object] = {}
-        self._caps: dict[tuple, int] = {} if explain else self._required_caps()
+        self._caps: dict[tuple, int] = {}
         self._build_vms()
+        if not explain:
+            self._caps = self._required_caps()
         self._build_vars()
         self._build_capacity()
         self._build_moves()
@@ -278,8 +280,8 @@ class PlacementModel:
             caps[key] = min(caps.get(key, v), v)
 
         for r in self.p.rules:
-            if not r.required:
-                continue
+            if not r.required or not self.variable_groups.intersection(getattr(r, "groups", ())):
+                continue  # (caps only matter for counts over variables)
             if r.kind == "anti_affinity" and len(r.groups) == 1:
                 put((tuple(r.groups), r.level), 1)
             elif r.kind == "max_per_domain":
