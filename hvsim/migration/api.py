@@ -95,6 +95,7 @@ def start_migration(vm: "VM", dest_host: "Host | str", policy: str = "hvsim-pred
             vm._set_state(prior, "migration-failed")
         raise
     _active[id(vm)] = m
+    vm.cluster.on_close(m.aclose)   # a migration still running at teardown is rolled back first
     assert m._task is not None
     m._task.add_done_callback(lambda _t: _active.pop(id(vm), None))
     return m
@@ -103,7 +104,8 @@ def start_migration(vm: "VM", dest_host: "Host | str", policy: str = "hvsim-pred
 async def migrate(vm: "VM", dest_host: "Host | str", policy: str = "hvsim-predictive",
                   timeout: float = 300.0, **options: Any) -> Migration:
     """Live-migrate ``vm`` and wait; returns the finished Migration (``.result`` holds the
-    measurements). Raises a MigrationError on failure, timeout or cancel (``exc.result`` too)."""
+    measurements). Raises a MigrationError on failure, timeout or cancel (``exc.result`` too).
+    Cancelling the awaiting task does not stop the migration: use ``Migration.cancel()``."""
     m = start_migration(vm, dest_host, policy=policy, timeout=timeout, **options)
     await m.wait()
     return m

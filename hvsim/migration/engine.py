@@ -161,6 +161,13 @@ class Migration:
     def __await__(self):  # type: ignore[no-untyped-def]
         return self.wait().__await__()
 
+    async def aclose(self) -> None:
+        """Stop the background task if it still runs (cluster teardown): the rollback runs and the
+        destination QEMU and its files are removed. Never raises."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
     def done(self) -> bool:
         return self.state.terminal
 

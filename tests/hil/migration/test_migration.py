@@ -136,6 +136,21 @@ async def test_timeout_cancels_and_leaves_the_source_running(lab) -> None:
     await assert_source_untouched(vm, "a", gen)
 
 
+async def test_cluster_teardown_during_a_migration_leaves_no_qemu(lab) -> None:
+    vm = await lab.boot("torndown")
+    await vm.exec("dirty 96 0 >/dev/null 2>&1 &", check=True)
+    await lab.ul.set_bandwidth("b", 40)
+    m = vm.start_migration("b", policy="qemu-default", timeout=120)
+    async for p in m:
+        if p.state is MigrationState.ACTIVE:
+            break
+    src_pid, dest_pid = vm.pid, m._dest_proc.pid if m._dest_proc else None
+    await lab.cl.close()
+    assert m.done() and m.state is not MigrationState.COMPLETED
+    assert not pid_alive(src_pid) and not pid_alive(dest_pid)
+    assert not lab.cl.run_dir.exists()
+
+
 async def test_destination_that_fails_to_start_gives_a_clear_error_and_an_untouched_source(lab) -> None:
     vm = await lab.boot("badest")
     gen = vm.generation
