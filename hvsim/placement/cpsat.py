@@ -698,14 +698,14 @@ def _stage_gap(s: cp.CpSolver, status: str, offset: int = 0) -> float:
 
 
 def solve_staged(pm: PlacementModel, opts: SolverOptions, deadline: float, *,
-                 stage2_share: float = 0.2, combined_share: float = 0.0) -> Staged:
+                 stage2_share: float = 0.2, combined_share: float = 0.0, combined_max_s: float = 0.5) -> Staged:
     """Lexicographic optimisation in stages on one model: (1) the weighted preferred-rule
     penalty, alone, so that its bound is proven on its own scale; (2) with the penalty fixed at
     its best value, moves then balance/packing (one weighted sum), warm-started from stage 1's
     solution. Stage 1 may use the time up to ``deadline`` minus ``stage2_share`` of what is left
     (all of it when stage 2 has nothing to do); stage 2 gets the rest. When stage 2 finds
     nothing better in time, stage 1's placement stands. ``combined_share`` > 0: first try both
-    levels in one weighted solve for that share of the time (see below)."""
+    levels in one weighted solve for that share of the time, at most ``combined_max_s``."""
     import time
     out = Staged("unknown", None)
     m = pm.m
@@ -729,7 +729,7 @@ def solve_staged(pm: PlacementModel, opts: SolverOptions, deadline: float, *,
         # CP-SAT call is cheaper than two. Otherwise its placement starts the stages.
         w1, _ = pm.weights
         m.minimize(w1 * pm.penalty_expr + pm.secondary_expr)
-        st, sv, dt = run((deadline - time.perf_counter()) * combined_share)
+        st, sv, dt = run(min((deadline - time.perf_counter()) * combined_share, combined_max_s))
         out.stage_s["combined"] = dt
         if st == "optimal":
             out.status, out.solver, out.gap = "optimal", sv, 0.0
