@@ -107,7 +107,8 @@ def solve(problem: Problem, solver: str = "cpsat", *, explain: bool = True, opti
         out = greedy.schedule(problem, deadline=t0 + WARM_START_SHARE * opts.time_limit_s)
         hint = out.assignment
     pm = PlacementModel(problem, hint=hint)
-    deadline = max(t0 + opts.time_limit_s, time.perf_counter() + 0.05)
+    # leave room for naming the VMs and the independent check within the limit
+    deadline = max(t0 + opts.time_limit_s - min(0.25, 0.02 * opts.time_limit_s), time.perf_counter() + 0.05)
     # big models: stage 2 (balance) starts from stage 1's complete solution without presolve;
     # most of the time goes to the preferred penalty, the objective that ranks first
     big = len(pm.m.proto.variables) >= SMALL_MODEL_VARS
