@@ -52,6 +52,8 @@ class VM:
         self.extra_nics: list[Nic] = []
         self.shim_drives: dict[str, Drive] = {}  # disk name -> NBD drive of its shim process
         self.shims: dict[str, Any] = {}          # disk name -> the shim process object
+        self.helper_failures: list[tuple[float, str, str]] = []   # (time, helper, error)
+        self._helper_listeners: list[Callable[[str, BaseException], None]] = []
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # -- identity and files ---------------------------------------------------------------------
@@ -96,6 +98,20 @@ class VM:
     # -- state and listeners -----------------------------------------------------------------------
     def add_listener(self, callback: Callable[[StateChange], None]) -> None:
         self._listeners.append(callback)
+
+    def add_helper_listener(self, callback: Callable[[str, BaseException], None]) -> None:
+        """``callback(helper, error)`` when a helper process of this VM (e.g. a shim) crashes."""
+        self._helper_listeners.append(callback)
+
+    def report_helper_failure(self, helper: str, error: BaseException) -> None:
+        """A user-level driver process serving this VM died unexpectedly: log it, keep it, tell."""
+        log.error("vm %s: helper %s failed: %s", self.name, helper, error)
+        self.helper_failures.append((time.time(), helper, str(error)))
+        for cb in list(self._helper_listeners):
+            try:
+                cb(helper, error)
+            except Exception:  # a listener's bug must not hide the failure
+                log.exception("vm %s: helper listener failed", self.name)
 
     def state_changes(self) -> "asyncio.Queue[StateChange]":
         """A queue that receives every later state change of this VM."""

@@ -20,6 +20,8 @@ The most specific entry wins; without any, :data:`DEFAULT_OPTIONS` (no emulated 
 """
 from __future__ import annotations
 
+import asyncio
+
 import logging
 import os
 import weakref
@@ -130,7 +132,19 @@ async def start_shim_for_disk(cluster: "Cluster", vm: "VM", disk: "DiskSpec") ->
     await shim.start()
     vm.shims[disk.name] = shim
 
+    async def watch() -> None:
+        """Report every unexpected exit of this shim to the VM (it may be restarted and crash again)."""
+        while True:
+            err = await shim.wait_crash()
+            vm.report_helper_failure(f"shim:{disk.name}", err)
+            while shim.crashed.is_set():     # wait for a restart (start() clears it) before re-arming
+                await asyncio.sleep(0.1)
+
+    watcher = asyncio.create_task(watch(), name=f"shim-watch-{vm.name}-{disk.name}")
+
     async def stop() -> None:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         await shim.stop()
     cluster.on_close(stop)
     log.info("vm %s disk %s: shim pid %s on %s (latency %.3g ms)", vm.name, disk.name, shim.pid,

@@ -3,6 +3,8 @@ shim restart in the middle of the guest's swap-in."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import re
 
 import pytest
@@ -97,12 +99,16 @@ async def test_shim_killed_mid_swap_in_guest_stalls_then_continues(cluster: Clus
             await asyncio.sleep(0.1)
         else:
             pytest.fail("the guest never read from the shim")
-        await shim.kill()
+        failures = []
+        vm.add_helper_listener(lambda helper, err: failures.append((helper, err)))
+        os.kill(shim.pid, signal.SIGKILL)          # a crash, not a stop we asked for
         before = await vm.exec("grep '^pswpin ' /proc/vmstat", timeout=30, check=True)
         await asyncio.sleep(2.0)
         after = await vm.exec("grep '^pswpin ' /proc/vmstat", timeout=30, check=True)
         assert not retouch.done(), "retouch finished while its swap device was gone"
         assert before.stdout == after.stdout, "the guest swapped in while its swap device was gone"
+        assert failures and failures[0][0] == "shim:swap", "the shim crash was not reported to the VM"
+        assert "exited" in str(failures[0][1]) and vm.helper_failures
         await shim.start()  # same socket: QEMU reconnects within reconnect-delay
         res = await asyncio.wait_for(retouch, 240)
     finally:
