@@ -58,12 +58,17 @@ async def run_cell(cl: Any, idx: int, wss: int, rho: float, details: list[dict[s
             print(f"    {policy}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
         r = m.result
         assert r is not None
+        console = vm.console_tail(400)
+        guest_bug = any(w in console for w in ("BUG", "Oops", "not a head"))
+        if guest_bug:
+            print(f"    !! guest console shows a kernel BUG after {policy}", flush=True)
         print(f"  wss {wss} MiB rho {rho}: {r.summary()}", flush=True)
         rows.append({"wss_mib": wss, "dirty_mib_s": rate, "rho": rho, "policy": policy,
                      "outcome": r.outcome, "total_s": r.total_s, "downtime_ms_qemu": r.downtime_ms_qemu,
                      "downtime_ms_guest": r.downtime_ms_guest, "bytes": r.bytes, "touched_bytes": r.touched_bytes,
                      "passes": r.passes, "predicted_downtime_ms": r.predicted_downtime_ms})
         details.append({"wss_mib": wss, "rho": rho, "policy": policy, "postcopy": r.postcopy,
+                        "guest_kernel_bug_after": guest_bug,
                         "setup_s": r.setup_s, "heartbeat_lost": r.heartbeat_lost, "params": r.policy_params,
                         "decisions": [d.__dict__ for d in r.decisions]})
         await asyncio.sleep(2.0)

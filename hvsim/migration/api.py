@@ -33,9 +33,10 @@ def start_migration(vm: "VM", dest_host: "Host | str", policy: str = "hvsim-pred
     Options: ``policy_params`` (dict for the policy), ``port`` (fixed listen port), ``poll_interval``
     (s, default 0.2), ``heartbeat`` (a HeartbeatMonitor already reading the source's heartbeat
     socket; it is attached to the destination too and left open), ``dest_extra_args`` (extra QEMU
-    args for the destination, e.g. for fault injection), ``sample_dirty_rate`` (bool),
-    ``link_mbit`` (a bandwidth hint for the policy), ``postcopy_preempt`` (bool; default: on when the
-    policy may use postcopy, which halved the guest's stall in postcopy here).
+    args for the destination, e.g. for fault injection), ``sample_dirty_rate`` (bool, default off:
+    QMP calc-dirty-rate before the start), ``link_mbit`` (a bandwidth hint for the policy),
+    ``postcopy_preempt`` (bool, default off). Both are off because with them destination guests of
+    concurrent migrations logged kernel BUGs (memory corruption) here; see docs/migration.md.
     """
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:

@@ -27,6 +27,14 @@ def pid_alive(pid: int | None) -> bool:
     return True
 
 
+def assert_guest_healthy(vm) -> None:  # type: ignore[no-untyped-def]
+    """The destination's console shows no kernel BUG/Oops (what a migration that loses a dirty page
+    looks like from inside the guest)."""
+    console = vm.console_tail(1000)
+    for word in ("BUG", "Oops", "not a head"):
+        assert word not in console, f"guest kernel reports {word!r} after migration:\n{console[-3000:]}"
+
+
 async def assert_source_untouched(vm, host: str, generation: int) -> None:  # type: ignore[no-untyped-def]
     assert vm.state is VMState.RUNNING
     assert vm.host.name == host and vm.generation == generation
@@ -60,6 +68,7 @@ async def test_busy_guest_migrates_without_losing_a_beat_or_a_byte(lab, policy: 
     assert not pid_alive(src_pid), "source QEMU still running"
     assert "busy" in lab.cl.hosts["b"].allocations and "busy" not in lab.cl.hosts["a"].allocations
     assert (await vm.query_status())["status"] == "running"
+    assert_guest_healthy(vm)
     # the heartbeat stream continues on the destination with no lost beat
     await hb.wait_beats(20, timeout=20)
     st = hb.stats()
@@ -79,8 +88,8 @@ async def test_busy_guest_migrates_without_losing_a_beat_or_a_byte(lab, policy: 
     elif policy == "stepwise":
         assert kinds[0] == "set-downtime-limit" and res.decisions[0].value == 50   # Nova's step 0 (500/10)
     else:
-        assert kinds[0] == "set-downtime-limit" and res.decisions[0].value == 1    # QEMU kept tiny
-        assert kinds[-1] in ("switchover", "start-postcopy")
+        assert kinds[0] == "set-downtime-limit" and res.decisions[0].value == 100  # the floor, not tiny
+        assert all(k in ("set-downtime-limit", "switchover", "start-postcopy") for k in kinds)
         assert all("predicted_ms" in d.inputs for d in res.decisions[1:])
 
 
@@ -96,6 +105,7 @@ async def test_round_trip_with_different_policies(lab) -> None:
     assert lab.cl.hosts["b"].allocations == {} and "rt" in lab.cl.hosts["a"].allocations
     assert not list(vm.run_dir.glob("mig*"))[1:], "old destination dirs left behind"
     assert (await vm.exec("echo back", timeout=30)).stdout.strip() == "back"
+    assert_guest_healthy(vm)
 
 
 async def test_cancel_midway_leaves_the_source_running_and_nothing_of_the_destination(lab) -> None:
@@ -184,3 +194,4 @@ async def test_two_migrations_at_once_to_different_hosts(lab) -> None:
     assert lab.cl.hosts["a"].allocations == {}
     for v in (v1, v2):
         assert (await v.exec("echo ok", timeout=30)).stdout.strip() == "ok"
+        assert_guest_healthy(v)
