@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +15,8 @@ SCENARIOS = ["foundation", "migration", "swap_prefetch", "placement"]
 
 
 async def run_all(only: list[str] | None = None, out_dir: Path = Path("lab-results")) -> int:
-    console = Console()
+    # a pipe or CI log has no width: use one wide enough that the result tables are not truncated
+    console = Console() if sys.stdout.isatty() else Console(width=150)
     out_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
     for name in SCENARIOS:
