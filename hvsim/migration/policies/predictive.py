@@ -29,8 +29,9 @@ the smallest achievable downtime if it is under ``hard_max_ms``), ``postcopy``
 guest). After ``max_passes`` it switches at whatever the prediction is: it never iterates forever.
 
 ``xbzrle`` (off by default) turns on QEMU's XBZRLE delta encoding of resent pages (``"auto"``: when
-the guest was seen dirtying memory before the start). Off because on this machine (QEMU 7.2, TCG)
-guests migrated with XBZRLE stopped answering their agent afterwards. ``early_postcopy_rho``
+the guest was seen dirtying memory before the start). Off: its two trials here broke the guest,
+but they ran with the 1 ms limit of the first version (see the floor above); not re-tested since.
+``early_postcopy_rho``
 (off by default) sends a guest whose sampled dirty rate is at least that share of the link to
 postcopy during the bulk pass.
 """
