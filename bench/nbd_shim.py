@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import print_table, write_result
+from hvsim.aio import stop_process
 from hvsim.shim.process import ShimProcess
 
 NAME = "nbd_shim"
@@ -60,15 +61,6 @@ async def _external(argv: list[str], sock: Path) -> asyncio.subprocess.Process:
     return proc
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 5)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-
 
 async def _run(quick: bool) -> dict[str, Any]:
     size = (32 if quick else 64) * 1024 * 1024
@@ -103,7 +95,7 @@ async def _run(quick: bool) -> dict[str, Any]:
                 if shim is not None:
                     await shim.stop()
                 if proc is not None:
-                    await _stop(proc)
+                    await stop_process(proc)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     iops = {(r["server"], r["depth"]): r["iops"] for r in runs}

@@ -23,6 +23,7 @@ from typing import Any
 
 from qmp_bridge.accel import choose_accel
 
+from .aio import run_to_completion
 from .errors import NotFoundError, SpecError
 from .host import Host
 from .model import CloudSpec, DatacenterSpec, DiskSpec, HostSpec, VMSpec, check_name
@@ -109,12 +110,7 @@ class Cluster:
         if self.closed:
             return
         self.closed = True
-        task = asyncio.ensure_future(self._close())
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await task
-            raise
+        await run_to_completion(self._close())
 
     async def _close(self) -> None:
         results = await asyncio.gather(*(vm.destroy() for vm in self.vms.values()), return_exceptions=True)

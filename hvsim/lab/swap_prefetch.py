@@ -22,6 +22,7 @@ from typing import Any
 
 from qmp_bridge import Drive
 
+from hvsim.aio import stop_process
 from hvsim.cluster import Cluster
 from hvsim.memory import guest_swap_back, guest_swap_stats, setup_guest_swap
 from hvsim.model import DiskSpec, HostSpec, VMSpec
@@ -118,14 +119,8 @@ class Nbdkit:
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        proc.terminate()
-        try:
-            await asyncio.wait_for(proc.wait(), 5)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
+        if proc is not None:
+            await stop_process(proc)
 
 
 async def _sample(vm: Any, res: CaseResult, shim: Any, guest: bool, t0: float, stop: asyncio.Event) -> None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from qmp_bridge import LaunchError, QEMUBridgeError, QemuProcess, QMPSession, QMPTimeoutError
 
+from ..aio import run_to_completion as _complete
 from ..heartbeat import HeartbeatMonitor
 from ..lifecycle import VMState
 from .errors import (DestinationStartError, MigrationAbortedError, MigrationCancelledError, MigrationError,
@@ -649,21 +650,3 @@ def _ms(value: float) -> int:
         raise MigrationError(f"bad downtime limit {value!r}")
     return min(2_000_000, max(1, int(round(value))))  # QEMU accepts 0..2000 s
 
-
-async def _complete(aw: Any) -> Any:
-    """Run ``aw`` to the end even if the caller is cancelled meanwhile; then re-raise the cancel."""
-    task = asyncio.ensure_future(aw)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                if task.cancelled() or not cancelled:
-                    raise
-                break
-            cancelled = True
-    if cancelled:
-        raise asyncio.CancelledError()
-    return result

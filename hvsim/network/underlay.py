@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
+from ..aio import run_to_completion as _complete
 from . import netns as nsutil
 from . import records
 from .errors import (NetworkError, SetupError, StateError, TeardownError,
@@ -101,27 +102,6 @@ class _Host:
     port: str
     shaping: HostShaping
 
-
-async def _complete(aw: Awaitable[T]) -> T:
-    """Await ``aw`` to completion even if the caller is cancelled meanwhile; the
-    cancellation is re-raised afterwards (never swallowed)."""
-    task = asyncio.ensure_future(aw)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-            break
-        except asyncio.CancelledError:
-            if task.done():
-                if task.cancelled() or not cancelled:
-                    raise
-                break
-            cancelled = True
-    if cancelled:
-        if not task.cancelled() and task.exception() is not None:
-            log.error("teardown after cancellation failed: %s", task.exception())
-        raise asyncio.CancelledError()
-    return result
 
 
 class Underlay:
