@@ -11,12 +11,10 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hvsim.placement import (Affinity, AntiAffinity, DomainAffinity, DomainAntiAffinity, Group, MaxPerDomain,
-                             MovePolicy, Problem, ProblemError, ReserveAmount, ReserveHosts, SolverOptions, Spread,
-                             check, solve)
+from hvsim.placement import AntiAffinity, Group, MovePolicy, Problem, ProblemError, SolverOptions, check, solve
 from hvsim.placement.cpsat import PlacementModel, solve_staged
 
-from .conftest import hosts
+from .conftest import draw_rules, hosts
 
 LEVELS = ("datacenter", "rack", "host")
 HOSTS = hosts(racks=2, per_rack=2, vcpus=4, memory_mib=4096, dcs=1)  # 4 hosts, 2 racks
@@ -37,31 +35,8 @@ def small(draw):
             g.vms[-1].demand = {"vcpus": 3, "memory_mib": 2048}
         groups.append(g)
     names = [g.name for g in groups]
-    rules = []
-    for i in range(draw(st.integers(0, 4))):
-        kind = draw(st.sampled_from(["aff", "anti", "dom", "notdom", "spread", "max", "resh", "resa"]))
-        req = draw(st.booleans())
-        kw = {"required": req} if req else {"required": False, "weight": draw(st.integers(1, 4))}
-        gs = tuple(draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True)))
-        lv = draw(st.sampled_from(["rack", "host"]))
-        name = f"r{i}"
-        if kind == "aff":
-            rules.append(Affinity(name, groups=gs, level=lv, **kw))
-        elif kind == "anti":
-            rules.append(AntiAffinity(name, groups=gs, level=lv, **kw))
-        elif kind == "dom":
-            rules.append(DomainAffinity(name, groups=gs, domains=(draw(st.sampled_from(DOMAINS)),), **kw))
-        elif kind == "notdom":
-            rules.append(DomainAntiAffinity(name, groups=gs, domains=(draw(st.sampled_from(DOMAINS)),), **kw))
-        elif kind == "spread":
-            rules.append(Spread(name, groups=gs, level=lv, max_skew=draw(st.integers(0, 2)),
-                                min_domains=draw(st.integers(1, 2)), **kw))
-        elif kind == "max":
-            rules.append(MaxPerDomain(name, groups=gs, level=lv, max=draw(st.integers(1, 2)), **kw))
-        elif kind == "resh":
-            rules.append(ReserveHosts(name, hosts=(draw(st.sampled_from([h.name for h in HOSTS])),), **kw))
-        else:
-            rules.append(ReserveAmount(name, level="rack", amount={"vcpus": draw(st.integers(1, 6))}, **kw))
+    rules = draw_rules(draw, names, [h.name for h in HOSTS], DOMAINS, max_rules=4, max_weight=4,
+                       levels=["rack", "host"], max_per_domain=2, reserve_levels=["rack"], reserve_vcpus=6)
     vms = [v.name for g in groups for v in g.vms]
     current: dict[str, str] = {}
     mode = draw(st.sampled_from(["new", "fixed", "moves"]))

@@ -5,10 +5,9 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hvsim.placement import (Affinity, AntiAffinity, DomainAffinity, DomainAntiAffinity, Group, MaxPerDomain,
-                             Problem, ProblemError, ReserveAmount, ReserveHosts, SolverOptions, Spread, check, solve)
+from hvsim.placement import Group, Problem, ProblemError, SolverOptions, check, solve
 
-from .conftest import hosts
+from .conftest import draw_rules, hosts
 
 LEVELS = ("datacenter", "rack", "host")
 HOSTS = hosts(racks=2, per_rack=2, vcpus=6, memory_mib=6144, dcs=2)  # 8 hosts, 4 racks, 2 datacenters
@@ -22,32 +21,9 @@ def problems(draw):
                             {"vcpus": draw(st.integers(1, 3)), "memory_mib": 1024 * draw(st.integers(1, 2))})
               for i in range(n_groups)]
     names = [g.name for g in groups]
-    rules = []
-    for i in range(draw(st.integers(0, 5))):
-        kind = draw(st.sampled_from(["aff", "anti", "dom", "notdom", "spread", "max", "resh", "resa"]))
-        req = draw(st.booleans())
-        kw = {"required": req} if req else {"required": False, "weight": draw(st.integers(1, 5))}
-        gs = tuple(draw(st.lists(st.sampled_from(names), min_size=1, max_size=2, unique=True)))
-        lv = draw(st.sampled_from(LEVELS))
-        name = f"r{i}"
-        if kind == "aff":
-            rules.append(Affinity(name, groups=gs, level=lv, **kw))
-        elif kind == "anti":
-            rules.append(AntiAffinity(name, groups=gs, level=lv, **kw))
-        elif kind == "dom":
-            rules.append(DomainAffinity(name, groups=gs, domains=(draw(st.sampled_from(DOMAINS)),), **kw))
-        elif kind == "notdom":
-            rules.append(DomainAntiAffinity(name, groups=gs, domains=(draw(st.sampled_from(DOMAINS)),), **kw))
-        elif kind == "spread":
-            rules.append(Spread(name, groups=gs, level=lv, max_skew=draw(st.integers(0, 2)),
-                                min_domains=draw(st.integers(1, 2)), **kw))
-        elif kind == "max":
-            rules.append(MaxPerDomain(name, groups=gs, level=lv, max=draw(st.integers(1, 3)), **kw))
-        elif kind == "resh":
-            rules.append(ReserveHosts(name, hosts=(draw(st.sampled_from([h.name for h in HOSTS])),), **kw))
-        else:
-            rules.append(ReserveAmount(name, level=draw(st.sampled_from(["datacenter", "rack"])),
-                                       amount={"vcpus": draw(st.integers(1, 8))}, **kw))
+    rules = draw_rules(draw, names, [h.name for h in HOSTS], DOMAINS, max_rules=5, max_weight=5,
+                       levels=list(LEVELS), max_per_domain=3, reserve_levels=["datacenter", "rack"],
+                       reserve_vcpus=8)
     p = Problem(HOSTS, groups, rules, LEVELS)
     try:
         p.validate()
