@@ -30,7 +30,7 @@ def _probe_kvm(kernel: str, initrd: str, timeout: float) -> tuple[bool, str]:
                 "-append", "console=ttyS0 panic=-1 hvsim.name=kvmprobe",
                 "-chardev", f"file,id=c0,path={console}", "-serial", "chardev:c0"]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                preexec_fn=die_with_parent)
+                                preexec_fn=die_with_parent())
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .client import QMPSession
@@ -27,10 +28,18 @@ _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGKILL when the thread that started it dies."""
-    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        os._exit(126)
+def die_with_parent() -> Callable[[], None]:
+    """A preexec_fn: the child gets SIGKILL when the thread that started it dies. Call it in the
+    parent (it records the parent's pid); the child also exits at once if the parent already died
+    before prctl took effect."""
+    parent = os.getpid()
+
+    def preexec() -> None:  # runs in the child between fork and exec
+        if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            os._exit(126)
+        if os.getppid() != parent:
+            os._exit(1)
+    return preexec
 
 
 def tail(path: Path, lines: int = 40, max_bytes: int = 64 * 1024) -> str:
@@ -103,7 +112,7 @@ class QemuProcess:
                 out.flush()
                 self.proc = await asyncio.create_subprocess_exec(
                     *full, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                    pass_fds=(theirs.fileno(),), preexec_fn=die_with_parent, start_new_session=True)
+                    pass_fds=(theirs.fileno(),), preexec_fn=die_with_parent(), start_new_session=True)
             self.started_at = time.monotonic()
         except BaseException:
             ours.close()

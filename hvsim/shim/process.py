@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -18,13 +17,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from qmp_bridge.process import die_with_parent
+
 from .control import ShimControlClient
 from .daemon import DEFAULT_EXPORT, READY_LINE
 from .errors import ShimCrashed, ShimProcessError, ShimStateError
 from .sockets import MAX_UNIX_PATH
 
 log = logging.getLogger(__name__)
-_PR_SET_PDEATHSIG = 1
 
 
 class ProcState(str, Enum):
@@ -34,15 +34,6 @@ class ProcState(str, Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     CRASHED = "crashed"
-
-
-def _die_with_parent(parent_pid: int) -> Any:
-    def preexec() -> None:  # runs in the child between fork and exec
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-    return preexec
 
 
 class ShimProcess:
@@ -116,7 +107,7 @@ class ShimProcess:
         try:
             self._proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=logf,
-                preexec_fn=_die_with_parent(os.getpid()), close_fds=True)
+                preexec_fn=die_with_parent(), close_fds=True)
         except OSError as exc:
             self.state = ProcState.STOPPED
             raise ShimProcessError(f"cannot execute {self.argv[0]}: {exc}") from exc
