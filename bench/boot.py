@@ -9,9 +9,9 @@ import time
 import psutil
 from qemu.qmp import QMPClient
 
-from hvsim.cluster import Cluster, images_dir
+from hvsim.core.cluster import Cluster, images_dir
 from qmp_bridge.accel import choose_accel
-from hvsim.model import HostSpec, VMSpec
+from hvsim.core.model import HostSpec, VMSpec
 
 from ._common import print_table, write_result
 

@@ -40,7 +40,7 @@ QUICK_CELLS = [(128, 0.7), (128, 1.2)]
 
 async def run_cell(cl: Any, idx: int, wss: int, rho: float, details: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from hvsim.migration import MigrationError
-    from hvsim.model import VMSpec
+    from hvsim.core.model import VMSpec
 
     rate = round(rho * GOODPUT_MIB_S, 1)
     vm = await cl.define_vm(VMSpec(f"cell{idx}", memory_mib=GUEST_MIB), "h0")
@@ -105,8 +105,8 @@ def check_targets(cells: list[dict[str, Any]]) -> list[list[Any]]:
 
 
 async def run(quick: bool) -> dict[str, Any]:
-    from hvsim.cluster import Cluster
-    from hvsim.model import HostSpec
+    from hvsim.core.cluster import Cluster
+    from hvsim.core.model import HostSpec
     from hvsim.network import Underlay
 
     cells_spec = QUICK_CELLS if quick else FULL_CELLS

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from bench._common import print_table, write_result
-from hvsim.aio import stop_process
-from hvsim.shim.process import ShimProcess
+from hvsim.core.aio import stop_process
+from hvsim.drivers.shim.process import ShimProcess
 
 NAME = "nbd_shim"
 EXPORT = "bench"

@@ -48,11 +48,11 @@ from typing import TYPE_CHECKING, Any
 
 from qmp_bridge.errors import QEMUBridgeError
 
-from .errors import AgentError, IllegalTransitionError, SpecError, VMError
-from .lifecycle import VMState
+from .core.errors import AgentError, IllegalTransitionError, SpecError, VMError
+from .core.lifecycle import VMState
 
 if TYPE_CHECKING:
-    from .vm import VM
+    from .core.vm import VM
 
 log = logging.getLogger("hvsim.memory")
 
@@ -342,7 +342,7 @@ async def restore_memory(vm: "VM", timeout: float = 120.0, prefetch: bool = True
 async def prefetch_shims(vm: "VM", budget_bytes: int, wait: bool = False,
                          skip_recent_pages: int = 0) -> dict[str, Any]:
     """Ask every shim of ``vm`` to prefetch its recorded swap pages within ``budget_bytes`` each."""
-    from .shim.errors import ShimError
+    from .drivers.shim.errors import ShimError
     answers: dict[str, Any] = {}
     for disk, shim in vm.shims.items():
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hvsim.cluster import Cluster, images_dir
+from hvsim.core.cluster import Cluster, images_dir
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "test-results"

@@ -9,8 +9,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hvsim.cluster import Cluster
-from hvsim.model import HostSpec, VMSpec
+from hvsim.core.cluster import Cluster
+from hvsim.core.model import HostSpec, VMSpec
 
 
 async def run(console: Console, out_dir: Path) -> None:

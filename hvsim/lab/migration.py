@@ -8,10 +8,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from hvsim.cluster import Cluster
+from hvsim.core.cluster import Cluster
 from hvsim.migration import MigrationError
-from hvsim.migration.cli import decisions_table, follow, result_table
-from hvsim.model import HostSpec, VMSpec
+from hvsim.cli.migrate import decisions_table, follow, result_table
+from hvsim.core.model import HostSpec, VMSpec
 from hvsim.network import Underlay
 
 LINK_MBIT = 200

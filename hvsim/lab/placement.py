@@ -8,8 +8,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hvsim.cluster import REPO, Cluster
-from hvsim.model import HostSpec, VMSpec
+from hvsim.core.cluster import REPO, Cluster
+from hvsim.core.model import HostSpec, VMSpec
 from hvsim.placement import load_problem, solve
 from hvsim.placement.check import check
 from hvsim.placement.cluster_bridge import ClusterScheduler

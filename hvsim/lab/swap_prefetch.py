@@ -22,11 +22,11 @@ from typing import Any
 
 from qmp_bridge import Drive
 
-from hvsim.aio import stop_process
-from hvsim.cluster import Cluster
+from hvsim.core.aio import stop_process
+from hvsim.core.cluster import Cluster
 from hvsim.memory import guest_swap_back, guest_swap_stats, setup_guest_swap
-from hvsim.model import DiskSpec, HostSpec, VMSpec
-from hvsim.shim.attach import ShimOptions, set_shim_options
+from hvsim.core.model import DiskSpec, HostSpec, VMSpec
+from hvsim.drivers.shim.attach import ShimOptions, set_shim_options
 
 CONFIGS = ("baseline", "floor", "shim-no-prefetch", "shim-prefetch", "shim-prefetch-guest-assisted",
            "nbdkit-delay", "nbdkit-readahead")

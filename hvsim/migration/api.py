@@ -10,16 +10,16 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CapacityError, IllegalTransitionError, NotFoundError
-from ..heartbeat import HeartbeatMonitor
-from ..lifecycle import VMState, check_action
+from ..core.errors import CapacityError, IllegalTransitionError, NotFoundError
+from ..guest.heartbeat import HeartbeatMonitor
+from ..core.lifecycle import VMState, check_action
 from .engine import Migration
 from .errors import MigrationInputError, MigrationRefusedError, MigrationStateError
 from .policies.base import make_policy
 
 if TYPE_CHECKING:
-    from ..host import Host
-    from ..vm import VM
+    from ..core.host import Host
+    from ..core.vm import VM
 
 _OPTIONS = {"policy_params", "port", "poll_interval", "heartbeat", "dest_extra_args", "sample_dirty_rate",
             "link_mbit", "postcopy_preempt"}

@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 from qmp_bridge import LaunchError, QEMUBridgeError, QemuProcess, QMPSession, QMPTimeoutError
 
-from ..aio import run_to_completion as _complete
-from ..heartbeat import HeartbeatMonitor
-from ..lifecycle import VMState
+from ..core.aio import run_to_completion as _complete
+from ..guest.heartbeat import HeartbeatMonitor
+from ..core.lifecycle import VMState
 from .errors import (DestinationStartError, MigrationAbortedError, MigrationCancelledError, MigrationError,
                      MigrationFailedError, MigrationStateError, MigrationTimeoutError)
 from .measure import MigrationResult
@@ -43,8 +43,8 @@ from .progress import BandwidthMeter, Observation, observation_from_qmp
 from .state import TERMINAL, MigrationState, check_transition
 
 if TYPE_CHECKING:
-    from ..host import Host
-    from ..vm import VM
+    from ..core.host import Host
+    from ..core.vm import VM
 
 log = logging.getLogger("hvsim.migration")
 

@@ -12,7 +12,7 @@
 """
 from __future__ import annotations
 
-from ..errors import CapacityError, HvsimError
+from ..core.errors import CapacityError, HvsimError
 
 
 class MigrationError(HvsimError):

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
 
-from ..aio import run_to_completion as _complete
+from ..core.aio import run_to_completion as _complete
 from . import netns as nsutil
 from . import records
 from .errors import (NetworkError, SetupError, StateError, TeardownError,

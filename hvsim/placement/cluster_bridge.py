@@ -20,15 +20,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import HvsimError
-from ..model import VMSpec
+from ..core.errors import HvsimError
+from ..core.model import VMSpec
 from .controller import PlacementController
 from .solver import PlacementResult
 
 if TYPE_CHECKING:
-    from ..cluster import Cluster
-    from ..host import Host as ClusterHost
-    from ..vm import VM
+    from ..core.cluster import Cluster
+    from ..core.host import Host as ClusterHost
+    from ..core.vm import VM
 
 
 class GroupPlacementError(HvsimError):

@@ -9,9 +9,9 @@ import time
 import psutil
 import pytest
 
-from hvsim.errors import CapacityError, GuestNotReadyError, IllegalTransitionError, VMError
-from hvsim.lifecycle import VMState
-from hvsim.model import DiskSpec, HostSpec, VMSpec
+from hvsim.core.errors import CapacityError, GuestNotReadyError, IllegalTransitionError, VMError
+from hvsim.core.lifecycle import VMState
+from hvsim.core.model import DiskSpec, HostSpec, VMSpec
 from qmp_bridge import LaunchError, QMPTimeoutError
 
 pytestmark = pytest.mark.hil
@@ -51,7 +51,7 @@ async def test_boot_and_agent_exec(cluster):
 
 async def test_agent_command_timeout_kills_the_command(cluster):
     vm = await boot(cluster)
-    from hvsim.errors import AgentTimeoutError
+    from hvsim.core.errors import AgentTimeoutError
     with pytest.raises(AgentTimeoutError, match="timed out"):
         await vm.exec("sleep 30", timeout=1)
     await asyncio.sleep(0.5)

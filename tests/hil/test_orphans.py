@@ -10,14 +10,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from hvsim.cluster import remove_stale_run_dirs
+from hvsim.core.cluster import remove_stale_run_dirs
 
 pytestmark = pytest.mark.hil
 
 SCRIPT = textwrap.dedent("""
     import asyncio, sys
-    from hvsim.cluster import Cluster
-    from hvsim.model import HostSpec, VMSpec
+    from hvsim.core.cluster import Cluster
+    from hvsim.core.model import HostSpec, VMSpec
     async def main():
         cl = Cluster("orphan")
         cl.add_host(HostSpec("h1", vcpus=2, memory_mib=1024))

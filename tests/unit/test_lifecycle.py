@@ -1,7 +1,7 @@
 import pytest
 
-from hvsim.errors import IllegalTransitionError
-from hvsim.lifecycle import ALLOWED, TRANSITIONS, VMState, check_action, check_transition
+from hvsim.core.errors import IllegalTransitionError
+from hvsim.core.lifecycle import ALLOWED, TRANSITIONS, VMState, check_action, check_transition
 
 
 def test_pause_of_shutoff_vm_is_refused_with_a_clear_message():

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from hvsim import memory as M
-from hvsim.agent import ExecResult
-from hvsim.errors import SpecError
-from hvsim.lifecycle import VMState
-from hvsim.model import VMSpec
+from hvsim.core.agent import ExecResult
+from hvsim.core.errors import SpecError
+from hvsim.core.lifecycle import VMState
+from hvsim.core.model import VMSpec
 
 MIB = 1024 * 1024
 FULL_TOTAL = 210 * MIB  # what a 256 MiB guest reports as its total memory

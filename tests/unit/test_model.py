@@ -1,8 +1,8 @@
 import pytest
 
-from hvsim.errors import CapacityError, SpecError
-from hvsim.host import Host
-from hvsim.model import DiskSpec, HostSpec, NicSpec, VMSpec, derive_mac
+from hvsim.core.errors import CapacityError, SpecError
+from hvsim.core.host import Host
+from hvsim.core.model import DiskSpec, HostSpec, NicSpec, VMSpec, derive_mac
 
 
 @pytest.mark.parametrize("name", ["", "Web", "1abc", "a_b", "a-", "x" * 40, "has space", None, 5])

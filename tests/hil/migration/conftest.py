@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from hvsim.cluster import Cluster
-from hvsim.model import HostSpec, VMSpec
+from hvsim.core.cluster import Cluster
+from hvsim.core.model import HostSpec, VMSpec
 from hvsim.network.underlay import Underlay
-from hvsim.vm import VM
+from hvsim.core.vm import VM
 
 LINK_MBIT = 400          # fast enough that each migration of a small guest takes ~1-3 s
 GUEST_MIB = 160

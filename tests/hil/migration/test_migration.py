@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from hvsim.errors import CapacityError
-from hvsim.heartbeat import HeartbeatMonitor
-from hvsim.lifecycle import VMState
+from hvsim.core.errors import CapacityError
+from hvsim.guest.heartbeat import HeartbeatMonitor
+from hvsim.core.lifecycle import VMState
 from hvsim.migration import (DestinationStartError, MigrationCancelledError, MigrationRefusedError,
                              MigrationState, MigrationTimeoutError)
-from hvsim.model import HostSpec
+from hvsim.core.model import HostSpec
 
 pytestmark = [pytest.mark.hil, pytest.mark.timeout(240)]
 

@@ -3,7 +3,7 @@ import asyncio
 
 import pytest
 
-from hvsim.model import HostSpec, VMSpec
+from hvsim.core.model import HostSpec, VMSpec
 from hvsim.placement.check import check
 from hvsim.placement.cluster_bridge import ClusterScheduler, GroupPlacementError
 

@@ -9,12 +9,12 @@ import re
 
 import pytest
 
-from hvsim.cluster import Cluster
-from hvsim.errors import SpecError
+from hvsim.core.cluster import Cluster
+from hvsim.core.errors import SpecError
 from hvsim.memory import MemoryState, MemoryStateError, memory_state, setup_guest_swap
-from hvsim.model import DiskSpec, HostSpec, VMSpec
-from hvsim.shim.attach import ShimOptions, set_shim_options
-from hvsim.shim.process import ProcState
+from hvsim.core.model import DiskSpec, HostSpec, VMSpec
+from hvsim.drivers.shim.attach import ShimOptions, set_shim_options
+from hvsim.drivers.shim.process import ProcState
 
 pytestmark = pytest.mark.hil
 

@@ -5,12 +5,12 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from hvsim.cluster import Cluster
-from hvsim.errors import CapacityError
-from hvsim.lifecycle import VMState
+from hvsim.core.cluster import Cluster
+from hvsim.core.errors import CapacityError
+from hvsim.core.lifecycle import VMState
 from hvsim.migration import (MigrationInputError, MigrationRefusedError, MigrationStateError,
                              start_migration)
-from hvsim.model import HostSpec, VMSpec
+from hvsim.core.model import HostSpec, VMSpec
 
 
 @pytest.fixture

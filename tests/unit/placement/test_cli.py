@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from typer.testing import CliRunner
 
-from hvsim.placement import cli
+from hvsim.cli import place as cli
 
 EX = Path(__file__).resolve().parents[3] / "examples" / "placement"
 

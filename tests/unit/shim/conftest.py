@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hvsim.shim.daemon import ShimConfig, ShimDaemon
+from hvsim.drivers.shim.daemon import ShimConfig, ShimDaemon
 
 SIZE = 8 * 1024 * 1024
 

@@ -5,7 +5,7 @@ import asyncio
 import struct
 from dataclasses import dataclass
 
-from hvsim.shim import protocol as P
+from hvsim.drivers.shim import protocol as P
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""hvsim.shim.attach: per-disk options and one real shim process per shim disk (no QEMU)."""
+"""hvsim.drivers.shim.attach: per-disk options and one real shim process per shim disk (no QEMU)."""
 from __future__ import annotations
 
 import stat
@@ -7,12 +7,12 @@ from typing import Any
 
 import pytest
 
-from hvsim.cluster import Cluster
-from hvsim.model import DiskSpec, HostSpec, VMSpec
-from hvsim.shim.attach import (DEFAULT_OPTIONS, SHIM_EXPORT, ShimOptions, set_shim_options, shim_options_for,
+from hvsim.core.cluster import Cluster
+from hvsim.core.model import DiskSpec, HostSpec, VMSpec
+from hvsim.drivers.shim.attach import (DEFAULT_OPTIONS, SHIM_EXPORT, ShimOptions, set_shim_options, shim_options_for,
                                start_shim_for_disk)
-from hvsim.shim.errors import ShimConfigError
-from hvsim.shim.process import ProcState
+from hvsim.drivers.shim.errors import ShimConfigError
+from hvsim.drivers.shim.process import ProcState
 
 from .conftest import run
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from hvsim.shim.cache import PAGE, SWAP_MAGIC, PageCache, SwapTracker
-from hvsim.shim.errors import ShimConfigError, ShimStateError
-from hvsim.shim.export import Export
-from hvsim.shim.store import BackingStore, LinkSpec
+from hvsim.drivers.shim.cache import PAGE, SWAP_MAGIC, PageCache, SwapTracker
+from hvsim.drivers.shim.errors import ShimConfigError, ShimStateError
+from hvsim.drivers.shim.export import Export
+from hvsim.drivers.shim.store import BackingStore, LinkSpec
 
 NPAGES = 256
 

@@ -6,8 +6,8 @@ import json
 import os
 from pathlib import Path
 
-from hvsim.shim import protocol as P
-from hvsim.shim.daemon import ShimDaemon
+from hvsim.drivers.shim import protocol as P
+from hvsim.drivers.shim.daemon import ShimDaemon
 
 from .conftest import SIZE, run, uri
 from .nbdraw import RawNbd
@@ -102,7 +102,7 @@ async def test_second_export_is_independent(shim: ShimDaemon, backing: Path) -> 
 
 async def test_out_of_order_replies(sockdir: Path) -> None:
     """A slow large read issued first is answered after a small read issued second."""
-    from hvsim.shim.daemon import ShimConfig
+    from hvsim.drivers.shim.daemon import ShimConfig
 
     img = sockdir / "slow.img"
     img.write_bytes(os.urandom(SIZE))
@@ -138,7 +138,7 @@ async def test_many_concurrent_clients(shim: ShimDaemon, backing: Path) -> None:
 
 async def test_pipelined_requests_beyond_inflight_limit(sockdir: Path) -> None:
     """400 pipelined requests on a slow store: back-pressure kicks in, every reply arrives, right data."""
-    from hvsim.shim.daemon import ShimConfig
+    from hvsim.drivers.shim.daemon import ShimConfig
 
     img = sockdir / "lat.img"
     img.write_bytes(os.urandom(SIZE))

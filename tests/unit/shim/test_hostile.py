@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from hvsim.shim import protocol as P
-from hvsim.shim.daemon import ShimDaemon
+from hvsim.drivers.shim import protocol as P
+from hvsim.drivers.shim.daemon import ShimDaemon
 
 from .conftest import SIZE
 from .nbdraw import RawNbd

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from hvsim.shim.cache import PAGE, SWAP_MAGIC
-from hvsim.shim.control import ShimControlClient
-from hvsim.shim.errors import ControlError, ShimCrashed, ShimStateError
-from hvsim.shim.process import ProcState, ShimProcess
+from hvsim.drivers.shim.cache import PAGE, SWAP_MAGIC
+from hvsim.drivers.shim.control import ShimControlClient
+from hvsim.drivers.shim.errors import ControlError, ShimCrashed, ShimStateError
+from hvsim.drivers.shim.process import ProcState, ShimProcess
 
 from .conftest import SIZE, run
 

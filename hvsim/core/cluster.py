@@ -29,9 +29,9 @@ from .host import Host
 from .model import CloudSpec, DatacenterSpec, DiskSpec, HostSpec, VMSpec, check_name
 from .vm import VM, make_raw_disk
 
-log = logging.getLogger("hvsim.cluster")
+log = logging.getLogger("hvsim.core.cluster")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 OWNER_FILE = "owner"
@@ -209,7 +209,7 @@ class Cluster:
             if d.kind == "file":
                 make_raw_disk(self.disk_path(vm, d), d.size_mib, d.format)
             elif d.name not in vm.shim_drives:
-                from .shim.attach import start_shim_for_disk  # the shim subsystem owns this
+                from ..drivers.shim.attach import start_shim_for_disk  # the shim subsystem owns this
                 vm.shim_drives[d.name] = await start_shim_for_disk(self, vm, d)
 
     def status_rows(self) -> list[dict[str, Any]]:

@@ -9,10 +9,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .engine import Migration
-from .errors import MigrationError
-from .measure import MigrationResult
-from .policies.base import policy_names
+from ..migration.engine import Migration
+from ..migration.errors import MigrationError
+from ..migration.measure import MigrationResult
+from ..migration.policies.base import policy_names
 
 MIB = 2**20
 
@@ -84,8 +84,8 @@ def migrate_cmd(policy: str = typer.Option("hvsim-predictive", "--policy", help=
     console = Console()
 
     async def go() -> int:
-        from ..cluster import Cluster
-        from ..model import HostSpec, VMSpec
+        from ..core.cluster import Cluster
+        from ..core.model import HostSpec, VMSpec
         from ..network import Underlay
         async with Underlay(["host-a", "host-b"], mbit=link_mbit) as ul:
             async with Cluster("cli-mig") as cl:
@@ -108,5 +108,5 @@ def migrate_cmd(policy: str = typer.Option("hvsim-predictive", "--policy", help=
 
 
 def register(app: Any) -> None:
-    from ..cli_core import vm_app
+    from .core import vm_app
     vm_app.command("migrate")(migrate_cmd)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import typer
 
-from .cpsat import SolverOptions
-from .model import ProblemError
-from .schema import load_problem
-from .solver import SOLVERS, solve
+from ..placement.cpsat import SolverOptions
+from ..placement.model import ProblemError
+from ..placement.schema import load_problem
+from ..placement.solver import SOLVERS, solve
 
 
 def place(problem: Path = typer.Argument(..., help="problem JSON (schema: docs/placement.md)"),

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from .cluster import Cluster
     from .host import Host
 
-log = logging.getLogger("hvsim.vm")
+log = logging.getLogger("hvsim.core.vm")
 
 AGENT_PORT = "org.hvsim.agent"
 HEARTBEAT_PORT = "org.hvsim.heartbeat"
@@ -360,23 +360,23 @@ class VM:
     async def migrate(self, dest_host: "Host | str", policy: str = "hvsim-predictive",
                       timeout: float = 300.0, **options: Any) -> Any:
         """Live-migrate to ``dest_host``; returns the finished Migration (see hvsim.migration)."""
-        from .migration.api import migrate
+        from ..migration.api import migrate
         return await migrate(self, dest_host, policy=policy, timeout=timeout, **options)
 
     def start_migration(self, dest_host: "Host | str", policy: str = "hvsim-predictive",
                         timeout: float = 300.0, **options: Any) -> Any:
         """Begin a live migration in the background; returns the Migration object at once."""
-        from .migration.api import start_migration
+        from ..migration.api import start_migration
         return start_migration(self, dest_host, policy=policy, timeout=timeout, **options)
 
     async def consolidate_memory(self, target_mib: int, timeout: float = 120.0) -> Any:
         """Inflate the balloon until the guest has given memory down to ``target_mib``."""
-        from .memory import consolidate_memory
+        from ..memory import consolidate_memory
         return await consolidate_memory(self, target_mib, timeout=timeout)
 
     async def restore_memory(self, timeout: float = 120.0, prefetch: bool = True) -> Any:
         """Deflate the balloon and have the swap shim prefetch what the guest swapped out."""
-        from .memory import restore_memory
+        from ..memory import restore_memory
         return await restore_memory(self, timeout=timeout, prefetch=prefetch)
 
     async def query_status(self) -> dict[str, Any]:

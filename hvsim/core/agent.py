@@ -17,7 +17,7 @@ from qmp_bridge.errors import QEMUExitedError, QMPTimeoutError
 
 from .errors import AgentDisconnectedError, AgentError, AgentTimeoutError
 
-log = logging.getLogger("hvsim.agent")
+log = logging.getLogger("hvsim.core.agent")
 
 
 @dataclass(frozen=True)

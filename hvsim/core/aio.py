@@ -7,7 +7,7 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 T = TypeVar("T")
-log = logging.getLogger("hvsim.aio")
+log = logging.getLogger("hvsim.core.aio")
 
 
 async def run_to_completion(aw: Awaitable[T]) -> T:

@@ -9,8 +9,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .cluster import REPO, Cluster
-from .model import HostSpec, VMSpec
+from ..core.cluster import REPO, Cluster
+from ..core.model import HostSpec, VMSpec
 
 vm_app = typer.Typer(no_args_is_help=True, help="Run and manage single guests.")
 
@@ -43,7 +43,7 @@ def vm_run(command: str = typer.Argument("uname -a", help="shell command to run 
 
 def lab(only: Optional[list[str]] = typer.Option(None, "--only", help="run only these scenarios")) -> None:
     """Run the lab scenarios (what `make lab` runs)."""
-    from .lab import main
+    from ..lab import main
     raise typer.Exit(1 if main(only) else 0)
 
 

@@ -11,7 +11,7 @@ instead of failing it). The guest sees a virtio-blk disk whose serial is ``disk-
 Per-disk options (emulated datastore latency/bandwidth, prefetch concurrency, reconnect delay):
 ``DiskSpec`` carries no such fields, so they are set per cluster before the VM starts::
 
-    from hvsim.shim.attach import ShimOptions, set_shim_options
+    from hvsim.drivers.shim.attach import ShimOptions, set_shim_options
     set_shim_options(cluster, ShimOptions(latency_ms=1.0), vm="web1", disk="swap")  # one disk
     set_shim_options(cluster, ShimOptions(latency_ms=1.0), vm="web1")               # all of web1
     set_shim_options(cluster, ShimOptions(latency_ms=1.0))                          # cluster default
@@ -35,9 +35,9 @@ from .errors import ShimConfigError
 from .process import ShimProcess
 
 if TYPE_CHECKING:
-    from ..cluster import Cluster
-    from ..model import DiskSpec
-    from ..vm import VM
+    from ...core.cluster import Cluster
+    from ...core.model import DiskSpec
+    from ...core.vm import VM
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ class ShimProcess:
             raise ShimProcessError(f"control socket path too long: {self.control_path}")
         self.log_path = Path(log_path) if log_path else Path(f"{self.socket_path}.log")
         self.export_name = export_name
-        self.argv = [python, "-m", "hvsim.shim", "serve", "--socket", str(self.socket_path),
+        self.argv = [python, "-m", "hvsim.drivers.shim", "serve", "--socket", str(self.socket_path),
                      "--backing", str(self.backing), "--control", str(self.control_path),
                      "--name", export_name, "--latency-ms", repr(float(latency_ms)),
                      "--prefetch-concurrency", str(prefetch_concurrency)]

@@ -1,0 +1,1 @@
+"""User-level drivers: processes that back a VM's devices, each a core component."""
