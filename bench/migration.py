@@ -39,7 +39,7 @@ QUICK_CELLS = [(128, 0.7), (128, 1.2)]
 
 
 async def run_cell(cl: Any, idx: int, wss: int, rho: float, details: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from hvsim.migration import MigrationError
+    from hvsim.migration import MigrationError, start_migration
     from hvsim.core.model import VMSpec
 
     rate = round(rho * GOODPUT_MIB_S, 1)
@@ -51,7 +51,7 @@ async def run_cell(cl: Any, idx: int, wss: int, rho: float, details: list[dict[s
     for policy in POLICIES:
         dest = "h1" if vm.host.name == "h0" else "h0"
         params = STEPWISE if policy == "stepwise" else {}
-        m = vm.start_migration(dest, policy=policy, timeout=TIMEOUT_S[policy], policy_params=params)
+        m = start_migration(vm, dest, policy=policy, timeout=TIMEOUT_S[policy], policy_params=params)
         try:
             await m.wait()
         except MigrationError as exc:
@@ -116,7 +116,7 @@ async def run(quick: bool) -> dict[str, Any]:
     async with Underlay(["h0", "h1"], mbit=LINK_MBIT) as ul:
         async with Cluster("bench-mig") as cl:
             for h in ("h0", "h1"):
-                cl.add_host(HostSpec(h, vcpus=4, memory_mib=2048), netns=ul.host_ns(h))
+                cl.add_host(HostSpec(h, vcpus=4, memory_mib=2048), network=ul.host_network(h))
             for i, (wss, rho) in enumerate(cells_spec):
                 t0 = time.monotonic()
                 cells += await run_cell(cl, i, wss, rho, details)

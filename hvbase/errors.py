@@ -51,8 +51,10 @@ class StateError(HvsimError):
     ``allowed`` (the states the operation is allowed from, or the states the object may move to)
     and ``action`` (the operation, or ``None`` for a plain transition)."""
 
-    def __init__(self, obj: str, state: Any, allowed: Collection[Any], action: str | None = None,
+    def __init__(self, obj: str, state: Any = None, allowed: Collection[Any] = (), action: str | None = None,
                  target: Any = None, message: str | None = None) -> None:
+        if state is None and not allowed and action is None and target is None and message is None:
+            message = obj    # StateError("a sentence") for callers that know no more than that
         self.obj = obj
         self.state = state
         self.allowed = tuple(allowed)

@@ -39,7 +39,7 @@ class SubscriptionClosed(HvsimError):
 class Subscription(Generic[T]):
     """One subscriber's view of a bus. Create it with :meth:`EventBus.subscribe`."""
 
-    def __init__(self, bus: "EventBus[T]", name: str, kinds: tuple[type, ...] | None,
+    def __init__(self, bus: EventBus[T], name: str, kinds: tuple[type, ...] | None,
                  predicate: Callable[[T], bool] | None, callback: Callable[[T], None] | None,
                  maxsize: int) -> None:
         self.bus = bus
@@ -123,16 +123,16 @@ class Subscription(Generic[T]):
         """Leave the bus. Items already queued can still be read; then ``get`` raises."""
         if not self.closed:
             self.closed = True
-            self.bus._remove(self)
+            self.bus._remove(self)  # noqa: SLF001 (bus and subscription are one unit)
             self._wake()
 
-    def __enter__(self) -> "Subscription[T]":
+    def __enter__(self) -> Subscription[T]:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    async def __aenter__(self) -> "Subscription[T]":
+    async def __aenter__(self) -> Subscription[T]:
         return self
 
     async def __aexit__(self, et: type[BaseException] | None, ev: BaseException | None,
@@ -157,7 +157,7 @@ class EventBus(Generic[T]):
         if self._history is not None:
             self._history.append(item)
         for sub in list(self._subs.values()):
-            sub._offer(item)
+            sub._offer(item)  # noqa: SLF001 (bus and subscription are one unit)
 
     def subscribe(self, name: str, *, kinds: Iterable[type] | None = None,
                   filter: Callable[[T], bool] | None = None, callback: Callable[[T], None] | None = None,
@@ -172,7 +172,7 @@ class EventBus(Generic[T]):
             return sub
         if replay and self._history is not None:
             for item in list(self._history):
-                sub._offer(item)
+                sub._offer(item)  # noqa: SLF001 (bus and subscription are one unit)
         self._subs[id(sub)] = sub
         return sub
 

@@ -20,8 +20,13 @@ Per VM, the state is explicit (:class:`MemoryState`)::
 Anything else (restore while FULL, a second operation while one runs) raises
 :class:`MemoryStateError`. A new QEMU instance (restart) resets the state from the balloon.
 
-Guest-side helpers (through the agent): :func:`setup_guest_swap` (find the disk by its virtio
-serial, mkswap, swapon, set ``vm.page-cluster``), :func:`guest_swap_stats`, :func:`guest_swap_back`.
+The prefetch goes to every component of the VM that implements the core's
+:class:`~hvsim.core.components.SwapBackend` protocol (the swap shim does); this module knows no driver.
+The controller is per-VM state owned by the VM (``vm.extension("memory", ...)``), serialisable.
+
+Guest-side helpers (through the agent) live in :mod:`hvsim.guest.swap` and are re-exported here:
+:func:`setup_guest_swap` (find the disk by its virtio serial, mkswap, swapon, set ``vm.page-cluster``),
+:func:`guest_swap_stats`, :func:`guest_swap_back`.
 
 Errors::
 
@@ -32,27 +37,32 @@ Errors::
           +-- MemoryOpError             a consolidation or restore failed
                +-- BalloonUnavailable   VM without a balloon, or the guest driver is not active
                +-- MemoryTimeoutError   the guest did not get there in time (says how far it got)
-               +-- GuestSwapError       guest swap setup or query failed
+          +-- GuestSwapError            guest swap setup or query failed (hvsim.guest.swap)
 """
 from __future__ import annotations
 
 import asyncio
 import enum
 import logging
-import re
-import shlex
 import time
-import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from hvbase.errors import HvsimError
+from hvbase.fsm import StateMachine
 from qmp_bridge.errors import QEMUBridgeError
 
-from .core.errors import AgentError, IllegalTransitionError, SpecError, VMError
+from .core.components import SwapBackend
+from .core.errors import IllegalTransitionError, SpecError, VMError
 from .core.lifecycle import VMState
+from .core.vm import VM
+from .guest.swap import (GuestSwap, GuestSwapError, find_guest_disk, guest_swap_back, guest_swap_stats,
+                         setup_guest_swap)
 
-if TYPE_CHECKING:
-    from .core.vm import VM
+__all__ = ["MemoryState", "MemoryResult", "MemoryController", "MemoryOpError", "BalloonUnavailable",
+           "MemoryTimeoutError", "MemoryStateError", "GuestSwapError", "GuestSwap", "memory_controller",
+           "memory_state", "consolidate_memory", "restore_memory", "prefetch_swap", "find_guest_disk",
+           "setup_guest_swap", "guest_swap_stats", "guest_swap_back"]
 
 log = logging.getLogger("hvsim.memory")
 
@@ -77,10 +87,6 @@ class MemoryTimeoutError(MemoryOpError):
     """The guest did not give up (or take back) the memory in time."""
 
 
-class GuestSwapError(MemoryOpError):
-    """Setting up or reading the guest's swap failed."""
-
-
 class MemoryStateError(IllegalTransitionError):
     """A memory operation that is not legal in the VM's current memory state."""
 
@@ -99,11 +105,6 @@ TRANSITIONS: dict[MemoryState, frozenset[MemoryState]] = {
     M.CONSOLIDATED: frozenset({M.CONSOLIDATING, M.RESTORING}),
     M.RESTORING: frozenset({M.FULL, M.CONSOLIDATED}),
 }
-
-
-def check_memory_transition(vm: str, old: MemoryState, new: MemoryState) -> None:
-    if new not in TRANSITIONS[old]:
-        raise MemoryStateError(f"vm {vm!r}: memory cannot go {old.value} -> {new.value}")
 
 
 @dataclass(frozen=True)
@@ -130,24 +131,31 @@ class MemoryResult:
 class MemoryController:
     """Per-VM memory state and the balloon operations (one operation at a time)."""
 
-    def __init__(self, vm: "VM") -> None:
+    def __init__(self, vm: VM) -> None:
         self.vm = vm
-        self.state = MemoryState.FULL
+        self.fsm = self._machine(MemoryState.FULL)
         self.generation = vm.generation
         self.target_mib: int | None = None
         self.reached_mib: float = float(vm.spec.memory_mib)
         self.guest_total_full: int | None = None  # guest-stats total (bytes) with the balloon empty
-        self.history: list[tuple[float, MemoryState, MemoryState, str]] = []
+
+    def _machine(self, initial: MemoryState) -> StateMachine[MemoryState]:
+        return StateMachine(f"memory of vm {self.vm.name!r}", initial, TRANSITIONS, error=MemoryStateError, log=log)
+
+    @property
+    def state(self) -> MemoryState:
+        return self.fsm.state
 
     @property
     def full_mib(self) -> int:
         return self.vm.spec.memory_mib
 
     def _set(self, new: MemoryState, why: str) -> None:
-        check_memory_transition(self.vm.name, self.state, new)
-        self.history.append((time.time(), self.state, new, why))
-        log.info("vm %s memory: %s -> %s (%s)", self.vm.name, self.state.value, new.value, why)
-        self.state = new
+        self.fsm.set(new, why)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"state": self.state.value, "generation": self.generation, "target_mib": self.target_mib,
+                "reached_mib": self.reached_mib, "guest_total_full": self.guest_total_full}
 
     # -- QMP helpers -----------------------------------------------------------------------------
     async def _qmp(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
@@ -179,10 +187,10 @@ class MemoryController:
                                      f"cannot {op} memory")
         if vm.state is not VMState.RUNNING:
             raise MemoryStateError(f"cannot {op} memory of vm {vm.name!r}: it is {vm.state.value}, not running")
-        if vm.generation != self.generation:  # a new QEMU: its balloon decides where we are
+        if vm.generation != self.generation:  # a new QEMU instance: its balloon decides where we are
             self.generation = vm.generation
             actual = await self._actual()
-            self.state = MemoryState.FULL if actual >= self.full_mib * MIB else MemoryState.CONSOLIDATED
+            self.fsm = self._machine(MemoryState.FULL if actual >= self.full_mib * MIB else MemoryState.CONSOLIDATED)
             self.reached_mib = actual / MIB
             self.guest_total_full = None
 
@@ -286,11 +294,11 @@ class MemoryController:
         try:
             if prefetch:  # first: the prefetch overlaps the deflation and the guest's first faults
                 skip = 0
-                if swap_cache_hint and len(vm.shims) == 1:
+                if swap_cache_hint and len(swap_backends(vm)) == 1:
                     # pages written to swap but still in the guest's swap cache are never read back;
                     # they are the last ones written: the shim leaves that many of its newest out
                     skip = (await _swap_stats_or_none(vm)).get("swap_cached_bytes", 0) // PAGE
-                answers = await prefetch_shims(vm, budget, skip_recent_pages=skip)
+                answers = await prefetch_swap(vm, budget, skip_recent_pages=skip)
             await self._enable_stats()
             full = self.full_mib * MIB
             await self._qmp("balloon", {"value": full})
@@ -310,27 +318,21 @@ class MemoryController:
                             budget if prefetch else 0, answers)
 
 
-_CONTROLLERS: "weakref.WeakKeyDictionary[Any, MemoryController]" = weakref.WeakKeyDictionary()
+def memory_controller(vm: VM) -> MemoryController:
+    """The VM's memory controller (per-VM state owned by the VM; created on first use)."""
+    return vm.extension("memory", MemoryController)
 
 
-def memory_controller(vm: "VM") -> MemoryController:
-    """The VM's memory controller (created on first use)."""
-    ctl = _CONTROLLERS.get(vm)
-    if ctl is None:
-        ctl = _CONTROLLERS[vm] = MemoryController(vm)
-    return ctl
-
-
-def memory_state(vm: "VM") -> MemoryState:
+def memory_state(vm: VM) -> MemoryState:
     return memory_controller(vm).state
 
 
-async def consolidate_memory(vm: "VM", target_mib: int, timeout: float = 120.0) -> MemoryResult:
+async def consolidate_memory(vm: VM, target_mib: int, timeout: float = 120.0) -> MemoryResult:
     """Inflate the balloon until the guest has given its memory down to ``target_mib``."""
     return await memory_controller(vm).consolidate(target_mib, timeout=timeout)
 
 
-async def restore_memory(vm: "VM", timeout: float = 120.0, prefetch: bool = True,
+async def restore_memory(vm: VM, timeout: float = 120.0, prefetch: bool = True,
                          swap_cache_hint: bool = True) -> MemoryResult:
     """Give the guest its full memory back; with ``prefetch`` the shims prefetch within the budget.
 
@@ -339,117 +341,25 @@ async def restore_memory(vm: "VM", timeout: float = 120.0, prefetch: bool = True
     return await memory_controller(vm).restore(timeout=timeout, prefetch=prefetch, swap_cache_hint=swap_cache_hint)
 
 
-async def prefetch_shims(vm: "VM", budget_bytes: int, wait: bool = False,
-                         skip_recent_pages: int = 0) -> dict[str, Any]:
-    """Ask every shim of ``vm`` to prefetch its recorded swap pages within ``budget_bytes`` each."""
-    from .drivers.shim.errors import ShimError
+def swap_backends(vm: VM) -> list[SwapBackend]:
+    """The VM's components that back guest swap (the core's SwapBackend protocol)."""
+    return [c for c in vm.components.values() if isinstance(c, SwapBackend)]
+
+
+async def prefetch_swap(vm: VM, budget_bytes: int, skip_recent_pages: int = 0) -> dict[str, Any]:
+    """Ask every swap-backing component of ``vm`` to prefetch what the guest swapped out, within
+    ``budget_bytes`` each; their answers by component id."""
     answers: dict[str, Any] = {}
-    for disk, shim in vm.shims.items():
+    for comp in swap_backends(vm):
+        cid = getattr(comp, "id", repr(comp))
         try:
-            answers[disk] = await shim.control.prefetch(budget_bytes, wait=wait,
-                                                        skip_recent_pages=skip_recent_pages or None)
-        except ShimError as exc:
-            raise MemoryOpError(f"vm {vm.name!r}: shim of disk {disk!r} refused the prefetch: {exc}") from exc
+            answers[cid] = await comp.prefetch(budget_bytes, skip_recent_pages=skip_recent_pages)
+        except HvsimError as exc:
+            raise MemoryOpError(f"vm {vm.name!r}: {cid} refused the prefetch: {exc}") from exc
     return answers
 
 
-# -- guest side (agent) ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class GuestSwap:
-    device: str        # e.g. /dev/vda
-    size_bytes: int
-    page_cluster: int
-
-
-async def find_guest_disk(vm: "VM", serial: str, timeout: float = 30.0) -> str:
-    """The guest block device (``/dev/vdX``) whose virtio serial is ``serial``."""
-    script = ("for d in /sys/block/vd*; do [ \"$(cat $d/serial 2>/dev/null)\" = " + shlex.quote(serial) +
-              " ] && echo ${d##*/}; done; true")
-    res = await _exec(vm, script, timeout)
-    names = res.stdout.split()
-    if len(names) != 1:
-        raise GuestSwapError(f"vm {vm.name!r}: expected one disk with serial {serial!r}, found {names or 'none'}")
-    return f"/dev/{names[0]}"
-
-
-async def setup_guest_swap(vm: "VM", disk: str = "swap", page_cluster: int = 0, serial: str | None = None,
-                           timeout: float = 60.0) -> GuestSwap:
-    """mkswap + swapon on the VM's disk ``disk`` (found by its serial ``disk-<name>``)."""
-    if isinstance(page_cluster, bool) or not isinstance(page_cluster, int) or not 0 <= page_cluster <= 10:
-        raise SpecError(f"page_cluster must be an integer 0..10 (log2 pages per swap read), got {page_cluster!r}")
-    dev = await find_guest_disk(vm, serial or f"disk-{disk}", timeout)
-    q = shlex.quote(dev)
-    res = await _exec(vm, f"mkswap {q} >/dev/null && swapon {q} && echo {page_cluster} > /proc/sys/vm/page-cluster"
-                          f" && cat /proc/swaps", timeout)
-    if res.exit_code != 0:
-        raise GuestSwapError(f"vm {vm.name!r}: swap setup on {dev} failed ({res.exit_code}): "
-                             f"{(res.stderr or res.stdout).strip()[-300:]}")
-    size = 0
-    for line in res.stdout.splitlines()[1:]:
-        parts = line.split()
-        if parts and parts[0] == dev:
-            size = int(parts[2]) * 1024
-    if not size:
-        raise GuestSwapError(f"vm {vm.name!r}: swapon {dev} did not show up in /proc/swaps:\n{res.stdout}")
-    return GuestSwap(dev, size, page_cluster)
-
-
-_VMSTAT = re.compile(r"^(pswpin|pswpout) (\d+)$", re.M)
-
-
-async def guest_swap_stats(vm: "VM", timeout: float = 30.0) -> dict[str, int]:
-    """``swap_used_bytes`` (all swap areas), ``swap_cached_bytes`` (swapped pages still resident),
-    ``pswpin``/``pswpout`` (pages, since boot)."""
-    res = await _exec(vm, "cat /proc/swaps; grep -E '^pswp(in|out) ' /proc/vmstat; grep '^SwapCached:' /proc/meminfo",
-                      timeout)
-    used = 0
-    for line in res.stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 5 and parts[0].startswith("/") and parts[3].isdigit():
-            used += int(parts[3]) * 1024
-    out = {"swap_used_bytes": used}
-    cached = re.search(r"^SwapCached:\s+(\d+) kB", res.stdout, re.M)
-    if cached:
-        out["swap_cached_bytes"] = int(cached.group(1)) * 1024
-    for name, value in _VMSTAT.findall(res.stdout):
-        out[name] = int(value)
-    if "pswpin" not in out:
-        raise GuestSwapError(f"vm {vm.name!r}: no pswpin in /proc/vmstat:\n{res.stdout[-300:]}")
-    return out
-
-
-async def guest_swap_back(vm: "VM", device: str, page_cluster: int | None = 5, restore_page_cluster: int = 0,
-                          timeout: float = 300.0) -> float:
-    """Have the guest pull its swapped pages back in (swapoff), then re-enable the swap area.
-
-    Used after a restore: the reads hit the shim's prefetched cache. ``page_cluster`` raises the
-    guest's swap readahead for the swapoff only (5: 32 pages, one 128 KiB request instead of 32
-    round trips; swap slots were allocated in sequential clusters), then ``restore_page_cluster``
-    is set again. ``None`` keeps the current setting. Returns the host-measured seconds."""
-    for v in (page_cluster, restore_page_cluster):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 10):
-            raise SpecError(f"page cluster must be an integer 0..10, got {v!r}")
-    q = shlex.quote(device)
-    pc = "/proc/sys/vm/page-cluster"
-    cmd = f"swapoff {q} && swapon {q}"
-    if page_cluster is not None:
-        cmd = f"echo {page_cluster} > {pc} && {cmd}; rc=$?; echo {restore_page_cluster} > {pc}; exit $rc"
-    t0 = time.monotonic()
-    res = await _exec(vm, cmd, timeout)
-    if res.exit_code != 0:
-        raise GuestSwapError(f"vm {vm.name!r}: swapoff/swapon {device} failed: {(res.stderr or res.stdout).strip()}")
-    return time.monotonic() - t0
-
-
-async def _exec(vm: "VM", cmd: str, timeout: float) -> Any:
-    try:
-        return await vm.exec(cmd, timeout=timeout)
-    except AgentError as exc:
-        raise GuestSwapError(f"vm {vm.name!r}: guest command failed: {exc}") from exc
-
-
-async def _swap_stats_or_none(vm: "VM") -> dict[str, int]:
+async def _swap_stats_or_none(vm: VM) -> dict[str, int]:
     try:
         return await guest_swap_stats(vm, timeout=15.0)
     except (GuestSwapError, IllegalTransitionError) as exc:

@@ -1,6 +1,6 @@
 """qmp_bridge: the only code that starts QEMU or speaks QMP."""
 from .client import EventSubscription, QMPSession
-from .errors import (CommandNotFoundError, DeviceNotActiveError, DeviceNotFoundError, GenericError,
+from .errors import (CommandNotFoundError, DeviceNotActiveError, DeviceNotFoundError, GenericError, ProcessStateError,
                      LaunchError, QEMUBridgeError, QEMUExitedError, QMPCommandError, QMPConnectionError,
                      QMPTimeoutError)
 from .machine import Drive, MachineSpec, MachineSpecError, Nic, SerialPort, build_argv
@@ -10,5 +10,5 @@ __all__ = [
     "EventSubscription", "QMPSession", "CommandNotFoundError", "DeviceNotActiveError",
     "DeviceNotFoundError", "GenericError", "LaunchError", "QEMUBridgeError", "QEMUExitedError",
     "QMPCommandError", "QMPConnectionError", "QMPTimeoutError", "Drive", "MachineSpec",
-    "MachineSpecError", "Nic", "SerialPort", "build_argv", "ProcState", "QemuProcess",
+    "MachineSpecError", "Nic", "SerialPort", "build_argv", "ProcState", "QemuProcess", "ProcessStateError",
 ]

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.error import QMPError
 
+from hvbase.events import EventBus, Subscription
+
 from .errors import QEMUExitedError, QMPConnectionError, QMPTimeoutError, command_error
 
 T = TypeVar("T")
@@ -42,28 +44,23 @@ class _LoggingQMPClient(QMPClient):
 
 
 class EventSubscription:
-    """A filtered queue of QMP events. Use ``await sub.get(timeout)`` or ``async for``."""
+    """A filtered subscription to one session's QMP events, on the session's event bus
+    (``hvbase.events``). ``await sub.get(timeout)`` (raced against QEMU's exit), ``async for``,
+    ``get_nowait()``; use it as a context manager so it cannot leak."""
 
-    def __init__(self, session: "QMPSession", names: frozenset[str] | None,
-                 match: dict[str, Any] | None, predicate: Callable[[dict[str, Any]], bool] | None) -> None:
+    def __init__(self, session: QMPSession, sub: Subscription[dict[str, Any]]) -> None:
         self._session = session
-        self.names = names
-        self.match = match or {}
-        self.predicate = predicate
-        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._sub = sub
 
-    def accepts(self, event: dict[str, Any]) -> bool:
-        if self.names is not None and event.get("event") not in self.names:
-            return False
-        data = event.get("data", {}) or {}
-        for k, v in self.match.items():
-            if data.get(k) != v:
-                return False
-        return self.predicate(event) if self.predicate else True
+    @property
+    def name(self) -> str:
+        return self._sub.name
+
+    def get_nowait(self) -> dict[str, Any] | None:
+        return self._sub.get_nowait()
 
     async def get(self, timeout: float | None = None) -> dict[str, Any]:
-        what = f"event {sorted(self.names) if self.names else 'any'}"
-        return await self._session.race(self.queue.get(), what, timeout)
+        return await self._session.race(self._sub.get(), f"QMP {self._sub.name}", timeout)
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         return self._iter()
@@ -73,27 +70,39 @@ class EventSubscription:
             yield await self.get()
 
     def close(self) -> None:
-        self._session._subs.discard(self)
+        self._sub.close()
 
-    def __enter__(self) -> "EventSubscription":
+    def __enter__(self) -> EventSubscription:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
 
+def _matcher(names: frozenset[str] | None, match: dict[str, Any],
+             predicate: Callable[[dict[str, Any]], bool] | None) -> Callable[[dict[str, Any]], bool]:
+    def accepts(event: dict[str, Any]) -> bool:
+        if names is not None and event.get("event") not in names:
+            return False
+        data = event.get("data", {}) or {}
+        if any(data.get(k) != v for k, v in match.items()):
+            return False
+        return predicate(event) if predicate else True
+    return accepts
+
+
 class QMPSession:
     """One QMP connection to one QEMU process."""
 
     def __init__(self, name: str, log_path: Path | None = None,
-                 exited: "asyncio.Future[int] | None" = None,
+                 exited: asyncio.Future[int] | None = None,
                  console_tail: Callable[[], str] | None = None) -> None:
         self.name = name
         self._log_file = open(log_path, "a", buffering=1) if log_path else None
         self._qmp = _LoggingQMPClient(name, self._traffic)
         self._exited = exited
         self._console_tail = console_tail or (lambda: "")
-        self._subs: set[EventSubscription] = set()
+        self.events: EventBus[dict[str, Any]] = EventBus(f"qmp {name}")
         self._dispatcher: asyncio.Task[None] | None = None
         self.log = log.getChild(name)
 
@@ -115,10 +124,7 @@ class QMPSession:
 
     async def _dispatch(self) -> None:
         async for msg in self._qmp.events:
-            event = dict(msg)
-            for sub in list(self._subs):
-                if sub.accepts(event):
-                    sub.queue.put_nowait(event)
+            self.events.publish(dict(msg))
 
     async def race(self, aw: Awaitable[T], what: str, timeout: float | None) -> T:
         """Await ``aw`` but give up on timeout or when QEMU exits, with typed errors."""
@@ -160,9 +166,9 @@ class QMPSession:
         """Start queueing matching events now (subscribe before triggering what you wait for)."""
         if isinstance(names, str):
             names = [names]
-        sub = EventSubscription(self, frozenset(names) if names else None, match, predicate)
-        self._subs.add(sub)
-        return sub
+        wanted = frozenset(names) if names else None
+        label = ",".join(sorted(wanted)) if wanted else "any event"
+        return EventSubscription(self, self.events.subscribe(label, filter=_matcher(wanted, match or {}, predicate)))
 
     async def wait_event(self, names: str | list[str], match: dict[str, Any] | None = None,
                          timeout: float | None = DEFAULT_TIMEOUT,
@@ -180,10 +186,11 @@ class QMPSession:
     async def close(self) -> None:
         try:
             await asyncio.wait_for(self._qmp.disconnect(), 5)
-        except (QMPError, OSError, EOFError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, QMPError, OSError, EOFError) as exc:
             self.log.debug("disconnect: %r", exc)
         if self._dispatcher is not None:
             self._dispatcher.cancel()
             await asyncio.gather(self._dispatcher, return_exceptions=True)
+        self.events.close()
         if self._log_file:
             self._log_file.close()

@@ -1,6 +1,9 @@
-"""Errors raised by qmp_bridge. One tree; the root cause is always kept as ``__cause__``.
+"""Errors raised by qmp_bridge. One tree under hvsim's root (``hvbase.errors.HvsimError``); the root
+cause is always kept as ``__cause__``.
 
-    QEMUBridgeError
+    HvsimError (hvbase)
+     +-- ProcessStateError      an operation not allowed in the QEMU process's state (a StateError)
+     +-- QEMUBridgeError
      +-- LaunchError            QEMU did not start (exit code, argv, console tail)
      +-- QEMUExitedError        QEMU died while we were waiting on it
      +-- QMPConnectionError     the QMP session broke or could not be set up
@@ -9,14 +12,23 @@
      |    +-- GenericError, CommandNotFoundError, DeviceNotFoundError,
      |        DeviceNotActiveError, KVMMissingCapError   (by QMP error class)
      +-- AccelProbeError        the accelerator probe itself failed to run
+    InputError (hvbase)
+     +-- MachineSpecError       (qmp_bridge.machine) a machine description QEMU could not run
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
+
+from hvbase.errors import HvsimError, StateError
 
 
-class QEMUBridgeError(Exception):
-    """Root of every error raised by qmp_bridge."""
+class QEMUBridgeError(HvsimError):
+    """Root of qmp_bridge's own errors (under hvsim's root)."""
+
+
+class ProcessStateError(StateError):
+    """A QEMU process operation (launch, ...) not allowed in its current state."""
 
 
 class LaunchError(QEMUBridgeError):

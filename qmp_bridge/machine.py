@@ -6,10 +6,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from hvbase.errors import InputError
+
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 
 
-class MachineSpecError(ValueError):
+class MachineSpecError(InputError):
     """A machine description that QEMU could not run."""
 
 

@@ -18,8 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from hvbase.fsm import StateMachine
+
 from .client import QMPSession
-from .errors import LaunchError, QEMUBridgeError
+from .errors import LaunchError, ProcessStateError, QEMUBridgeError
 from .machine import MachineSpec, build_argv
 
 log = logging.getLogger("qmp_bridge.process")
@@ -39,6 +41,19 @@ def die_with_parent() -> Callable[[], None]:
             os._exit(126)
         if os.getppid() != parent:
             os._exit(1)
+    return preexec
+
+
+# QEMU creates its chardev sockets (agent, heartbeat) and logs with this umask: sockets 0600
+QEMU_UMASK = 0o177
+
+
+def _qemu_preexec() -> Callable[[], None]:
+    die = die_with_parent()
+
+    def preexec() -> None:
+        die()
+        os.umask(QEMU_UMASK)
     return preexec
 
 
@@ -62,6 +77,16 @@ class ProcState(enum.Enum):
     EXITED = "exited"
 
 
+P = ProcState
+PROC_TRANSITIONS: dict[ProcState, frozenset[ProcState]] = {
+    P.NEW: frozenset({P.STARTING, P.EXITED}),
+    P.STARTING: frozenset({P.RUNNING, P.STOPPING, P.EXITED}),
+    P.RUNNING: frozenset({P.STOPPING, P.EXITED}),
+    P.STOPPING: frozenset({P.EXITED}),
+    P.EXITED: frozenset(),
+}
+
+
 class QemuProcess:
     """One QEMU process for ``spec``, with files under ``run_dir``.
 
@@ -74,7 +99,8 @@ class QemuProcess:
         self.run_dir = Path(run_dir)
         self.netns = netns
         self.binary = binary
-        self.state = ProcState.NEW
+        self.fsm: StateMachine[ProcState] = StateMachine(f"QEMU of {spec.name!r}", P.NEW, PROC_TRANSITIONS,
+                                                         error=ProcessStateError, log=log)
         self.console_log = Path(spec.console_log)
         self.qemu_log = self.run_dir / "qemu.log"
         self.qmp_log = self.run_dir / "qmp.log"
@@ -85,6 +111,10 @@ class QemuProcess:
         self.expected_exit = False
         self.started_at = 0.0
         self._watch: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> ProcState:
+        return self.fsm.state
 
     @property
     def pid(self) -> int | None:
@@ -98,9 +128,10 @@ class QemuProcess:
         return tail(self.console_log, lines)
 
     async def launch(self, timeout: float = 30.0) -> QMPSession:
-        if self.state is not ProcState.NEW:
-            raise QEMUBridgeError(f"{self.spec.name}: launch() in state {self.state.value}")
-        self.state = ProcState.STARTING
+        """Start QEMU and connect QMP. LaunchError (exit code, argv, output, console tail) if QEMU
+        does not come up, or dies before launch() returns."""
+        self.fsm.require("launch", P.NEW)
+        self.fsm.set(P.STARTING, "launch")
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -112,11 +143,11 @@ class QemuProcess:
                 out.flush()
                 self.proc = await asyncio.create_subprocess_exec(
                     *full, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                    pass_fds=(theirs.fileno(),), preexec_fn=die_with_parent(), start_new_session=True)
+                    pass_fds=(theirs.fileno(),), preexec_fn=_qemu_preexec(), start_new_session=True)
             self.started_at = time.monotonic()
         except BaseException:
             ours.close()
-            self.state = ProcState.EXITED
+            self.fsm.set(P.EXITED, "could not execute QEMU")
             raise
         finally:
             theirs.close()
@@ -129,20 +160,25 @@ class QemuProcess:
             await self.kill()
             raise
         except QEMUBridgeError as exc:
-            code = None
             if not self.exited.done():
                 await self.kill()
-            code = self.returncode
-            raise LaunchError(f"QEMU for {self.spec.name!r} failed to start", argv=self.argv,
-                              exit_code=code, console_tail=self.console_tail(),
-                              log_tail=tail(self.qemu_log, 20)) from exc
-        self.state = ProcState.RUNNING
+            raise self._launch_error("failed to start") from exc
+        # the exit watcher may have seen QEMU die while we awaited the QMP handshake: never
+        # overwrite its EXITED with RUNNING (compare-and-set)
+        if not self.fsm.set_if({P.STARTING}, P.RUNNING, "QMP connected"):
+            await self._close_qmp()
+            raise self._launch_error("exited right after it started")
         return self.qmp
+
+    def _launch_error(self, what: str) -> LaunchError:
+        return LaunchError(f"QEMU for {self.spec.name!r} {what}", argv=self.argv, exit_code=self.returncode,
+                           console_tail=self.console_tail(), log_tail=tail(self.qemu_log, 20))
 
     async def _watch_exit(self) -> None:
         assert self.proc is not None
         code = await self.proc.wait()
-        self.state = ProcState.EXITED
+        if self.fsm.state is not P.EXITED:
+            self.fsm.set(P.EXITED, f"exit code {code}")
         if not self.exited.done():
             self.exited.set_result(code)
         lvl = logging.INFO if self.expected_exit else logging.WARNING
@@ -154,11 +190,12 @@ class QemuProcess:
     async def stop(self, quit_timeout: float = 5.0, term_timeout: float = 5.0) -> int:
         """Graceful (QMP quit), then SIGTERM, then SIGKILL. Returns the exit code."""
         if self.proc is None:
-            self.state = ProcState.EXITED
+            if self.fsm.state is P.NEW:
+                self.fsm.set(P.EXITED, "stopped before launch")
             return 0
         self.expected_exit = True
         if not self.exited.done():
-            self.state = ProcState.STOPPING
+            self.fsm.set_if({P.STARTING, P.RUNNING}, P.STOPPING, "stop")
             if self.qmp is not None and self.qmp.connected:
                 try:
                     await self.qmp.execute("quit", timeout=quit_timeout)
@@ -166,13 +203,13 @@ class QemuProcess:
                     pass  # it may have died on the way; the escalation below settles it
                 try:
                     await self.wait_exit(quit_timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             if not self.exited.done():
                 self._signal(signal.SIGTERM)
                 try:
                     await self.wait_exit(term_timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
             if not self.exited.done():
                 await self.kill()

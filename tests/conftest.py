@@ -1,17 +1,17 @@
-"""Shared test plumbing.
+"""Shared test plumbing. The fixtures come from hvsim's own pytest plugin (``hvsim.testing.plugin``,
+loaded through its ``pytest11`` entry point): ``hvsim_cluster``, ``hvsim_underlay``, ``hvsim_vm``,
+``hvsim_artifacts``. Here only what is particular to this repository:
 
 - HIL tests (marker ``hil``) need QEMU and the guest images. Outside CI they are skipped when
   those are missing; with HVSIM_REQUIRE_HIL=1 (set by .ci/run) a missing prerequisite or any
   skipped HIL test fails the run: a skipped HIL test is not a pass.
-- The ``cluster`` fixture always tears down what it made; when the test fails it first copies
-  every guest console, QEMU and QMP log into test-results/<test id>/.
+- ``cluster``: one cluster from the plugin's factory (torn down and checked for leftovers by it).
 """
 from __future__ import annotations
 
 import os
-import re
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,6 @@ import pytest
 from hvsim.core.cluster import Cluster, images_dir
 
 REPO = Path(__file__).resolve().parent.parent
-RESULTS = REPO / "test-results"
 REQUIRE_HIL = os.environ.get("HVSIM_REQUIRE_HIL") == "1" or os.environ.get("CI") == "true"
 _skipped_hil: list[str] = []
 
@@ -44,13 +43,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"HIL prerequisite missing: {missing}"))
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    outcome = yield
-    rep = outcome.get_result()
-    setattr(item, f"rep_{rep.when}", rep)
-    if "hil" in item.keywords and rep.skipped:
-        _skipped_hil.append(item.nodeid)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and "hil" in report.keywords:
+        _skipped_hil.append(report.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -61,25 +56,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
 
 
-def results_dir(request: pytest.FixtureRequest) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid)
-    return RESULTS / safe
-
-
-def test_failed(request: pytest.FixtureRequest) -> bool:
-    for when in ("setup", "call"):
-        rep = getattr(request.node, f"rep_{when}", None)
-        if rep is not None and rep.failed:
-            return True
-    return False
-
-
 @pytest.fixture
-async def cluster(request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
-    cl = Cluster("test")
-    try:
-        yield cl
-    finally:
-        if test_failed(request):
-            cl.keep_logs(results_dir(request))
-        await cl.close()
+async def cluster(hvsim_cluster: Callable[..., Awaitable[Cluster]]) -> Cluster:
+    return await hvsim_cluster("test")

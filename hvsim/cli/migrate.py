@@ -9,10 +9,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..migration.engine import Migration
-from ..migration.errors import MigrationError
-from ..migration.measure import MigrationResult
-from ..migration.policies.base import policy_names
+from ..migration import Migration, MigrationError, MigrationResult, policy_names, start_migration
 
 MIB = 2**20
 
@@ -30,7 +27,7 @@ async def follow(m: Migration, console: Console) -> MigrationResult | None:
                        "downtime~{task.fields[pred]}"),
             TimeElapsedColumn()]
     with Progress(*cols, console=console, transient=False) as bar:
-        task = bar.add_task(f"{m.vm.name}->{m.dest.name}", total=1.0,
+        task = bar.add_task(f"{m.vm_name}->{m.dest.name}", total=1.0,
                             state="preparing", passes=0, sent="0", left="-", dirty="-", bw="-", pred="-")
         async for p in m:
             done = 1.0 - (p.remaining / p.total if p.total and p.passes <= 1 else 0.0)
@@ -90,13 +87,14 @@ def migrate_cmd(policy: str = typer.Option("hvsim-predictive", "--policy", help=
         async with Underlay(["host-a", "host-b"], mbit=link_mbit) as ul:
             async with Cluster("cli-mig") as cl:
                 for h in ("host-a", "host-b"):
-                    cl.add_host(HostSpec(h, vcpus=2, memory_mib=max(1024, memory_mib + 256)), netns=ul.host_ns(h))
+                    cl.add_host(HostSpec(h, vcpus=2, memory_mib=max(1024, memory_mib + 256)),
+                                network=ul.host_network(h))
                 vm = await cl.define_vm(VMSpec("guest", memory_mib=memory_mib), "host-a")
                 console.print(f"booting a {memory_mib} MiB guest on host-a (link {link_mbit:g} Mbit/s) ...")
                 await vm.start(wait_ready=True, ready_timeout=120)
                 await vm.exec(f"dirty {wss_mib} {rate:g} >/dev/null 2>&1 &", check=True)
                 await asyncio.sleep(min(20.0, wss_mib / rate + 1) if rate > 0 else 2.0)
-                m = vm.start_migration("host-b", policy=policy, timeout=timeout)
+                m = start_migration(vm, "host-b", policy=policy, timeout=timeout)
                 res = await follow(m, console)
                 r = res or m.result
                 if r is not None:

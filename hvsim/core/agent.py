@@ -33,7 +33,7 @@ class ExecResult:
     def ok(self) -> bool:
         return self.exit_code == 0
 
-    def check(self) -> "ExecResult":
+    def check(self) -> ExecResult:
         if self.exit_code != 0:
             raise AgentError(f"guest command {self.command!r} exited {self.exit_code}: "
                              f"{self.stderr.strip()[-500:] or self.stdout.strip()[-500:]}")
@@ -63,7 +63,7 @@ class GuestAgent:
             return await self._guard(aw, what, timeout)
         try:
             return await asyncio.wait_for(aw, timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise AgentTimeoutError(f"{self.vm_name}: timed out after {timeout}s waiting for {what}") from exc
 
     async def connect(self) -> None:

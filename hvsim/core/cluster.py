@@ -6,42 +6,41 @@
         await vm.start(wait_ready=True)
         print((await vm.exec("uname -r")).stdout)
 
-Leaving the ``async with`` block (normally, by exception or by cancellation) destroys every VM,
-stops every helper process and removes the private run directory.
+Leaving the ``async with`` block (normally, by exception or by cancellation) destroys every VM (a
+migration in flight is rolled back first), stops every component, runs the registered cleanups and
+removes the private run directory. The cluster owns its per-cluster state: the event bus
+(``cluster.events``), the component drivers (``add_driver``), subsystem state (``extension``, e.g. the
+learned migration costs) and the record of every process it started (``survivors()`` after close
+lists any that outlived it).
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from hvbase.events import EventBus
 from qmp_bridge.accel import choose_accel
 
+from . import procfs
 from .aio import run_to_completion
+from .components import ComponentDriver
 from .errors import NotFoundError, SpecError
-from .host import Host
-from .model import CloudSpec, DatacenterSpec, DiskSpec, HostSpec, VMSpec, check_name
-from .vm import VM, make_raw_disk
+from .events import ClusterEvent, VMDefined, VMUndefined
+from .host import Host, HostNetwork
+from .model import CloudSpec, DatacenterSpec, HostSpec, VMSpec, check_name
+from .vm import VM
 
 log = logging.getLogger("hvsim.core.cluster")
 
 REPO = Path(__file__).resolve().parents[2]
-
-
 OWNER_FILE = "owner"
-
-
-def _proc_start_time(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+T = TypeVar("T")
 
 
 def remove_stale_run_dirs(base: Path | None = None) -> list[Path]:
@@ -58,7 +57,7 @@ def remove_stale_run_dirs(base: Path | None = None) -> list[Path]:
             pid = int(pid_s)
         except (OSError, ValueError):
             continue
-        if os.path.exists(f"/proc/{pid}") and _proc_start_time(pid) == start:
+        if procfs.alive(pid, start):
             continue
         shutil.rmtree(d, ignore_errors=True)
         removed.append(d)
@@ -71,7 +70,8 @@ def images_dir() -> Path:
 
 class Cluster:
     def __init__(self, name: str = "lab", run_dir: Path | None = None, images: Path | None = None,
-                 keep_run_dir: bool = False) -> None:
+                 keep_run_dir: bool = False, drivers: tuple[ComponentDriver, ...] = (),
+                 accel: str | None = None) -> None:
         self.name = check_name("cluster", name)
         imgs = Path(images) if images else images_dir()
         self.kernel = imgs / "vmlinuz"
@@ -82,25 +82,34 @@ class Cluster:
         self.run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix=f"hvsim-{name}-"))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.run_dir, 0o700)
-        (self.run_dir / OWNER_FILE).write_text(f"{os.getpid()} {_proc_start_time(os.getpid())}\n")
+        (self.run_dir / OWNER_FILE).write_text(f"{os.getpid()} {procfs.start_time(os.getpid())}\n")
         self.keep_run_dir = keep_run_dir
+        self.events: EventBus[ClusterEvent] = EventBus(f"cluster {name}", history=2000)
         self.clouds: dict[str, CloudSpec] = {}
         self.datacenters: dict[str, DatacenterSpec] = {}
         self.hosts: dict[str, Host] = {}
         self.vms: dict[str, VM] = {}
-        self._accel: str | None = None
+        self.drivers: dict[str, ComponentDriver] = {}
+        self.extensions: dict[str, Any] = {}
+        self.processes: list[tuple[int, str, str]] = []     # (pid, start time, what) of everything started
+        if accel not in (None, "tcg", "kvm"):
+            raise SpecError(f"accel must be 'tcg', 'kvm' or None (probe), got {accel!r}")
+        self._accel: str | None = accel
         self._closers: list[Callable[[], Awaitable[Any]]] = []
         self.closed = False
+        for d in drivers:
+            self.add_driver(d)
 
     # -- context management -------------------------------------------------------------------
-    async def __aenter__(self) -> "Cluster":
+    async def __aenter__(self) -> Cluster:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     def on_close(self, closer: Callable[[], Awaitable[Any]]) -> None:
-        """Register an async cleanup (run in reverse order before the run dir is removed)."""
+        """Register an async cleanup (run in reverse order after the VMs are destroyed, before the run
+        dir is removed)."""
         self._closers.append(closer)
 
     async def close(self) -> None:
@@ -113,37 +122,72 @@ class Cluster:
         await run_to_completion(self._close())
 
     async def _close(self) -> None:
-        results = await asyncio.gather(*(vm.destroy() for vm in self.vms.values()), return_exceptions=True)
-        for vm, r in zip(list(self.vms.values()), results):
+        vms = list(self.vms.values())
+        results = await asyncio.gather(*(vm.destroy() for vm in vms), return_exceptions=True)
+        for vm, r in zip(vms, results, strict=True):
             if isinstance(r, BaseException):
                 log.error("destroy of %s during teardown failed: %r", vm.name, r)
                 if vm.process is not None:
-                    with contextlib.suppress(Exception):
-                        await vm.process.kill()
+                    await asyncio.gather(vm.process.kill(), return_exceptions=True)
         for closer in reversed(self._closers):
             try:
                 await closer()
             except Exception as exc:  # keep tearing down the rest
                 log.error("cleanup %r failed: %r", closer, exc)
+        self.events.close()
         if self._own_run_dir and not self.keep_run_dir:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        left = self.survivors()
+        if left:
+            log.error("cluster %s: processes survived its teardown: %s", self.name, ", ".join(left))
+
+    def track_process(self, pid: int, what: str) -> None:
+        """Record a process started for this cluster (QEMU, a component's driver) by pid and start time."""
+        self.processes.append((pid, procfs.start_time(pid), what))
+
+    def survivors(self) -> list[str]:
+        """Processes this cluster started that are still alive (after close(): a leak)."""
+        return [f"{what} (pid {pid})" for pid, start, what in self.processes if procfs.alive(pid, start or None)]
 
     def keep_logs(self, dest: Path) -> None:
-        """Copy every VM's console, QEMU and QMP logs into ``dest`` (for failed tests)."""
+        """Copy every VM's console, QEMU, QMP and component logs into ``dest`` (for failed tests)."""
         dest.mkdir(parents=True, exist_ok=True)
         for p in self.run_dir.rglob("*.log"):
             target = dest / p.relative_to(self.run_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):
+            try:
                 shutil.copy2(p, target)
+            except OSError as exc:
+                log.warning("could not keep %s: %s", p, exc)
 
-    # -- inventory --------------------------------------------------------------------------------
+    # -- per-cluster state ---------------------------------------------------------------------------
     def accel(self) -> str:
         if self._accel is None:
             self._accel = choose_accel(str(self.kernel), str(self.initrd))
             log.info("accelerator: %s", self._accel)
         return self._accel
 
+    def add_driver(self, driver: ComponentDriver) -> None:
+        """Serve disks of ``driver.kind`` (e.g. "shim") with components ``driver`` creates."""
+        if driver.kind in self.drivers:
+            raise SpecError(f"cluster {self.name!r} already has a driver for {driver.kind!r} devices")
+        self.drivers[driver.kind] = driver
+
+    def driver(self, kind: str) -> ComponentDriver:
+        try:
+            return self.drivers[kind]
+        except KeyError:
+            raise SpecError(f"no driver for {kind!r} devices in cluster {self.name!r} (registered: "
+                            f"{sorted(self.drivers) or 'none'}); add one with cluster.add_driver(...), e.g. "
+                            "hvsim.drivers.shim.ShimDriver() for kind 'shim'") from None
+
+    def extension(self, key: str, factory: Callable[[Cluster], T]) -> T:
+        """Per-cluster state of a subsystem (e.g. learned migration costs), created on first use."""
+        if key not in self.extensions:
+            self.extensions[key] = factory(self)
+        return self.extensions[key]
+
+    # -- inventory --------------------------------------------------------------------------------
     def add_cloud(self, name: str, provider: str = "hvsim") -> CloudSpec:
         if name in self.clouds:
             raise SpecError(f"duplicate cloud name {name!r}")
@@ -160,13 +204,17 @@ class Cluster:
         self.datacenters[name] = spec
         return spec
 
-    def add_host(self, spec: HostSpec | None = None, netns: str | None = None, **kwargs: Any) -> Host:
+    def add_host(self, spec: HostSpec | None = None, network: HostNetwork | None = None, **kwargs: Any) -> Host:
+        """Add an emulated host; ``network`` puts its processes in a namespace with an address (e.g.
+        ``underlay.host_network("a")``), None keeps them in ours, on loopback."""
         spec = spec or HostSpec(**kwargs)
         if spec.name in self.hosts:
             raise SpecError(f"duplicate host name {spec.name!r}")
+        if network is not None and not isinstance(network, HostNetwork):
+            raise SpecError(f"host {spec.name!r}: network must be a HostNetwork, got {type(network).__name__}")
         if spec.datacenter not in self.datacenters:
             self.add_datacenter(spec.datacenter)
-        host = Host(spec, netns=netns)
+        host = Host(spec, network=network)
         self.hosts[spec.name] = host
         return host
 
@@ -183,34 +231,32 @@ class Cluster:
             raise NotFoundError(f"unknown vm {name!r}; known: {sorted(self.vms)}") from None
 
     async def define_vm(self, spec: VMSpec, host: str | Host) -> VM:
-        """Define a VM on a host (libvirt: virDomainDefineXML). Capacity is checked at start."""
+        """Define a VM on a host (libvirt: virDomainDefineXML). Capacity is checked at start; every
+        non-file disk needs a registered driver (SpecError here otherwise)."""
         if spec.name in self.vms:
             raise SpecError(f"duplicate vm name {spec.name!r}")
         h = host if isinstance(host, Host) else self.host(host)
+        if self.hosts.get(h.name) is not h:
+            raise SpecError(f"host {h.name!r} is not part of cluster {self.name!r}")
+        for d in spec.disks:
+            if d.kind != "file":
+                self.driver(d.kind)
         vm = VM(spec, h, self)
         self.vms[spec.name] = vm
+        self.events.publish(VMDefined(vm=spec.name, host=h.name))
         return vm
 
     async def undefine_vm(self, name: str) -> None:
-        from .lifecycle import check_action
+        """Remove a shut-off VM and its files; refused while a process holds any of them."""
         vm = self.vm(name)
-        check_action(name, vm.state, "undefine")
+        await vm.remove()
         del self.vms[name]
-        shutil.rmtree(vm.run_dir, ignore_errors=True)
+        self.events.publish(VMUndefined(vm=name, host=vm.host.name))
 
-    def disk_path(self, vm: VM, disk: DiskSpec) -> Path:
-        if disk.path:
-            return Path(disk.path)
-        return vm.run_dir / f"{disk.name}.{'img' if disk.format == 'raw' else 'qcow2'}"
-
-    async def prepare_disks(self, vm: VM) -> None:
-        """Create file disks; start the NBD shim process of every "shim" disk (once per VM)."""
-        for d in vm.spec.disks:
-            if d.kind == "file":
-                make_raw_disk(self.disk_path(vm, d), d.size_mib, d.format)
-            elif d.name not in vm.shim_drives:
-                from ..drivers.shim.attach import start_shim_for_disk  # the shim subsystem owns this
-                vm.shim_drives[d.name] = await start_shim_for_disk(self, vm, d)
-
-    def status_rows(self) -> list[dict[str, Any]]:
-        return [vm.status_row() for vm in self.vms.values()]
+    def to_dict(self) -> dict[str, Any]:
+        """The inventory as data (what a manager persists)."""
+        return {"name": self.name, "clouds": {k: v.to_dict() for k, v in self.clouds.items()},
+                "datacenters": {k: v.to_dict() for k, v in self.datacenters.items()},
+                "hosts": {k: h.to_dict() for k, h in self.hosts.items()},
+                "vms": {k: vm.to_dict() for k, vm in self.vms.items()},
+                "extensions": {k: v.to_dict() for k, v in self.extensions.items() if hasattr(v, "to_dict")}}

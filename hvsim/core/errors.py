@@ -1,24 +1,38 @@
-"""Errors raised by hvsim's core. One tree; the root cause is kept as ``__cause__``.
+"""Errors raised by hvsim's core, under the one root :class:`hvbase.errors.HvsimError` (the whole
+tree, every package's branch included, is drawn in :mod:`hvbase.errors`). The root cause is kept as
+``__cause__``.
 
     HvsimError
-     +-- SpecError               an invalid spec (bad name, non-positive size, duplicate, ...)
-     +-- CapacityError           a host cannot take a VM
-     +-- IllegalTransitionError  a lifecycle action not allowed in the VM's current state
-     +-- NotFoundError           unknown host / VM / datacenter
-     +-- VMError                 an operation on a VM failed (wraps qmp_bridge errors)
-     |    +-- GuestNotReadyError the guest did not become ready (console tail attached)
-     +-- AgentError              guest agent failure
-          +-- AgentTimeoutError
-          +-- AgentDisconnectedError
+     +-- InputError                  bad input; nothing was created or changed (CLIs exit 2)
+     |    +-- SpecError              an invalid spec (bad name, non-positive size, duplicate, ...)
+     +-- StateError
+     |    +-- IllegalTransitionError a lifecycle action not allowed in the VM's current state
+     |    +-- ComponentStateError    a component operation not allowed in its state
+     +-- CapacityError               a host (or the machine itself) cannot take a VM
+     +-- NotFoundError               unknown host / VM / datacenter / component
+     +-- VMError                     an operation on a VM failed (wraps qmp_bridge errors)
+     |    +-- GuestNotReadyError     the guest did not become ready (console tail attached)
+     |    +-- BusyError              the VM is in another operation (e.g. migrating)
+     +-- AgentError                  guest agent failure
+     |    +-- AgentTimeoutError
+     |    +-- AgentDisconnectedError
+     +-- ComponentError              a component (user-level driver) failed
+     |    +-- CheckpointError        a checkpoint is truncated, corrupt or of another format/version
+     +-- TeardownError               something of a VM/cluster survived its teardown
+     +-- QEMUBridgeError             qmp_bridge's branch (launch, QEMU exit, QMP timeout, ...)
 """
 from __future__ import annotations
 
+from hvbase.errors import HvsimError, InputError, StateError
+from qmp_bridge.errors import QEMUBridgeError
 
-class HvsimError(Exception):
-    """Root of every hvsim core error."""
+__all__ = ["HvsimError", "InputError", "StateError", "QEMUBridgeError", "SpecError", "CapacityError",
+           "IllegalTransitionError", "NotFoundError", "VMError", "GuestNotReadyError", "BusyError", "AgentError",
+           "AgentTimeoutError", "AgentDisconnectedError", "ComponentError", "ComponentStateError",
+           "CheckpointError", "TeardownError"]
 
 
-class SpecError(HvsimError, ValueError):
+class SpecError(InputError):
     pass
 
 
@@ -26,7 +40,7 @@ class CapacityError(HvsimError):
     pass
 
 
-class IllegalTransitionError(HvsimError):
+class IllegalTransitionError(StateError):
     pass
 
 
@@ -45,6 +59,10 @@ class GuestNotReadyError(VMError):
         super().__init__(message + ("\nguest console (tail):\n" + console_tail if console_tail else ""))
 
 
+class BusyError(VMError):
+    """The VM is held by another operation (a migration, a lifecycle action)."""
+
+
 class AgentError(HvsimError):
     pass
 
@@ -55,3 +73,21 @@ class AgentTimeoutError(AgentError):
 
 class AgentDisconnectedError(AgentError):
     pass
+
+
+class ComponentError(HvsimError):
+    pass
+
+
+class ComponentStateError(StateError):
+    pass
+
+
+class CheckpointError(ComponentError):
+    """A checkpoint that cannot be restored: truncated, corrupt, or of another kind/version."""
+
+
+class TeardownError(HvsimError):
+    def __init__(self, message: str, survivors: list[str]) -> None:
+        self.survivors = list(survivors)
+        super().__init__(f"{message}: {', '.join(self.survivors)}")

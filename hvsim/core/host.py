@@ -1,17 +1,58 @@
-"""Emulated hypervisor hosts: capacity accounting (with overcommit) and the VMs placed there."""
+"""Emulated hypervisor hosts: capacity accounting (with overcommit) and the VMs placed there; and
+the physical machine's own memory, which every guest of every emulated host really uses."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import CapacityError
 from .model import HostSpec, VMSpec
+
+QEMU_OVERHEAD_MIB = 64        # what one TCG QEMU takes beyond guest RAM (measured: 40-60 MiB)
+
+
+@dataclass(frozen=True)
+class HostNetwork:
+    """Where an emulated host lives on the (emulated) network: the namespace its processes run in
+    and its address there (what a migration destination listens on)."""
+    netns: str
+    address: str
+
+
+def machine_memory_available_mib() -> int:
+    """MemAvailable of the physical machine (MiB)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    raise CapacityError("cannot read MemAvailable from /proc/meminfo")
+
+
+def check_machine_memory(vm: VMSpec) -> None:
+    """CapacityError before any process starts if the physical machine cannot hold the guest."""
+    need = vm.memory_mib + QEMU_OVERHEAD_MIB
+    avail = machine_memory_available_mib()
+    if need > avail:
+        raise CapacityError(f"vm {vm.name!r} needs about {need} MiB of real memory ({vm.memory_mib} MiB guest + "
+                            f"{QEMU_OVERHEAD_MIB} MiB QEMU) but the machine running hvsim has only {avail} MiB "
+                            "available")
 
 
 @dataclass
 class Host:
     spec: HostSpec
-    netns: str | None = None                   # network namespace its QEMU processes run in
+    network: HostNetwork | None = None         # None: the hvsim process's own namespace, loopback
     allocations: dict[str, tuple[int, int]] = field(default_factory=dict)  # vm -> (vcpus, MiB)
+
+    @property
+    def netns(self) -> str | None:
+        """Network namespace its QEMU and driver processes run in (None: ours)."""
+        return self.network.netns if self.network else None
+
+    @property
+    def address(self) -> str:
+        """Its address for incoming connections (migration streams): loopback without a network."""
+        return self.network.address if self.network else "127.0.0.1"
 
     @property
     def name(self) -> str:
@@ -54,3 +95,7 @@ class Host:
 
     def release(self, vm_name: str) -> None:
         self.allocations.pop(vm_name, None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_dict(), "netns": self.netns, "address": self.address,
+                "allocations": {k: list(v) for k, v in self.allocations.items()}}

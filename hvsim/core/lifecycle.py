@@ -1,11 +1,16 @@
-"""VM lifecycle in libvirt's vocabulary: states, reasons and the legal transitions (pure logic)."""
+"""VM lifecycle in libvirt's vocabulary: states, the actions allowed in each, the legal transitions
+(pure logic; the VM's :class:`~hvbase.fsm.StateMachine` is built here)."""
 from __future__ import annotations
 
 import enum
-import time
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Callable
+
+from hvbase.fsm import StateMachine, Transition
 
 from .errors import IllegalTransitionError
+
+log = logging.getLogger("hvsim.core.vm")
 
 
 class VMState(enum.Enum):
@@ -45,25 +50,18 @@ TRANSITIONS: dict[VMState, frozenset[VMState]] = {
 }
 
 
-def check_action(vm: str, state: VMState, action: str) -> None:
+def machine(vm: str, initial: VMState = S.SHUTOFF,
+            on_change: Callable[[Transition[VMState]], None] | None = None) -> StateMachine[VMState]:
+    """The state machine of VM ``vm``: TRANSITIONS, IllegalTransitionError, logged."""
+    return StateMachine(f"vm {vm!r}", initial, TRANSITIONS, error=IllegalTransitionError, log=log,
+                        on_change=on_change)
+
+
+def require(m: StateMachine[VMState], action: str) -> None:
+    """Refuse ``action`` unless the VM is in a state ALLOWED for it (IllegalTransitionError
+    naming the VM, its state and the allowed states)."""
     allowed = ALLOWED.get(action)
     if allowed is None:
-        raise IllegalTransitionError(f"unknown action {action!r}")
-    if state not in allowed:
-        names = ", ".join(sorted(s.value for s in allowed))
-        raise IllegalTransitionError(
-            f"cannot {action} vm {vm!r}: it is {state.value} (allowed from: {names})")
-
-
-def check_transition(vm: str, old: VMState, new: VMState) -> None:
-    if new not in TRANSITIONS[old]:
-        raise IllegalTransitionError(f"vm {vm!r}: illegal state change {old.value} -> {new.value}")
-
-
-@dataclass(frozen=True)
-class StateChange:
-    vm: str
-    old: VMState
-    new: VMState
-    reason: str
-    at: float = field(default_factory=time.time)
+        raise IllegalTransitionError(m.obj, m.state, (), action=action,
+                                     message=f"unknown action {action!r}; known: {sorted(ALLOWED)}")
+    m.require(action, *allowed)

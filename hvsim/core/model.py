@@ -94,19 +94,21 @@ class HostSpec(_Spec):
 
 @dataclass(frozen=True)
 class DiskSpec(_Spec):
-    """A virtio-blk disk. kind "file": a raw/qcow2 image created in the VM's run dir (or ``path``);
-    kind "shim": served by an hvsim NBD shim process (e.g. the swap disk)."""
+    """A virtio-blk disk. kind "file": a raw/qcow2 image created in the VM's run dir (or an existing
+    image at ``path``); any other kind is served by a component that the cluster's driver for that
+    kind creates, e.g. "shim" (hvsim's NBD swap shim) or "nbdkit"."""
     name: str
     size_mib: int = 64
-    kind: Literal["file", "shim"] = "file"
+    kind: str = "file"
     format: Literal["raw", "qcow2"] = "raw"
     path: str = ""
 
     def __post_init__(self) -> None:
         check_name("disk", self.name)
         _positive("disk", self.name, "size_mib", self.size_mib)
-        if self.kind not in ("file", "shim"):
-            raise SpecError(f"disk {self.name!r}: kind must be 'file' or 'shim', got {self.kind!r}")
+        if not isinstance(self.kind, str) or not NAME_RE.match(self.kind):
+            raise SpecError(f"disk {self.name!r}: kind must be 'file' or the name of a driver (e.g. 'shim'), "
+                            f"got {self.kind!r}")
         if self.format not in ("raw", "qcow2"):
             raise SpecError(f"disk {self.name!r}: format must be 'raw' or 'qcow2', got {self.format!r}")
 
@@ -127,7 +129,7 @@ class NicSpec(_Spec):
 
 def derive_mac(vm: str, nic: str) -> str:
     h = hashlib.sha256(f"{vm}/{nic}".encode()).digest()
-    return "52:54:00:%02x:%02x:%02x" % (h[0], h[1], h[2])
+    return f"52:54:00:{h[0]:02x}:{h[1]:02x}:{h[2]:02x}"
 
 
 @dataclass(frozen=True)

@@ -1,69 +1,100 @@
-"""A VM: libvirt-like lifecycle over one QEMU process (qmp_bridge), guest agent, crash watch."""
+"""A VM: libvirt-like lifecycle over one QEMU process (qmp_bridge), its components, the guest agent,
+the crash watch; and the guarded lease through which a migration borrows it.
+
+The VM's state changes only through its own methods (one :class:`~hvbase.fsm.StateMachine`), each
+published on the cluster's bus as :class:`~hvsim.core.events.VMStateChanged`. One operation at a time
+holds the VM's :class:`~hvsim.core.oplock.OpLock` (start, pause, resume, reset, shutdown, destroy, or a
+migration for its whole duration). Components (user-level drivers such as the swap shim) are created
+by the cluster's drivers when the VM is defined and follow its lifetime: prepared at start, stopped at
+shutdown, destroy and crash, removed at undefine.
+"""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import os
+import secrets
+import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
-from qmp_bridge import (Drive, LaunchError, MachineSpec, Nic, QEMUBridgeError, QEMUExitedError,
-                        QemuProcess, QMPSession, QMPTimeoutError, SerialPort)
+from hvbase.events import Subscription
+from hvbase.fsm import StateMachine, Transition
+from qmp_bridge import (Drive, LaunchError, MachineSpec, Nic, QEMUBridgeError, QEMUExitedError, QemuProcess,
+                        QMPSession, SerialPort)
 
+from . import procfs
 from .agent import ExecResult, GuestAgent
-from .errors import AgentError, GuestNotReadyError, IllegalTransitionError, VMError
-from .lifecycle import StateChange, VMState, check_action, check_transition
-from .model import VMSpec, derive_mac
-
-if TYPE_CHECKING:
-    from .cluster import Cluster
-    from .host import Host
+from .components import Attachment, Component, ComponentContext, ComponentState
+from .env import VMEnvironment
+from .errors import (AgentError, BusyError, ComponentError, GuestNotReadyError, IllegalTransitionError, SpecError,
+                     StateError, TeardownError, VMError)
+from .events import ClusterEvent, ComponentFailed, VMMoved, VMStateChanged
+from .host import Host, check_machine_memory
+from .lifecycle import VMState, machine, require
+from .model import DiskSpec, VMSpec, derive_mac
+from .oplock import OpLock
 
 log = logging.getLogger("hvsim.core.vm")
 
 AGENT_PORT = "org.hvsim.agent"
 HEARTBEAT_PORT = "org.hvsim.heartbeat"
+T = TypeVar("T")
 
 
 class VM:
-    def __init__(self, spec: VMSpec, host: "Host", cluster: "Cluster") -> None:
+    def __init__(self, spec: VMSpec, host: Host, env: VMEnvironment) -> None:
         self.spec = spec
         self.host = host
-        self.cluster = cluster
-        self.state = VMState.SHUTOFF
+        self.env = env
+        self.fsm: StateMachine[VMState] = machine(spec.name, on_change=self._published)
         self.reason = "defined"
         self.process: QemuProcess | None = None
         self.instance_dir = self.run_dir       # where the current QEMU's sockets and logs live
         self.agent = GuestAgent(spec.name, self.agent_socket, self._guard)
         self.boot_time_s: float | None = None
         self.started_at: float | None = None
-        self.history: list[StateChange] = []
-        self._listeners: list[Callable[[StateChange], None]] = []
-        self._queues: list[asyncio.Queue[StateChange]] = []
+        self.generation = 0                    # bumps with every new QEMU process (start, migration)
+        self.extensions: dict[str, Any] = {}   # per-VM state of subsystems (e.g. memory), see extension()
+        self.component_failures: list[ComponentFailed] = []
         self._watch: asyncio.Task[None] | None = None
         self._guest_shutdown = False
-        self._op_lock = asyncio.Lock()
-        self.generation = 0                    # bumps with every new QEMU process (start, migration)
-        self.extra_drives: list[Drive] = []    # attached by subsystems (e.g. the swap shim)
-        self.extra_nics: list[Nic] = []
-        self.shim_drives: dict[str, Drive] = {}  # disk name -> NBD drive of its shim process
-        self.shims: dict[str, Any] = {}          # disk name -> the shim process object
-        self.helper_failures: list[tuple[float, str, str]] = []   # (time, helper, error)
-        self._helper_listeners: list[Callable[[str, BaseException], None]] = []
+        self._expect_exit: QemuProcess | None = None
+        self._lock = OpLock()
+        self._lease: MigrationLease | None = None
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.components: dict[str, Component] = {}
+        ctx = ComponentContext(vm=spec.name, vm_dir=self.run_dir, publish=env.events.publish,
+                               track_process=env.track_process)
+        for d in spec.disks:
+            if d.kind != "file":
+                c = env.driver(d.kind).create(d, ctx)
+                self.components[c.id] = c
+        self._failures: Subscription[ClusterEvent] = env.events.subscribe(
+            f"vm {spec.name} component failures", kinds=(ComponentFailed,),
+            filter=lambda e: getattr(e, "vm", None) == spec.name, callback=self._component_failed)
 
-    # -- identity and files ---------------------------------------------------------------------
+    # -- identity and files -----------------------------------------------------------------------
     @property
     def name(self) -> str:
         return self.spec.name
 
     @property
+    def state(self) -> VMState:
+        return self.fsm.state
+
+    @property
+    def history(self) -> list[Transition[VMState]]:
+        return list(self.fsm.history)
+
+    @property
     def run_dir(self) -> Path:
-        return self.cluster.run_dir / self.spec.name
+        return self.env.run_dir / self.spec.name
 
     @property
     def agent_socket(self) -> Path:
@@ -79,121 +110,164 @@ class VM:
 
     @property
     def qmp(self) -> QMPSession:
-        if self.process is None or self.process.qmp is None or not self.state_has_process:
-            raise IllegalTransitionError(f"vm {self.name!r} has no running QEMU (state {self.state.value})")
+        if self.process is None or self.process.qmp is None or not self.has_process:
+            raise IllegalTransitionError(f"vm {self.name!r}", self.state, (), action="use QMP",
+                                         message=f"vm {self.name!r} has no running QEMU (state {self.state.value})")
         return self.process.qmp
 
     @property
-    def state_has_process(self) -> bool:
+    def has_process(self) -> bool:
         return self.state in (VMState.STARTING, VMState.RUNNING, VMState.PAUSED,
                               VMState.SHUTTING_DOWN, VMState.MIGRATING)
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process and self.state_has_process else None
+        return self.process.pid if self.process and self.has_process else None
+
+    @property
+    def busy_with(self) -> str | None:
+        """The operation holding the VM now (e.g. "migration to b"), or None."""
+        return self._lock.holder
 
     def console_tail(self, lines: int = 40) -> str:
         return self.process.console_tail(lines) if self.process else ""
 
-    # -- state and listeners -----------------------------------------------------------------------
-    def add_listener(self, callback: Callable[[StateChange], None]) -> None:
-        self._listeners.append(callback)
+    def disk_path(self, disk: DiskSpec) -> Path:
+        if disk.path:
+            return Path(disk.path)
+        return self.run_dir / f"{disk.name}.{'img' if disk.format == 'raw' else 'qcow2'}"
 
-    def add_helper_listener(self, callback: Callable[[str, BaseException], None]) -> None:
-        """``callback(helper, error)`` when a helper process of this VM (e.g. a shim) crashes."""
-        self._helper_listeners.append(callback)
+    def component(self, cid: str) -> Component:
+        try:
+            return self.components[cid]
+        except KeyError:
+            from .errors import NotFoundError
+            raise NotFoundError(f"vm {self.name!r} has no component {cid!r}; "
+                                f"it has {sorted(self.components)}") from None
 
-    def report_helper_failure(self, helper: str, error: BaseException) -> None:
-        """A user-level driver process serving this VM died unexpectedly: log it, keep it, tell."""
-        log.error("vm %s: helper %s failed: %s", self.name, helper, error)
-        self.helper_failures.append((time.time(), helper, str(error)))
-        for cb in list(self._helper_listeners):
-            try:
-                cb(helper, error)
-            except Exception:  # a listener's bug must not hide the failure
-                log.exception("vm %s: helper listener failed", self.name)
+    def components_with(self, protocol: type[T]) -> list[T]:
+        """Components implementing ``protocol`` (a runtime-checkable Protocol or a class)."""
+        return [c for c in self.components.values() if isinstance(c, protocol)]
 
-    def state_changes(self) -> "asyncio.Queue[StateChange]":
-        """A queue that receives every later state change of this VM."""
-        q: asyncio.Queue[StateChange] = asyncio.Queue()
-        self._queues.append(q)
-        return q
+    def extension(self, key: str, factory: Callable[[VM], T]) -> T:
+        """Per-VM state of a subsystem, created on first use and owned by this VM (serialised by
+        :meth:`to_dict` if it has a ``to_dict``)."""
+        if key not in self.extensions:
+            self.extensions[key] = factory(self)
+        return self.extensions[key]
 
-    def _set_state(self, new: VMState, reason: str) -> None:
-        old = self.state
-        check_transition(self.name, old, new)
-        self.state, self.reason = new, reason
-        change = StateChange(self.name, old, new, reason)
-        self.history.append(change)
-        log.info("vm %s: %s -> %s (%s)", self.name, old.value, new.value, reason)
-        for q in self._queues:
-            q.put_nowait(change)
-        for cb in list(self._listeners):
-            try:
-                cb(change)
-            except Exception:  # a listener's bug must not break the lifecycle
-                log.exception("vm %s: state listener failed", self.name)
+    # -- state and events ------------------------------------------------------------------------
+    def _published(self, t: Transition[VMState]) -> None:
+        self.reason = t.reason
+        self.env.events.publish(VMStateChanged(vm=self.name, old=t.old, new=t.new, reason=t.reason))
+
+    def _component_failed(self, event: ClusterEvent) -> None:
+        assert isinstance(event, ComponentFailed)
+        self.component_failures.append(event)
+        log.error("vm %s: component %s failed: %s", self.name, event.component, event.error.splitlines()[0])
+
+    def subscribe(self, name: str, kinds: Iterable[type] = (VMStateChanged,),
+                  callback: Callable[[ClusterEvent], None] | None = None) -> Subscription[ClusterEvent]:
+        """Events about this VM (default: its state changes) as a subscription; use ``with``."""
+        return self.env.events.subscribe(f"vm {self.name}: {name}", kinds=tuple(kinds),
+                                         filter=lambda e: getattr(e, "vm", None) == self.name, callback=callback)
 
     async def wait_state(self, *states: VMState, timeout: float = 30.0) -> VMState:
-        q = self.state_changes()
-        try:
-            deadline = time.monotonic() + timeout
-            while self.state not in states:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise VMError(f"vm {self.name!r}: still {self.state.value} after {timeout}s, "
-                                  f"expected {[s.value for s in states]}")
-                try:
-                    await asyncio.wait_for(q.get(), remaining)
-                except asyncio.TimeoutError:
-                    continue
-            return self.state
-        finally:
-            self._queues.remove(q)
+        with self.subscribe("wait_state") as sub:
+            try:
+                async with asyncio.timeout(timeout):
+                    while self.state not in states:
+                        await sub.get()
+            except TimeoutError:
+                raise VMError(f"vm {self.name!r}: still {self.state.value} after {timeout}s, "
+                              f"expected {[s.value for s in states]}") from None
+        return self.state
 
-    # -- machine description -----------------------------------------------------------------------
-    def machine_spec(self, incoming: str | None = None, run_dir: Path | None = None,
-                     suffix: str = "") -> MachineSpec:
-        rd = run_dir or self.instance_dir
-        drives = [Drive(id=f"disk-{d.name}", path=str(self.cluster.disk_path(self, d)), fmt=d.format)
-                  for d in self.spec.disks if d.kind == "file"] + \
-            [self.shim_drives[d.name] for d in self.spec.disks if d.kind == "shim"] + list(self.extra_drives)
+    # -- machine description ----------------------------------------------------------------------
+    def _machine_spec(self, attachments: Iterable[Attachment], run_dir: Path, incoming: str | None = None,
+                      extra_args: tuple[str, ...] = ()) -> MachineSpec:
+        atts = list(attachments)
+        drives = [Drive(id=f"disk-{d.name}", path=str(self.disk_path(d)), fmt=d.format)
+                  for d in self.spec.disks if d.kind == "file"] + [d for a in atts for d in a.drives]
         nics = [Nic(id=f"nic-{n.name}", mac=n.mac or derive_mac(self.name, n.name), backend="user")
-                for n in self.spec.nics] + list(self.extra_nics)
+                for n in self.spec.nics] + [n for a in atts for n in a.nics]
         ip_args = " ".join(f"hvsim.ip={n.ip}" for n in self.spec.nics[:1] if n.ip)
+        accel = self.env.accel()
+        assert accel in ("tcg", "kvm")
         return MachineSpec(
-            name=self.name + suffix, memory_mib=self.spec.memory_mib, vcpus=self.spec.vcpus,
-            kernel=str(self.cluster.kernel), initrd=str(self.cluster.initrd),
-            console_log=str(rd / "console.log"),
+            name=self.name, memory_mib=self.spec.memory_mib, vcpus=self.spec.vcpus,
+            kernel=str(self.env.kernel), initrd=str(self.env.initrd), console_log=str(run_dir / "console.log"),
             append=" ".join(filter(None, [ip_args, self.spec.kernel_args])),
             drives=tuple(drives), nics=tuple(nics),
-            serial_ports=(SerialPort("agent0", AGENT_PORT, str(rd / "agent.sock")),
-                          SerialPort("hb0", HEARTBEAT_PORT, str(rd / "hb.sock"))),
-            balloon=self.spec.balloon, accel=self.cluster.accel(), incoming=incoming)  # type: ignore[arg-type]
+            serial_ports=(SerialPort("agent0", AGENT_PORT, str(run_dir / "agent.sock")),
+                          SerialPort("hb0", HEARTBEAT_PORT, str(run_dir / "hb.sock"))),
+            balloon=self.spec.balloon, accel=accel,  # type: ignore[arg-type]
+            incoming=incoming, extra_args=tuple(a for att in atts for a in att.extra_args) + extra_args)
+
+    def _create_file_disks(self) -> None:
+        for d in self.spec.disks:
+            if d.kind != "file":
+                continue
+            if d.path:
+                if not Path(d.path).exists():
+                    raise SpecError(f"vm {self.name!r}: disk {d.name!r} has path {d.path!r}, which does not exist "
+                                    "(hvsim creates only disks without an explicit path)")
+                continue
+            make_raw_disk(self.disk_path(d), d.size_mib, d.format)
+
+    async def _prepare_components(self) -> list[Attachment]:
+        return [await c.prepare(self.host) for c in self.components.values()]
+
+    async def _stop_components(self) -> None:
+        errors = []
+        for c in self.components.values():
+            try:
+                await c.stop()
+            except ComponentError as exc:
+                errors.append(f"{c.id}: {exc}")
+        if errors:
+            log.error("vm %s: stopping components: %s", self.name, "; ".join(errors))
 
     # -- lifecycle ------------------------------------------------------------------------------------
     async def start(self, wait_ready: bool = False, ready_timeout: float = 90.0) -> None:
-        """Start QEMU (libvirt: virDomainCreate). Capacity is reserved before any process starts."""
-        async with self._op_lock:
-            check_action(self.name, self.state, "start")
+        """Start QEMU (libvirt: virDomainCreate). Capacity (the emulated host's, and the machine's real
+        memory) is checked before any process starts; components are prepared first."""
+        async with self._op("start"):
+            check_machine_memory(self.spec)
             self.host.reserve(self.spec)      # CapacityError before anything is started
             try:
-                self._set_state(VMState.STARTING, "booting")
-                await self.cluster.prepare_disks(self)
-                proc = QemuProcess(self.machine_spec(), self.instance_dir, netns=self.host.netns)
+                self.fsm.set(VMState.STARTING, "booting")
+                self._create_file_disks()
+                attachments = await self._prepare_components()
+                proc = QemuProcess(self._machine_spec(attachments, self.instance_dir), self.instance_dir,
+                                   netns=self.host.netns)
                 self.started_at = time.monotonic()
-                await proc.launch()
+                try:
+                    await proc.launch()
+                finally:
+                    if proc.pid is not None:
+                        self.env.track_process(proc.pid, f"QEMU of vm {self.name}")
             except BaseException as exc:
+                await self._stop_components()
                 self.host.release(self.name)
                 if self.state is VMState.STARTING:
-                    self._set_state(VMState.SHUTOFF, "failed")
+                    self.fsm.set(VMState.SHUTOFF, "failed")
                 if isinstance(exc, LaunchError):
                     raise VMError(f"vm {self.name!r} failed to start: {exc}") from exc
                 raise
             self._adopt(proc)
-            self._set_state(VMState.RUNNING, "booted")
+            self.fsm.set(VMState.RUNNING, "booted")
         if wait_ready:
             await self.wait_ready(ready_timeout)
+
+    @contextlib.asynccontextmanager
+    async def _op(self, action: str) -> AsyncIterator[None]:
+        """Hold the VM for ``action``: refused at once if the state does not allow it (e.g. a pause
+        while migrating), else wait for the operation in progress, then check again."""
+        require(self.fsm, action)
+        async with self._lock.hold(action):
+            require(self.fsm, action)
+            yield
 
     def _adopt(self, proc: QemuProcess) -> None:
         """Make ``proc`` this VM's QEMU and watch it for exits."""
@@ -204,33 +278,21 @@ class VM:
         sub = proc.qmp.subscribe("SHUTDOWN")
         self._watch = asyncio.create_task(self._watch_exit(proc, sub), name=f"vm-watch-{self.name}")
 
-    async def adopt_migrated(self, proc: QemuProcess, host: "Host", instance_dir: Path) -> None:
-        """After a successful migration: ``proc`` (on ``host``, files in ``instance_dir``) becomes
-        this VM's QEMU. The caller stops the source QEMU (with expected_exit set) and moves the
-        capacity reservation; this switches the agent channel and the crash watch."""
-        old = self.process
-        if old is not None:
-            old.expected_exit = True
-        await self.agent.close()
-        self.host = host
-        self.instance_dir = Path(instance_dir)
-        self.agent = GuestAgent(self.name, self.agent_socket, self._guard)
-        self._adopt(proc)
-
     async def _watch_exit(self, proc: QemuProcess, sub: Any) -> None:
         code = await asyncio.shield(proc.exited)
-        if not sub.queue.empty():
-            ev = sub.queue.get_nowait()
+        ev = sub.get_nowait()
+        if ev is not None:
             self._guest_shutdown = bool(ev.get("data", {}).get("guest"))
         sub.close()
-        if proc is not self.process or proc.expected_exit:
+        if proc is not self.process or proc is self._expect_exit:
             return  # we stopped it ourselves (destroy, shutdown, migration); they set the state
         await self._cleanup_after_exit()
+        await self._stop_components()
         if self._guest_shutdown or (self.state is VMState.SHUTTING_DOWN and code == 0):
-            self._set_state(VMState.SHUTOFF, "shutdown")
+            self.fsm.set(VMState.SHUTOFF, "shutdown")
         else:
             how = f"signal {-code}" if code < 0 else f"exit code {code}"
-            self._set_state(VMState.CRASHED, f"qemu exited unexpectedly ({how})")
+            self.fsm.set(VMState.CRASHED, f"qemu exited unexpectedly ({how})")
 
     async def _cleanup_after_exit(self) -> None:
         self.host.release(self.name)
@@ -241,7 +303,7 @@ class VM:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
-    async def _guard(self, aw: Any, what: str, timeout: float | None) -> Any:
+    async def _guard(self, aw: Awaitable[Any], what: str, timeout: float | None) -> Any:
         """Await ``aw`` racing QEMU's death (used by the agent)."""
         if self.process is None or self.process.qmp is None:
             return await asyncio.wait_for(aw, timeout)
@@ -249,8 +311,10 @@ class VM:
 
     async def wait_ready(self, timeout: float = 90.0) -> float:
         """Wait until the guest agent answers; returns seconds since start (boot time)."""
-        if not self.state_has_process:
-            raise IllegalTransitionError(f"cannot wait for vm {self.name!r} to be ready: it is {self.state.value}")
+        if not self.has_process:
+            raise IllegalTransitionError(f"vm {self.name!r}", self.state, (), action="wait for readiness",
+                                         message=f"cannot wait for vm {self.name!r} to be ready: it is "
+                                                 f"{self.state.value}")
         deadline = time.monotonic() + timeout
         try:
             await self.agent.connect()
@@ -279,32 +343,29 @@ class VM:
 
     async def exec(self, command: str, timeout: float = 60.0, check: bool = False) -> ExecResult:
         """Run a command in the guest through the agent."""
-        check_action(self.name, self.state, "agent")
+        require(self.fsm, "agent")
         if not self.agent.connected:
             await self.agent.connect()
         return await self.agent.exec(command, timeout=timeout, check=check)
 
     async def pause(self) -> None:
-        async with self._op_lock:
-            check_action(self.name, self.state, "pause")
+        async with self._op("pause"):
             await self._qmp_then_event("stop", "STOP")
-            self._set_state(VMState.PAUSED, "user")
+            self.fsm.set(VMState.PAUSED, "user")
 
     async def resume(self) -> None:
-        async with self._op_lock:
-            check_action(self.name, self.state, "resume")
+        async with self._op("resume"):
             await self._qmp_then_event("cont", "RESUME")
-            self._set_state(VMState.RUNNING, "unpaused")
+            self.fsm.set(VMState.RUNNING, "unpaused")
 
     async def reset(self) -> None:
         """Hard reset (system_reset); the guest reboots, then wait_ready() again."""
-        async with self._op_lock:
-            check_action(self.name, self.state, "reset")
+        async with self._op("reset"):
             await self._qmp_then_event("system_reset", "RESET")
             self.boot_time_s = None
             self.started_at = time.monotonic()
             if self.state is VMState.RUNNING:
-                self._set_state(VMState.RUNNING, "reset")
+                self.fsm.set(VMState.RUNNING, "reset")
 
     async def _qmp_then_event(self, command: str, event: str, timeout: float = 10.0) -> None:
         try:
@@ -314,78 +375,237 @@ class VM:
 
     async def shutdown(self, timeout: float = 60.0) -> None:
         """ACPI power button; waits until the guest powered off (libvirt: shutdown + wait)."""
-        async with self._op_lock:
-            check_action(self.name, self.state, "shutdown")
-            self._set_state(VMState.SHUTTING_DOWN, "acpi")
+        async with self._op("shutdown"):
+            self.fsm.set(VMState.SHUTTING_DOWN, "acpi")
             proc = self.process
             assert proc is not None
-            proc.expected_exit = True
+            self._expect_exit = proc
             try:
                 await self.qmp.execute("system_powerdown")
                 await proc.wait_exit(timeout)
-            except asyncio.TimeoutError as exc:
-                if proc.exited.done():
-                    pass
-                else:
-                    proc.expected_exit = False
-                    self._set_state(VMState.RUNNING, "shutdown-timeout")
+            except TimeoutError as exc:
+                if not proc.exited.done():
+                    self._expect_exit = None
+                    self.fsm.set(VMState.RUNNING, "shutdown-timeout")
                     raise VMError(f"vm {self.name!r}: guest did not power off within {timeout:g}s "
                                   "after the ACPI power button") from exc
             except QEMUExitedError:
                 pass  # exited on the way: exactly what we wanted
-            proc.expected_exit = True
             await self._watch_done()
             await self._cleanup_after_exit()
+            await self._stop_components()
+            self._expect_exit = None
             if self.state is not VMState.SHUTOFF:
-                self._set_state(VMState.SHUTOFF, "shutdown")
+                self.fsm.set(VMState.SHUTOFF, "shutdown")
 
     async def destroy(self) -> None:
-        """Immediate hard stop (libvirt: virDomainDestroy)."""
-        async with self._op_lock:
-            if self.state in (VMState.SHUTOFF,):
+        """Immediate hard stop (libvirt: virDomainDestroy). A migration holding the VM is asked to
+        give up first (it rolls back), then the VM is destroyed. Raises TeardownError if a process
+        of the VM survived."""
+        lease = self._lease
+        if lease is not None:
+            lease.preempt("the VM is being destroyed")
+        async with self._lock.hold("destroy"):
+            if self.state is VMState.SHUTOFF:
+                await self._stop_components()
                 return
-            check_action(self.name, self.state, "destroy")
-            if self.process is not None:
-                self.process.expected_exit = True
-                await self.process.kill()
+            require(self.fsm, "destroy")
+            proc = self.process
+            if proc is not None:
+                self._expect_exit = proc
+                await proc.kill()
             await self._watch_done()
             await self._cleanup_after_exit()
-            self._set_state(VMState.SHUTOFF, "destroyed")
+            await self._stop_components()
+            self._expect_exit = None
+            self.fsm.set(VMState.SHUTOFF, "destroyed")
+            survivors = [f"QEMU pid {proc.pid}"] if proc is not None and proc.pid and procfs.alive(proc.pid) else []
+            survivors += [f"{c.id} pid {p}" for c in self.components.values() for p in c.pids()]
+            if survivors:
+                raise TeardownError(f"vm {self.name!r}: processes survived destroy", survivors)
 
     async def _watch_done(self) -> None:
         if self._watch is not None:
             await asyncio.gather(self._watch, return_exceptions=True)
 
-    # -- subsystems (implemented in their own packages) ------------------------------------------
-    async def migrate(self, dest_host: "Host | str", policy: str = "hvsim-predictive",
-                      timeout: float = 300.0, **options: Any) -> Any:
-        """Live-migrate to ``dest_host``; returns the finished Migration (see hvsim.migration)."""
-        from ..migration.api import migrate
-        return await migrate(self, dest_host, policy=policy, timeout=timeout, **options)
+    def files_in_use(self) -> dict[int, list[str]]:
+        """Live processes holding files of this VM's directory open (pid -> paths)."""
+        return procfs.holders(self.run_dir) if self.run_dir.exists() else {}
 
-    def start_migration(self, dest_host: "Host | str", policy: str = "hvsim-predictive",
-                        timeout: float = 300.0, **options: Any) -> Any:
-        """Begin a live migration in the background; returns the Migration object at once."""
-        from ..migration.api import start_migration
-        return start_migration(self, dest_host, policy=policy, timeout=timeout, **options)
+    async def remove(self) -> None:
+        """Delete the VM's files and its components' (undefine). Refused while the VM has a QEMU,
+        or while any process still holds one of its files (a backing file under a live shim)."""
+        async with self._lock.hold("undefine"):
+            require(self.fsm, "undefine")
+            live = [c.id for c in self.components.values() if c.live]
+            held = self.files_in_use()
+            if live or held:
+                what = [f"component {c} is {self.components[c].state.value}" for c in live] + \
+                       [f"pid {pid} holds {', '.join(paths)}" for pid, paths in held.items()]
+                raise BusyError(f"cannot undefine vm {self.name!r}: its files are in use: " + "; ".join(what))
+            for c in self.components.values():
+                if c.state is not ComponentState.REMOVED:
+                    await c.remove()
+            self._failures.close()
+            shutil.rmtree(self.run_dir, ignore_errors=True)
 
-    async def consolidate_memory(self, target_mib: int, timeout: float = 120.0) -> Any:
-        """Inflate the balloon until the guest has given memory down to ``target_mib``."""
-        from ..memory import consolidate_memory
-        return await consolidate_memory(self, target_mib, timeout=timeout)
+    # -- migration ------------------------------------------------------------------------------------
+    def begin_migration(self, dest: Host) -> MigrationLease:
+        """Lend this VM to a migration to ``dest``: refused at once (BusyError) if another operation
+        holds the VM, IllegalTransitionError if it is not running or paused, CapacityError if ``dest``
+        cannot take it (reserved here). The VM is MIGRATING until the lease commits or aborts."""
+        holder = f"migration to {dest.name}"
+        if not self._lock.try_acquire(holder):
+            raise BusyError(f"vm {self.name!r} is busy: {self._lock.holder} in progress")
+        try:
+            require(self.fsm, "migrate")
+            if dest is self.host:
+                raise SpecError(f"cannot migrate vm {self.name!r}: source and destination are the same host "
+                                f"{dest.name!r}")
+            dest.reserve(self.spec)
+            lease = MigrationLease(self, dest)
+            self.fsm.set(VMState.MIGRATING, f"migrating to {dest.name}")
+            self._lease = lease
+            return lease
+        except BaseException:
+            self._lock.release()
+            raise
 
-    async def restore_memory(self, timeout: float = 120.0, prefetch: bool = True) -> Any:
-        """Deflate the balloon and have the swap shim prefetch what the guest swapped out."""
-        from ..memory import restore_memory
-        return await restore_memory(self, timeout=timeout, prefetch=prefetch)
-
+    # -- queries ------------------------------------------------------------------------------------
     async def query_status(self) -> dict[str, Any]:
-        return await self.qmp.execute("query-status")
+        result: dict[str, Any] = await self.qmp.execute("query-status")
+        return result
 
     def status_row(self) -> dict[str, Any]:
         return {"host": self.host.name, "vm": self.name, "state": self.state.value, "reason": self.reason,
                 "memory_mib": self.spec.memory_mib, "vcpus": self.spec.vcpus, "pid": self.pid,
                 "boot_s": round(self.boot_time_s, 2) if self.boot_time_s else None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything a manager would persist about this VM (components and extensions included)."""
+        return {"spec": self.spec.to_dict(), "host": self.host.name, "state": self.state.value, "reason": self.reason,
+                "generation": self.generation, "components": [c.to_dict() for c in self.components.values()],
+                "extensions": {k: v.to_dict() for k, v in self.extensions.items() if hasattr(v, "to_dict")}}
+
+    def __repr__(self) -> str:
+        return f"<VM {self.name} {self.state.value} on {self.host.name}>"
+
+
+class LeaseState(enum.Enum):
+    HELD = "held"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+
+
+_LEASE_TRANSITIONS = {LeaseState.HELD: {LeaseState.COMMITTED, LeaseState.ABORTED},
+                      LeaseState.COMMITTED: set(), LeaseState.ABORTED: set()}
+
+
+class MigrationLease:
+    """A VM lent to one migration (:meth:`VM.begin_migration`). While it is HELD the VM is MIGRATING
+    and its operation lock is taken; it ends exactly once, by :meth:`commit` (the destination QEMU
+    becomes the VM's) or :meth:`abort` (the VM stays where it was). ``destroy`` asks the holder to
+    give up through ``on_preempt``."""
+
+    def __init__(self, vm: VM, dest: Host) -> None:
+        self._vm = vm
+        self.vm_name = vm.name
+        self.spec = vm.spec
+        self.source = vm.host
+        self.destination = dest
+        self.prior_state = vm.state
+        self.generation = vm.generation
+        self.dir = vm.run_dir / f"mig{vm.generation}-{dest.name}-{secrets.token_hex(2)}"
+        self.on_preempt: Callable[[str], None] | None = None
+        self.fsm: StateMachine[LeaseState] = StateMachine(
+            f"migration lease of vm {vm.name!r}", LeaseState.HELD, _LEASE_TRANSITIONS, error=StateError, log=log)
+
+    @property
+    def state(self) -> LeaseState:
+        return self.fsm.state
+
+    @property
+    def source_qmp(self) -> QMPSession:
+        return self._vm.qmp
+
+    @property
+    def source_alive(self) -> bool:
+        p = self._vm.process
+        return p is not None and p.qmp is not None and not p.exited.done() and self._vm.has_process
+
+    @property
+    def source_heartbeat_socket(self) -> Path:
+        return self._vm.heartbeat_socket
+
+    @property
+    def components(self) -> list[Component]:
+        return list(self._vm.components.values())
+
+    def destination_spec(self, extra_args: tuple[str, ...] = ()) -> MachineSpec:
+        """The destination QEMU's machine: identical devices, files in :attr:`dir`, ``-incoming defer``.
+        Components are attached as they are attached now (they serve both QEMUs)."""
+        atts = [c.attachment for c in self._vm.components.values()]
+        return self._vm._machine_spec(atts, self.dir, incoming="defer", extra_args=extra_args)  # noqa: SLF001
+
+    def track_process(self, pid: int, what: str) -> None:
+        self._vm.env.track_process(pid, what)
+
+    def publish(self, event: ClusterEvent) -> None:
+        """Publish on the cluster's bus (migration progress, outcome)."""
+        self._vm.env.events.publish(event)
+
+    def subscribe(self, name: str, kinds: Iterable[type], filter: Callable[[ClusterEvent], bool]
+                  ) -> Subscription[ClusterEvent]:
+        return self._vm.env.events.subscribe(name, kinds=tuple(kinds), filter=filter)
+
+    def preempt(self, reason: str) -> None:
+        """Ask the holder to give the VM back (it aborts); a no-op once the lease ended."""
+        if self.state is LeaseState.HELD and self.on_preempt is not None:
+            self.on_preempt(reason)
+
+    async def commit(self, process: QemuProcess) -> None:
+        """The migration completed: ``process`` (running on the destination, files in :attr:`dir`)
+        becomes the VM's QEMU; the source QEMU is stopped, its files removed, the capacity moved, and
+        VMMoved published."""
+        self.fsm.require("commit", LeaseState.HELD)
+        vm = self._vm
+        old_proc, old_dir, old_host = vm.process, vm.instance_dir, vm.host
+        await vm.agent.close()
+        vm.host = self.destination
+        vm.instance_dir = self.dir
+        vm.agent = GuestAgent(vm.name, vm.agent_socket, vm._guard)  # noqa: SLF001 (the lease is the VM's own, same module)
+        vm._adopt(process)  # noqa: SLF001 (the lease is the VM's own, same module)
+        old_host.release(vm.name)
+        try:
+            if old_proc is not None:
+                await old_proc.stop()
+        finally:
+            if old_dir != vm.run_dir and old_dir.name.startswith("mig"):
+                shutil.rmtree(old_dir, ignore_errors=True)
+            new = VMState.RUNNING if self.prior_state is VMState.RUNNING else VMState.PAUSED
+            if vm.state is VMState.MIGRATING:
+                vm.fsm.set(new, "migrated")
+            self.fsm.set(LeaseState.COMMITTED, f"on {self.destination.name}")
+            vm._lease = None  # noqa: SLF001 (the lease is the VM's own, same module)
+            vm._lock.release()  # noqa: SLF001 (the lease is the VM's own, same module)
+            vm.env.events.publish(VMMoved(vm=vm.name, source=old_host.name, destination=self.destination.name,
+                                          reason="migrated"))
+
+    def abort(self, reason: str) -> None:
+        """The migration did not complete: the VM stays on its source in its prior state, the
+        destination's reservation is released. Idempotent."""
+        if self.state is not LeaseState.HELD:
+            return
+        vm = self._vm
+        self.destination.release(vm.name)
+        if vm.state is VMState.MIGRATING:
+            vm.fsm.set(self.prior_state, f"migration-{reason}")
+        self.fsm.set(LeaseState.ABORTED, reason)
+        vm._lease = None  # noqa: SLF001 (the lease is the VM's own, same module)
+        vm._lock.release()  # noqa: SLF001 (the lease is the VM's own, same module)
+
+    def __repr__(self) -> str:
+        return f"<MigrationLease {self.vm_name} {self.source.name}->{self.destination.name} {self.state.value}>"
 
 
 def make_raw_disk(path: Path, size_mib: int, fmt: str = "raw") -> None:

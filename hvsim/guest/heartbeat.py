@@ -2,7 +2,7 @@
 
 Each beat is "HB <seq> <guest_monotonic_ns> <pages_dirtied>" every 10 ms. The monitor records the
 host arrival time of every beat, so gaps (downtime as the guest's clients see it) and lost beats
-(sequence holes) can be measured, also across a migration (``switch_to`` a new socket).
+(sequence holes) can be measured, also across a migration (``attach`` the destination's socket too).
 """
 from __future__ import annotations
 

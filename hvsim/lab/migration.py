@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from hvsim.core.cluster import Cluster
-from hvsim.migration import MigrationError
+from hvsim.migration import MigrationError, start_migration
 from hvsim.cli.migrate import decisions_table, follow, result_table
 from hvsim.core.model import HostSpec, VMSpec
 from hvsim.network import Underlay
@@ -25,7 +25,7 @@ async def run(console: Console, out_dir: Path) -> None:
     async with Underlay(["host-a", "host-b"], mbit=LINK_MBIT) as ul:
         async with Cluster("lab-mig") as cl:
             for h in ("host-a", "host-b"):
-                cl.add_host(HostSpec(h, vcpus=2, memory_mib=1024), netns=ul.host_ns(h))
+                cl.add_host(HostSpec(h, vcpus=2, memory_mib=1024), network=ul.host_network(h))
             vm = await cl.define_vm(VMSpec("busy", memory_mib=256), "host-a")
             console.print(f"booting a 256 MiB guest on host-a; hosts joined by a {LINK_MBIT} Mbit/s tbf link ...")
             await vm.start(wait_ready=True, ready_timeout=120)
@@ -35,7 +35,7 @@ async def run(console: Console, out_dir: Path) -> None:
             results = []
             for policy in ("hvsim-predictive", "qemu-default", "stepwise"):
                 dest = "host-b" if vm.host.name == "host-a" else "host-a"
-                m = vm.start_migration(dest, policy=policy, timeout=TIMEOUTS[policy],
+                m = start_migration(vm, dest, policy=policy, timeout=TIMEOUTS[policy],
                                        policy_params=STEPWISE if policy == "stepwise" else {})
                 if policy == "hvsim-predictive":
                     await follow(m, console)

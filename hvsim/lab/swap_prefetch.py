@@ -12,21 +12,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qmp_bridge import Drive
-
-from hvsim.core.aio import stop_process
 from hvsim.core.cluster import Cluster
-from hvsim.memory import guest_swap_back, guest_swap_stats, setup_guest_swap
+from hvsim.core.components import ComponentDriver
 from hvsim.core.model import DiskSpec, HostSpec, VMSpec
-from hvsim.drivers.shim.attach import ShimOptions, set_shim_options
+from hvsim.drivers.nbdkit import NbdkitComponent, NbdkitDriver, NbdkitOptions
+from hvsim.drivers.shim.component import ShimComponent, ShimDriver, ShimOptions
+from hvsim.memory import consolidate_memory, restore_memory
+from hvsim.guest.swap import guest_swap_back, guest_swap_stats, setup_guest_swap
 
 CONFIGS = ("baseline", "floor", "shim-no-prefetch", "shim-prefetch", "shim-prefetch-guest-assisted",
            "nbdkit-delay", "nbdkit-readahead")
@@ -77,52 +75,6 @@ class CaseResult:
         return {k: getattr(self, k) for k in keys}
 
 
-class Nbdkit:
-    """nbdkit serving a file over a unix socket, with the delay filter (and readahead + cache)."""
-
-    def __init__(self, sock: Path, backing: Path, latency_ms: float, readahead_budget: int | None,
-                 cache_dir: Path) -> None:
-        self.sock, self.backing, self.cache_dir = sock, backing, cache_dir
-        filters = ["--filter=readahead", "--filter=cache"] if readahead_budget is not None else []
-        filters.append("--filter=delay")
-        delay = f"{latency_ms:g}ms"
-        self.argv = ["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "-e", "swap", *filters,
-                     "file", f"file={backing}", f"rdelay={delay}", f"wdelay={delay}"]
-        if readahead_budget is not None:
-            self.argv += ["cache=writethrough", "cache-on-read=true", f"cache-max-size={readahead_budget}"]
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self, timeout: float = 15.0) -> None:
-        if shutil.which("nbdkit") is None:
-            raise RuntimeError("nbdkit is not installed (Debian package nbdkit)")
-        with contextlib.suppress(FileNotFoundError):
-            self.sock.unlink()
-        env = dict(os.environ, TMPDIR=str(self.cache_dir))
-        self.proc = await asyncio.create_subprocess_exec(*self.argv, env=env, stdin=asyncio.subprocess.DEVNULL,
-                                                         stdout=asyncio.subprocess.DEVNULL,
-                                                         stderr=asyncio.subprocess.PIPE)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.returncode is not None:
-                err = await self.proc.stderr.read() if self.proc.stderr else b""
-                raise RuntimeError(f"nbdkit exited {self.proc.returncode}: {err.decode(errors='replace')}")
-            if self.sock.exists():
-                try:
-                    _, w = await asyncio.open_unix_connection(str(self.sock))
-                    w.close()
-                    return
-                except OSError:
-                    pass
-            await asyncio.sleep(0.05)
-        await self.stop()
-        raise RuntimeError(f"nbdkit did not listen on {self.sock} within {timeout}s")
-
-    async def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            await stop_process(proc)
-
-
 async def _sample(vm: Any, res: CaseResult, shim: Any, guest: bool, t0: float, stop: asyncio.Event) -> None:
     """Until ``stop``: the shim's peak cache size and (optionally) the guest's pswpin over time."""
     while not stop.is_set():
@@ -157,45 +109,33 @@ async def run_case(config: str, pattern: str, setup: Setup = Setup(), *, sample_
 
 
 async def _run_case(config: str, pattern: str, setup: Setup, sample_guest: bool, res: CaseResult) -> None:
-    shim_cfg = config in SHIM_CONFIGS
-    async with Cluster("swapbench") as cl:
-        cl.add_host(HostSpec("h1", vcpus=2, memory_mib=4096))
-        nbdkit: Nbdkit | None = None
-        if shim_cfg:
-            set_shim_options(cl, ShimOptions(latency_ms=0.0 if config == "floor" else setup.latency_ms), vm="guest")
-            spec = VMSpec("guest", memory_mib=setup.guest_mib, disks=(DiskSpec("swap", setup.swap_mib, kind="shim"),))
-        else:
-            spec = VMSpec("guest", memory_mib=setup.guest_mib)
-            d = cl.run_dir / "nbdkit"
-            d.mkdir(mode=0o700)
-            backing = d / "swap.img"
-            with open(backing, "wb") as f:
-                f.truncate(setup.swap_mib * MIB)
-            cache_dir = Path("/dev/shm") if Path("/dev/shm").is_dir() else d  # the cache lives in memory
-            ra = setup.budget_bytes if config == "nbdkit-readahead" else None
-            nbdkit = Nbdkit(d / "nbd.sock", backing, setup.latency_ms, ra, cache_dir)
-            await nbdkit.start()
-            cl.on_close(nbdkit.stop)
-        vm = await cl.define_vm(spec, "h1")
-        if nbdkit is not None:
-            vm.extra_drives.append(Drive(id="disk-swap", path=str(nbdkit.sock), kind="nbd", export="swap",
-                                         reconnect_delay=10))
+    driver: ComponentDriver
+    if config in SHIM_CONFIGS:
+        driver = ShimDriver(ShimOptions(latency_ms=0.0 if config == "floor" else setup.latency_ms))
+    else:
+        ra = setup.budget_bytes if config == "nbdkit-readahead" else None
+        driver = NbdkitDriver(NbdkitOptions(latency_ms=setup.latency_ms, readahead_budget=ra))
+    async with Cluster("swapbench", drivers=(driver,)) as cl:
+        host = cl.add_host(HostSpec("h1", vcpus=2, memory_mib=4096))
+        spec = VMSpec("guest", memory_mib=setup.guest_mib, disks=(DiskSpec("swap", setup.swap_mib, kind=driver.kind),))
+        vm = await cl.define_vm(spec, host)
         await vm.start(wait_ready=True, ready_timeout=120)
         swap = await setup_guest_swap(vm, "swap", page_cluster=0)
         await vm.exec(f"memfill {setup.fill_mib}", timeout=120, check=True)
-        shim = vm.shims.get("swap")
+        disk = vm.component(f"{driver.kind}:swap")
+        shim = disk if isinstance(disk, ShimComponent) else None
         if config != "baseline":
-            cons = await vm.consolidate_memory(setup.target_mib, timeout=120)
+            cons = await consolidate_memory(vm, setup.target_mib, timeout=120)
             res.consolidate_s = cons.seconds
             res.swapped_bytes = cons.swapped_bytes
-            if config == "nbdkit-readahead" and nbdkit is not None:
+            if config == "nbdkit-readahead" and isinstance(disk, NbdkitComponent):
                 # the cache holds what the guest just wrote; empty it like the shim's (budget 0 until
                 # restore): a fresh nbdkit on the same socket, QEMU reconnects (reconnect-delay)
-                await nbdkit.stop()
-                await nbdkit.start()
+                await disk.stop()
+                await disk.prepare(host)
             if shim is not None:
                 await shim.control.reset_stats()
-            rest = await vm.restore_memory(timeout=120, prefetch=config in PREFETCH_CONFIGS)
+            rest = await restore_memory(vm, timeout=120, prefetch=config in PREFETCH_CONFIGS)
             res.restore_s = rest.seconds
             res.budget_bytes = rest.budget_bytes or (setup.budget_bytes if config == "nbdkit-readahead" else 0)
         else:

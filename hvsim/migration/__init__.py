@@ -1,23 +1,35 @@
-"""Live migration between emulated hosts with pluggable switchover policies (issue 3).
+"""Live migration between emulated hosts with pluggable switchover policies.
 
-    m = await vm.migrate("h2", policy="hvsim-predictive", timeout=120)   # -> Migration
+    from hvsim.migration import migrate, start_migration
+    m = await migrate(vm, "h2", policy="hvsim-predictive", timeout=120)   # -> Migration
     print(m.result.summary())
 
-    m = vm.start_migration("h2", policy="stepwise")     # background
+    m = start_migration(vm, "h2", policy="stepwise")     # background
     async for p in m: print(p.passes, p.remaining, p.predicted_downtime_ms)
     m.cancel()                                           # the source keeps running
+
+Split by concern: :mod:`.orchestrator` (phases, state, policy loop, rollback), :mod:`.transfer`
+(how the bytes move: QEMU live migration today), :mod:`.measure` (results, guest-observed downtime,
+cost learning), :mod:`.policies` (switchover policies and their registry), :mod:`.costs` (what the
+cluster learnt), :mod:`.events` (progress and outcome on the cluster bus).
 """
 from .api import migrate, start_migration
-from .engine import Migration, ProgressSnapshot
+from .costs import LearnedCost, MigrationCosts, costs_of
 from .errors import (DestinationStartError, MigrationAbortedError, MigrationCancelledError, MigrationError,
                      MigrationFailedError, MigrationInputError, MigrationRefusedError, MigrationStateError,
                      MigrationTimeoutError)
+from .events import MigrationEnded, MigrationProgress
 from .measure import MigrationResult
-from .policies.base import Action, ActionKind, Decision, MigrationContext, Policy, make_policy, policy_names
+from .orchestrator import Migration
+from .policies import (Action, ActionKind, Decision, MigrationContext, Policy, PolicySetup, make_policy,
+                       policy_names)
+from .progress import ProgressSnapshot
 from .state import MigrationState
+from .transfer import QemuLiveTransfer, TransferStrategy
 
 __all__ = ["migrate", "start_migration", "Migration", "ProgressSnapshot", "MigrationResult", "MigrationState",
            "MigrationError", "MigrationInputError", "MigrationRefusedError", "MigrationStateError",
            "DestinationStartError", "MigrationFailedError", "MigrationAbortedError", "MigrationTimeoutError",
-           "MigrationCancelledError", "Policy", "Action", "ActionKind", "Decision", "MigrationContext",
-           "make_policy", "policy_names"]
+           "MigrationCancelledError", "Policy", "PolicySetup", "Action", "ActionKind", "Decision",
+           "MigrationContext", "make_policy", "policy_names", "MigrationCosts", "LearnedCost", "costs_of",
+           "MigrationProgress", "MigrationEnded", "QemuLiveTransfer", "TransferStrategy"]

@@ -1,9 +1,9 @@
-"""Errors of hvsim.migration. One tree; the root cause is kept as ``__cause__``.
+"""Errors of hvsim.migration, under hvsim's root; the root cause is kept as ``__cause__``.
 
     MigrationError (HvsimError)
-     +-- MigrationInputError      bad arguments (unknown policy, negative timeout, same host, ...)
+     +-- MigrationInputError      bad arguments (unknown policy, negative timeout, same host, ...) (an InputError)
      +-- MigrationRefusedError    refused before any process started (also a CapacityError)
-     +-- MigrationStateError      an operation not allowed in the migration's current state
+     +-- MigrationStateError      an operation not allowed in the migration's (or the VM's) state (a StateError)
      +-- DestinationStartError    the destination QEMU did not start or could not listen
      +-- MigrationFailedError     QEMU reported the migration failed (source kept running)
      +-- MigrationAbortedError    the policy aborted it (e.g. Nova's completion timeout)
@@ -12,14 +12,19 @@
 """
 from __future__ import annotations
 
-from ..core.errors import CapacityError, HvsimError
+from typing import Any
+
+from ..core.errors import CapacityError, HvsimError, InputError, StateError
 
 
 class MigrationError(HvsimError):
-    """Root of every error raised by hvsim.migration."""
+    """Root of every error raised by hvsim.migration. A migration that ran attaches itself and its
+    result (``exc.migration``, ``exc.result``)."""
+    migration: Any = None
+    result: Any = None
 
 
-class MigrationInputError(MigrationError, ValueError):
+class MigrationInputError(MigrationError, InputError):
     pass
 
 
@@ -27,7 +32,7 @@ class MigrationRefusedError(MigrationError, CapacityError):
     pass
 
 
-class MigrationStateError(MigrationError):
+class MigrationStateError(MigrationError, StateError):
     pass
 
 

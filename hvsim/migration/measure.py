@@ -1,8 +1,12 @@
-"""What one migration measured (item 4 of issue 3)."""
+"""What one migration measured: the result record, guest-observed downtime from the heartbeat
+stream, and what a completed migration teaches the cluster's cost model."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from ..guest.heartbeat import HeartbeatMonitor
+from .costs import MigrationCosts
 
 from .policies.base import Decision
 
@@ -40,3 +44,23 @@ class MigrationResult:
                 f"guest {f(self.downtime_ms_guest, 'ms')} (predicted {f(self.predicted_downtime_ms, 'ms')}), "
                 f"{self.bytes / 2**20:.1f} MiB sent for {self.touched_bytes / 2**20:.1f} MiB touched, "
                 f"{self.passes} passes" + (", postcopy" if self.postcopy else ""))
+
+
+def guest_downtime_ms(heartbeat: HeartbeatMonitor, since: float) -> tuple[float | None, int, int | None]:
+    """(largest heartbeat gap in ms or None, beats, lost beats or None) since ``since``."""
+    hb = heartbeat.stats(since=since) if heartbeat.beats else None
+    if hb is None:
+        return None, 0, None
+    return (hb.max_gap_ms if hb.beats >= 2 else None), hb.beats, hb.lost
+
+
+def learn_costs(costs: MigrationCosts, result: MigrationResult, ram: dict[str, Any], bandwidth: float | None) -> None:
+    """Fold a completed migration into the cluster's learned costs: the fixed part of a precopy
+    switch-over (guest downtime minus the bytes sent while stopped over the bandwidth), or the
+    guest's stall after a postcopy switch-over."""
+    if result.downtime_ms_guest is None:
+        return
+    if not result.postcopy and bandwidth and ram.get("downtime-bytes") is not None:
+        costs.fixed.learn(result.downtime_ms_guest - int(ram["downtime-bytes"]) / bandwidth * 1000)
+    if result.postcopy and result.heartbeat_beats > 0:
+        costs.postcopy_stall.learn(result.downtime_ms_guest)

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .state import MigrationState
 
 PAGE = 4096
 
@@ -49,6 +52,23 @@ def observation_from_qmp(info: dict[str, Any], t: float, downtime_limit_ms: floa
         postcopy_requests=int(ram.get("postcopy-requests", 0) or 0),
         bandwidth=bandwidth,
     )
+
+
+@dataclass(frozen=True)
+class ProgressSnapshot:
+    """One live progress sample of a migration (what the async iterator yields)."""
+    state: MigrationState
+    elapsed_s: float
+    passes: int
+    transferred: int
+    remaining: int
+    total: int
+    dirty_rate: float            # bytes/s
+    bandwidth: float | None      # bytes/s measured over the link
+    mbps: float                  # QEMU's own estimate
+    expected_downtime_ms: float | None   # QEMU's
+    predicted_downtime_ms: float | None  # the policy's (or ours for policies without one)
+    status: str
 
 
 @dataclass

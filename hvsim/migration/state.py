@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import enum
+import logging
+
+from hvbase.fsm import StateMachine
 
 from .errors import MigrationStateError
+
+log = logging.getLogger("hvsim.migration")
 
 
 class MigrationState(enum.Enum):
@@ -39,8 +44,6 @@ TRANSITIONS: dict[MigrationState, frozenset[MigrationState]] = {
 }
 
 
-def check_transition(name: str, old: MigrationState, new: MigrationState) -> None:
-    if new not in TRANSITIONS[old]:
-        allowed = ", ".join(s.value for s in TRANSITIONS[old]) or "none (terminal)"
-        raise MigrationStateError(
-            f"migration {name}: illegal state change {old.value} -> {new.value} (allowed: {allowed})")
+def machine(name: str) -> StateMachine[MigrationState]:
+    """The state machine of migration ``name`` (MigrationStateError on an illegal change)."""
+    return StateMachine(f"migration {name}", M.NEW, TRANSITIONS, error=MigrationStateError, log=log)

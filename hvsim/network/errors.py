@@ -1,9 +1,9 @@
-"""Errors raised by hvsim.network. One tree; the root cause is kept as ``__cause__``.
+"""Errors raised by hvsim.network, under hvsim's root; the root cause is kept as ``__cause__``.
 
-    NetworkError
-     +-- TopologyError        bad input: duplicate/invalid host names, bad bandwidth, bad subnet
+    NetworkError (HvsimError)
+     +-- TopologyError        bad input: duplicate/invalid host names, bad bandwidth, bad subnet (an InputError)
      +-- UnknownHostError     a host name that is not part of this underlay
-     +-- StateError           an operation not allowed in the underlay's current state
+     +-- StateError           an operation not allowed in the underlay's current state (hvbase's StateError)
      +-- CommandError         an iproute2/tc (or helper) command failed: argv, exit code, stderr
      +-- SetupError           bringing the underlay up failed (cause attached; already torn down)
      +-- TeardownError        tearing down left something behind (names listed)
@@ -11,14 +11,18 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
+
+from hvbase.errors import HvsimError, InputError
+from hvbase.errors import StateError as _BaseStateError
 
 
-class NetworkError(Exception):
+class NetworkError(HvsimError):
     """Root of every error raised by hvsim.network."""
 
 
-class TopologyError(NetworkError, ValueError):
+class TopologyError(NetworkError, InputError):
     """Invalid topology input (names, bandwidth, subnet, shaping parameters)."""
 
 
@@ -32,13 +36,12 @@ class UnknownHostError(NetworkError, KeyError):
         return str(self.args[0])
 
 
-class StateError(NetworkError):
-    def __init__(self, what: str, state: object, allowed: Sequence[object]) -> None:
-        self.what = what
-        self.state = state
-        self.allowed = list(allowed)
-        names = ", ".join(getattr(s, "name", str(s)) for s in self.allowed)
-        super().__init__(f"cannot {what} while underlay is {getattr(state, 'name', state)} (allowed in: {names})")
+class StateError(NetworkError, _BaseStateError):
+    """An underlay operation or state change not allowed in its current state."""
+
+    def __init__(self, obj: str, state: Any = None, allowed: Sequence[Any] = (), action: str | None = None,
+                 target: Any = None, message: str | None = None) -> None:
+        _BaseStateError.__init__(self, obj, state, allowed, action=action, target=target, message=message)
 
 
 class CommandError(NetworkError):

@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import signal
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 from .errors import CommandError
 

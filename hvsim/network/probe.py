@@ -114,7 +114,7 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
-async def measure_throughput(underlay: "Underlay", src: str, dst: str, *, seconds: float = 2.0,
+async def measure_throughput(underlay: Underlay, src: str, dst: str, *, seconds: float = 2.0,
                              warmup: float = 0.3, timeout: float = 30.0) -> Throughput:
     """Send TCP from ``src`` to ``dst`` for ``seconds``; return goodput measured at ``dst``."""
     if seconds <= warmup:

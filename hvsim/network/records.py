@@ -44,7 +44,7 @@ class Record:
     namespaces: list[str]
 
     @classmethod
-    def for_this_process(cls, runid: str, prefix: str, namespaces: list[str]) -> "Record":
+    def for_this_process(cls, runid: str, prefix: str, namespaces: list[str]) -> Record:
         pid = os.getpid()
         return cls(runid=runid, prefix=prefix, pid=pid, pid_start=_proc_start(pid),
                    created=time.time(), namespaces=list(namespaces))

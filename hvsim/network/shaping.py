@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .errors import TopologyError
 
@@ -63,7 +64,7 @@ class LinkShape:
             return self.burst_bytes
         return max(MIN_BURST_BYTES, int(self.rate_bit / 8 * DEFAULT_BURST_MS / 1000))
 
-    def with_mbit(self, mbit: float) -> "LinkShape":
+    def with_mbit(self, mbit: float) -> LinkShape:
         return LinkShape(mbit=mbit, burst_bytes=self.burst_bytes, latency_ms=self.latency_ms)
 
     def tbf_args(self) -> list[str]:
@@ -71,7 +72,7 @@ class LinkShape:
                 "latency", f"{float(self.latency_ms):g}ms"]
 
 
-def coerce_shape(value: "float | int | LinkShape", what: str) -> LinkShape:
+def coerce_shape(value: float | int | LinkShape, what: str) -> LinkShape:
     if isinstance(value, LinkShape):
         return value
     return LinkShape(mbit=check_mbit(value, what))
@@ -93,7 +94,7 @@ class QdiscStats:
     backlog_bytes: int
 
 
-def parse_qdisc_json(entries: list[Mapping[str, Any]]) -> QdiscStats | None:
+def parse_qdisc_json(entries: Sequence[Mapping[str, Any]]) -> QdiscStats | None:
     """Parse ``tc -j -s qdisc show dev X`` output; returns the root qdisc or None."""
     for e in entries:
         if e.get("root") or e.get("parent") in (None, "root"):

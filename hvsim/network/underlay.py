@@ -29,9 +29,13 @@ import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+
+from hvbase.fsm import StateMachine
 
 from ..core.aio import run_to_completion as _complete
+from ..core.host import HostNetwork
 from . import netns as nsutil
 from . import records
 from .errors import (NetworkError, SetupError, StateError, TeardownError,
@@ -165,7 +169,8 @@ class Underlay:
             self._hosts[name] = _Host(name=name, index=i, ns=f"{prefix}{self.runid}-h-{name}",
                                       ip=str(addrs[i]), port=f"p{i}",
                                       shaping=HostShaping(egress=shape, ingress=shape))
-        self._state = UnderlayState.NEW
+        self.fsm: StateMachine[UnderlayState] = StateMachine(f"underlay {self.runid}", UnderlayState.NEW,
+                                                             _TRANSITIONS, error=StateError, log=log)
         self._close_task: asyncio.Future[None] | None = None
         self.error: BaseException | None = None
         self.log = log.getChild(self.runid)
@@ -173,18 +178,13 @@ class Underlay:
     # ---- state -------------------------------------------------------------------
     @property
     def state(self) -> UnderlayState:
-        return self._state
+        return self.fsm.state
 
     def _transition(self, new: UnderlayState) -> None:
-        if new not in _TRANSITIONS[self._state]:
-            raise StateError(f"go to {new.name}", self._state,
-                             [s for s, nxt in _TRANSITIONS.items() if new in nxt])
-        self.log.debug("state %s -> %s", self._state.name, new.name)
-        self._state = new
+        self.fsm.set(new)
 
     def _require(self, what: str, *states: UnderlayState) -> None:
-        if self._state not in states:
-            raise StateError(what, self._state, states)
+        self.fsm.require(what, *states)
 
     # ---- lookups -----------------------------------------------------------------
     @property
@@ -208,6 +208,11 @@ class Underlay:
     def host_ip(self, host: str) -> str:
         return self._host(host).ip
 
+    def host_network(self, host: str) -> HostNetwork:
+        """Where ``host`` lives on this underlay, for ``cluster.add_host(spec, network=...)``."""
+        h = self._host(host)
+        return HostNetwork(netns=h.ns, address=h.ip)
+
     def host_iface(self, host: str) -> str:
         self._host(host)
         return HOST_IFACE
@@ -228,7 +233,7 @@ class Underlay:
         return nsutil.setns_preexec(h.ns)
 
     # ---- lifecycle ---------------------------------------------------------------
-    async def __aenter__(self) -> "Underlay":
+    async def __aenter__(self) -> Underlay:
         await self.start()
         return self
 
@@ -247,7 +252,7 @@ class Underlay:
             except NetworkError as td_exc:
                 self.log.error("teardown after failed setup: %s", td_exc)
             finally:
-                self._state = UnderlayState.FAILED
+                self._transition(UnderlayState.FAILED)
             if not isinstance(exc, Exception):  # CancelledError, KeyboardInterrupt, ...
                 raise
             raise SetupError(f"underlay {self.runid} setup failed (torn down): {exc}") from exc
@@ -257,13 +262,12 @@ class Underlay:
     async def close(self) -> None:
         """Tear everything down. Idempotent; completes even if the caller is cancelled
         (the cancellation is re-raised afterwards)."""
-        if self._state in (UnderlayState.TORN_DOWN, UnderlayState.FAILED):
+        if self.state in (UnderlayState.TORN_DOWN, UnderlayState.FAILED):
             return
-        if self._state is UnderlayState.NEW:
+        if self.state is UnderlayState.NEW:
             self._transition(UnderlayState.TORN_DOWN)
             return
-        if self._state is UnderlayState.STARTING:
-            raise StateError("close", self._state, [UnderlayState.NEW, UnderlayState.UP])
+        self.fsm.require("close", UnderlayState.UP, UnderlayState.CLOSING)
         if self._close_task is None:
             self._transition(UnderlayState.CLOSING)
             self._close_task = asyncio.ensure_future(self._close())
@@ -367,4 +371,4 @@ class Underlay:
         return await records.cleanup_stale(prefix, run_dir)
 
     def __repr__(self) -> str:
-        return f"<Underlay {self.runid} {self._state.name} hosts={list(self._hosts)}>"
+        return f"<Underlay {self.runid} {self.state.name} hosts={list(self._hosts)}>"

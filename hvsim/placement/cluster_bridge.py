@@ -8,7 +8,9 @@
     await sched.delete_group("web")
 
 The controller serialises concurrent requests, so groups created at the same time never break a
-required rule. A refusal raises GroupPlacementError carrying the solver's explanation; nothing is
+required rule. The scheduler follows the cluster's events: a VM that moves host (a migration, a
+restart elsewhere) is moved in the controller's inventory too (``VMMoved``), and an undefined VM is
+released (``VMUndefined``). A refusal raises GroupPlacementError carrying the solver's explanation; nothing is
 started. If a guest of a placed group fails to start, the group's other guests are destroyed and
 the placement released, so a group is all or nothing.
 """
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..core.errors import HvsimError
+from ..core.events import ClusterEvent, VMMoved, VMUndefined
 from ..core.model import VMSpec
 from .controller import PlacementController
 from .solver import PlacementResult
@@ -45,14 +48,14 @@ class GroupPlacementError(HvsimError):
 class PlacedGroup:
     name: str
     result: PlacementResult
-    vms: list["VM"]
+    vms: list[VM]
 
     @property
     def hosts(self) -> dict[str, str]:
         return {vm.name: vm.host.name for vm in self.vms}
 
 
-def host_entry(h: "ClusterHost") -> dict[str, Any]:
+def host_entry(h: ClusterHost) -> dict[str, Any]:
     return {"name": h.name,
             "capacity": {"vcpus": h.spec.vcpus, "memory_mib": h.spec.memory_mib},
             "overcommit": {"vcpus": h.spec.cpu_overcommit, "memory_mib": h.spec.mem_overcommit},
@@ -60,7 +63,7 @@ def host_entry(h: "ClusterHost") -> dict[str, Any]:
 
 
 class ClusterScheduler:
-    def __init__(self, cluster: "Cluster", levels: Iterable[str] | None = None, solver: str = "cpsat",
+    def __init__(self, cluster: Cluster, levels: Iterable[str] | None = None, solver: str = "cpsat",
                  **controller_options: Any) -> None:
         self.cluster = cluster
         hosts = [host_entry(h) for h in cluster.hosts.values()]
@@ -71,6 +74,23 @@ class ClusterScheduler:
             levels = ["datacenter", *label_keys, "host"]
         self.controller = PlacementController(hosts, levels=list(levels), solver=solver, **controller_options)
         self.groups: dict[str, list[str]] = {}
+        self._events = cluster.events.subscribe("placement inventory", kinds=(VMMoved, VMUndefined),
+                                                callback=self._follow)
+
+    def _follow(self, event: ClusterEvent) -> None:
+        if isinstance(event, VMMoved):
+            self.controller.note_moved(event.vm, event.destination)
+        elif isinstance(event, VMUndefined) and event.vm in self.controller.placement:
+            self.controller.release(event.vm)
+            for name, vms in list(self.groups.items()):
+                if event.vm in vms:
+                    vms.remove(event.vm)
+                    if not vms:
+                        del self.groups[name]
+
+    def close(self) -> None:
+        """Stop following the cluster's events."""
+        self._events.close()
 
     async def create_group(self, name: str, count: int, template: VMSpec,
                            rules: Iterable[Mapping[str, Any]] = (), *, start: bool = True,
@@ -101,13 +121,14 @@ class ClusterScheduler:
             raise
         return PlacedGroup(name, result, vms)
 
-    async def _undo(self, name: str, vms: list["VM"]) -> None:
+    async def _undo(self, name: str, vms: list[VM]) -> None:
         await asyncio.gather(*(vm.destroy() for vm in vms), return_exceptions=True)
+        self.groups.pop(name, None)
+        if name in self.controller.groups:
+            self.controller.release_group(name)
         for vm in vms:
             if vm.name in self.cluster.vms:
                 await self.cluster.undefine_vm(vm.name)
-        self.controller.release_group(name)
-        self.groups.pop(name, None)
 
     async def delete_group(self, name: str) -> None:
         """Destroy and undefine the group's VMs and release their placement."""

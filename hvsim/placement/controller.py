@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 from .check import check
 from .cpsat import SolverOptions
@@ -75,7 +76,7 @@ class PlacementController:
 
     @classmethod
     def from_problem(cls, problem: Problem, placement: Mapping[str, str] | None = None,
-                     **kw: Any) -> "PlacementController":
+                     **kw: Any) -> PlacementController:
         """A controller holding ``problem``'s hosts, groups and rules with every VM placed as in
         ``placement`` (default: ``problem.current``). Refused (ProblemError) when the problem is
         invalid or the placement is incomplete or breaks a required rule."""
@@ -253,6 +254,22 @@ class PlacementController:
                     return []
                 return self._drop_group(g.name)
         return []
+
+    def note_moved(self, vm_name: str, host: str) -> bool:
+        """A VM of a placed group now runs on ``host`` (it migrated, or was restarted elsewhere):
+        follow it. Returns False (and changes nothing) for a VM this controller does not place.
+        A move that breaks a required rule is logged (it already happened; the checker counts it)."""
+        p = self._problem
+        if vm_name not in p.current:
+            return False
+        if host not in {h.name for h in p.hosts}:
+            raise ProblemError([("host", f"VM {vm_name!r} moved to unknown host {host!r}")])
+        p.current[vm_name] = host
+        rep = check(p, p.current)
+        if not rep.ok:
+            log.warning("VM %s moved to %s: the placement now breaks required rules: %s", vm_name, host,
+                        "; ".join(rep.violated()[:5]))
+        return True
 
     def release_group(self, name: str) -> list[str]:
         """Forget a whole group; returns the names of the rules dropped with it."""

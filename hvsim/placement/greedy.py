@@ -14,7 +14,7 @@ import time
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from .model import HOST_LEVEL, RESOURCE_LABELS, Problem, Rule, VM, eligible_hosts
 

@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 HOST_LEVEL = "host"
 DEFAULT_LEVELS = ("datacenter", "rack", HOST_LEVEL)
@@ -68,7 +69,7 @@ class Host:
 
     @classmethod
     def make(cls, name: str, vcpus: int, memory_mib: int, overcommit: float | Mapping[str, float] = 1.0,
-             domain: Mapping[str, str] | None = None, **resources: int) -> "Host":
+             domain: Mapping[str, str] | None = None, **resources: int) -> Host:
         """Convenience constructor. A scalar ``overcommit`` applies to vCPUs only (memory is
         never overcommitted implicitly); pass a mapping to overcommit other resources."""
         oc = dict(overcommit) if isinstance(overcommit, Mapping) else {"vcpus": float(overcommit)}
@@ -93,7 +94,7 @@ class Group:
     vms: list[VM]
 
     @classmethod
-    def uniform(cls, name: str, count: int, demand: Mapping[str, int], start: int = 0) -> "Group":
+    def uniform(cls, name: str, count: int, demand: Mapping[str, int], start: int = 0) -> Group:
         """``count`` identical VMs named ``NAME-0``, ``NAME-1``, ..."""
         return cls(name, [VM(f"{name}-{i}", name, dict(demand)) for i in range(start, start + count)])
 
@@ -300,7 +301,7 @@ class Problem:
         raise KeyError(name)
 
     # -- validation
-    def validate(self) -> "Problem":
+    def validate(self) -> Problem:
         """Raise ProblemError naming every offending field, or RuleConflictError for required
         rules that contradict each other. Returns self."""
         errors = validate_base(self)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from .model import (HOST_LEVEL, RULE_KINDS, Group, Host, MovePolicy, Objective, Problem, ProblemError, Rule, VM)
 

@@ -29,8 +29,11 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_qemu_dies_when_its_parent_is_killed():
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True)
+def test_qemu_dies_when_its_parent_is_killed(tmp_path):
+    # the orphan's run dir under a private TMPDIR: no other hvsim process on this machine reclaims it
+    # before this test does (every Cluster() reclaims the stale run dirs of dead owners in its TMPDIR)
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT], stdout=subprocess.PIPE, text=True, env=env)
     try:
         line = proc.stdout.readline().split()
         assert line, "child did not start its guest"
@@ -42,7 +45,7 @@ def test_qemu_dies_when_its_parent_is_killed():
         while psutil.pid_exists(qemu_pid) and psutil.Process(qemu_pid).status() != psutil.STATUS_ZOMBIE:
             assert time.monotonic() < deadline, "QEMU outlived the process that started it"
             time.sleep(0.1)
-        assert run_dir.exists()                      # nobody cleaned up: the owner was SIGKILLed
+        assert run_dir.parent == tmp_path and run_dir.exists()   # nobody cleaned up: the owner was SIGKILLed
         assert run_dir in remove_stale_run_dirs(run_dir.parent)
         assert not run_dir.exists()
     finally:

@@ -1,12 +1,18 @@
 import pytest
 
 from hvsim.core.errors import IllegalTransitionError
-from hvsim.core.lifecycle import ALLOWED, TRANSITIONS, VMState, check_action, check_transition
+from hvsim.core.lifecycle import ALLOWED, TRANSITIONS, VMState, machine, require
+
+
+def at(state: VMState):  # type: ignore[no-untyped-def]
+    return machine("v", state)
 
 
 def test_pause_of_shutoff_vm_is_refused_with_a_clear_message():
-    with pytest.raises(IllegalTransitionError, match=r"cannot pause vm 'web': it is shutoff \(allowed from: running\)"):
-        check_action("web", VMState.SHUTOFF, "pause")
+    with pytest.raises(IllegalTransitionError,
+                       match=r"cannot pause vm 'web': it is shutoff \(allowed from: running\)") as ei:
+        require(machine("web"), "pause")
+    assert ei.value.state is VMState.SHUTOFF and set(ei.value.allowed) == {VMState.RUNNING}
 
 
 @pytest.mark.parametrize("state,action", [
@@ -16,7 +22,7 @@ def test_pause_of_shutoff_vm_is_refused_with_a_clear_message():
 ])
 def test_illegal_actions(state, action):
     with pytest.raises(IllegalTransitionError):
-        check_action("v", state, action)
+        require(at(state), action)
 
 
 @pytest.mark.parametrize("state,action", [
@@ -25,21 +31,25 @@ def test_illegal_actions(state, action):
     (VMState.CRASHED, "destroy"), (VMState.SHUTOFF, "undefine"),
 ])
 def test_legal_actions(state, action):
-    check_action("v", state, action)
+    require(at(state), action)
 
 
 def test_unknown_action():
     with pytest.raises(IllegalTransitionError, match="unknown action"):
-        check_action("v", VMState.RUNNING, "explode")
+        require(at(VMState.RUNNING), "explode")
 
 
 def test_transition_table_is_closed_and_crash_reachable_from_every_live_state():
-    for src, dsts in TRANSITIONS.items():
+    for dsts in TRANSITIONS.values():
         assert dsts <= set(VMState)
     for live in (VMState.STARTING, VMState.RUNNING, VMState.PAUSED, VMState.SHUTTING_DOWN, VMState.MIGRATING):
-        check_transition("v", live, VMState.CRASHED)
+        m = at(live)
+        m.set(VMState.CRASHED, "kill -9")
+        assert m.state is VMState.CRASHED and m.history[-1].reason == "kill -9"
+    m = at(VMState.SHUTOFF)
     with pytest.raises(IllegalTransitionError, match="shutoff -> paused"):
-        check_transition("v", VMState.SHUTOFF, VMState.PAUSED)
+        m.set(VMState.PAUSED)
+    assert m.state is VMState.SHUTOFF
 
 
 def test_every_action_names_known_states():

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from hvbase.fsm import StateMachine
 from hvsim import memory as M
 from hvsim.core.agent import ExecResult
 from hvsim.core.errors import SpecError
@@ -64,7 +65,12 @@ class FakeControl:
 
 @dataclass
 class FakeShim:
+    """Implements the core's SwapBackend as the shim component does (passes 0 as None)."""
     control: FakeControl = field(default_factory=FakeControl)
+    id: str = "shim:swap"
+
+    async def prefetch(self, budget_bytes: int, skip_recent_pages: int = 0) -> dict[str, Any]:
+        return await self.control.prefetch(budget_bytes, skip_recent_pages=skip_recent_pages or None)
 
 
 class FakeVM:
@@ -74,8 +80,15 @@ class FakeVM:
         self.state = VMState.RUNNING
         self.generation = 1
         self.qmp = qmp
-        self.shims: dict[str, Any] = {"swap": FakeShim()}
+        self.shim = FakeShim()
+        self.components: dict[str, Any] = {self.shim.id: self.shim}
+        self.extensions: dict[str, Any] = {}
         self.commands: list[str] = []
+
+    def extension(self, key: str, factory: Any) -> Any:
+        if key not in self.extensions:
+            self.extensions[key] = factory(self)
+        return self.extensions[key]
 
     async def exec(self, command: str, timeout: float = 60.0, check: bool = False) -> ExecResult:
         self.commands.append(command)
@@ -91,13 +104,19 @@ def fast_poll(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_transition_table() -> None:
     S = M.MemoryState
-    M.check_memory_transition("v", S.FULL, S.CONSOLIDATING)
-    M.check_memory_transition("v", S.CONSOLIDATED, S.RESTORING)
-    M.check_memory_transition("v", S.CONSOLIDATED, S.CONSOLIDATING)
+
+    def at(state: M.MemoryState) -> StateMachine[M.MemoryState]:
+        return StateMachine("memory of vm 'v'", state, M.TRANSITIONS, error=M.MemoryStateError)
+    for old, new in [(S.FULL, S.CONSOLIDATING), (S.CONSOLIDATED, S.RESTORING), (S.CONSOLIDATED, S.CONSOLIDATING)]:
+        m = at(old)
+        m.set(new)
+        assert m.state is new
     for old, new in [(S.FULL, S.RESTORING), (S.FULL, S.CONSOLIDATED), (S.CONSOLIDATING, S.RESTORING),
                      (S.RESTORING, S.CONSOLIDATING), (S.CONSOLIDATED, S.FULL)]:
+        m = at(old)
         with pytest.raises(M.MemoryStateError, match=f"{old.value} -> {new.value}"):
-            M.check_memory_transition("v", old, new)
+            m.set(new)
+        assert m.state is old
 
 
 async def test_consolidate_then_restore_tells_the_shims_the_budget() -> None:
@@ -114,19 +133,19 @@ async def test_consolidate_then_restore_tells_the_shims_the_budget() -> None:
     rest = await M.restore_memory(vm)  # type: ignore[arg-type]
     assert M.memory_state(vm) is M.MemoryState.FULL  # type: ignore[arg-type]
     assert rest.reached_mib == 256 and rest.budget_bytes == 160 * MIB
-    assert vm.shims["swap"].control.budgets == [160 * MIB]
-    assert vm.shims["swap"].control.skips == [1024]  # SwapCached 4096 kB: the guest holds 1024 swapped pages
-    assert rest.prefetch == {"swap": {"budget_bytes": 160 * MIB, "planned_pages": 7}}
+    assert vm.shim.control.budgets == [160 * MIB]
+    assert vm.shim.control.skips == [1024]  # SwapCached 4096 kB: the guest holds 1024 swapped pages
+    assert rest.prefetch == {"shim:swap": {"budget_bytes": 160 * MIB, "planned_pages": 7}}
 
 
 async def test_restore_without_prefetch_leaves_the_shims_alone() -> None:
     vm = FakeVM(FakeQMP(256))
     await M.consolidate_memory(vm, 200)  # type: ignore[arg-type]
     rest = await M.restore_memory(vm, prefetch=False)  # type: ignore[arg-type]
-    assert rest.budget_bytes == 0 and vm.shims["swap"].control.budgets == []
+    assert rest.budget_bytes == 0 and vm.shim.control.budgets == []
     await M.consolidate_memory(vm, 200)  # type: ignore[arg-type]
     await M.restore_memory(vm, swap_cache_hint=False)  # type: ignore[arg-type]
-    assert vm.shims["swap"].control.skips == [None]
+    assert vm.shim.control.skips == [None]
 
 
 async def test_bad_requests_are_refused_with_the_reason() -> None:

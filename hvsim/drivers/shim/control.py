@@ -11,21 +11,37 @@ import asyncio
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .errors import ControlError, ShimConfigError, ShimError
+from .export import Export
 from .sockets import prepare_socket_path, secure_socket
 
-if TYPE_CHECKING:
-    from .daemon import ShimDaemon
+
+class _Server(Protocol):
+    def stats(self) -> dict[str, Any]: ...
+
+
+class ControlTarget(Protocol):
+    """What the control server steers (the shim daemon)."""
+    @property
+    def exports(self) -> Sequence[Export]: ...
+
+    @property
+    def server(self) -> _Server: ...
+
+    def export(self, name: str | None) -> Export: ...
+
+    def request_stop(self) -> None: ...
 
 log = logging.getLogger(__name__)
 MAX_LINE = 64 * 1024 * 1024  # a checkpoint of a large swap disk is a long line
 
 
 class ControlServer:
-    def __init__(self, path: str | os.PathLike[str], daemon: "ShimDaemon") -> None:
+    def __init__(self, path: str | os.PathLike[str], daemon: ControlTarget) -> None:
         self.path = Path(path)
         self.daemon = daemon
         self._server: asyncio.AbstractServer | None = None

@@ -1,10 +1,10 @@
 """Exceptions of the block-device shim.
 
-Error tree (the root cause is always kept as ``__cause__``)::
+Error tree (under ``hvbase.errors.HvsimError``; the root cause is always kept as ``__cause__``)::
 
     ShimError
-     +-- ShimConfigError        bad arguments: sizes, paths, socket directory permissions
-     +-- ShimStateError         an illegal state transition (server, export, process)
+     +-- ShimConfigError        bad arguments: sizes, paths, socket directory permissions (an InputError)
+     +-- ShimStateError         an illegal state transition (server, export, process) (a StateError)
      +-- NbdProtocolError       a peer broke the NBD protocol (the connection is dropped)
      +-- StoreError             the backing store failed (carries an NBD errno)
      +-- ControlError           the JSON control channel failed or answered an error
@@ -13,16 +13,18 @@ Error tree (the root cause is always kept as ``__cause__``)::
 """
 from __future__ import annotations
 
-
-class ShimError(Exception):
-    """Root of every shim error."""
+from hvbase.errors import HvsimError, InputError, StateError
 
 
-class ShimConfigError(ShimError):
+class ShimError(HvsimError):
+    """Root of every shim error (under hvsim's root)."""
+
+
+class ShimConfigError(ShimError, InputError):
     """Invalid configuration or argument."""
 
 
-class ShimStateError(ShimError):
+class ShimStateError(ShimError, StateError):
     """An operation is not legal in the object's current state."""
 
 

@@ -75,7 +75,7 @@ class Export:
         self._epoch_prefetched = 0
 
     # lifecycle -------------------------------------------------------------------------------
-    def open(self) -> "Export":
+    def open(self) -> Export:
         if self.state is not ExportState.CREATED:
             raise ShimStateError(f"export {self.name!r} cannot open from state {self.state.value}")
         self.store.open()

@@ -17,6 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from hvbase.fsm import StateMachine
 from qmp_bridge.process import die_with_parent
 
 from .control import ShimControlClient
@@ -36,6 +37,17 @@ class ProcState(str, Enum):
     CRASHED = "crashed"
 
 
+P = ProcState
+TRANSITIONS: dict[ProcState, frozenset[ProcState]] = {
+    P.CREATED: frozenset({P.STARTING, P.STOPPING}),
+    P.STARTING: frozenset({P.RUNNING, P.STOPPING, P.STOPPED, P.CRASHED}),
+    P.RUNNING: frozenset({P.STOPPING, P.CRASHED}),
+    P.STOPPING: frozenset({P.STOPPED}),
+    P.STOPPED: frozenset({P.STARTING, P.STOPPING}),
+    P.CRASHED: frozenset({P.STARTING, P.STOPPING}),
+}
+
+
 class ShimProcess:
     """One shim process serving ``backing`` on ``socket_path`` (and a control socket)."""
 
@@ -43,7 +55,7 @@ class ShimProcess:
                  size: int | None = None, latency_ms: float = 0.0, bandwidth_mib_s: float | None = None,
                  control_path: str | os.PathLike[str] | None = None, export_name: str = DEFAULT_EXPORT,
                  log_path: str | os.PathLike[str] | None = None, prefetch_concurrency: int = 4,
-                 verbose: bool = False, python: str = sys.executable) -> None:
+                 verbose: bool = False, python: str = sys.executable, netns: str | None = None) -> None:
         self.socket_path = Path(socket_path).absolute()
         self.backing = Path(backing).absolute()
         self.control_path = Path(control_path).absolute() if control_path else Path(f"{self.socket_path}.ctl")
@@ -51,7 +63,9 @@ class ShimProcess:
             raise ShimProcessError(f"control socket path too long: {self.control_path}")
         self.log_path = Path(log_path) if log_path else Path(f"{self.socket_path}.log")
         self.export_name = export_name
-        self.argv = [python, "-m", "hvsim.drivers.shim", "serve", "--socket", str(self.socket_path),
+        self.netns = netns
+        self.argv = (["ip", "netns", "exec", netns] if netns else []) + [
+                     python, "-m", "hvsim.drivers.shim", "serve", "--socket", str(self.socket_path),
                      "--backing", str(self.backing), "--control", str(self.control_path),
                      "--name", export_name, "--latency-ms", repr(float(latency_ms)),
                      "--prefetch-concurrency", str(prefetch_concurrency)]
@@ -61,13 +75,18 @@ class ShimProcess:
             self.argv += ["--bandwidth-mib-s", repr(float(bandwidth_mib_s))]
         if verbose:
             self.argv.append("--verbose")
-        self.state = ProcState.CREATED
+        self.fsm: StateMachine[ProcState] = StateMachine(f"shim process {self.socket_path.name}", P.CREATED,
+                                                         TRANSITIONS, error=ShimStateError, log=log)
         self.control = ShimControlClient(self.control_path)
         self.crashed = asyncio.Event()
         self._proc: asyncio.subprocess.Process | None = None
         self._watch: asyncio.Task[None] | None = None
 
     # info ------------------------------------------------------------------------------------
+    @property
+    def state(self) -> ProcState:
+        return self.fsm.state
+
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
@@ -98,9 +117,8 @@ class ShimProcess:
 
     # lifecycle -------------------------------------------------------------------------------
     async def start(self, timeout: float = 20.0) -> None:
-        if self.state not in (ProcState.CREATED, ProcState.STOPPED, ProcState.CRASHED):
-            raise ShimStateError(f"shim process cannot start from state {self.state.value}")
-        self.state = ProcState.STARTING
+        self.fsm.require("start", P.CREATED, P.STOPPED, P.CRASHED)
+        self.fsm.set(P.STARTING, "start")
         self.crashed.clear()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         logf = open(self.log_path, "ab")
@@ -109,7 +127,7 @@ class ShimProcess:
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=logf,
                 preexec_fn=die_with_parent(), close_fds=True)
         except OSError as exc:
-            self.state = ProcState.STOPPED
+            self.fsm.set(P.STOPPED, "could not execute")
             raise ShimProcessError(f"cannot execute {self.argv[0]}: {exc}") from exc
         finally:
             logf.close()
@@ -123,11 +141,11 @@ class ShimProcess:
             ready.cancel()
             exited.cancel()
             await self._hard_kill()
-            self.state = ProcState.STOPPED
+            self.fsm.set(P.STOPPED, "start interrupted")
             raise
         if ready in done and ready.result():
             exited.cancel()
-            self.state = ProcState.RUNNING
+            self.fsm.set(P.RUNNING, f"pid {proc.pid} ready")
             self._watch = asyncio.get_running_loop().create_task(self._watch_exit(), name=f"shim-watch-{proc.pid}")
             log.info("shim pid %d serving %s on %s", proc.pid, self.backing, self.socket_path)
             return
@@ -137,9 +155,9 @@ class ShimProcess:
         if exited not in done:
             exited.cancel()
             await self._hard_kill()
-            self.state = ProcState.STOPPED
+            self.fsm.set(P.STOPPED, "not ready in time")
             raise ShimProcessError(f"shim did not become ready within {timeout}s; argv={self.argv}\n{self.log_tail()}")
-        self.state = ProcState.CRASHED
+        self.fsm.set(P.CRASHED, f"exit code {proc.returncode} during start")
         raise ShimCrashed(f"shim exited with code {proc.returncode} during start; argv={self.argv}",
                           proc.returncode, self.log_tail())
 
@@ -154,14 +172,13 @@ class ShimProcess:
         proc = self._proc
         assert proc is not None
         code = await proc.wait()
-        if self.state is ProcState.RUNNING:
-            self.state = ProcState.CRASHED
+        if self.fsm.set_if({P.RUNNING}, P.CRASHED, f"exit code {code}"):
             self.crashed.set()
             log.error("shim pid %d exited unexpectedly with code %s; log tail:\n%s", proc.pid, code, self.log_tail(10))
 
     def check(self) -> None:
         """Raise :class:`ShimCrashed` if the process exited while it should be running."""
-        if self.state is ProcState.CRASHED:
+        if self.state is P.CRASHED:
             raise ShimCrashed(f"shim process {self.pid} exited with code {self.returncode}",
                               self.returncode, self.log_tail())
 
@@ -174,12 +191,12 @@ class ShimProcess:
     async def stop(self, timeout: float = 10.0) -> int | None:
         """SIGTERM (graceful: in-flight requests finish, clients get ESHUTDOWN), then SIGKILL."""
         proc = self._proc
-        if proc is None or self.state in (ProcState.CREATED, ProcState.STOPPED):
+        if proc is None or self.state in (P.CREATED, P.STOPPED):
             return self.returncode
-        if self.state is ProcState.CRASHED:
+        if self.state is P.CRASHED:
             await self._reap()
             return proc.returncode
-        self.state = ProcState.STOPPING
+        self.fsm.set(P.STOPPING, "SIGTERM")
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -189,17 +206,19 @@ class ShimProcess:
                 log.warning("shim pid %d ignored SIGTERM for %.1fs; killing it", proc.pid, timeout)
                 await self._hard_kill()
         await self._reap()
-        self.state = ProcState.STOPPED
+        self.fsm.set(P.STOPPED, f"exit code {proc.returncode}")
         return proc.returncode
 
     async def kill(self) -> int | None:
         """SIGKILL now (e.g. to test a crash/restart); the state becomes STOPPED, not CRASHED."""
         if self._proc is None:
             return None
-        self.state = ProcState.STOPPING
+        if self.state not in (P.STOPPED, P.STOPPING):
+            self.fsm.set(P.STOPPING, "SIGKILL")
         await self._hard_kill()
         await self._reap()
-        self.state = ProcState.STOPPED
+        if self.state is P.STOPPING:
+            self.fsm.set(P.STOPPED, "killed")
         return self._proc.returncode
 
     async def _hard_kill(self) -> None:
@@ -217,7 +236,7 @@ class ShimProcess:
         if self._proc is not None and self._proc.returncode is None:
             await self._proc.wait()
 
-    async def __aenter__(self) -> "ShimProcess":
+    async def __aenter__(self) -> ShimProcess:
         await self.start()
         return self
 

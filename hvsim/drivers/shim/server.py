@@ -21,7 +21,8 @@ import logging
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from . import protocol as P
 from .errors import NbdProtocolError, ShimConfigError, ShimStateError, StoreError
@@ -50,7 +51,7 @@ class ConnPhase(str, Enum):
 
 
 class NbdConnection(asyncio.Protocol):
-    def __init__(self, server: "NbdServer", conn_id: int) -> None:
+    def __init__(self, server: NbdServer, conn_id: int) -> None:
         self.server = server
         self.id = conn_id
         self.log = log.getChild(f"conn{conn_id}")

@@ -11,9 +11,10 @@ from __future__ import annotations
 import enum
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
-from ..errors import MigrationInputError
+from ..costs import MigrationCosts
+from ..errors import MigrationInputError, MigrationStateError
 from ..progress import Observation
 
 
@@ -46,6 +47,16 @@ class MigrationContext:
     postcopy_available: bool            # the postcopy-ram capability is on, on both sides
     dirty_rate_estimate: float | None = None   # bytes/s sampled before the start (calc-dirty-rate), if any
     link_bandwidth_hint: float | None = None   # bytes/s, only if the caller supplies one
+    costs: MigrationCosts = field(default_factory=MigrationCosts)  # what earlier migrations learnt (the cluster's)
+
+
+@dataclass(frozen=True)
+class PolicySetup:
+    """What a policy needs set before the migration starts (QEMU cannot change capabilities once
+    it runs): capabilities on both sides, on the source only, and source parameters."""
+    capabilities: tuple[str, ...] = ()
+    source_capabilities: tuple[str, ...] = ()
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -69,18 +80,29 @@ class Policy(ABC):
         if params:
             raise MigrationInputError(
                 f"policy {self.name!r} got unknown parameter(s) {sorted(params)}")
+        self._ctx: MigrationContext | None = None
+
+    @property
+    def ctx(self) -> MigrationContext:
+        """The context given to ``start`` (MigrationStateError before it)."""
+        if self._ctx is None:
+            raise MigrationStateError(f"policy {self.name!r} has not been started")
+        return self._ctx
+
+    @property
+    def started(self) -> bool:
+        return self._ctx is not None
 
     @property
     def initial_downtime_limit_ms(self) -> float:
         return 300.0
 
-    def setup(self, ctx: MigrationContext) -> tuple[list[str], dict[str, Any]]:
-        """Extra source capabilities and parameters to set before ``migrate`` (capabilities cannot
-        change once the migration runs). Called before ``start``."""
-        return [], {}
+    def setup(self, ctx: MigrationContext) -> PolicySetup:
+        """Capabilities and parameters to set before ``migrate``. Called before ``start``."""
+        return PolicySetup()
 
     def start(self, ctx: MigrationContext) -> list[Action]:
-        self.ctx = ctx
+        self._ctx = ctx
         return []
 
     @abstractmethod
@@ -93,32 +115,3 @@ class Policy(ABC):
 
     def params(self) -> dict[str, Any]:
         return {}
-
-
-_REGISTRY: dict[str, Callable[..., Policy]] = {}
-
-
-def register(cls: type[Policy]) -> type[Policy]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def policy_names() -> list[str]:
-    _load_builtin()
-    return sorted(_REGISTRY)
-
-
-def make_policy(name: str | Policy, **params: Any) -> Policy:
-    """A policy instance by registered name (or pass an instance through)."""
-    if isinstance(name, Policy):
-        if params:
-            raise MigrationInputError("policy parameters given with a policy instance")
-        return name
-    _load_builtin()
-    if not isinstance(name, str) or name not in _REGISTRY:
-        raise MigrationInputError(f"unknown migration policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](**params)
-
-
-def _load_builtin() -> None:
-    from . import predictive, qemu_default, stepwise  # noqa: F401  (they register themselves)

@@ -8,13 +8,14 @@ Pass by pass it estimates
   ``calc-dirty-rate`` before the start),
 - the writable working set W (the dirty bytes found at each bitmap sync; the largest recent one).
 
-Prediction of stopping now: pending = min(remaining + D x (time since the last sync), max(W, remaining));
-downtime = pending / C + device state / B + fixed cost (learnt from earlier switch-overs, see
-``FixedCost``). QEMU's own downtime-limit is set by us at every pass so that QEMU's threshold (its
-wire bandwidth x limit) admits exactly the pending bytes our prediction allows within the budget,
-never below ``floor_limit_ms`` (100 ms): a tiny limit makes QEMU 7.2 resync the dirty bitmap in a
-tight loop, and under TCG that lost dirty pages (qemu-default with a 5 ms limit corrupted 7 of 10
-destination guests here, with 300 ms none of 20). When the prediction with its margin (pending x
+Prediction of stopping now: pending = min(remaining + D x (time since the last sync), max(W,
+remaining)); downtime = pending / C + device state / B + fixed cost (learnt from earlier switch-
+overs, see ``hvsim.migration.costs``: owned by the cluster, passed in the context). QEMU's own
+downtime-limit is set by us at every pass so that QEMU's threshold (its wire bandwidth x limit)
+admits exactly the pending bytes our prediction allows within the budget, never below
+``floor_limit_ms`` (100 ms): a tiny limit makes QEMU 7.2 resync the dirty bitmap in a tight loop,
+and under TCG that lost dirty pages (qemu-default with a 5 ms limit corrupted 7 of 10 destination
+guests here, with 300 ms none of 20). When the prediction with its margin (pending x
 ``margin_factor``) meets the budget the limit is raised to admit that, so QEMU stops at its next
 check and never with more than the margin; the accept rung raises it the same way.
 
@@ -38,42 +39,16 @@ postcopy during the bulk pass.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from ..errors import MigrationInputError
 from ..progress import Observation
-from .base import Action, ActionKind, MigrationContext, Policy, register
+from ..costs import MigrationCosts
+from .base import Action, ActionKind, MigrationContext, Policy, PolicySetup
 
 LADDER_STEPS = ("accept", "postcopy", "auto-converge")
 MIB = 2**20
-
-
-@dataclass
-class FixedCost:
-    """Fixed part of the downtime (stop, device state load, resume, heartbeat period), learnt as
-    an EWMA of (guest-observed downtime - bytes sent while stopped / bandwidth) of completed
-    precopy migrations in this process. Starts at ``initial_ms``."""
-    initial_ms: float = 60.0
-    alpha: float = 0.5
-    value_ms: float | None = None
-    samples: int = 0
-
-    def get(self) -> float:
-        return self.initial_ms if self.value_ms is None else self.value_ms
-
-    def learn(self, sample_ms: float) -> None:
-        sample_ms = max(0.0, min(sample_ms, 2000.0))
-        self.value_ms = sample_ms if self.value_ms is None else \
-            self.alpha * sample_ms + (1 - self.alpha) * self.value_ms
-        self.samples += 1
-
-
-FIXED_COST = FixedCost()
-# Postcopy: the guest resumes on the destination ~0.1 s after the stop, then stalls while the pages
-# it touches first (kernel, the writer's own pages) are fetched one fault at a time. That stall is
-# learnt the same way from completed postcopy migrations (600-1200 ms measured here at 200 Mbit/s).
-POSTCOPY_STALL = FixedCost(initial_ms=800.0)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -83,7 +58,6 @@ def _pow2_at_least(n: int) -> int:
     return p
 
 
-@register
 class Predictive(Policy):
     name = "hvsim-predictive"
     uses_postcopy = True
@@ -144,14 +118,15 @@ class Predictive(Policy):
     def initial_downtime_limit_ms(self) -> float:
         return self.floor
 
-    def setup(self, ctx: MigrationContext) -> tuple[list[str], dict[str, Any]]:
+    def setup(self, ctx: MigrationContext) -> PolicySetup:
         d = ctx.dirty_rate_estimate
         self.xbzrle = self.xbzrle_mode is True or (
             self.xbzrle_mode == "auto" and (d is None or d >= self.xbzrle_min_rate))
+        source = ("auto-converge",) if "auto-converge" in self.ladder else ()
         if not self.xbzrle:
-            return [], {}
+            return PolicySetup(source_capabilities=source)
         cache = self.xbzrle_cache or min(_pow2_at_least(ctx.guest_ram_bytes), 1 << 30)
-        return ["xbzrle"], {"xbzrle-cache-size": cache}
+        return PolicySetup(("xbzrle",), source, {"xbzrle-cache-size": cache})
 
     def start(self, ctx: MigrationContext) -> list[Action]:
         super().start(ctx)
@@ -163,7 +138,9 @@ class Predictive(Policy):
 
     # -- estimators ------------------------------------------------------------------------------
     def fixed_cost(self) -> float:
-        return self.fixed_cost_ms if self.fixed_cost_ms is not None else FIXED_COST.get()
+        if self.fixed_cost_ms is not None:
+            return self.fixed_cost_ms
+        return self.ctx.costs.fixed.get() if self.started else MigrationCosts().fixed.get()
 
     def _bw(self, obs: Observation) -> float | None:
         if obs.bandwidth:
@@ -241,7 +218,8 @@ class Predictive(Policy):
             return [Action(ActionKind.START_POSTCOPY, self._postcopy_bw(bw),
                            f"sampled dirty rate is {self.dirty_rate / bw:.2f} of the link (>= {self.early_rho}): "
                            "resending the working set would cost more than pulling it",
-                           self._inputs(obs, pred) | {"predicted_postcopy_ms": round(POSTCOPY_STALL.get(), 1)})]
+                           self._inputs(obs, pred) | {
+                               "predicted_postcopy_ms": round(self.ctx.costs.postcopy_stall.get(), 1)})]
 
         if self.switch_at is not None:
             sp, st = self.switch_at
@@ -344,7 +322,7 @@ class Predictive(Policy):
                     self.done = True
                     return Action(ActionKind.START_POSTCOPY, self._postcopy_bw(self._bw(obs) or 0.0),
                                   f"{why}; postcopy", self._inputs(obs, pred) | {
-                                      "predicted_postcopy_ms": round(POSTCOPY_STALL.get(), 1),
+                                      "predicted_postcopy_ms": round(self.ctx.costs.postcopy_stall.get(), 1),
                                       "postcopy_headroom": self.headroom})
             elif step == "auto-converge":
                 return Action(ActionKind.AUTO_CONVERGE, float(self.ac_initial), f"{why}; throttle the guest",

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from ..progress import Observation
-from .base import Action, ActionKind, MigrationContext, Policy, register
+from .base import Action, ActionKind, MigrationContext, Policy
 
 
-@register
 class QemuDefault(Policy):
     name = "qemu-default"
 

@@ -17,11 +17,12 @@ the schedule to a small guest on a slow link (the benchmark says which values it
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 from ..errors import MigrationInputError
 from ..progress import Observation
-from .base import Action, ActionKind, MigrationContext, Policy, register
+from .base import Action, ActionKind, MigrationContext, Policy
 
 GIB = 1024 ** 3
 
@@ -52,7 +53,6 @@ def step_for(elapsed: float, schedule: list[tuple[int, int]]) -> tuple[int, int]
     return this
 
 
-@register
 class Stepwise(Policy):
     name = "stepwise"
 

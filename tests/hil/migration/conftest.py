@@ -25,20 +25,19 @@ async def underlay_hosts() -> list[str]:
 
 
 @pytest.fixture
-async def underlay(underlay_hosts: list[str]) -> AsyncIterator[Underlay]:
+async def underlay(underlay_hosts: list[str], hvsim_underlay: Callable[..., Any]) -> Underlay:
     assert os.geteuid() == 0, "migration HIL tests need root (network namespaces, tc)"
     for tool in ("ip", "tc"):
         assert shutil.which(tool), f"{tool} missing: install iproute2"
-    await Underlay.cleanup_stale("hvs-")
-    async with Underlay(underlay_hosts, mbit=LINK_MBIT) as ul:
-        yield ul
+    ul: Underlay = await hvsim_underlay(underlay_hosts, mbit=LINK_MBIT)
+    return ul
 
 
 @pytest.fixture
 async def lab(underlay: Underlay, cluster: Cluster) -> AsyncIterator[Callable[..., Any]]:
     """``await lab.boot(name, host)`` -> a running, agent-ready VM on a host of the underlay."""
     for h in underlay.hosts:
-        cluster.add_host(HostSpec(h, vcpus=4, memory_mib=1024), netns=underlay.host_ns(h))
+        cluster.add_host(HostSpec(h, vcpus=4, memory_mib=1024), network=underlay.host_network(h))
 
     class Lab:
         cl = cluster

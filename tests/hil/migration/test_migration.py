@@ -7,11 +7,12 @@ import time
 
 import pytest
 
-from hvsim.core.errors import CapacityError
+from hvsim.core.errors import CapacityError, IllegalTransitionError
 from hvsim.guest.heartbeat import HeartbeatMonitor
 from hvsim.core.lifecycle import VMState
 from hvsim.migration import (DestinationStartError, MigrationCancelledError, MigrationRefusedError,
-                             MigrationState, MigrationTimeoutError)
+                             MigrationState, MigrationStateError, MigrationTimeoutError, migrate,
+                             start_migration)
 from hvsim.core.model import HostSpec
 
 pytestmark = [pytest.mark.hil, pytest.mark.timeout(240)]
@@ -59,7 +60,7 @@ async def test_busy_guest_migrates_without_losing_a_beat_or_a_byte(lab, policy: 
     await hb.wait_beats(20, timeout=20)
     src_pid, gen = vm.pid, vm.generation
 
-    m = await vm.migrate("b", policy=policy, timeout=120, heartbeat=hb, policy_params=params)
+    m = await migrate(vm, "b", policy=policy, timeout=120, heartbeat=hb, policy_params=params)
     t_done = time.monotonic()
     res = m.result
     assert m.state is MigrationState.COMPLETED and res.outcome == "completed"
@@ -98,12 +99,13 @@ async def test_round_trip_with_different_policies(lab) -> None:
     in QEMU, so each migration must set all of them explicitly."""
     vm = await lab.boot("rt")
     await vm.exec("dirty 8 4 >/dev/null 2>&1 &", check=True)
-    m1 = await vm.migrate("b", policy="hvsim-predictive", timeout=120)
+    m1 = await migrate(vm, "b", policy="hvsim-predictive", timeout=120)
     assert m1.result.outcome == "completed" and vm.host.name == "b"
-    m2 = await vm.migrate("a", policy="qemu-default", timeout=120)
+    m2 = await migrate(vm, "a", policy="qemu-default", timeout=120)
     assert m2.result.outcome == "completed" and vm.host.name == "a" and vm.generation == 3
     assert lab.cl.hosts["b"].allocations == {} and "rt" in lab.cl.hosts["a"].allocations
-    assert not list(vm.run_dir.glob("mig*"))[1:], "old destination dirs left behind"
+    # only the instance the VM now runs in remains (the first instance lived in run_dir itself)
+    assert [d for d in vm.run_dir.glob("mig*")] == [vm.instance_dir], "old destination dirs left behind"
     assert (await vm.exec("echo back", timeout=30)).stdout.strip() == "back"
     assert_guest_healthy(vm)
 
@@ -113,21 +115,21 @@ async def test_cancel_midway_leaves_the_source_running_and_nothing_of_the_destin
     await vm.exec("dirty 96 0 >/dev/null 2>&1 &", check=True)
     await lab.ul.set_bandwidth("b", 40)        # slow enough to be caught midway
     gen = vm.generation
-    m = vm.start_migration("b", policy="qemu-default", timeout=120)
+    m = start_migration(vm, "b", policy="qemu-default", timeout=120)
     async for p in m:
         if p.state is MigrationState.ACTIVE and p.transferred > 4 * 2**20:
             break
-    dest_proc = m._dest_proc
+    dest_proc = m.transfer.dest_proc
     assert dest_proc is not None and pid_alive(dest_proc.pid)
     m.cancel()
     with pytest.raises(MigrationCancelledError):
         await m
     assert m.state is MigrationState.CANCELLED and m.result.outcome == "cancelled"
     assert not pid_alive(dest_proc.pid), "destination QEMU still running"
-    assert m._dest_dir is not None and not m._dest_dir.exists()
+    assert not m.lease.dir.exists()
     assert "cancelme" not in lab.cl.hosts["b"].allocations
     await assert_source_untouched(vm, "a", gen)
-    with pytest.raises(Exception, match="already ended"):
+    with pytest.raises(MigrationStateError, match="already ended"):
         m.cancel()
 
 
@@ -136,12 +138,12 @@ async def test_timeout_cancels_and_leaves_the_source_running(lab) -> None:
     await vm.exec("dirty 96 0 >/dev/null 2>&1 &", check=True)
     await lab.ul.set_bandwidth("b", 40)        # QEMU's default cannot converge on this
     gen = vm.generation
-    m = vm.start_migration("b", policy="qemu-default", timeout=4)
+    m = start_migration(vm, "b", policy="qemu-default", timeout=4)
     with pytest.raises(MigrationTimeoutError, match="did not finish within 4 s"):
         await m
     assert m.state is MigrationState.TIMED_OUT and m.result.outcome == "timeout"
     assert m.result.bytes > 0 and m.result.touched_bytes > 0
-    assert m._dest_proc is not None and not pid_alive(m._dest_proc.pid)
+    assert m.transfer.dest_proc is not None and not pid_alive(m.transfer.dest_proc.pid)
     assert "slowpoke" not in lab.cl.hosts["b"].allocations
     await assert_source_untouched(vm, "a", gen)
 
@@ -150,11 +152,11 @@ async def test_cluster_teardown_during_a_migration_leaves_no_qemu(lab) -> None:
     vm = await lab.boot("torndown")
     await vm.exec("dirty 96 0 >/dev/null 2>&1 &", check=True)
     await lab.ul.set_bandwidth("b", 40)
-    m = vm.start_migration("b", policy="qemu-default", timeout=120)
+    m = start_migration(vm, "b", policy="qemu-default", timeout=120)
     async for p in m:
         if p.state is MigrationState.ACTIVE:
             break
-    src_pid, dest_pid = vm.pid, m._dest_proc.pid if m._dest_proc else None
+    src_pid, dest_pid = vm.pid, m.transfer.dest_proc.pid if m.transfer.dest_proc else None
     await lab.cl.close()
     assert m.done() and m.state is not MigrationState.COMPLETED
     assert not pid_alive(src_pid) and not pid_alive(dest_pid)
@@ -165,7 +167,7 @@ async def test_destination_that_fails_to_start_gives_a_clear_error_and_an_untouc
     vm = await lab.boot("badest")
     gen = vm.generation
     with pytest.raises(DestinationStartError, match="failed to start") as ei:
-        await vm.migrate("b", timeout=60, dest_extra_args=("-no-such-qemu-option",))
+        await migrate(vm, "b", timeout=60, dest_extra_args=("-no-such-qemu-option",))
     assert "no-such-qemu-option" in str(ei.value)
     assert ei.value.result.outcome == "failed"
     assert "badest" not in lab.cl.hosts["b"].allocations and "badest" in lab.cl.hosts["a"].allocations
@@ -173,11 +175,11 @@ async def test_destination_that_fails_to_start_gives_a_clear_error_and_an_untouc
 
 
 async def test_destination_without_capacity_is_refused_before_any_process_starts(lab) -> None:
-    small = lab.cl.add_host(HostSpec("tiny", vcpus=1, memory_mib=128), netns=lab.ul.host_ns("c"))
+    small = lab.cl.add_host(HostSpec("tiny", vcpus=1, memory_mib=128), network=lab.ul.host_network("c"))
     vm = await lab.boot("fat")
     gen = vm.generation
     with pytest.raises(MigrationRefusedError, match="cannot take vm 'fat'") as ei:
-        vm.start_migration(small, timeout=60)
+        start_migration(vm, small, timeout=60)
     assert isinstance(ei.value, CapacityError)
     assert not list(vm.run_dir.glob("mig*")) and small.allocations == {}
     await assert_source_untouched(vm, "a", gen)
@@ -187,7 +189,7 @@ async def test_two_migrations_at_once_to_different_hosts(lab) -> None:
     v1, v2 = await asyncio.gather(lab.boot("one"), lab.boot("two"))
     await asyncio.gather(v1.exec("dirty 8 2 >/dev/null 2>&1 &", check=True),
                          v2.exec("dirty 8 2 >/dev/null 2>&1 &", check=True))
-    m1, m2 = v1.start_migration("b", timeout=120), v2.start_migration("c", timeout=120)
+    m1, m2 = start_migration(v1, "b", timeout=120), start_migration(v2, "c", timeout=120)
     r1, r2 = await asyncio.gather(m1.wait(), m2.wait())
     assert (r1.outcome, r2.outcome) == ("completed", "completed")
     assert (v1.host.name, v2.host.name) == ("b", "c")
@@ -195,3 +197,25 @@ async def test_two_migrations_at_once_to_different_hosts(lab) -> None:
     for v in (v1, v2):
         assert (await v.exec("echo ok", timeout=30)).stdout.strip() == "ok"
         assert_guest_healthy(v)
+
+
+async def test_destroy_during_a_migration_rolls_it_back_first(lab) -> None:
+    """The VM is lent to the migration (its lease holds the VM's lock): destroy asks the migration to
+    give the VM back, the rollback runs, then the VM is destroyed; nothing of either side is left."""
+    vm = await lab.boot("doomed")
+    await vm.exec("dirty 96 0 >/dev/null 2>&1 &", check=True)
+    await lab.ul.set_bandwidth("b", 40)
+    m = start_migration(vm, "b", policy="qemu-default", timeout=120)
+    async for p in m:
+        if p.state is MigrationState.ACTIVE and p.transferred > 2 * 2**20:
+            break
+    assert vm.busy_with == "migration to b"
+    src_pid, dest_pid = vm.pid, m.transfer.dest_proc.pid if m.transfer.dest_proc else None
+    with pytest.raises(IllegalTransitionError, match="cannot pause vm 'doomed': it is migrating"):
+        await vm.pause()
+    await vm.destroy()
+    assert m.state is MigrationState.CANCELLED and "being destroyed" in (m.result.error or "")
+    assert vm.state is VMState.SHUTOFF and vm.reason == "destroyed" and vm.busy_with is None
+    assert not pid_alive(src_pid) and not pid_alive(dest_pid)
+    assert lab.cl.hosts["a"].allocations == {} and lab.cl.hosts["b"].allocations == {}
+    assert not m.lease.dir.exists()

@@ -48,3 +48,25 @@ async def test_concurrent_group_creations_never_break_a_required_rule(cluster):
         assert len(set(grp.hosts.values())) == 2
     await sched.delete_group("a")
     assert not any(n.startswith("a-") for n in cluster.vms)
+
+
+async def test_the_scheduler_follows_a_vm_that_migrated(cluster):
+    """Placement learns about moves through the cluster's events (VMMoved): after a migration its
+    inventory says where the VM really runs, and a new group is placed against that."""
+    from hvsim.migration import migrate
+    for h in ("h1", "h2", "h3"):
+        cluster.add_host(HostSpec(h, vcpus=2, memory_mib=1024))
+    sched = ClusterScheduler(cluster)
+    grp = await sched.create_group("db", 1, VMSpec("db", memory_mib=128))
+    vm = grp.vms[0]
+    src = vm.host.name
+    dest = next(h for h in ("h1", "h2", "h3") if h != src)
+    await migrate(vm, dest, policy="qemu-default", timeout=120)
+    assert vm.host.name == dest
+    assert sched.controller.host_of("db-0") == dest
+    assert sched.controller.check().ok
+    # a group that must avoid the database's host now avoids the host it moved to
+    web = await sched.create_group("web", 2, VMSpec("web", memory_mib=128), rules=[
+        {"name": "web-not-with-db", "kind": "anti_affinity", "groups": ["web", "db"], "level": "host"}])
+    assert dest not in web.hosts.values(), web.hosts
+    sched.close()

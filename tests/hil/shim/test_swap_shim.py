@@ -10,11 +10,14 @@ import re
 import pytest
 
 from hvsim.core.cluster import Cluster
+from hvsim.core.components import ComponentState
 from hvsim.core.errors import SpecError
-from hvsim.memory import MemoryState, MemoryStateError, memory_state, setup_guest_swap
+from hvsim.core.events import ComponentFailed
 from hvsim.core.model import DiskSpec, HostSpec, VMSpec
-from hvsim.drivers.shim.attach import ShimOptions, set_shim_options
+from hvsim.drivers.shim.component import ShimComponent, ShimDriver, ShimOptions
 from hvsim.drivers.shim.process import ProcState
+from hvsim.memory import (MemoryState, MemoryStateError, consolidate_memory, memory_state, restore_memory,
+                          setup_guest_swap)
 
 pytestmark = pytest.mark.hil
 
@@ -27,7 +30,11 @@ OK_RE = re.compile(r"OK order=(\w+) pages=(\d+) bad=(\d+)")
 async def boot_swap_guest(cl: Cluster, name: str, opts: ShimOptions):  # type: ignore[no-untyped-def]
     if "h1" not in cl.hosts:
         cl.add_host(HostSpec("h1", vcpus=2, memory_mib=1024))
-    set_shim_options(cl, opts, vm=name)
+    if "shim" not in cl.drivers:
+        cl.add_driver(ShimDriver())
+    driver = cl.drivers["shim"]
+    assert isinstance(driver, ShimDriver)
+    driver.set_options(opts, vm=name)
     vm = await cl.define_vm(VMSpec(name, memory_mib=GUEST_MIB, disks=(DiskSpec("swap", 384, kind="shim"),)), "h1")
     await vm.start(wait_ready=True, ready_timeout=120)
     swap = await setup_guest_swap(vm, "swap", page_cluster=0)
@@ -45,15 +52,16 @@ def parse_ok(out: str) -> tuple[int, int]:
 
 async def test_consolidate_restore_prefetch_serves_swap_ins(cluster: Cluster) -> None:
     vm = await boot_swap_guest(cluster, "swapper", ShimOptions(latency_ms=0.2))
-    shim = vm.shims["swap"]
-    assert shim.state is ProcState.RUNNING
+    shim = vm.component("shim:swap")
+    assert isinstance(shim, ShimComponent) and shim.state is ComponentState.READY
+    assert shim.process is not None and shim.process.state is ProcState.RUNNING
     assert memory_state(vm) is MemoryState.FULL
     with pytest.raises(MemoryStateError):
-        await vm.restore_memory()
+        await restore_memory(vm)
     with pytest.raises(SpecError):
-        await vm.consolidate_memory(GUEST_MIB + 64)
+        await consolidate_memory(vm, GUEST_MIB + 64)
 
-    cons = await vm.consolidate_memory(TARGET_MIB, timeout=120)
+    cons = await consolidate_memory(vm, TARGET_MIB, timeout=120)
     assert memory_state(vm) is MemoryState.CONSOLIDATED
     assert cons.reached_mib <= TARGET_MIB
     assert cons.guest_total_mib is not None and cons.guest_total_mib < TARGET_MIB
@@ -62,14 +70,14 @@ async def test_consolidate_restore_prefetch_serves_swap_ins(cluster: Cluster) ->
     assert st["swap_header"] is True
     assert st["tracked_pages"] * 4096 >= cons.swapped_bytes // 2
     with pytest.raises(SpecError):  # cannot "consolidate" upwards
-        await vm.consolidate_memory(TARGET_MIB + 32)
+        await consolidate_memory(vm, TARGET_MIB + 32)
     await shim.control.reset_stats()
 
-    rest = await vm.restore_memory(timeout=120)
+    rest = await restore_memory(vm, timeout=120)
     assert memory_state(vm) is MemoryState.FULL
     assert rest.reached_mib == GUEST_MIB
     assert rest.budget_bytes == (GUEST_MIB - TARGET_MIB) * 1024 * 1024
-    assert rest.prefetch["swap"]["planned_pages"] > 0
+    assert rest.prefetch["shim:swap"]["planned_pages"] > 0
 
     res = await vm.exec("retouch seq", timeout=180)
     pages, bad = parse_ok(res.stdout)
@@ -85,10 +93,11 @@ async def test_consolidate_restore_prefetch_serves_swap_ins(cluster: Cluster) ->
 
 async def test_shim_killed_mid_swap_in_guest_stalls_then_continues(cluster: Cluster) -> None:
     vm = await boot_swap_guest(cluster, "crashy", ShimOptions(latency_ms=0.0, reconnect_delay=20))
-    shim = vm.shims["swap"]
-    cons = await vm.consolidate_memory(TARGET_MIB, timeout=120)
+    shim = vm.component("shim:swap")
+    assert isinstance(shim, ShimComponent)
+    cons = await consolidate_memory(vm, TARGET_MIB, timeout=120)
     assert cons.swapped_bytes and cons.swapped_bytes > 16 * 1024 * 1024
-    await vm.restore_memory(timeout=120, prefetch=False)  # every swap-in goes to the shim
+    await restore_memory(vm, timeout=120, prefetch=False)  # every swap-in goes to the shim
 
     retouch = asyncio.ensure_future(vm.exec("retouch rev", timeout=240))
     try:
@@ -99,17 +108,19 @@ async def test_shim_killed_mid_swap_in_guest_stalls_then_continues(cluster: Clus
             await asyncio.sleep(0.1)
         else:
             pytest.fail("the guest never read from the shim")
-        failures = []
-        vm.add_helper_listener(lambda helper, err: failures.append((helper, err)))
-        os.kill(shim.pid, signal.SIGKILL)          # a crash, not a stop we asked for
-        before = await vm.exec("grep '^pswpin ' /proc/vmstat", timeout=30, check=True)
-        await asyncio.sleep(2.0)
-        after = await vm.exec("grep '^pswpin ' /proc/vmstat", timeout=30, check=True)
+        failures: list = []
+        with vm.subscribe("shim failures", kinds=(ComponentFailed,), callback=failures.append):
+            assert shim.pid is not None
+            os.kill(shim.pid, signal.SIGKILL)          # a crash, not a stop we asked for
+            before = await vm.exec("grep '^pswpin ' /proc/vmstat", timeout=30, check=True)
+            await asyncio.sleep(2.0)
+            after = await vm.exec("grep '^pswpin ' /proc/vmstat", timeout=30, check=True)
         assert not retouch.done(), "retouch finished while its swap device was gone"
         assert before.stdout == after.stdout, "the guest swapped in while its swap device was gone"
-        assert failures and failures[0][0] == "shim:swap", "the shim crash was not reported to the VM"
-        assert "exited" in str(failures[0][1]) and vm.helper_failures
-        await shim.start()  # same socket: QEMU reconnects within reconnect-delay
+        assert failures and failures[0].component == "shim:swap", "the shim crash was not reported to the VM"
+        assert "exited" in failures[0].error and vm.component_failures == failures
+        assert shim.state is ComponentState.FAILED
+        await shim.restart()  # same socket: QEMU reconnects within reconnect-delay
         res = await asyncio.wait_for(retouch, 240)
     finally:
         if not retouch.done():

@@ -7,6 +7,7 @@ import pytest
 
 from hvsim.core.cluster import Cluster
 from hvsim.core.errors import CapacityError
+from hvsim.core.host import HostNetwork
 from hvsim.core.lifecycle import VMState
 from hvsim.migration import (MigrationInputError, MigrationRefusedError, MigrationStateError,
                              start_migration)
@@ -16,9 +17,9 @@ from hvsim.core.model import HostSpec, VMSpec
 @pytest.fixture
 async def cl() -> AsyncIterator[Cluster]:
     c = Cluster("unit")
-    c.add_host(HostSpec("a", memory_mib=1024), netns="ns-a")
-    c.add_host(HostSpec("b", memory_mib=1024), netns="ns-b")
-    c.add_host(HostSpec("tiny", memory_mib=128), netns="ns-t")
+    c.add_host(HostSpec("a", memory_mib=1024), network=HostNetwork("ns-a", "198.18.0.1"))
+    c.add_host(HostSpec("b", memory_mib=1024), network=HostNetwork("ns-b", "198.18.0.2"))
+    c.add_host(HostSpec("tiny", memory_mib=128), network=HostNetwork("ns-t", "198.18.0.3"))
     c.add_host(HostSpec("flat", memory_mib=1024))
     try:
         yield c
@@ -29,7 +30,8 @@ async def cl() -> AsyncIterator[Cluster]:
 
 async def running_vm(cl: Cluster, memory_mib: int = 256):  # type: ignore[no-untyped-def]
     vm = await cl.define_vm(VMSpec("g", memory_mib=memory_mib), "a")
-    vm.state = VMState.RUNNING  # pretend: these checks all happen before any QMP traffic
+    vm.fsm.set(VMState.STARTING, "pretend")  # pretend: these checks all happen before any QMP traffic
+    vm.fsm.set(VMState.RUNNING, "pretend")
     cl.hosts["a"].reserve(vm.spec)
     return vm
 
@@ -72,3 +74,15 @@ async def test_no_capacity_is_refused_before_anything_starts(cl: Cluster) -> Non
     assert isinstance(ei.value, CapacityError)
     assert vm.state is VMState.RUNNING and cl.hosts["tiny"].allocations == {}
     assert not list(vm.run_dir.glob("mig*"))
+
+
+async def test_a_vm_lent_to_one_migration_refuses_another_and_is_given_back(cl: Cluster) -> None:
+    vm = await running_vm(cl)
+    lease = vm.begin_migration(cl.hosts["b"])
+    assert vm.state is VMState.MIGRATING and vm.busy_with == "migration to b" and "g" in cl.hosts["b"].allocations
+    with pytest.raises(MigrationStateError, match="busy: migration to b in progress"):
+        start_migration(vm, "tiny")
+    lease.abort("test")
+    assert vm.state is VMState.RUNNING and vm.busy_with is None and cl.hosts["b"].allocations == {}
+    lease.abort("twice")      # idempotent
+    assert vm.state is VMState.RUNNING

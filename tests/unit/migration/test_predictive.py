@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from hvsim.migration.errors import MigrationInputError
-from hvsim.migration.policies.base import ActionKind, make_policy
+from hvsim.migration.policies import ActionKind, make_policy
 from hvsim.migration.progress import Observation
 
 from ._replay import ctx, load, replay

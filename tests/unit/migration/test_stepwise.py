@@ -2,7 +2,7 @@
 import pytest
 
 from hvsim.migration.errors import MigrationInputError
-from hvsim.migration.policies.base import ActionKind, MigrationContext, make_policy
+from hvsim.migration.policies import ActionKind, MigrationContext, make_policy
 from hvsim.migration.policies.stepwise import downtime_steps, nova_data_gb, step_for
 from hvsim.migration.progress import Observation
 

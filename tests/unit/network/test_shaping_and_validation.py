@@ -9,6 +9,9 @@ import sys
 
 import pytest
 
+from hvbase.errors import HvsimError, InputError
+from hvbase.errors import StateError as BaseStateError
+
 from hvsim.network import records
 from hvsim.network.errors import (CommandError, NetworkError, StateError, TopologyError,
                                   UnknownHostError)
@@ -98,15 +101,18 @@ def test_names_addresses_and_overrides_are_deterministic() -> None:
 
 def test_errors_share_one_root() -> None:
     for cls in (TopologyError, UnknownHostError, StateError, CommandError):
-        assert issubclass(cls, NetworkError)
+        assert issubclass(cls, NetworkError) and issubclass(cls, HvsimError)
+    assert issubclass(TopologyError, InputError) and issubclass(StateError, BaseStateError)
 
 
 # ---- state machine -------------------------------------------------------------------
 async def test_operations_need_up_state_and_close_of_new_is_clean() -> None:
     u = Underlay(["a", "b"], 10)
     assert u.state is UnderlayState.NEW
-    with pytest.raises(StateError, match="cannot set_bandwidth while underlay is NEW"):
+    with pytest.raises(StateError,
+                       match=r"cannot set_bandwidth underlay [0-9a-f]+: it is new \(allowed from: up\)") as ei:
         await u.set_bandwidth("a", 5)
+    assert ei.value.state is UnderlayState.NEW and ei.value.allowed == (UnderlayState.UP,)
     with pytest.raises(StateError):
         u.argv_in("a", ["true"])
     with pytest.raises(StateError):
@@ -114,7 +120,7 @@ async def test_operations_need_up_state_and_close_of_new_is_clean() -> None:
     await u.close()
     assert u.state is UnderlayState.TORN_DOWN
     await u.close()  # idempotent
-    with pytest.raises(StateError, match="go to STARTING"):
+    with pytest.raises(StateError, match="illegal state change torn_down -> starting"):
         await u.start()
 
 

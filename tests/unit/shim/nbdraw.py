@@ -23,7 +23,7 @@ class RawNbd:
         self.tflags = 0
 
     @classmethod
-    async def connect(cls, path: str) -> "RawNbd":
+    async def connect(cls, path: str) -> RawNbd:
         r, w = await asyncio.open_unix_connection(path, limit=64 * 1024 * 1024)
         return cls(r, w)
 
@@ -58,7 +58,7 @@ class RawNbd:
                 return replies
 
     @classmethod
-    async def open(cls, path: str, name: str = "") -> "RawNbd":
+    async def open(cls, path: str, name: str = "") -> RawNbd:
         c = await cls.connect(path)
         await c.greet()
         replies = await c.go(name)

@@ -1,0 +1,62 @@
+"""What migrations learn about their own fixed costs, owned by the cluster (``costs_of(cluster)``),
+serialisable so a manager can persist it.
+
+``fixed``: the fixed part of the downtime (stop, device state load, resume, heartbeat period), an EWMA
+of (guest-observed downtime - bytes sent while stopped / bandwidth) of completed precopy migrations.
+``postcopy_stall``: the guest resumes on the destination ~0.1 s after the stop, then stalls while the
+pages it touches first (kernel, the writer's own pages) are fetched one fault at a time; learnt from
+completed postcopy migrations (600-1200 ms measured here at 200 Mbit/s).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+@dataclass
+class LearnedCost:
+    """An EWMA of samples in ms, starting at ``initial_ms``."""
+    initial_ms: float
+    alpha: float = 0.5
+    value_ms: float | None = None
+    samples: int = 0
+
+    def get(self) -> float:
+        return self.initial_ms if self.value_ms is None else self.value_ms
+
+    def learn(self, sample_ms: float) -> None:
+        sample_ms = max(0.0, min(sample_ms, 2000.0))
+        self.value_ms = sample_ms if self.value_ms is None else \
+            self.alpha * sample_ms + (1 - self.alpha) * self.value_ms
+        self.samples += 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"initial_ms": self.initial_ms, "alpha": self.alpha, "value_ms": self.value_ms, "samples": self.samples}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LearnedCost:
+        return cls(float(d["initial_ms"]), float(d["alpha"]), None if d["value_ms"] is None else float(d["value_ms"]),
+                   int(d["samples"]))
+
+
+@dataclass
+class MigrationCosts:
+    fixed: LearnedCost = field(default_factory=lambda: LearnedCost(60.0))
+    postcopy_stall: LearnedCost = field(default_factory=lambda: LearnedCost(800.0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fixed": self.fixed.to_dict(), "postcopy_stall": self.postcopy_stall.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MigrationCosts:
+        return cls(LearnedCost.from_dict(d["fixed"]), LearnedCost.from_dict(d["postcopy_stall"]))
+
+
+class _HasExtensions(Protocol):
+    def extension(self, key: str, factory: Any) -> Any: ...
+
+
+def costs_of(cluster: _HasExtensions) -> MigrationCosts:
+    """The cluster's learned migration costs (created on first use)."""
+    costs: MigrationCosts = cluster.extension("migration.costs", lambda _c: MigrationCosts())
+    return costs

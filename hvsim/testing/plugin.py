@@ -1,0 +1,199 @@
+"""pytest plugin for hardware-in-the-loop tests on hvsim (registered as the ``pytest11`` entry point
+``hvsim``, so installing hvsim makes its fixtures available to any test suite).
+
+Factory fixtures that always clean up, keep artefacts when the test fails, and **fail the test** if
+anything it made survived its teardown:
+
+``hvsim_underlay``  ``await hvsim_underlay(["a", "b"], mbit=200)`` -> a shaped :class:`Underlay`
+                    (namespaces per host). Torn down after every cluster of the test (fixture order),
+                    then checked: no namespace of it left.
+``hvsim_cluster``   ``await hvsim_cluster(drivers=(ShimDriver(),))`` -> a :class:`Cluster`. Closed at
+                    teardown, then checked: no QEMU or component process it started alive, its run
+                    directory (sockets, disks, logs) gone.
+``hvsim_vm``        ``await hvsim_vm(cluster, "web", host="h1", memory_mib=256)`` -> a running,
+                    agent-ready VM (the host is created if the cluster has none of that name).
+``hvsim_artifacts`` the per-test folder (``test-results/<test id>/``) and whether the test failed.
+
+On failure, before anything is torn down, each cluster's consoles, QEMU and QMP logs, component logs,
+``query-status``/``query-migrate`` of every QEMU, component stats, the inventory, the event history,
+and each underlay's ``tc -s qdisc`` output are copied into the test's folder.
+
+A ten-line test::
+
+    import pytest
+    from hvsim.core.model import HostSpec
+
+    @pytest.mark.asyncio
+    async def test_guest_answers(hvsim_cluster, hvsim_vm):
+        cl = await hvsim_cluster()
+        cl.add_host(HostSpec("h1", vcpus=2, memory_mib=1024))
+        vm = await hvsim_vm(cl, "web", host="h1")
+        assert (await vm.exec("echo hi")).stdout == "hi\\n"
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ..core.cluster import Cluster
+from ..core.components import ComponentDriver
+from ..core.model import HostSpec, VMSpec
+from ..core.vm import VM
+from ..network.underlay import Underlay
+
+try:
+    import pytest_asyncio
+    _async_fixture: Callable[..., Any] = pytest_asyncio.fixture
+except ImportError:  # pragma: no cover - the plugin still loads; its async fixtures cannot run
+    _async_fixture = pytest.fixture
+
+RESULTS_ENV = "HVSIM_TEST_RESULTS"
+
+
+@dataclass
+class Artifacts:
+    """Where a test's artefacts go, and whether it failed (setup or call)."""
+    request: pytest.FixtureRequest
+
+    @property
+    def dir(self) -> Path:
+        base = Path(os.environ.get(RESULTS_ENV, Path(str(self.request.config.rootpath)) / "test-results"))
+        return base / re.sub(r"[^A-Za-z0-9_.-]+", "_", self.request.node.nodeid)
+
+    @property
+    def failed(self) -> bool:
+        for when in ("setup", "call"):
+            rep = getattr(self.request.node, f"rep_{when}", None)
+            if rep is not None and rep.failed:
+                return True
+        return False
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+@pytest.fixture
+def hvsim_artifacts(request: pytest.FixtureRequest) -> Artifacts:
+    return Artifacts(request)
+
+
+def _ns_list() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10)
+    return {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
+
+
+async def _keep_underlay(ul: Underlay, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for ns in ul.namespaces:
+        out = await asyncio.to_thread(subprocess.run, ["ip", "netns", "exec", ns, "tc", "-s", "qdisc", "show"],
+                                      capture_output=True, text=True, timeout=10)
+        lines.append(f"== {ns}\n{out.stdout}{out.stderr}")
+    (dest / f"underlay-{ul.runid}-tc.txt").write_text("\n".join(lines))
+
+
+async def keep_cluster(cl: Cluster, dest: Path) -> None:
+    """Copy what a failed test needs to be understood: logs, QEMU state, components, events."""
+    root = dest / f"cluster-{cl.name}-{cl.run_dir.name}"
+    cl.keep_logs(root)
+    state: dict[str, Any] = {}
+    for vm in cl.vms.values():
+        entry: dict[str, Any] = {"vm": vm.to_dict(), "busy_with": vm.busy_with}
+        if vm.has_process:
+            for cmd in ("query-status", "query-migrate"):
+                try:
+                    entry[cmd] = await vm.qmp.execute(cmd, timeout=3)
+                except Exception as exc:  # a dead or hung QEMU is what we are recording
+                    entry[cmd] = f"error: {exc}"
+        entry["components"] = {c.id: await c.stats() for c in vm.components.values()}
+        state[vm.name] = entry
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "state.json").write_text(json.dumps({"inventory": cl.to_dict(), "vms": state}, indent=1, default=str))
+    (root / "events.txt").write_text("\n".join(repr(e) for e in cl.events.history()))
+
+
+class _Underlays:
+    def __init__(self) -> None:
+        self.made: list[Underlay] = []
+
+    async def __call__(self, hosts: Sequence[str], mbit: float = 400, **kwargs: Any) -> Underlay:
+        await Underlay.cleanup_stale("hvs-")
+        ul = Underlay(list(hosts), mbit=mbit, **kwargs)
+        await ul.start()
+        self.made.append(ul)
+        return ul
+
+
+@_async_fixture
+async def hvsim_underlay(hvsim_artifacts: Artifacts) -> AsyncIterator[Callable[..., Awaitable[Underlay]]]:
+    """Factory of shaped underlays (root needed: namespaces, tc)."""
+    made = _Underlays()
+    yield made
+    if hvsim_artifacts.failed:
+        for ul in made.made:
+            await _keep_underlay(ul, hvsim_artifacts.dir)
+    left: list[str] = []
+    for ul in made.made:
+        await ul.close()
+        names = set(ul.namespaces)
+        left += sorted(names & _ns_list())
+    if left:
+        pytest.fail(f"network namespaces survived the test: {left}")
+
+
+class _Clusters:
+    def __init__(self) -> None:
+        self.made: list[Cluster] = []
+
+    async def __call__(self, name: str = "test", drivers: Iterable[ComponentDriver] = (), **kwargs: Any) -> Cluster:
+        cl = Cluster(name, drivers=tuple(drivers), **kwargs)
+        self.made.append(cl)
+        return cl
+
+
+@_async_fixture
+async def hvsim_cluster(hvsim_artifacts: Artifacts,
+                        hvsim_underlay: Any) -> AsyncIterator[Callable[..., Awaitable[Cluster]]]:
+    """Factory of clusters; depends on ``hvsim_underlay`` so clusters close before underlays."""
+    made = _Clusters()
+    yield made
+    if hvsim_artifacts.failed:
+        for cl in made.made:
+            try:
+                await keep_cluster(cl, hvsim_artifacts.dir)
+            except Exception as exc:  # never let artefact collection hide the test's own failure
+                print(f"hvsim: keeping artefacts of cluster {cl.name} failed: {exc!r}")
+    problems: list[str] = []
+    for cl in made.made:
+        await cl.close()
+        problems += [f"cluster {cl.name}: {s}" for s in cl.survivors()]
+        if cl.run_dir.exists() and not cl.keep_run_dir:
+            problems.append(f"cluster {cl.name}: run directory {cl.run_dir} survived")
+    if problems:
+        pytest.fail("processes or files survived the test: " + "; ".join(problems))
+
+
+@pytest.fixture
+def hvsim_vm() -> Callable[..., Awaitable[VM]]:
+    """``await hvsim_vm(cluster, name, host="h1", memory_mib=256, ready=True, **VMSpec fields)``."""
+    async def make(cluster: Cluster, name: str, host: str = "h1", memory_mib: int = 256, ready: bool = True,
+                   ready_timeout: float = 120.0, **spec: Any) -> VM:
+        if host not in cluster.hosts:
+            cluster.add_host(HostSpec(host, vcpus=2, memory_mib=2048))
+        vm = await cluster.define_vm(VMSpec(name, memory_mib=memory_mib, **spec), host)
+        await vm.start(wait_ready=ready, ready_timeout=ready_timeout)
+        return vm
+    return make
