@@ -11,7 +11,7 @@ IMAGES := images/out/vmlinuz images/out/initrd.img
 BENCH ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup apt venv images lab test test-unit test-hil bench bench-quick clean
+.PHONY: setup apt venv images lab lint test test-unit test-hil bench bench-quick clean
 
 setup: apt venv
 
@@ -33,6 +33,12 @@ images: apt venv
 
 lab: setup images
 	$(HVSIM) lab
+
+# the layer contract (import-linter), style and pitfalls (ruff), types (mypy): see README "Layout"
+lint: venv
+	$(VENV)/bin/lint-imports
+	$(VPY) -m ruff check hvbase qmp_bridge hvsim tests bench
+	$(VPY) -m mypy
 
 test: setup images
 	$(VPY) -m pytest $(PYTEST_ARGS)
