@@ -230,11 +230,11 @@ class EniSpec:
     def port_name(self) -> str:
         """The host-side port (tap or veth) of this ENI; the same name on every host, so a
         migrating QEMU opens ``-netdev tap,ifname=...`` on either end."""
-        return "hv" + hashlib.sha256(self.id.encode()).hexdigest()[:11]
+        return "hvp" + hashlib.sha256(self.id.encode()).hexdigest()[:10]
 
     def peer_name(self, host: str) -> str:
         """The guest-side end of a veth port on ``host`` (namespace endpoints only)."""
-        return "hq" + hashlib.sha256(f"{self.id}@{host}".encode()).hexdigest()[:11]
+        return "hvq" + hashlib.sha256(f"{self.id}@{host}".encode()).hexdigest()[:10]
 
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "network": self.network, "mac": self.mac, "ips": list(self.ips),

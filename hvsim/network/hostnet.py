@@ -9,7 +9,7 @@ the namespace (:class:`NetnsWorker`). Per tenant network and host::
       +-- hvx<vni>  VXLAN <vni> over ul0 (local = the host's underlay address, UDP 4789)
       |             controller modes: nolearning, bridge port neigh_suppress (ARP suppression)
       |             learning mode:    learning, one all-zero FDB entry per other host (flooding)
-      +-- hv<hash>  one port per ENI binding: a persistent tap (QEMU opens it) or a veth whose peer
+      +-- hvp<hash> one port per ENI binding: a persistent tap (QEMU opens it) or a veth whose peer
                     is in an endpoint namespace; MTU of the network; bridge learning off (controller)
 
 Every operation is idempotent where a retry or a teardown needs it (deleting something already
@@ -124,6 +124,12 @@ class OpTimer:
         self.count += 1
         self.seconds += seconds
         self.by_op.setdefault(op, []).append(seconds)
+
+
+def bridge_mac(vtep: str, vni: int) -> str:
+    """A locally administered, unicast address for a host's bridge of a network."""
+    ip = [int(x) for x in vtep.split(".")]
+    return ":".join(f"{b:02x}" for b in (0x02, ip[3], ip[2], (vni >> 16) & 0xFF, (vni >> 8) & 0xFF, vni & 0xFF))
 
 
 def netns_exists(name: str) -> bool:
@@ -288,8 +294,10 @@ class HostDataplane:
     async def _add_network(self, net: NetworkSpec, peers: Mapping[str, str]) -> None:
         learning = not self.mode.programs_fdb
         ipr = self.ipr
-        await ipr.link("add", ifname=net.bridge, kind="bridge", br_stp_state=0, br_forward_delay=0,
-                       br_mcast_snooping=0)
+        # a fixed bridge address: otherwise it follows the lowest port MAC, and every address change
+        # flushes the bridge's neighbour table, ARP-suppression entries included
+        await ipr.link("add", ifname=net.bridge, kind="bridge", address=bridge_mac(self.vtep, net.vni),
+                       br_stp_state=0, br_forward_delay=0, br_mcast_snooping=0)
         br = await self._ifindex(net.bridge)
         await ipr.link("set", index=br, IFLA_AF_SPEC=_NO_IPV6)
         ul = await self._ifindex(UNDERLAY_IFACE)
@@ -442,7 +450,7 @@ class HostDataplane:
             async for m in await self.ipr.neigh("dump", family=AF_BRIDGE):
                 dev = names.get(int(m["ifindex"]), str(m["ifindex"]))
                 mac = str(m.get("NDA_LLADDR") or "")
-                master = bool(m["flags"] & NTF_MASTER)
+                master = m.get("NDA_MASTER") is not None
                 if not _owned(dev) or mac.startswith(("33:33:", "01:00:5e")):
                     continue
                 if master and m["state"] & NUD_PERMANENT:

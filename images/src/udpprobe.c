@@ -19,7 +19,8 @@
  * by the prober, not the network.
  *
  * JSON fields: sent, received (distinct), lost, duplicates (extra echoes of a probe),
- * max_gap_ms (largest interval between consecutive distinct echoes), max_gap_from_ns/to_ns,
+ * max_gap_ms (largest interval between consecutive distinct echoes, counted from the first send
+ * and, if the last probes were lost, to the last send + WAIT), max_gap_from_ns/to_ns,
  * gaps (list [from_ns, to_ns] >= GAP_MS, at most 256), lost_ranges ([first_seq, last_seq,
  * first_send_ns, last_send_ns], at most 256), rtt_ms {p50, p99, max}, first_send_ns,
  * last_send_ns, interval_us, max_send_late_ms, tcp {...} with -T.
@@ -237,10 +238,14 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < nsent; i++) {
         if (echoes[i]) { received++; duplicates += echoes[i] - 1; }
     }
-    uint64_t max_gap = 0, gap_from = 0, gap_to = 0;
-    for (size_t i = 1; i < narr; i++) {
-        uint64_t g = arrivals[i] - arrivals[i - 1];
-        if (g > max_gap) { max_gap = g; gap_from = arrivals[i - 1]; gap_to = arrivals[i]; }
+    /* the echo timeline starts at the first send and, if the last probes got no echo, ends at the
+     * last send plus the wait: a blackout that never ended is a gap too */
+    if (nsent && !echoes[nsent - 1]) add_arrival(last_send + (uint64_t)wait_ms * 1000000ull);
+    uint64_t max_gap = 0, gap_from = 0, gap_to = 0, prev = start;
+    for (size_t i = 0; i < narr; i++) {
+        uint64_t g = arrivals[i] - prev;
+        if (g > max_gap) { max_gap = g; gap_from = prev; gap_to = arrivals[i]; }
+        prev = arrivals[i];
     }
     printf("{\"sent\": %zu, \"received\": %zu, \"lost\": %zu, \"duplicates\": %zu, \"interval_us\": %ld, ",
            nsent, received, nsent - received, duplicates, interval_us);
@@ -249,11 +254,12 @@ int main(int argc, char **argv) {
     printf("\"max_gap_ms\": %.3f, \"max_gap_from_ns\": %llu, \"max_gap_to_ns\": %llu, \"gaps\": [",
            max_gap / 1e6, (unsigned long long)gap_from, (unsigned long long)gap_to);
     int listed = 0;
-    for (size_t i = 1; i < narr && listed < MAX_LIST; i++) {
-        if ((double)(arrivals[i] - arrivals[i - 1]) >= gap_ms * 1e6) {
-            printf("%s[%llu, %llu]", listed++ ? ", " : "", (unsigned long long)arrivals[i - 1],
-                   (unsigned long long)arrivals[i]);
+    prev = start;
+    for (size_t i = 0; i < narr && listed < MAX_LIST; i++) {
+        if ((double)(arrivals[i] - prev) >= gap_ms * 1e6) {
+            printf("%s[%llu, %llu]", listed++ ? ", " : "", (unsigned long long)prev, (unsigned long long)arrivals[i]);
         }
+        prev = arrivals[i];
     }
     printf("], \"lost_ranges\": [");
     listed = 0;
