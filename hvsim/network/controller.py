@@ -30,9 +30,9 @@ import enum
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from hvbase.fsm import StateMachine
 from qmp_bridge import Nic
@@ -46,10 +46,18 @@ from .hostnet import HostDataplane, HostInventory
 from .nft import PortCounters
 from .plan import Action, AttachPlan, MobilityMode, MovePlan, Op, Phase, plan_attach, plan_detach, plan_move
 
-if TYPE_CHECKING:
-    from .underlay import Underlay
-
 log = logging.getLogger("hvsim.network.controller")
+
+
+class HostsView(Protocol):
+    """What the controller needs of an underlay (:class:`~hvsim.network.underlay.Underlay` has it)."""
+    @property
+    def hosts(self) -> tuple[str, ...]: ...
+    def host_ns(self, host: str) -> str: ...
+    def host_ip(self, host: str) -> str: ...
+
+
+DataplaneFactory = Callable[[str, str, str, MobilityMode], HostDataplane]
 
 
 class ControllerState(enum.Enum):
@@ -166,8 +174,9 @@ class Move:
 class NetworkController:
     """Tenant networks and ENIs of one datacenter over an underlay's hosts."""
 
-    def __init__(self, underlay: Underlay, *, mode: MobilityMode | str = MobilityMode.HVSIM,
-                 datacenter: str = "dc1", hosts: Sequence[str] | None = None, journal_limit: int = 100_000) -> None:
+    def __init__(self, underlay: HostsView, *, mode: MobilityMode | str = MobilityMode.HVSIM,
+                 datacenter: str = "dc1", hosts: Sequence[str] | None = None, journal_limit: int = 100_000,
+                 dataplane: DataplaneFactory = HostDataplane) -> None:
         self.mode = MobilityMode.parse(mode)
         self.datacenter = datacenter
         self.underlay = underlay
@@ -184,6 +193,7 @@ class NetworkController:
         self.journal: list[JournalEntry] = []
         self._journal_limit = journal_limit
         self._dp: dict[str, HostDataplane] = {}
+        self._make_dataplane = dataplane      # (host, netns, vtep, mode) -> data plane; tests pass a fake
         self._vm_locks: dict[str, asyncio.Lock] = {}
         self._net_lock = asyncio.Lock()
         self._seq = itertools.count(1)
@@ -208,7 +218,7 @@ class NetworkController:
         self.fsm.set(_C.STARTING)
         u = self.underlay
         for h in self.hosts:
-            self._dp[h] = HostDataplane(h, u.host_ns(h), u.host_ip(h), self.mode)
+            self._dp[h] = self._make_dataplane(h, u.host_ns(h), u.host_ip(h), self.mode)
         try:
             await asyncio.gather(*(dp.open() for dp in self._dp.values()))
         except BaseException:
