@@ -282,14 +282,18 @@ class NetworkController:
             check_networks(self.networks.values(), spec)
             self.networks[spec.name] = spec
             vteps = {h: self.underlay.host_ip(h) for h in self.hosts}
-            try:
-                await asyncio.gather(*(
-                    dp.add_network(spec, {p: ip for p, ip in vteps.items() if p != h}) for h, dp in self._dp.items()))
-            except BaseException:
+            results = await asyncio.gather(*(
+                dp.add_network(spec, {p: ip for p, ip in vteps.items() if p != h}) for h, dp in self._dp.items()),
+                return_exceptions=True)
+            failed = [r for r in results if isinstance(r, BaseException)]
+            if failed:    # every host created it or none keeps it
                 await run_to_completion(asyncio.gather(
                     *(dp.remove_network(spec) for dp in self._dp.values()), return_exceptions=True))
                 del self.networks[spec.name]
-                raise
+                for r in failed:
+                    if not isinstance(r, Exception):
+                        raise r
+                raise failed[0]
         log.info("network %s: vni %d %s on %d hosts (%s)", spec.name, spec.vni, spec.cidr, len(self.hosts),
                  self.mode.value)
         return spec

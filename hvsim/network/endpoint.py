@@ -8,8 +8,12 @@ namespace ``hvs-<id>-e-<name>`` holds a bridge ``eth0`` that carries the ENI's M
 does to a guest: the NIC stays, its backend changes::
 
     move = await ctl.stage("vm-x", "b", move_id="m1")        # veth on b, peer in the endpoint ns
-    await ep.switch(old=binding_a.peer_ifname, new=binding_b.peer_ifname)   # "switchover"
-    await ctl.activate(move); await ep.announce()             # like QMP announce-self (RARP)
+    await ep.plug(binding_b.peer_ifname, active=False)        # the destination "QEMU" opens its tap
+    await ep.unplug(binding_a.peer_ifname)                    # switchover: the source stops,
+    await ctl.activate(move)                                  # the controller activates,
+    await ep.set_active(binding_b.peer_ifname, True)          # the destination resumes
+    # (or ep.switch(old, new) in one transaction, when the activation is done beforehand)
+    await ep.announce()                                       # like QMP announce-self (RARP)
     await ctl.release(move)
 
 Namespaces are recorded (like the underlay's) so a killed run's leftovers are reclaimed by
@@ -37,12 +41,23 @@ from . import netns as nsutil
 from . import records
 from .eni import EniSpec, NetworkSpec, PortSpec
 from .errors import BindingStateError, ProgrammingError, TeardownError, TenantInputError
-from .hostnet import _NO_IPV6, netns_exists
+from .hostnet import NO_IPV6, NetnsWorker, netns_exists
+from .nft import NftContext
 
 log = logging.getLogger("hvsim.network.endpoint")
 
 NIC = "eth0"
 ETH_P_RARP = 0x8035
+# Inactive cables pass nothing either way. Bridge *output* is what the NIC itself sends (a bridge
+# floods its own broadcasts to every port, whatever the port's flood flags say).
+_TABLE = "bridge hvsim_ep"
+_NFT_SETUP = f"""add table {_TABLE}
+add set {_TABLE} inactive {{ type ifname; }}
+add chain {_TABLE} out {{ type filter hook output priority filter; policy accept; }}
+add chain {_TABLE} pre {{ type filter hook prerouting priority filter; policy accept; }}
+add rule {_TABLE} out oifname @inactive drop
+add rule {_TABLE} pre iifname @inactive drop
+"""
 
 
 class EndpointState(enum.Enum):
@@ -85,6 +100,9 @@ class NsEndpoint:
         self._record: Path | None = None
         self._ipr: AsyncIPRoute | None = None
         self._raw: socket.socket | None = None      # AF_PACKET on eth0 (announce), made at start
+        self._worker: NetnsWorker | None = None     # libnftables lives on a thread inside the namespace
+        self._nft: NftContext | None = None
+        self.cables: dict[str, bool] = {}           # peer ifname -> active
         self.fsm: StateMachine[EndpointState] = StateMachine(f"endpoint {name}", _E.NEW, _TRANSITIONS,
                                                              error=BindingStateError, log=log)
 
@@ -133,11 +151,14 @@ class NsEndpoint:
             await ipr.link("add", ifname=NIC, kind="bridge", br_stp_state=0, br_forward_delay=0,
                            br_mcast_snooping=0)
             idx = (await ipr.link_lookup(ifname=NIC))[0]
-            await ipr.link("set", index=idx, address=self.eni.mac, mtu=self.network.mtu, IFLA_AF_SPEC=_NO_IPV6)
+            await ipr.link("set", index=idx, address=self.eni.mac, mtu=self.network.mtu, IFLA_AF_SPEC=NO_IPV6)
             for ip in self.eni.ips:
                 await ipr.addr("add", index=idx, address=ip, prefixlen=self.network.prefixlen)
             await ipr.link("set", index=idx, state="up")
             self._raw = await asyncio.to_thread(self._packet_socket)
+            self._worker = NetnsWorker(self.ns)
+            self._nft = await self._worker.call(NftContext)
+            await self._nftrun(_NFT_SETUP)
         except BaseException as exc:
             await run_to_completion(self._teardown())
             self.fsm.set(_E.CLOSED, "start failed")
@@ -146,28 +167,53 @@ class NsEndpoint:
             raise
         self.fsm.set(_E.UP, self.ns)
 
-    async def plug(self, peer_ifname: str) -> None:
-        """Attach a cable (a veth peer the controller put here) to the NIC and bring it up."""
+    async def _nftrun(self, commands: str) -> None:
+        assert self._worker is not None and self._nft is not None
+        ctx = self._nft
+        await self._worker.call(lambda: ctx.run(commands))
+
+    async def plug(self, peer_ifname: str, *, active: bool = True) -> None:
+        """Attach a cable (a veth peer the controller put here) to the NIC and bring it up; an
+        inactive cable passes nothing (a destination whose guest has not resumed yet)."""
         self.fsm.require("plug", _E.UP)
         ipr = self.ipr
         found = await ipr.link_lookup(ifname=peer_ifname)
         if not found:
             raise ProgrammingError(f"endpoint {self.name}", f"plug {peer_ifname}", "no such interface here")
+        if not active:     # before it joins the NIC: never two live cables
+            await self._nftrun(f'add element {_TABLE} inactive {{ "{peer_ifname}" }}\n')
         nic = (await ipr.link_lookup(ifname=NIC))[0]
-        await ipr.link("set", index=found[0], mtu=self.network.mtu, IFLA_AF_SPEC=_NO_IPV6)
-        await ipr.link("set", index=found[0], master=nic, state="up")
+        await ipr.link("set", index=found[0], mtu=self.network.mtu, IFLA_AF_SPEC=NO_IPV6)
+        await ipr.link("set", index=found[0], master=nic)
+        await ipr.brport("set", index=found[0], learning=0)   # what the NIC sends floods to the live cable
+        await ipr.link("set", index=found[0], state="up")
+        self.cables[peer_ifname] = active
+
+    async def set_active(self, peer_ifname: str, active: bool) -> None:
+        self.fsm.require("switch cables", _E.UP)
+        await self._set({peer_ifname: active})
+
+    async def _set(self, changes: dict[str, bool]) -> None:
+        for name in changes:
+            if name not in self.cables:
+                raise ProgrammingError(f"endpoint {self.name}", f"switch {name}", "not plugged here")
+        lines = [f'{"delete" if on else "add"} element {_TABLE} inactive {{ "{name}" }}'
+                 for name, on in changes.items() if self.cables[name] != on]
+        if lines:
+            await self._nftrun("\n".join(lines) + "\n")     # one transaction
+        self.cables.update(changes)
 
     async def unplug(self, peer_ifname: str) -> None:
-        """Take a cable down (what a paused source guest looks like to the network)."""
-        self.fsm.require("unplug", _E.UP)
-        found = await self.ipr.link_lookup(ifname=peer_ifname)
-        if found:
-            await self.ipr.link("set", index=found[0], state="down")
+        """Deactivate a cable (what a paused source guest looks like to the network)."""
+        await self.set_active(peer_ifname, False)
 
     async def switch(self, old: str, new: str) -> None:
-        """The emulated switchover: the old cable goes down, the new one comes up."""
-        await self.unplug(old)
-        await self.plug(new)
+        """The emulated switchover in one nftables transaction: the old cable stops passing frames
+        and the new one starts. No link changes state (a carrier change goes through the kernel's
+        rate-limited linkwatch and can hold a new port back for up to a second; a migrating
+        guest's NIC never loses its link either)."""
+        self.fsm.require("switch cables", _E.UP)
+        await self._set({old: False, new: True})
 
     async def announce(self, rounds: int = 1) -> None:
         """Send the RARP announce QEMU's ``announce-self`` would (``rounds`` frames)."""
@@ -197,6 +243,12 @@ class NsEndpoint:
         self.fsm.set(_E.CLOSED)
 
     async def _teardown(self) -> None:
+        if self._worker is not None:
+            ctx, self._nft = self._nft, None
+            if ctx is not None:
+                await self._worker.call(ctx.close)
+            self._worker.close()
+            self._worker = None
         if self._raw is not None:
             self._raw.close()
             self._raw = None

@@ -50,7 +50,7 @@ NUD_PERMANENT = 0x80
 VXLAN_PORT = 4789
 UNDERLAY_IFACE = "ul0"
 ZERO_MAC = "00:00:00:00:00:00"
-_NO_IPV6 = {"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]}   # addrgenmode none
+NO_IPV6 = {"attrs": [["AF_INET6", {"attrs": [["IFLA_INET6_ADDR_GEN_MODE", 1]]}]]}   # addrgenmode none
 _GONE = (errno.ENOENT, errno.ENODEV, errno.ESRCH)
 
 
@@ -282,29 +282,36 @@ class HostDataplane:
         """Bridge + VXLAN of ``net``; ``peers`` = other host -> its tunnel endpoint (learning mode
         floods to them)."""
         async def go() -> None:
+            created: list[str] = []
             try:
-                await self._add_network(net, peers)
+                await self._add_network(net, peers, created)
             except BaseException:
-                await self._del_link(net.vxlan)
-                await self._del_link(net.bridge)
+                for name in reversed(created):     # only what this call made, never a stranger's device
+                    await self._del_link(name)
                 raise
             self.networks[net.name] = net
         await self._run(f"add-network {net.name}", go)
 
-    async def _add_network(self, net: NetworkSpec, peers: Mapping[str, str]) -> None:
+    async def _add_network(self, net: NetworkSpec, peers: Mapping[str, str], created: list[str]) -> None:
         learning = not self.mode.programs_fdb
         ipr = self.ipr
+        existing = await self._links()
+        for name in (net.bridge, net.vxlan):
+            if name in existing:
+                raise ProgrammingError(self.host, f"add-network {net.name}", f"device {name} already exists")
         # a fixed bridge address: otherwise it follows the lowest port MAC, and every address change
         # flushes the bridge's neighbour table, ARP-suppression entries included
         await ipr.link("add", ifname=net.bridge, kind="bridge", address=bridge_mac(self.vtep, net.vni),
                        br_stp_state=0, br_forward_delay=0, br_mcast_snooping=0)
+        created.append(net.bridge)
         br = await self._ifindex(net.bridge)
-        await ipr.link("set", index=br, IFLA_AF_SPEC=_NO_IPV6)
+        await ipr.link("set", index=br, IFLA_AF_SPEC=NO_IPV6)
         ul = await self._ifindex(UNDERLAY_IFACE)
         await ipr.link("add", ifname=net.vxlan, kind="vxlan", vxlan_id=net.vni, vxlan_local=self.vtep,
                        vxlan_link=ul, vxlan_port=VXLAN_PORT, vxlan_learning=1 if learning else 0)
+        created.append(net.vxlan)
         vx = await self._ifindex(net.vxlan)
-        await ipr.link("set", index=vx, mtu=net.mtu, IFLA_AF_SPEC=_NO_IPV6)
+        await ipr.link("set", index=vx, mtu=net.mtu, IFLA_AF_SPEC=NO_IPV6)
         await ipr.link("set", index=vx, master=br)
         await ipr.brport("set", index=vx, learning=1 if learning else 0, neigh_suppress=0 if learning else 1)
         if learning:
@@ -316,6 +323,8 @@ class HostDataplane:
 
     async def remove_network(self, net: NetworkSpec) -> None:
         async def go() -> None:
+            if net.name not in self.networks:
+                return          # never created here (its add failed): nothing of ours to remove
             for name, p in list(self.ports.items()):
                 if p.network.name == net.name:
                     await self._delete_port(name)
@@ -352,7 +361,7 @@ class HostDataplane:
             await ipr.link("add", ifname=ifname, kind="veth",
                            peer={"ifname": peer_ifname, "net_ns_fd": port.peer_netns})
         idx = await self._ifindex(ifname)
-        await ipr.link("set", index=idx, mtu=net.mtu, IFLA_AF_SPEC=_NO_IPV6)
+        await ipr.link("set", index=idx, mtu=net.mtu, IFLA_AF_SPEC=NO_IPV6)
         await ipr.link("set", index=idx, master=await self._ifindex(net.bridge))
         await ipr.brport("set", index=idx, learning=0 if self.mode.programs_fdb else 1)
         await ipr.link("set", index=idx, state="up")

@@ -102,10 +102,13 @@ class Prober:
     """``udpprobe`` in namespace ``netns`` against ``target:port``; ``stop()`` returns the report."""
 
     def __init__(self, netns: str, target: str, port: int = 7777, *, interval_us: int = 1000,
-                 tcp: bool = True, realtime: bool = True, gap_ms: float = 5.0, wait_ms: int = 300) -> None:
+                 tcp: bool = True, realtime: bool = True, gap_ms: float = 5.0, wait_ms: int = 300,
+                 raw: str | Path | None = None) -> None:
         self.netns = netns
         self.argv = [str(tool("udpprobe")), "-t", target, "-p", str(port), "-i", str(interval_us),
                      "-w", str(wait_ms), "-g", str(gap_ms)] + (["-T"] if tcp else []) + (["-R"] if realtime else [])
+        if raw is not None:      # one line per probe: seq send_ns first_echo_ns echoes (for plots)
+            self.argv += ["-r", str(raw)]
         self._proc: asyncio.subprocess.Process | None = None
 
     async def __aenter__(self) -> Prober:
