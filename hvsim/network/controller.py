@@ -1,7 +1,7 @@
 """The network controller of one datacenter: tenant networks, ENIs and their moves between hosts.
 
 It owns the definitions (:mod:`hvsim.network.eni`), programs every host of an
-:class:`~hvsim.network.underlay.Underlay` (:mod:`hvsim.network.hostnet`) and executes the plans of
+:class:`~hvsim.network.underlay.Underlay` (:mod:`hvsim.network.tenant`) and executes the plans of
 :mod:`hvsim.network.plan`. The calls a migration (or a restart elsewhere) makes, in order::
 
     move = await ctl.stage(vm, "host-b", move_id="mig-7")   # before the destination QEMU starts
@@ -42,7 +42,7 @@ from .eni import (BindingState, Eni, EniSpec, NetworkSpec, PortKind, PortSpec, c
                   validate_eni)
 from .errors import (BindingStateError, NetworkError, ProgrammingError, TeardownError, TenantInputError,
                      UnknownEniError, UnknownHostError)
-from .hostnet import HostDataplane, HostInventory
+from .tenant import HostDataplane, HostInventory
 from .nft import PortCounters
 from .plan import Action, AttachPlan, MobilityMode, MovePlan, Op, Phase, plan_attach, plan_detach, plan_move
 

@@ -41,7 +41,7 @@ from . import netns as nsutil
 from . import records
 from .eni import EniSpec, NetworkSpec, PortSpec
 from .errors import BindingStateError, ProgrammingError, TeardownError, TenantInputError
-from .hostnet import NO_IPV6, NetnsWorker, netns_exists
+from .tenant import NO_IPV6, NetnsWorker, netns_exists
 from .nft import NftContext
 
 log = logging.getLogger("hvsim.network.endpoint")

@@ -5,7 +5,7 @@ import json
 
 from hvsim.network import nft
 from hvsim.network.eni import SecurityRule
-from hvsim.network.hostnet import bridge_mac
+from hvsim.network.tenant import bridge_mac
 
 
 def test_port_chains_drop_forged_sources_and_count_them() -> None:

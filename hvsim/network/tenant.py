@@ -38,7 +38,7 @@ from .eni import EniSpec, NetworkSpec, PortKind, PortSpec
 from .errors import NetworkError, ProgrammingError, TeardownError
 from .plan import MobilityMode
 
-log = logging.getLogger("hvsim.network.hostnet")
+log = logging.getLogger("hvsim.network.tenant")
 
 T = TypeVar("T")
 
