@@ -16,8 +16,10 @@ from typing import Any
 import pytest
 
 from hvsim.core.cluster import Cluster
-from hvsim.core.model import HostSpec, VMSpec
+from hvsim.core.model import HostSpec, NicSpec, VMSpec
 from hvsim.core.vm import VM
+from hvsim.migration import start_migration
+from hvsim.network.component import EniDriver
 from hvsim.network.controller import MoveState, NetworkController
 from hvsim.network.endpoint import NsEndpoint
 from hvsim.network.eni import BindingState, EniSpec, NetworkSpec
@@ -58,11 +60,9 @@ class Lab:
 
     async def boot(self, name: str, host: str, spec: EniSpec) -> VM:
         self.ctl.define_eni(spec)
-        await self.ctl.attach(name, host, [spec.id])              # the tap exists before QEMU opens it
-        vm = await self.cl.define_vm(VMSpec(name, memory_mib=160, kernel_args=self.ctl.kernel_args([spec.id])),
-                                     host)
-        vm.extra_nics.append(self.ctl.nic(spec.id))
-        await vm.start(wait_ready=True, ready_timeout=120)
+        vm = await self.cl.define_vm(VMSpec(name, memory_mib=160, nics=(NicSpec(spec.id, network=spec.network),),
+                                            kernel_args=self.ctl.kernel_args([spec.id])), host)
+        await vm.start(wait_ready=True, ready_timeout=120)    # the ENI component binds it: tap, FDB, ARP
         return vm
 
     async def peer(self, name: str, host: str, spec: EniSpec) -> NsEndpoint:
@@ -77,8 +77,9 @@ class Lab:
 @pytest.fixture
 async def lab(underlay: Underlay, ctl: NetworkController, cluster: Cluster) -> AsyncIterator[Lab]:
     # set up after the controller, so the guests (QEMU holds the taps) are gone before it tears down
+    cluster.add_driver(EniDriver(ctl))
     for h in underlay.hosts:
-        cluster.add_host(HostSpec(h, vcpus=4, memory_mib=1024), netns=underlay.host_ns(h))
+        cluster.add_host(HostSpec(h, vcpus=4, memory_mib=1024), network=underlay.host_network(h))
     async with contextlib.AsyncExitStack() as stack:
         yield Lab(underlay, ctl, cluster, stack)
 
@@ -106,7 +107,7 @@ async def test_a_guest_migrates_under_probe_and_the_peer_keeps_reaching_it(lab: 
         move = await lab.ctl.stage("mover", "b", move_id="mig-guest")      # before the destination starts
         stopped = vm.qmp.subscribe("STOP")          # the source pauses for the final copy: switchover
         try:
-            mig: Any = vm.start_migration("b", policy="qemu-default", timeout=180)
+            mig: Any = start_migration(vm, "b", policy="qemu-default", timeout=180)
             await stopped.get(timeout=180)
             await lab.ctl.activate(move)             # while the last pages are copied
             t_switch = time.monotonic_ns()
@@ -143,7 +144,7 @@ async def test_a_cancelled_migration_leaves_the_eni_on_the_source(lab: Lab) -> N
     e = lab.ctl.eni("eni-1")
     async with Prober(peer.ns, "10.77.0.1", interval_us=PROBE_US) as pr:
         move = await lab.ctl.stage("stayer", "b", move_id="mig-cancel")
-        mig: Any = vm.start_migration("b", policy="qemu-default", timeout=120)
+        mig: Any = start_migration(vm, "b", policy="qemu-default", timeout=120)
         async for p in mig:
             if p.state is MigrationState.ACTIVE and p.transferred > 4 * 2**20:
                 break
