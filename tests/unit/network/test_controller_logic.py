@@ -206,3 +206,46 @@ async def test_detach_and_close(rec: Recorder) -> None:
         await ctl.attach("vm1", "a", ["eni-1"])
     await ctl.close()
 
+
+
+# ---- the ENI component (a VM's NIC on a tenant network) ------------------------------------------------
+def _ctx(vm: str, tmp_path: Any) -> Any:
+    from hvsim.core.components import ComponentContext
+    return ComponentContext(vm=vm, vm_dir=tmp_path, publish=lambda e: None, track_process=lambda pid, what: None)
+
+
+async def test_eni_driver_refuses_a_nic_that_does_not_match_its_eni(rec: Recorder, tmp_path: Any) -> None:
+    from hvsim.core.model import NicSpec
+    from hvsim.network.component import EniDriver
+    ctl = await make(rec)
+    drv = EniDriver(ctl)
+    with pytest.raises(UnknownEniError):
+        drv.create_nic(NicSpec("eni-9", network="blue"), _ctx("vm1", tmp_path))
+    with pytest.raises(TenantInputError, match="belongs to network 'blue'"):
+        drv.create_nic(NicSpec("eni-1", network="red"), _ctx("vm1", tmp_path))
+    with pytest.raises(TenantInputError, match="has MAC"):
+        drv.create_nic(NicSpec("eni-1", network="blue", mac="52:54:00:00:00:99"), _ctx("vm1", tmp_path))
+    with pytest.raises(TenantInputError, match="bound to vm 'vm1'"):
+        drv.create_nic(NicSpec("eni-1", network="blue"), _ctx("vm2", tmp_path))
+
+
+async def test_eni_component_binds_on_first_start_and_moves_on_a_restart_elsewhere(
+        rec: Recorder, tmp_path: Any) -> None:
+    from hvsim.core.host import Host
+    from hvsim.core.model import HostSpec, NicSpec
+    from hvsim.network.component import EniDriver
+    ctl = await make(rec)
+    ctl.define_eni(EniSpec("eni-2", "blue", "52:54:00:00:00:02", ("10.77.0.2",)))
+    comp = EniDriver(ctl).create_nic(NicSpec("eni-2", network="blue"), _ctx("vm2", tmp_path))
+    att = await comp.prepare(Host(HostSpec("b")))
+    assert [(n.backend, n.ifname, n.mac) for n in att.nics] == [("tap", ctl.eni("eni-2").spec.port_name,
+                                                                "52:54:00:00:00:02")]
+    assert [(b.host, b.state) for b in ctl.eni("eni-2").bindings] == [("b", BindingState.ACTIVE)]
+    await comp.stop()                                         # the VM stopped: the ENI stays its own
+    assert ctl.eni("eni-2").active is not None
+    await comp.prepare(Host(HostSpec("c")))                   # restarted on another host: moved there
+    assert [(b.host, b.state) for b in ctl.eni("eni-2").bindings] == [("c", BindingState.ACTIVE)]
+    assert any(m.id.startswith("restart:vm2") and m.state is MoveState.DONE for m in ctl.moves.values())
+    await comp.stop()
+    await comp.remove()                                       # undefined: detached everywhere
+    assert ctl.eni("eni-2").bindings == []
