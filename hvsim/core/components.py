@@ -45,7 +45,7 @@ from .events import ClusterEvent, ComponentFailed, ComponentStateChanged
 
 if TYPE_CHECKING:
     from .host import Host
-    from .model import DiskSpec
+    from .model import DiskSpec, NicSpec
 
 
 class ComponentState(enum.Enum):
@@ -329,6 +329,18 @@ class ComponentDriver(Protocol):
     kind: str
 
     def create(self, disk: DiskSpec, ctx: ComponentContext) -> Component: ...
+
+
+NIC_DRIVER = "eni"
+
+
+@runtime_checkable
+class NicDriver(Protocol):
+    """Creates the component that attaches a NIC whose network is not "default" (user-mode): a
+    tenant network's ENI (hvsim.network.component.EniDriver, registered as kind :data:`NIC_DRIVER`)."""
+    kind: str
+
+    def create_nic(self, nic: NicSpec, ctx: ComponentContext) -> Component: ...
 
 
 @runtime_checkable

@@ -30,7 +30,7 @@ from qmp_bridge import (Drive, LaunchError, MachineSpec, Nic, QEMUBridgeError, Q
 
 from . import procfs
 from .agent import ExecResult, GuestAgent
-from .components import Attachment, Component, ComponentContext, ComponentState
+from .components import NIC_DRIVER, Attachment, Component, ComponentContext, ComponentState, NicDriver
 from .env import VMEnvironment
 from .errors import (AgentError, BusyError, ComponentError, GuestNotReadyError, IllegalTransitionError, SpecError,
                      StateError, TeardownError, VMError)
@@ -74,6 +74,14 @@ class VM:
         for d in spec.disks:
             if d.kind != "file":
                 c = env.driver(d.kind).create(d, ctx)
+                self.components[c.id] = c
+        for n in spec.nics:
+            if n.network != "default":       # a tenant network: a component attaches it (tap + ENI)
+                drv = env.driver(NIC_DRIVER)
+                if not isinstance(drv, NicDriver):
+                    raise SpecError(f"vm {spec.name!r}: nic {n.name!r} is on network {n.network!r}, but the "
+                                    f"{NIC_DRIVER!r} driver cannot create NIC components")
+                c = drv.create_nic(n, ctx)
                 self.components[c.id] = c
         self._failures: Subscription[ClusterEvent] = env.events.subscribe(
             f"vm {spec.name} component failures", kinds=(ComponentFailed,),
@@ -190,7 +198,7 @@ class VM:
         drives = [Drive(id=f"disk-{d.name}", path=str(self.disk_path(d)), fmt=d.format)
                   for d in self.spec.disks if d.kind == "file"] + [d for a in atts for d in a.drives]
         nics = [Nic(id=f"nic-{n.name}", mac=n.mac or derive_mac(self.name, n.name), backend="user")
-                for n in self.spec.nics] + [n for a in atts for n in a.nics]
+                for n in self.spec.nics if n.network == "default"] + [n for a in atts for n in a.nics]
         ip_args = " ".join(f"hvsim.ip={n.ip}" for n in self.spec.nics[:1] if n.ip)
         accel = self.env.accel()
         assert accel in ("tcg", "kvm")

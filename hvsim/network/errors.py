@@ -8,6 +8,13 @@
      +-- SetupError           bringing the underlay up failed (cause attached; already torn down)
      +-- TeardownError        tearing down left something behind (names listed)
      +-- ProbeError           a throughput probe failed (sender/receiver died or timed out)
+     +-- TenantInputError     bad tenant network / ENI definition (also an hvbase InputError):
+     |    +-- UnknownNetworkError    an ENI names a network the controller does not have
+     |    +-- UnknownEniError        an ENI id the controller does not know
+     |    +-- AddressConflictError   a MAC or IP already used by another ENI of the network
+     +-- BindingStateError    an ENI binding, move or controller operation not allowed in its state
+     |                        (also an hvbase StateError: obj, state, allowed, action)
+     +-- ProgrammingError     netlink (pyroute2) or nftables refused a change on a host: host, what, cause
 """
 from __future__ import annotations
 
@@ -70,3 +77,40 @@ class TeardownError(NetworkError):
 
 class ProbeError(NetworkError):
     """A throughput probe did not produce a measurement."""
+
+
+class TenantInputError(NetworkError, InputError):
+    """A tenant network or ENI definition is malformed or conflicts; nothing was programmed."""
+
+
+class UnknownNetworkError(TenantInputError):
+    def __init__(self, network: str, known: Sequence[str]) -> None:
+        self.network = network
+        self.known = list(known)
+        super().__init__(f"unknown tenant network {network!r}; defined: {', '.join(self.known) or '(none)'}")
+
+
+class UnknownEniError(TenantInputError):
+    def __init__(self, eni: str, known: Sequence[str]) -> None:
+        self.eni = eni
+        self.known = list(known)
+        super().__init__(f"unknown ENI {eni!r}; defined: {', '.join(self.known) or '(none)'}")
+
+
+class AddressConflictError(TenantInputError):
+    """A MAC or IP that another ENI of the same network already has."""
+
+
+class BindingStateError(NetworkError, _BaseStateError):
+    """An ENI binding, a move or the controller is not in a state that allows the operation."""
+
+
+class ProgrammingError(NetworkError):
+    """A host refused a change (netlink or nftables). ``host`` and ``what`` name it; the
+    library's error is the ``__cause__``."""
+
+    def __init__(self, host: str, what: str, detail: str = "") -> None:
+        self.host = host
+        self.what = what
+        self.detail = detail
+        super().__init__(f"host {host!r}: {what} failed" + (f": {detail}" if detail else ""))
