@@ -1,13 +1,13 @@
 """qmp_bridge: the only code that starts QEMU or speaks QMP."""
 from .client import EventSubscription, QMPSession
-from .errors import (CommandNotFoundError, DeviceNotActiveError, DeviceNotFoundError, GenericError, ProcessStateError,
-                     LaunchError, QEMUBridgeError, QEMUExitedError, QMPCommandError, QMPConnectionError,
-                     QMPTimeoutError)
+from .errors import (AttachError, CommandNotFoundError, DeviceNotActiveError, DeviceNotFoundError, GenericError,
+                     LaunchError, ProcessStateError, QEMUBridgeError, QEMUExitedError, QMPCommandError,
+                     QMPConnectionError, QMPTimeoutError)
 from .machine import Drive, MachineSpec, MachineSpecError, Nic, SerialPort, build_argv
 from .process import ProcState, QemuProcess
 
 __all__ = [
-    "EventSubscription", "QMPSession", "CommandNotFoundError", "DeviceNotActiveError",
+    "EventSubscription", "QMPSession", "AttachError", "CommandNotFoundError", "DeviceNotActiveError",
     "DeviceNotFoundError", "GenericError", "LaunchError", "QEMUBridgeError", "QEMUExitedError",
     "QMPCommandError", "QMPConnectionError", "QMPTimeoutError", "Drive", "MachineSpec",
     "MachineSpecError", "Nic", "SerialPort", "build_argv", "ProcState", "QemuProcess", "ProcessStateError",

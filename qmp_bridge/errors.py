@@ -5,6 +5,7 @@ cause is always kept as ``__cause__``.
      +-- ProcessStateError      an operation not allowed in the QEMU process's state (a StateError)
      +-- QEMUBridgeError
      +-- LaunchError            QEMU did not start (exit code, argv, console tail)
+     +-- AttachError            a running QEMU could not be re-attached (pid, socket, QMP)
      +-- QEMUExitedError        QEMU died while we were waiting on it
      +-- QMPConnectionError     the QMP session broke or could not be set up
      +-- QMPTimeoutError        a command or event wait exceeded its timeout
@@ -44,6 +45,10 @@ class LaunchError(QEMUBridgeError):
         if console_tail:
             detail.append("guest console (tail):\n" + console_tail)
         super().__init__("\n".join(detail))
+
+
+class AttachError(QEMUBridgeError):
+    """A running QEMU could not be re-attached (wrong pid, gone, QMP not answering)."""
 
 
 class QEMUExitedError(QEMUBridgeError):

@@ -68,6 +68,7 @@ class MachineSpec:
     cpu_model: str = "qemu64"
     incoming: str | None = None           # e.g. "defer" for a migration destination
     qmp_fd: int | None = None             # fd number inherited by QEMU for the QMP monitor
+    qmp_socket: str | None = None         # or: a unix socket path QEMU listens on for QMP (re-attachable)
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     def validate(self) -> None:
@@ -88,7 +89,7 @@ class MachineSpec:
             if not _ID.match(i):
                 raise MachineSpecError(f"machine {self.name}: bad device id {i!r}")
         paths = [self.kernel, self.initrd, self.console_log] + [d.path for d in self.drives] + \
-            [s.socket for s in self.serial_ports]
+            [s.socket for s in self.serial_ports] + ([self.qmp_socket] if self.qmp_socket else [])
         for p in paths:
             if "," in p:
                 raise MachineSpecError(f"machine {self.name}: path {p!r} contains ',' which QEMU options cannot carry")
@@ -120,8 +121,13 @@ def build_argv(spec: MachineSpec, qemu_binary: str = "qemu-system-x86_64") -> li
         "-chardev", f"file,id=console0,path={spec.console_log}",
         "-serial", "chardev:console0",
     ]
+    if spec.qmp_fd is not None and spec.qmp_socket is not None:
+        raise MachineSpecError(f"machine {spec.name}: QMP on an inherited fd or on a socket path, not both")
     if spec.qmp_fd is not None:
         argv += ["-chardev", f"socket,id=qmp0,fd={spec.qmp_fd}", "-mon", "chardev=qmp0,mode=control"]
+    elif spec.qmp_socket is not None:
+        argv += ["-chardev", f"socket,id=qmp0,path={spec.qmp_socket},server=on,wait=off",
+                 "-mon", "chardev=qmp0,mode=control"]
     for d in spec.drives:
         ro = ",read-only=on" if d.readonly else ""
         if d.kind == "file":

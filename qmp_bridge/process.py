@@ -1,8 +1,16 @@
-"""A QEMU process: launch with an owned QMP socketpair, console log, crash watch, stop.
+"""A QEMU process: launch, console log, crash watch, stop; and re-attach to one that runs already.
 
-We create the QMP socketpair ourselves and hand one end to QEMU, so there is no connect race
-and no socket path to leak. QEMU dies with its parent (PR_SET_PDEATHSIG) and is stopped
-gracefully (QMP ``quit``), then with SIGTERM, then SIGKILL.
+Two lifetimes:
+
+- *embedded* (default): we create the QMP socketpair ourselves and hand one end to QEMU, so there is
+  no connect race and no socket path to leak; QEMU dies with its parent (PR_SET_PDEATHSIG).
+- *detached* (``qmp_socket=PATH, detached=True``): QEMU listens for QMP on a unix socket path (0600)
+  and outlives the process that started it (a host agent that restarts must not take its guests
+  with it); :meth:`QemuProcess.reattach` connects a new owner to it by pid and socket, and watches its
+  exit through a pidfd. Such a QEMU dies with its *host*: it joins the host's cgroup (``cgroup=``),
+  which the host's power-off kills as a whole.
+
+Stopping is graceful (QMP ``quit``), then SIGTERM, then SIGKILL.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ from pathlib import Path
 from hvbase.fsm import StateMachine
 
 from .client import QMPSession
-from .errors import LaunchError, ProcessStateError, QEMUBridgeError
+from .errors import AttachError, LaunchError, ProcessStateError, QEMUBridgeError
 from .machine import MachineSpec, build_argv
 
 log = logging.getLogger("qmp_bridge.process")
@@ -44,17 +52,35 @@ def die_with_parent() -> Callable[[], None]:
     return preexec
 
 
-# QEMU creates its chardev sockets (agent, heartbeat) and logs with this umask: sockets 0600
+# QEMU creates its chardev sockets (agent, heartbeat, QMP) and logs with this umask: sockets 0600
 QEMU_UMASK = 0o177
+# the exit status of a QEMU that is not our child (re-attached) cannot be known
+UNKNOWN_EXIT = 256
 
 
-def _qemu_preexec() -> Callable[[], None]:
-    die = die_with_parent()
+def join_cgroup(cgroup: Path | None) -> None:
+    """In a child between fork and exec: move ourselves into ``cgroup`` (cgroup v2 directory)."""
+    if cgroup is not None:
+        with open(cgroup / "cgroup.procs", "w") as f:
+            f.write("0")
+
+
+def _qemu_preexec(detached: bool, cgroup: Path | None) -> Callable[[], None]:
+    die = None if detached else die_with_parent()
 
     def preexec() -> None:
-        die()
+        if die is not None:
+            die()
+        join_cgroup(cgroup)
         os.umask(QEMU_UMASK)
     return preexec
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
 
 
 def tail(path: Path, lines: int = 40, max_bytes: int = 64 * 1024) -> str:
@@ -94,11 +120,19 @@ class QemuProcess:
     """
 
     def __init__(self, spec: MachineSpec, run_dir: Path, netns: str | None = None,
-                 binary: str = "qemu-system-x86_64") -> None:
+                 binary: str = "qemu-system-x86_64", *, qmp_socket: Path | None = None,
+                 detached: bool = False, cgroup: Path | None = None) -> None:
+        if detached and qmp_socket is None:
+            raise QEMUBridgeError(f"{spec.name}: a detached QEMU needs a qmp_socket path to re-attach to")
         self.spec = spec
         self.run_dir = Path(run_dir)
         self.netns = netns
         self.binary = binary
+        self.qmp_socket = Path(qmp_socket) if qmp_socket is not None else None
+        self.detached = detached
+        self.cgroup = cgroup
+        self._pid: int | None = None
+        self._pidfd: int | None = None
         self.fsm: StateMachine[ProcState] = StateMachine(f"QEMU of {spec.name!r}", P.NEW, PROC_TRANSITIONS,
                                                          error=ProcessStateError, log=log)
         self.console_log = Path(spec.console_log)
@@ -118,7 +152,11 @@ class QemuProcess:
 
     @property
     def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
+        return self.proc.pid if self.proc else self._pid
+
+    @property
+    def is_child(self) -> bool:
+        return self.proc is not None
 
     @property
     def returncode(self) -> int | None:
@@ -133,9 +171,15 @@ class QemuProcess:
         self.fsm.require("launch", P.NEW)
         self.fsm.set(P.STARTING, "launch")
         self.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
+        ours: socket.socket | None = None
+        theirs: socket.socket | None = None
+        if self.qmp_socket is None:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             spec = dataclasses.replace(self.spec, qmp_fd=theirs.fileno())
+        else:
+            self.qmp_socket.unlink(missing_ok=True)
+            spec = dataclasses.replace(self.spec, qmp_socket=str(self.qmp_socket))
+        try:
             self.argv = build_argv(spec, self.binary)
             full = (["ip", "netns", "exec", self.netns] if self.netns else []) + self.argv
             with open(self.qemu_log, "ab") as out:
@@ -143,18 +187,23 @@ class QemuProcess:
                 out.flush()
                 self.proc = await asyncio.create_subprocess_exec(
                     *full, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-                    pass_fds=(theirs.fileno(),), preexec_fn=_qemu_preexec(), start_new_session=True)
+                    pass_fds=(theirs.fileno(),) if theirs is not None else (),
+                    preexec_fn=_qemu_preexec(self.detached, self.cgroup), start_new_session=True)
             self.started_at = time.monotonic()
         except BaseException:
-            ours.close()
+            if ours is not None:
+                ours.close()
             self.fsm.set(P.EXITED, "could not execute QEMU")
             raise
         finally:
-            theirs.close()
+            if theirs is not None:
+                theirs.close()
         self._watch = asyncio.create_task(self._watch_exit(), name=f"qemu-watch-{self.spec.name}")
         log.info("%s: started QEMU pid %d", self.spec.name, self.proc.pid)
         self.qmp = QMPSession(self.spec.name, self.qmp_log, self.exited, self.console_tail)
         try:
+            if ours is None:
+                ours = await self._connect_path(timeout)
             await self.qmp.connect(ours, timeout=timeout)
         except asyncio.CancelledError:
             await self.kill()
@@ -170,26 +219,102 @@ class QemuProcess:
             raise self._launch_error("exited right after it started")
         return self.qmp
 
+    async def _connect_path(self, timeout: float) -> socket.socket:
+        """Connect to QEMU's QMP socket path once QEMU listens on it (racing its exit)."""
+        assert self.qmp_socket is not None and self.qmp is not None
+        path = str(self.qmp_socket)
+
+        async def connect() -> socket.socket:
+            while True:
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    s.connect(path)
+                    return s
+                except (FileNotFoundError, ConnectionRefusedError):
+                    s.close()
+                    await asyncio.sleep(0.02)
+        return await self.qmp.race(connect(), f"QMP socket {path}", timeout)
+
+    @classmethod
+    async def reattach(cls, spec: MachineSpec, run_dir: Path, pid: int, qmp_socket: Path,
+                       netns: str | None = None, timeout: float = 10.0) -> QemuProcess:
+        """Take over a QEMU that runs already (started detached by an earlier owner): check that
+        ``pid`` is that QEMU (its command line names ``qmp_socket``), connect QMP, watch its exit."""
+        if not any(f"path={qmp_socket}," in arg for arg in cmdline(pid)):
+            raise AttachError(f"{spec.name}: pid {pid} is not the QEMU serving QMP on {qmp_socket} "
+                              f"(command line: {' '.join(cmdline(pid))[:200] or 'no such process'})")
+        p = cls(spec, run_dir, netns, qmp_socket=qmp_socket, detached=True)
+        p.fsm.set(P.STARTING, f"re-attach to pid {pid}")
+        try:
+            p._pidfd = os.pidfd_open(pid)
+        except ProcessLookupError as exc:
+            p.fsm.set(P.EXITED, "gone before re-attach")
+            raise AttachError(f"{spec.name}: QEMU pid {pid} exited before it could be re-attached") from exc
+        p._pid = pid
+        p.argv = cmdline(pid)
+        p._watch = asyncio.create_task(p._watch_exit(), name=f"qemu-watch-{spec.name}")
+        p.qmp = QMPSession(spec.name, p.qmp_log, p.exited, p.console_tail)
+        try:
+            sock = await p._connect_path(timeout)
+            await p.qmp.connect(sock, timeout=timeout)
+        except QEMUBridgeError as exc:
+            await p._close_qmp()
+            if p.fsm.state is not P.EXITED:
+                p.fsm.set(P.EXITED, "re-attach failed")
+            raise AttachError(f"{spec.name}: could not re-attach to QEMU pid {pid}: {exc}") from exc
+        if not p.fsm.set_if({P.STARTING}, P.RUNNING, "re-attached"):
+            raise AttachError(f"{spec.name}: QEMU pid {pid} exited while being re-attached")
+        log.info("%s: re-attached to QEMU pid %d on %s", spec.name, pid, qmp_socket)
+        return p
+
+    async def detach(self) -> None:
+        """Let go of a detached QEMU without stopping it (its next owner re-attaches)."""
+        if not self.detached:
+            raise ProcessStateError(self.fsm.obj, self.state, (), action="detach",
+                                    message=f"{self.fsm.obj}: only a detached QEMU can be let go")
+        await self._close_qmp()
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
     def _launch_error(self, what: str) -> LaunchError:
         return LaunchError(f"QEMU for {self.spec.name!r} {what}", argv=self.argv, exit_code=self.returncode,
                            console_tail=self.console_tail(), log_tail=tail(self.qemu_log, 20))
 
+    async def _wait_pidfd(self) -> int:
+        assert self._pidfd is not None
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not readable.done():
+                readable.set_result(None)
+        loop.add_reader(self._pidfd, ready)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(self._pidfd)
+        return UNKNOWN_EXIT
+
     async def _watch_exit(self) -> None:
-        assert self.proc is not None
-        code = await self.proc.wait()
+        code = await (self.proc.wait() if self.proc is not None else self._wait_pidfd())
         if self.fsm.state is not P.EXITED:
             self.fsm.set(P.EXITED, f"exit code {code}")
         if not self.exited.done():
             self.exited.set_result(code)
         lvl = logging.INFO if self.expected_exit else logging.WARNING
-        log.log(lvl, "%s: QEMU pid %d exited with %d", self.spec.name, self.proc.pid, code)
+        log.log(lvl, "%s: QEMU pid %s exited with %s", self.spec.name, self.pid,
+                "an unknown status (not our child)" if code == UNKNOWN_EXIT else code)
 
     async def wait_exit(self, timeout: float | None = None) -> int:
         return await asyncio.wait_for(asyncio.shield(self.exited), timeout)
 
     async def stop(self, quit_timeout: float = 5.0, term_timeout: float = 5.0) -> int:
         """Graceful (QMP quit), then SIGTERM, then SIGKILL. Returns the exit code."""
-        if self.proc is None:
+        if self.pid is None:
             if self.fsm.state is P.NEW:
                 self.fsm.set(P.EXITED, "stopped before launch")
             return 0
@@ -219,21 +344,28 @@ class QemuProcess:
     async def kill(self) -> int:
         """SIGKILL and reap."""
         self.expected_exit = True
-        if self.proc is not None and not self.exited.done():
+        if self.pid is not None and not self.exited.done():
             self._signal(signal.SIGKILL)
             await asyncio.shield(self.exited)
         await self._close_qmp()
         return self.exited.result() if self.exited.done() else 0
 
     def _signal(self, sig: int) -> None:
-        if self.proc is not None and not self.exited.done():
-            try:
+        if self.exited.done():
+            return
+        try:
+            if self.proc is not None:
                 self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
+            elif self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, sig)
+        except ProcessLookupError:
+            pass
 
     async def _close_qmp(self) -> None:
         if self.qmp is not None:
             await self.qmp.close()
         if self._watch is not None and self.exited.done():
             await asyncio.gather(self._watch, return_exceptions=True)
+            if self._pidfd is not None:
+                os.close(self._pidfd)
+                self._pidfd = None
