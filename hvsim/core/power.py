@@ -49,7 +49,7 @@ class PowerDomain:
         self.path = path
 
     @classmethod
-    def create(cls, host: str) -> "PowerDomain":
+    def create(cls, host: str) -> PowerDomain:
         if not _NAME.match(host):
             raise SpecError(f"power domain name {host!r} is invalid")
         me = os.getpid()
