@@ -309,6 +309,10 @@ class QemuProcess:
         log.log(lvl, "%s: QEMU pid %s exited with %s", self.spec.name, self.pid,
                 "an unknown status (not our child)" if code == UNKNOWN_EXIT else code)
 
+    def expect_exit(self) -> None:
+        """The owner asked the guest to power off: its exit is logged as expected, not as a warning."""
+        self.expected_exit = True
+
     async def wait_exit(self, timeout: float | None = None) -> int:
         return await asyncio.wait_for(asyncio.shield(self.exited), timeout)
 

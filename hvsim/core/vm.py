@@ -388,6 +388,7 @@ class VM:
             proc = self.process
             assert proc is not None
             self._expect_exit = proc
+            proc.expect_exit()
             try:
                 await self.qmp.execute("system_powerdown")
                 await proc.wait_exit(timeout)
