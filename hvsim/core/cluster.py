@@ -19,8 +19,11 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,14 +46,87 @@ OWNER_FILE = "owner"
 T = TypeVar("T")
 
 
-def remove_stale_run_dirs(base: Path | None = None) -> list[Path]:
-    """Remove run dirs of earlier hvsim processes that died without cleaning up (e.g. SIGKILL).
+def processes_using(directory: Path) -> list[int]:
+    """Live processes (not this one) whose command line, working directory or open files refer to
+    ``directory``: the helpers (QEMU, shims) of the run that owned it."""
+    base = str(Path(directory).resolve())
+    prefix = base + os.sep
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        pid = int(entry.name)
+        try:
+            if _proc_state(pid) == "Z":
+                continue
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            links = [os.readlink(f"/proc/{pid}/cwd")]
+            fd_dir = f"/proc/{pid}/fd"
+            for fd in os.listdir(fd_dir):
+                with contextlib.suppress(OSError):
+                    links.append(os.readlink(f"{fd_dir}/{fd}"))
+        except OSError:
+            continue
+        if any(prefix in a or a == base for a in args) or any(t == base or t.startswith(prefix) for t in links):
+            found.append(pid)
+    return found
 
-    Only directories we made (hvsim-* with an owner file) whose owner process is gone (or whose
-    pid was reused by another process) are removed; their QEMUs died with them (PDEATHSIG)."""
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _terminate(pids: list[int], grace_s: float = 2.0) -> list[int]:
+    """SIGTERM, then SIGKILL after ``grace_s``, each pid (with its start time checked, so a recycled pid
+    is never hit); returns the pids that were signalled."""
+    starts = {pid: _proc_start_time(pid) for pid in pids}
+    hit = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        live = [p for p, st in starts.items() if st and _proc_start_time(p) == st and _proc_state(p) not in ("Z", "")]
+        if not live:
+            break
+        for pid in live:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+                if pid not in hit:
+                    hit.append(pid)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(
+                _proc_start_time(p) == starts[p] and _proc_state(p) not in ("Z", "") for p in live):
+            time.sleep(0.05)
+    return hit
+
+
+@dataclass(frozen=True)
+class StaleRunDir:
+    """A run dir whose owner died without removing it, and what was done about it."""
+    path: Path
+    owner_pid: int
+    killed: tuple[int, ...] = ()       # orphaned helpers (that escaped PDEATHSIG) found using it
+    removed: bool = True
+    users: tuple[int, ...] = ()        # other live processes using it: the directory was left alone
+
+
+def reclaim_stale_run_dirs(base: Path | None = None) -> list[StaleRunDir]:
+    """Reclaim run dirs of earlier hvsim processes that died without cleaning up (e.g. SIGKILL).
+
+    Only directories we made (hvsim-* with an owner file) whose owner process is gone (or whose pid
+    was reused by another process) are touched: orphaned helpers still using one (reparented to init;
+    their QEMUs normally died with the owner, PDEATHSIG) are terminated, then the directory is
+    removed. A directory another live process still uses, and a live owner's, are left alone."""
     base = base or Path(tempfile.gettempdir())
-    removed = []
-    for d in base.glob("hvsim-*"):
+    found = []
+    for d in sorted(base.glob("hvsim-*")):
         owner = d / OWNER_FILE
         try:
             pid_s, _, start = owner.read_text().strip().partition(" ")
@@ -59,9 +135,24 @@ def remove_stale_run_dirs(base: Path | None = None) -> list[Path]:
             continue
         if procfs.alive(pid, start):
             continue
+        using = processes_using(d)
+        orphans = [p for p in using if _ppid(p) == 1]          # reparented to init: the dead run's helpers
+        users = [p for p in using if p not in orphans]
+        if users:                                              # someone else still uses it: not ours to pull
+            log.warning("run dir %s of dead pid %d is still used by %s; left alone", d, pid, users)
+            found.append(StaleRunDir(d, pid, removed=False, users=tuple(users)))
+            continue
+        killed = _terminate(orphans)
+        if killed:
+            log.warning("run dir %s of dead pid %d: terminated leftover processes %s", d, pid, killed)
         shutil.rmtree(d, ignore_errors=True)
-        removed.append(d)
-    return removed
+        found.append(StaleRunDir(d, pid, tuple(killed), removed=not d.exists()))
+    return found
+
+
+def remove_stale_run_dirs(base: Path | None = None) -> list[Path]:
+    """:func:`reclaim_stale_run_dirs`, returning the directories removed."""
+    return [s.path for s in reclaim_stale_run_dirs(base) if s.removed]
 
 
 def images_dir() -> Path:

@@ -243,6 +243,6 @@ async def run(config: ShimConfig) -> int:
 
 
 def main(config: ShimConfig, verbose: bool = False) -> int:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr, force=True,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return asyncio.run(run(config))
