@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from .common import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ClickException, NoArgsIsHelpError,
-                     UsageError)
+                     UsageError, one_line)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="hvsim: emulated hypervisor lab on real QEMU")
@@ -53,7 +53,7 @@ def _load() -> None:
 def _usage_line(exc: Any) -> str:
     ctx = getattr(exc, "ctx", None)
     where = ctx.command_path if ctx is not None else "hvsim"
-    return f"hvsim: error: {exc.format_message()} (see '{where} --help')"
+    return f"hvsim: error: {one_line(exc.format_message())} (see '{where} --help')"
 
 
 def run(argv: Sequence[str], prog: str = "hvsim") -> int:
@@ -68,7 +68,7 @@ def run(argv: Sequence[str], prog: str = "hvsim") -> int:
             print(_usage_line(exc), file=sys.stderr)
         return EXIT_BAD_INPUT
     except ClickException as exc:
-        print(f"hvsim: error: {exc.format_message()}", file=sys.stderr)  # type: ignore[attr-defined]
+        print(f"hvsim: error: {one_line(exc.format_message())}", file=sys.stderr)  # type: ignore[attr-defined]
         return int(exc.exit_code)  # type: ignore[attr-defined]
     except (typer.Abort, KeyboardInterrupt):
         print("hvsim: interrupted", file=sys.stderr)

@@ -47,10 +47,16 @@ def debug_enabled() -> bool:
     return bool(root is not None and isinstance(root.obj, dict) and root.obj.get("debug"))
 
 
+def one_line(text: str) -> str:
+    """``text`` as one printable line: control characters (line breaks, terminal escapes) that came
+    with user input are shown escaped instead of acting on the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    """Print ``hvsim: error: MESSAGE`` on stderr; return the Exit to raise."""
+    """Print ``hvsim: error: MESSAGE`` (its first line) on stderr; return the Exit to raise."""
     first, _, rest = message.strip().partition("\n")
-    print(f"hvsim: error: {first}", file=sys.stderr)
+    print(f"hvsim: error: {one_line(first)}", file=sys.stderr)
     if rest and debug_enabled():
         print(rest, file=sys.stderr)
     return typer.Exit(code)

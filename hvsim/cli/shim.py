@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import typer
 
-from .common import cli_command, fail
+from .common import cli_command, fail, one_line
 
 shim_app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False,
                        help="NBD block-device shim (swap tracking + prefetch cache)")
@@ -34,12 +34,13 @@ def _control_client(control: Path) -> Any:
     """A client for the control socket at ``control`` (a refused operation, exit 1, if nothing is there)."""
     from ..drivers.shim.control import ShimControlClient
 
+    where = one_line(str(control))
     try:
         mode = control.stat().st_mode
-    except OSError as exc:
-        raise fail(f"no shim control socket at {control}: {exc.strerror}") from exc
+    except (OSError, ValueError) as exc:       # ValueError: a NUL in the path
+        raise fail(f"no shim control socket at {where}: {getattr(exc, 'strerror', None) or exc}") from exc
     if not stat.S_ISSOCK(mode):
-        raise fail(f"{control} is not a socket (expected a shim's --control socket)")
+        raise fail(f"{where} is not a socket (expected a shim's --control socket)")
     return ShimControlClient(control)
 
 

@@ -22,11 +22,17 @@ EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
 
+def _one_line(text: str) -> str:
+    """The first line of ``text``, printable: control characters from the input are shown escaped."""
+    first = text.strip().partition("\n")[0]
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in first)
+
+
 class _Parser(argparse.ArgumentParser):
     """An argparse parser whose usage errors are one line (``PROG: error: ...``), exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
 
 
 def build_parser(prog: str = "python -m hvsim.drivers.shim") -> argparse.ArgumentParser:
@@ -54,7 +60,10 @@ def build_parser(prog: str = "python -m hvsim.drivers.shim") -> argparse.Argumen
 
 def run_cli(argv: Sequence[str], prog: str = "python -m hvsim.drivers.shim") -> int:
     """Parse and validate ``argv``, then run the shim (see the module docstring for exit codes)."""
-    args = build_parser(prog).parse_args(list(argv))
+    try:
+        args = build_parser(prog).parse_args(list(argv))
+    except SystemExit as exc:           # --help (0) or a usage error (2), already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     where = f"{prog} {args.command}"
     try:
         cfg = ShimConfig(socket=args.socket, backing=args.backing, size=args.size, latency_ms=args.latency_ms,
@@ -62,11 +71,11 @@ def run_cli(argv: Sequence[str], prog: str = "python -m hvsim.drivers.shim") -> 
                          prefetch_concurrency=args.prefetch_concurrency).validate()
         return main(cfg, args.verbose)
     except ShimConfigError as exc:
-        print(f"{where}: error: {exc}", file=sys.stderr)
+        print(f"{where}: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except ShimError as exc:
         logging.getLogger(__name__).debug("shim failed", exc_info=True)
         if args.verbose:
             traceback.print_exc()
-        print(f"{where}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        print(f"{where}: error: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
