@@ -140,13 +140,23 @@ class _StreamState:
         return self.granted - self.received[0] - self.received[1]
 
 
+@dataclass(frozen=True)
+class _StreamChannel:
+    """What a stream needs from its agent (bound methods, so the stream touches no private state)."""
+    vm_name: str
+    start: Callable[[str, float | None, int], Awaitable[tuple[int, _StreamState]]]
+    grant: Callable[[int, _StreamState], Awaitable[None]]
+    wait: Callable[[Awaitable[Any], str, float | None], Awaitable[Any]]
+    release: Callable[[int, bool], Awaitable[None]]     # forget the command; kill it unless it finished
+
+
 class ExecStream:
     """A command whose output is streamed (see :meth:`GuestAgent.exec_stream`). Iterate it (``async
     for chunk in stream``) once; ``result`` holds the exit code and byte counts after the last chunk.
     Leaving ``async with`` (or closing, or abandoning the iteration) early kills the command."""
 
-    def __init__(self, agent: GuestAgent, command: str, timeout: float | None, window: int) -> None:
-        self.agent = agent
+    def __init__(self, channel: _StreamChannel, command: str, timeout: float | None, window: int) -> None:
+        self.channel = channel
         self.command = command
         self.timeout = timeout
         self.window = window
@@ -175,12 +185,12 @@ class ExecStream:
 
     async def _start(self) -> None:
         if self._rid is None:
-            self._rid, self._state = await self.agent._start_stream(self.command, self.timeout, self.window)
+            self._rid, self._state = await self.channel.start(self.command, self.timeout, self.window)
 
     async def _chunks(self) -> AsyncGenerator[Chunk, None]:
         await self._start()
         assert self._rid is not None and self._state is not None
-        st, agent = self._state, self.agent
+        st, ch = self._state, self.channel
         loop = asyncio.get_running_loop()
         deadline = None if not self.timeout else loop.time() + self.timeout
         try:
@@ -190,7 +200,7 @@ class ExecStream:
                     st.buffered -= len(chunk.data)
                     st.consumed_unacked += len(chunk.data)
                     if st.done is None and st.consumed_unacked >= max(1, st.window // 4):
-                        await agent._grant(self._rid, st)
+                        await ch.grant(self._rid, st)
                     yield chunk
                     continue
                 if st.error is not None:
@@ -204,12 +214,12 @@ class ExecStream:
                 st.changed.clear()
                 remaining = None if deadline is None else max(0.0, deadline - loop.time())
                 try:
-                    await agent._wait(st.changed.wait(), f"output of guest command {self.command!r}", remaining)
+                    await ch.wait(st.changed.wait(), f"output of guest command {self.command!r}", remaining)
                 except (AgentTimeoutError, QMPTimeoutError) as exc:
-                    raise AgentTimeoutError(f"{agent.vm_name}: guest command {self.command!r} timed out after "
+                    raise AgentTimeoutError(f"{ch.vm_name}: guest command {self.command!r} timed out after "
                                             f"{self.timeout}s") from exc
                 except QEMUExitedError as exc:
-                    raise AgentDisconnectedError(f"{agent.vm_name}: QEMU exited while running "
+                    raise AgentDisconnectedError(f"{ch.vm_name}: QEMU exited while running "
                                                  f"{self.command!r}") from exc
         finally:
             await self._release()
@@ -218,13 +228,11 @@ class ExecStream:
         rid, self._rid = self._rid, None
         if rid is None:
             return
-        self.agent._pending.pop(rid, None)
         st = self._state
         if st is not None and st.done is None and st.error is None:
-            st.error = AgentError(f"{self.agent.vm_name}: streamed command {self.command!r} was closed")
+            st.error = AgentError(f"{self.channel.vm_name}: streamed command {self.command!r} was closed")
             st.changed.set()
-        if not self._finished:
-            await self.agent._kill_quietly(rid)
+        await self.channel.release(rid, not self._finished)
 
     async def aclose(self) -> None:
         """Stop reading: kill the command if it has not finished (idempotent)."""
@@ -459,7 +467,8 @@ class GuestAgent:
         self._payload(command)
         if isinstance(window, bool) or not isinstance(window, int) or not MAX_CHUNK <= window <= MAX_WINDOW:
             raise AgentError(f"window must be {MAX_CHUNK}..{MAX_WINDOW} bytes, got {window!r}")
-        return ExecStream(self, command, timeout, window)
+        return ExecStream(_StreamChannel(self.vm_name, self._start_stream, self._grant, self._wait,
+                                         self._release_stream), command, timeout, window)
 
     async def _start_stream(self, command: str, timeout: float | None, window: int) -> tuple[int, _StreamState]:
         payload = self._payload(command)
@@ -472,6 +481,11 @@ class GuestAgent:
             self._pending.pop(rid, None)
             raise
         return rid, st
+
+    async def _release_stream(self, rid: int, kill: bool) -> None:
+        self._pending.pop(rid, None)
+        if kill:
+            await self._kill_quietly(rid)
 
     async def _grant(self, rid: int, st: _StreamState) -> None:
         n, st.consumed_unacked = st.consumed_unacked, 0

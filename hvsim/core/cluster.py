@@ -19,9 +19,7 @@ import asyncio
 import logging
 import os
 import shutil
-import signal
 import tempfile
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,67 +42,6 @@ log = logging.getLogger("hvsim.core.cluster")
 REPO = Path(__file__).resolve().parents[2]
 OWNER_FILE = "owner"
 T = TypeVar("T")
-
-
-def processes_using(directory: Path) -> list[int]:
-    """Live processes (not this one) whose command line, working directory or open files refer to
-    ``directory``: the helpers (QEMU, shims) of the run that owned it."""
-    base = str(Path(directory).resolve())
-    prefix = base + os.sep
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        pid = int(entry.name)
-        try:
-            if _proc_state(pid) == "Z":
-                continue
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-            links = [os.readlink(f"/proc/{pid}/cwd")]
-            fd_dir = f"/proc/{pid}/fd"
-            for fd in os.listdir(fd_dir):
-                with contextlib.suppress(OSError):
-                    links.append(os.readlink(f"{fd_dir}/{fd}"))
-        except OSError:
-            continue
-        if any(prefix in a or a == base for a in args) or any(t == base or t.startswith(prefix) for t in links):
-            found.append(pid)
-    return found
-
-
-def _proc_state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
-def _ppid(pid: int) -> int:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return -1
-
-
-def _terminate(pids: list[int], grace_s: float = 2.0) -> list[int]:
-    """SIGTERM, then SIGKILL after ``grace_s``, each pid (with its start time checked, so a recycled pid
-    is never hit); returns the pids that were signalled."""
-    starts = {pid: _proc_start_time(pid) for pid in pids}
-    hit = []
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        live = [p for p, st in starts.items() if st and _proc_start_time(p) == st and _proc_state(p) not in ("Z", "")]
-        if not live:
-            break
-        for pid in live:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-                if pid not in hit:
-                    hit.append(pid)
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(
-                _proc_start_time(p) == starts[p] and _proc_state(p) not in ("Z", "") for p in live):
-            time.sleep(0.05)
-    return hit
 
 
 @dataclass(frozen=True)
@@ -135,14 +72,14 @@ def reclaim_stale_run_dirs(base: Path | None = None) -> list[StaleRunDir]:
             continue
         if procfs.alive(pid, start):
             continue
-        using = processes_using(d)
-        orphans = [p for p in using if _ppid(p) == 1]          # reparented to init: the dead run's helpers
+        using = procfs.users(d)
+        orphans = [p for p in using if procfs.ppid(p) == 1]    # reparented to init: the dead run's helpers
         users = [p for p in using if p not in orphans]
         if users:                                              # someone else still uses it: not ours to pull
             log.warning("run dir %s of dead pid %d is still used by %s; left alone", d, pid, users)
             found.append(StaleRunDir(d, pid, removed=False, users=tuple(users)))
             continue
-        killed = _terminate(orphans)
+        killed = procfs.terminate(orphans)
         if killed:
             log.warning("run dir %s of dead pid %d: terminated leftover processes %s", d, pid, killed)
         shutil.rmtree(d, ignore_errors=True)
