@@ -102,6 +102,14 @@ def test_expected_error_is_one_line_with_its_exit_code(argv: list[str], code: in
     assert_one_line(got, err, code, *needles)
 
 
+def test_images_build_failure_is_one_line_exit_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`hvsim images` runs make (whose own messages come first); its failure is one line, exit 1."""
+    monkeypatch.setattr("hvsim.cli.core.REPO", Path(tempfile.gettempdir()))   # no images/ there
+    got, _, err = hvsim("images")
+    assert got == EXIT_FAILED and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "hvsim: error: building the guest images failed (make exited 2)"
+
+
 def test_debug_shows_the_traceback_of_an_expected_error() -> None:
     code, _, err = hvsim("--debug", "vm", "run", "--memory", "0")
     assert code == EXIT_BAD_INPUT
