@@ -6,6 +6,9 @@ it leaves, and how each piece is known to be its own:
 ===========  ==============================================  ======================================
 what         where                                           owner check
 ===========  ==============================================  ======================================
+power        cgroup v2 ``hvsim/<pid>.<start>.<host>``         the pid and start time in its name
+domains      (every process of an emulated host: powered     (:func:`hvsim.core.power.reclaim_stale`)
+             off, then removed)
 namespaces   ``hvs-*`` named in a record under               the record's pid and its start time
              ``/run/hvsim/network`` (their veths and tbf     (:class:`~hvsim.network.records.Record`)
              qdiscs go with them)
@@ -31,13 +34,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core import power
 from ..core.cluster import reclaim_stale_run_dirs
 from . import netns as nsutil
 from . import records
 
 log = logging.getLogger("hvsim.network.reclaim")
 
-KINDS = ("namespace", "process", "record", "run dir")
+KINDS = ("power domain", "namespace", "process", "record", "run dir")
 
 
 @dataclass(frozen=True)
@@ -141,10 +145,21 @@ def reclaim_run_dirs(base: Path | None = None) -> ReclaimReport:
     return report
 
 
+def reclaim_power_domains() -> ReclaimReport:
+    report = ReclaimReport()
+    for path in power.reclaim_stale():
+        owner = Path(path).name.split(".", 1)[0]
+        report.removed.append(Reclaimed("power domain", path, int(owner) if owner.isdigit() else None,
+                                        "powered off"))
+    return report
+
+
 async def reclaim_stale(prefix: str = "hvs-", net_run_dir: str | os.PathLike[str] | None = None,
                         run_dir_base: Path | None = None) -> ReclaimReport:
-    """Everything dead earlier runs left: network namespaces and records first (their processes go
-    with them), then run directories. See the module docstring."""
-    report = await reclaim_network(prefix, net_run_dir)
+    """Everything dead earlier runs left: host power domains first (every process of a dead owner's
+    hosts), then network namespaces and records (with the processes inside), then run directories.
+    See the module docstring."""
+    report = await asyncio.to_thread(reclaim_power_domains)
+    report.extend(await reclaim_network(prefix, net_run_dir))
     report.extend(await asyncio.to_thread(reclaim_run_dirs, run_dir_base))
     return report

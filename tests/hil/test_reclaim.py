@@ -203,3 +203,38 @@ def test_cleanup_table_says_what_it_removed(owners: list[Owner], env: dict[str, 
     again = subprocess.run([*HVSIM, "cleanup", "--json"], capture_output=True, text=True, cwd=REPO, timeout=120,
                            env=env)
     assert not {x["name"] for x in json.loads(again.stdout)["removed"]} & set(dead.info["namespaces"])
+
+
+POWER_OWNER = textwrap.dedent("""
+    import json, subprocess, time
+    from hvsim.core.power import PowerDomain
+    dom = PowerDomain.create("reclaim-h")
+    sleeper = subprocess.Popen(["sleep", "3600"], start_new_session=True)
+    (dom.path / "cgroup.procs").write_text(str(sleeper.pid))      # a process of this emulated host
+    print(json.dumps({"domain": str(dom.path), "pid": sleeper.pid}), flush=True)
+    time.sleep(3600)
+""")
+
+
+def test_power_domain_of_a_dead_owner_is_powered_off_and_removed(env: dict[str, str]) -> None:
+    from hvsim.core.power import PowerDomain
+
+    live = PowerDomain.create("reclaim-live")
+    child = subprocess.Popen([sys.executable, "-c", POWER_OWNER], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        info = json.loads(child.stdout.readline() if child.stdout else "{}")
+        child.kill()
+        child.wait(10)
+        assert Path(info["domain"]).exists() and not gone(info["pid"]), "a killed owner leaves its host running"
+        r = subprocess.run([*HVSIM, "cleanup", "--json"], capture_output=True, text=True, cwd=REPO, timeout=120,
+                           env=env)
+        assert r.returncode == 0, r.stderr
+        assert not Path(info["domain"]).exists() and gone(info["pid"])
+        mine = [x for x in json.loads(r.stdout)["removed"] if x["name"] == info["domain"]]
+        assert all(x["kind"] == "power domain" and x["owner_pid"] == child.pid for x in mine)
+        assert live.path.exists(), "a live owner's power domain must be untouched"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        live.remove()
