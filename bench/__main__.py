@@ -7,6 +7,7 @@ reported and the others still run, and the exit code is non-zero.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib
 import pkgutil
 import sys
@@ -20,6 +21,15 @@ def discover() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if not m.name.startswith("_"))
 
 
+def reclaim() -> None:
+    """Reclaim what dead earlier runs left (namespaces, records, run dirs, processes) before measuring."""
+    from hvsim.network.reclaim import reclaim_stale
+
+    report = asyncio.run(reclaim_stale())
+    if report.removed or report.failed:
+        print(f"[bench] reclaimed leftovers of dead runs: {report.summary()}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench")
     ap.add_argument("--quick", action="store_true", help="reduced matrix for a fast check")
@@ -31,6 +41,7 @@ def main() -> int:
             print(f"unknown benchmark {args.only!r}; known: {', '.join(names)}", file=sys.stderr)
             return 2
         names = [args.only]
+    reclaim()
     failed = []
     for name in names:
         print(f"=== bench {name} ({'quick' if args.quick else 'full'}) ===", flush=True)

@@ -1,9 +1,21 @@
-"""The `hvsim` command. Each module in ``_SUBCOMMAND_MODULES`` exposes ``register(app)``."""
+"""The `hvsim` command. Each module in ``_SUBCOMMAND_MODULES`` exposes ``register(app)``.
+
+Errors and exit codes: see :mod:`hvsim.cli.common` (and the README's CLI section). Usage errors
+(an unknown option, a value of the wrong type) are one line too, exit 2.
+"""
 from __future__ import annotations
 
 import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from typing import Any
 
 import typer
+
+from .common import (EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, ClickException, NoArgsIsHelpError,
+                     UsageError, one_line)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="hvsim: emulated hypervisor lab on real QEMU")
@@ -13,20 +25,58 @@ _SUBCOMMAND_MODULES = [
     "hvsim.cli.place",
     "hvsim.cli.shim",
     "hvsim.cli.migrate",
+    "hvsim.cli.cleanup",
 ]
+_loaded = False
 
 
 @app.callback()
 def _root(ctx: typer.Context,
           debug: bool = typer.Option(False, "--debug", help="print tracebacks and full error details")) -> None:
     ctx.obj = {"debug": debug}
+    # --debug logs everything; otherwise only hvsim's own errors (one line each), not those of the
+    # libraries under it (qemu.qmp logs a failed QEMU start that hvsim reports itself)
+    logging.basicConfig(level=logging.DEBUG if debug else logging.CRITICAL, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s" if debug
+                        else "hvsim: %(levelname)s: %(message)s")
+    logging.getLogger("hvsim").setLevel(logging.DEBUG if debug else logging.ERROR)
 
 
 def _load() -> None:
-    for mod in _SUBCOMMAND_MODULES:
-        importlib.import_module(mod).register(app)
+    global _loaded
+    if not _loaded:
+        for mod in _SUBCOMMAND_MODULES:
+            importlib.import_module(mod).register(app)
+        _loaded = True
+
+
+def _usage_line(exc: Any) -> str:
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "hvsim"
+    return f"hvsim: error: {one_line(exc.format_message())} (see '{where} --help')"
+
+
+def run(argv: Sequence[str], prog: str = "hvsim") -> int:
+    """Run the command line ``argv`` (without the program name); return the exit code."""
+    _load()
+    try:
+        rv = app(list(argv), prog_name=prog, standalone_mode=False)
+    except UsageError as exc:
+        if NoArgsIsHelpError is not None and isinstance(exc, NoArgsIsHelpError):   # `hvsim vm`: the help
+            exc.show()  # type: ignore[attr-defined]
+        else:
+            print(_usage_line(exc), file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ClickException as exc:
+        print(f"hvsim: error: {one_line(exc.format_message())}", file=sys.stderr)  # type: ignore[attr-defined]
+        return int(exc.exit_code)  # type: ignore[attr-defined]
+    except (typer.Abort, KeyboardInterrupt):
+        print("hvsim: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(rv, int) and not isinstance(rv, bool):
+        return rv
+    return EXIT_OK if rv is None else EXIT_FAILED
 
 
 def main() -> None:
-    _load()
-    app()
+    sys.exit(run(sys.argv[1:]))

@@ -15,15 +15,23 @@ Wrap every command function with :func:`cli_command`.
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import click
 import typer
 
 from hvbase.errors import HvsimError, InputError
+
+# The click that typer runs on: recent typer vendors its own copy (``typer._click``), older typer uses
+# the ``click`` package. Found through a public typer class, so either works.
+_click_exceptions: Any = importlib.import_module(typer.BadParameter.__module__)
+_click_globals: Any = importlib.import_module(typer.BadParameter.__module__.rsplit(".", 1)[0] + ".globals")
+UsageError: type[Exception] = _click_exceptions.UsageError
+ClickException: type[Exception] = _click_exceptions.ClickException
+NoArgsIsHelpError: type[Exception] | None = getattr(_click_exceptions, "NoArgsIsHelpError", None)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -34,15 +42,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def debug_enabled() -> bool:
-    ctx = click.get_current_context(silent=True)
+    ctx = _click_globals.get_current_context(silent=True)
     root = ctx.find_root() if ctx is not None else None
     return bool(root is not None and isinstance(root.obj, dict) and root.obj.get("debug"))
 
 
+def one_line(text: str) -> str:
+    """``text`` as one printable line: control characters (line breaks, terminal escapes) that came
+    with user input are shown escaped instead of acting on the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def fail(message: str, code: int = EXIT_FAILED) -> typer.Exit:
-    """Print ``hvsim: error: MESSAGE`` on stderr; return the Exit to raise."""
+    """Print ``hvsim: error: MESSAGE`` (its first line) on stderr; return the Exit to raise."""
     first, _, rest = message.strip().partition("\n")
-    print(f"hvsim: error: {first}", file=sys.stderr)
+    print(f"hvsim: error: {one_line(first)}", file=sys.stderr)
     if rest and debug_enabled():
         print(rest, file=sys.stderr)
     return typer.Exit(code)
@@ -60,7 +74,7 @@ def cli_command(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (typer.Exit, click.exceptions.Exit, click.UsageError):
+        except (typer.Exit, UsageError):
             raise
         except KeyboardInterrupt:
             print("hvsim: interrupted", file=sys.stderr)

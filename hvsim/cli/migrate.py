@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import typer
@@ -10,8 +11,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ..migration import Migration, MigrationError, MigrationResult, policy_names, start_migration
+from .common import cli_command
 
 MIB = 2**20
+MAX_RATE = 100_000.0    # MiB/s the guest's `dirty` is asked to write (0 = flat out)
 
 
 def _fmt(v: float | None, unit: str = "") -> str:
@@ -68,6 +71,7 @@ def decisions_table(r: MigrationResult) -> Table:
     return t
 
 
+@cli_command
 def migrate_cmd(policy: str = typer.Option("hvsim-predictive", "--policy", help="one of: " +
                                            ", ".join(policy_names())),
                 memory_mib: int = typer.Option(256, "--memory", help="guest memory in MiB"),
@@ -75,21 +79,37 @@ def migrate_cmd(policy: str = typer.Option("hvsim-predictive", "--policy", help=
                 rate: float = typer.Option(8.0, "--rate", help="dirty rate in MiB/s (0 = flat out)"),
                 link_mbit: float = typer.Option(200.0, "--link-mbit", help="underlay link bandwidth"),
                 timeout: float = typer.Option(120.0, "--timeout", help="migration timeout in seconds")) -> None:
-    """Boot a guest running `dirty` on host-a, live-migrate it to host-b over a shaped link."""
+    """Boot a guest running `dirty` on host-a, live-migrate it to host-b over a shaped link.
+
+    Exits 0 when the migration completed, 1 when it (or anything before it) failed, 2 for a bad option."""
+    from ..core.cluster import Cluster
+    from ..core.model import HostSpec, VMSpec
+    from ..network import Underlay
+    from .core import check_images, check_timeout, reclaim_leftovers
+
+    # every option is checked before anything is created
+    if policy not in policy_names():
+        raise typer.BadParameter(f"unknown policy {policy!r}; one of: {', '.join(policy_names())}",
+                                 param_hint="--policy")
+    spec = VMSpec("guest", memory_mib=memory_mib)
     if wss_mib <= 0 or wss_mib >= memory_mib:
-        raise typer.BadParameter(f"--wss must be within 1..{memory_mib - 1} MiB")
+        raise typer.BadParameter(f"must be within 1..{memory_mib - 1} MiB, got {wss_mib}", param_hint="--wss")
+    if not math.isfinite(rate) or not 0 <= rate <= MAX_RATE:
+        raise typer.BadParameter(f"must be a finite number of MiB/s in 0..{MAX_RATE:g}, got {rate!r}",
+                                 param_hint="--rate")
+    check_timeout(timeout)
+    underlay = Underlay(["host-a", "host-b"], mbit=link_mbit)     # TopologyError (exit 2) for a bad --link-mbit
+    check_images()
     console = Console()
 
     async def go() -> int:
-        from ..core.cluster import Cluster
-        from ..core.model import HostSpec, VMSpec
-        from ..network import Underlay
-        async with Underlay(["host-a", "host-b"], mbit=link_mbit) as ul:
+        await reclaim_leftovers(Console(stderr=True))
+        async with underlay as ul:
             async with Cluster("cli-mig") as cl:
                 for h in ("host-a", "host-b"):
                     cl.add_host(HostSpec(h, vcpus=2, memory_mib=max(1024, memory_mib + 256)),
                                 network=ul.host_network(h))
-                vm = await cl.define_vm(VMSpec("guest", memory_mib=memory_mib), "host-a")
+                vm = await cl.define_vm(spec, "host-a")
                 console.print(f"booting a {memory_mib} MiB guest on host-a (link {link_mbit:g} Mbit/s) ...")
                 await vm.start(wait_ready=True, ready_timeout=120)
                 await vm.exec(f"dirty {wss_mib} {rate:g} >/dev/null 2>&1 &", check=True)

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,14 +44,26 @@ OWNER_FILE = "owner"
 T = TypeVar("T")
 
 
-def remove_stale_run_dirs(base: Path | None = None) -> list[Path]:
-    """Remove run dirs of earlier hvsim processes that died without cleaning up (e.g. SIGKILL).
+@dataclass(frozen=True)
+class StaleRunDir:
+    """A run dir whose owner died without removing it, and what was done about it."""
+    path: Path
+    owner_pid: int
+    killed: tuple[int, ...] = ()       # orphaned helpers (that escaped PDEATHSIG) found using it
+    removed: bool = True
+    users: tuple[int, ...] = ()        # other live processes using it: the directory was left alone
 
-    Only directories we made (hvsim-* with an owner file) whose owner process is gone (or whose
-    pid was reused by another process) are removed; their QEMUs died with them (PDEATHSIG)."""
+
+def reclaim_stale_run_dirs(base: Path | None = None) -> list[StaleRunDir]:
+    """Reclaim run dirs of earlier hvsim processes that died without cleaning up (e.g. SIGKILL).
+
+    Only directories we made (hvsim-* with an owner file) whose owner process is gone (or whose pid
+    was reused by another process) are touched: orphaned helpers still using one (reparented to init;
+    their QEMUs normally died with the owner, PDEATHSIG) are terminated, then the directory is
+    removed. A directory another live process still uses, and a live owner's, are left alone."""
     base = base or Path(tempfile.gettempdir())
-    removed = []
-    for d in base.glob("hvsim-*"):
+    found = []
+    for d in sorted(base.glob("hvsim-*")):
         owner = d / OWNER_FILE
         try:
             pid_s, _, start = owner.read_text().strip().partition(" ")
@@ -59,9 +72,24 @@ def remove_stale_run_dirs(base: Path | None = None) -> list[Path]:
             continue
         if procfs.alive(pid, start):
             continue
+        using = procfs.users(d)
+        orphans = [p for p in using if procfs.ppid(p) == 1]    # reparented to init: the dead run's helpers
+        users = [p for p in using if p not in orphans]
+        if users:                                              # someone else still uses it: not ours to pull
+            log.warning("run dir %s of dead pid %d is still used by %s; left alone", d, pid, users)
+            found.append(StaleRunDir(d, pid, removed=False, users=tuple(users)))
+            continue
+        killed = procfs.terminate(orphans)
+        if killed:
+            log.warning("run dir %s of dead pid %d: terminated leftover processes %s", d, pid, killed)
         shutil.rmtree(d, ignore_errors=True)
-        removed.append(d)
-    return removed
+        found.append(StaleRunDir(d, pid, tuple(killed), removed=not d.exists()))
+    return found
+
+
+def remove_stale_run_dirs(base: Path | None = None) -> list[Path]:
+    """:func:`reclaim_stale_run_dirs`, returning the directories removed."""
+    return [s.path for s in reclaim_stale_run_dirs(base) if s.removed]
 
 
 def images_dir() -> Path:

@@ -3,7 +3,8 @@
 Before an Underlay creates anything it writes ``<run_dir>/<prefix><runid>.json`` naming
 every namespace it is about to create, with its pid and that process's start time. The
 record is removed once teardown has left nothing behind. A run that was killed leaves
-its record; :func:`cleanup_stale` removes the namespaces of records whose owner is dead.
+its record; :func:`cleanup_stale` (:mod:`hvsim.network.reclaim`) removes the namespaces of records
+whose owner is dead.
 """
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ from pathlib import Path
 
 import psutil
 
-from . import netns as nsutil
 
 log = logging.getLogger("hvsim.network")
 
@@ -82,26 +82,7 @@ def read_record(path: Path) -> Record | None:
 async def cleanup_stale(prefix: str = "hvs-", directory: str | os.PathLike[str] | None = None) -> list[str]:
     """Remove namespaces left by dead runs: only those named in a record under ``directory``
     whose names start with ``prefix`` and whose owning pid is no longer alive.
-    Returns the namespace names removed."""
-    d = run_dir(directory)
-    removed: list[str] = []
-    if not d.is_dir():
-        return removed
-    for path in sorted(d.glob(f"{prefix}*.json")):
-        rec = read_record(path)
-        if rec is None or rec.owner_alive():
-            continue
-        existing = set(nsutil.list_netns())
-        ours = [n for n in rec.namespaces if n.startswith(prefix) and n in existing]
-        for name in ours:
-            await nsutil.kill_netns_pids(name)
-        if ours:
-            await nsutil.ip(batch=[f"netns del {n}" for n in ours], force=True, check=False)
-        left = set(nsutil.list_netns()) & set(ours)
-        removed += [n for n in ours if n not in left]
-        if left:
-            log.error("stale underlay %s: could not remove %s", rec.runid, sorted(left))
-        else:
-            path.unlink(missing_ok=True)
-            log.info("removed stale underlay %s (pid %d): %s", rec.runid, rec.pid, ours)
-    return removed
+    Returns the namespace names removed (the whole report: :func:`hvsim.network.reclaim.reclaim_network`)."""
+    from .reclaim import reclaim_network
+    report = await reclaim_network(prefix, directory)
+    return [r.name for r in report.removed if r.kind == "namespace"]

@@ -95,6 +95,7 @@ class BackingStore:
         flags = (os.O_RDONLY if self.read_only else os.O_RDWR) | os.O_CLOEXEC
         if self._want_size is not None and not self.read_only:
             flags |= os.O_CREAT
+        existed = os.path.lexists(self.path)
         try:
             fd = os.open(self.path, flags, 0o600)
         except OSError as exc:
@@ -113,9 +114,14 @@ class BackingStore:
             if size > cur:
                 if self.read_only or not stat.S_ISREG(st.st_mode):
                     raise ShimConfigError(f"backing {self.path} has {cur} bytes, less than the requested {size}")
-                os.ftruncate(fd, size)
+                try:
+                    os.ftruncate(fd, size)
+                except (OSError, OverflowError) as exc:
+                    raise ShimConfigError(f"cannot make backing {self.path} {size} bytes: {exc}") from exc
         except BaseException:
             os.close(fd)
+            if not existed:  # refused: leave nothing behind
+                self.path.unlink(missing_ok=True)
             raise
         self._fd = fd
         self.size = size
