@@ -62,9 +62,9 @@ Better = Literal["lower", "higher"]
 # context
 
 
-def _run(argv: list[str], timeout: float = 10.0) -> str:
+def _run(argv: list[str], timeout: float = 10.0, strip: bool = True) -> str:
     out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=True)
-    return out.stdout.strip()
+    return out.stdout.strip() if strip else out.stdout
 
 
 def _probe(errors: dict[str, str], key: str, fn: Callable[[], Any]) -> Any:
@@ -80,9 +80,10 @@ def _git() -> dict[str, Any]:
     rev = _run(["git", "-C", str(REPO), "rev-parse", "HEAD"])
     branch = _run(["git", "-C", str(REPO), "rev-parse", "--abbrev-ref", "HEAD"])
     # the results this very run rewrites do not make the tree dirty
-    status = _run(["git", "-C", str(REPO), "status", "--porcelain", "--", ".", ":(exclude)bench/results"])
+    status = _run(["git", "-C", str(REPO), "status", "--porcelain", "--", ".", ":(exclude)bench/results"],
+                  strip=False).splitlines()
     return {"revision": rev, "branch": branch, "dirty": bool(status),
-            "dirty_files": [line[3:] for line in status.splitlines()][:50]}
+            "dirty_files": [line[3:] for line in status if line.strip()][:50]}
 
 
 def _cpu_model() -> str:

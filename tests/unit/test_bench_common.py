@@ -309,3 +309,24 @@ def test_labels() -> None:
     assert bc.label(("floor", "seq")) == "floor/seq"
     assert bc.label((128, 0.7, "stepwise")) == "128/0.7/stepwise"
     assert bc.label("boot") == "boot"
+
+
+def test_git_context_names_dirty_files_but_not_results(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "x.py").write_text("a\n")
+    (tmp_path / "bench" / "results" / "x.json").write_text("{}\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    monkeypatch.setattr(bc, "REPO", tmp_path)
+    g = bc._git()
+    assert len(g["revision"]) == 40 and g["dirty"] is False
+    (tmp_path / "bench" / "results" / "x.json").write_text('{"new": 1}\n')
+    assert bc._git()["dirty"] is False          # a benchmark rewriting its results is not a dirty tree
+    (tmp_path / "bench" / "x.py").write_text("b\n")
+    g = bc._git()
+    assert g["dirty"] is True and g["dirty_files"] == ["bench/x.py"]
