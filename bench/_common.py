@@ -388,8 +388,8 @@ class Stat:
 
     def fmt(self, scale: float = 1.0) -> str:
         """``median (min-max)``; ``median (n=1)`` for a single sample; ``, k missing`` when some ran dry."""
-        m, lo, hi = (fmt_num(x * scale) for x in (self.median, self.min, self.max))
-        s = f"{m} (n=1)" if self.n == 1 else f"{m} ({lo}-{hi})"
+        m = fmt_num(self.median * scale)
+        s = f"{m} (n=1)" if self.n == 1 else f"{m} ({fmt_range(self.min * scale, self.max * scale)})"
         return s + (f" [{self.missing} missing]" if self.missing else "")
 
     def to_json(self) -> dict[str, Any]:
@@ -428,7 +428,7 @@ class Comparison:
             return "-"
         if self.lo is None or self.hi is None:
             return fmt_num(self.ratio)
-        return f"{fmt_num(self.ratio)} ({fmt_num(self.lo)}-{fmt_num(self.hi)})"
+        return f"{fmt_num(self.ratio)} ({fmt_range(self.lo, self.hi)})"
 
     def to_json(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "lo": self.lo, "hi": self.hi, "verdict": self.verdict,
@@ -582,6 +582,12 @@ def print_context(ctx: Mapping[str, Any]) -> None:
 
 def fmt_num(v: float) -> str:
     return _fmt(float(v))
+
+
+def fmt_range(lo: float, hi: float) -> str:
+    """``lo-hi``, or ``lo..hi`` when a bound is negative."""
+    sep = ".." if lo < 0 or hi < 0 else "-"
+    return f"{fmt_num(lo)}{sep}{fmt_num(hi)}"
 
 
 def fmt_stat(samples: Stat | Iterable[float | None] | None, scale: float = 1.0) -> str:

@@ -176,6 +176,7 @@ def test_stat_format() -> None:
     assert bc.fmt_stat([None, 4.0, 5.0]) == "4.5 (4-5) [1 missing]"
     assert bc.fmt_stat([None]) == "-"
     assert bc.fmt_stat([999.5, 0.00123]) == "500 (0.00123-1000)"
+    assert bc.fmt_stat([-0.15, -0.07]) == "-0.11 (-0.15..-0.07)"
     assert bc.fmt_stat([1.0, 2.0], scale=1000) == "1500 (1000-2000)"
 
 
