@@ -505,7 +505,10 @@ def merge_value(values: list[Any]) -> Any:
     if not have:
         return None
     if all(_is_num(v) for v in have):
-        return statistics.median(have)
+        m = statistics.median(have)
+        if all(isinstance(v, int) for v in have) and float(m).is_integer():
+            return int(m)   # counts stay integers where the median is one
+        return m
     if all(isinstance(v, bool) for v in have):
         return all(have)
     if all(isinstance(v, dict) for v in have):

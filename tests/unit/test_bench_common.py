@@ -266,6 +266,10 @@ def test_merge_categorical_nested_and_reduce() -> None:
     assert m["outcome"] == "mixed: completed x2, timeout x1"
     assert m["gaps"] == {"a": 0.2, "a_samples": [0.1, 0.3, 0.2]}
     assert m["viol"] == 2 and m["viol_samples"] == [0, 2, 0]
+    counts = merge_samples([{"n": 2}, {"n": 4}, {"n": 3}, {"n": 5}])
+    assert counts["n"] == 3.5
+    counts = merge_samples([{"n": 2}, {"n": 2}])
+    assert counts["n"] == 2 and isinstance(counts["n"], int)
     same = merge_samples([{"outcome": "completed"}, {"outcome": "completed"}])
     assert same["outcome"] == "completed"
 
