@@ -96,6 +96,7 @@ def _random_file(path: Path, size: int) -> None:
 async def serve(server: str, work: Path, img: Path) -> AsyncIterator[Path]:
     """One NBD server on a unix socket, warmed up (page cache, code paths), stopped on exit."""
     sock = work / f"{server}.sock"
+    sock.unlink(missing_ok=True)   # the previous round's server left it (nbdkit refuses to bind over it)
     shim: ShimProcess | None = None
     proc: asyncio.subprocess.Process | None = None
     try:
