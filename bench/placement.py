@@ -193,8 +193,10 @@ def _vs_greedy(rows: list[dict[str, Any]], r: dict[str, Any]) -> tuple[str, str]
     if r["solver"] != "cpsat" or g is None:
         return "", ""
     cmp = compare(r["preferred_penalty_samples"], g["preferred_penalty_samples"])
-    if cmp.b is None:
-        return "greedy failed", "win" if cmp.a is not None else ""
+    if cmp.a is None:
+        return "", ""
+    if cmp.b is None:   # placed where greedy placed nothing, in every round greedy ran
+        return "greedy failed", "win"
     return cmp.fmt(), {WIN: "win", LOSS: "loss"}.get(cmp.verdict, cmp.verdict)
 
 
