@@ -4,141 +4,250 @@ Matrix: working set (small 16 MiB = 6 % of the 256 MiB guest, large 128 MiB = 50
 relative to the link's goodput (rho 0.3, 0.7, 1.2), over a 200 Mbit/s tbf-shaped link between
 two host namespaces. Quick mode: the two large-working-set cells (rho 0.7 and 1.2) only.
 
-Per cell one guest is booted and runs ``dirty WSS RATE`` until its working set has been written
-once; then each policy migrates it in turn (h0 -> h1 -> h0 -> h1), so every policy sees the same
-guest and the same memory. Every run is bounded by a timeout (QEMU's default never finishes a
-guest that dirties faster than the link).
+Every (cell, policy) runs ``repeats`` times (full 3, quick 2), interleaved (bench/_common.py): in
+each round the cells come in a shuffled order; per cell one guest is booted and runs ``dirty WSS
+RATE`` until its working set has been written once, then each policy migrates it in turn, in an
+order shuffled per round (so no policy always goes first), alternating direction (h0 -> h1 ->
+h0 ...). Every run is bounded by a timeout (QEMU's default never finishes a guest that dirties
+faster than the link).
 
 ``stepwise`` runs Nova's algorithm with its schedule scaled to this small guest and slow link:
 downtime 500 ms in 10 steps (Nova's defaults), 10 s/GiB step delay and 100 s/GiB completion
 timeout (Nova: 75 and 800) with no 2 GB floor, i.e. a step every 2 s and a 25 s completion
 timeout, then force-complete with postcopy permitted (Nova's default action is abort).
 
-Writes bench/results/migration.json (the issue's keys) and migration_details.json (every
-policy decision with its inputs).
+Writes bench/results/migration.json (the issue's keys: "cells" holds one row per (cell, policy),
+numbers the median of its runs, every run beside as ``KEY_samples``, ``outcome`` the common
+outcome or ``"mixed: ..."``; plus "vs_qemu_default" and "targets" with ranges and verdicts) and
+migration_details.json (every policy decision with its inputs, per run and round).
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
 from typing import Any
 
-from bench._common import RESULTS, print_table, write_result
+from bench._common import (
+    MET,
+    MISSED,
+    Comparison,
+    Samples,
+    Stat,
+    compare,
+    context,
+    fmt_stat,
+    meets,
+    merge_samples,
+    plan,
+    print_context,
+    print_table,
+    repeats,
+    run_grouped,
+    write_result,
+)
 
 LINK_MBIT = 200
 GUEST_MIB = 256
 GOODPUT_MIB_S = LINK_MBIT * 1e6 / 8 * 0.956 / 2**20   # TCP goodput of a tbf link (docs/network.md)
 POLICIES = ["qemu-default", "stepwise", "hvsim-predictive"]
+BASELINE = "qemu-default"
 STEPWISE = {"downtime_ms": 500, "steps": 10, "downtime_delay_s": 10, "completion_timeout_s": 100,
             "data_gb_floor": 0, "timeout_action": "force_complete", "permit_post_copy": True}
 TIMEOUT_S = {"qemu-default": 40.0, "stepwise": 60.0, "hvsim-predictive": 60.0}
 FULL_CELLS = [(wss, rho) for wss in (16, 128) for rho in (0.3, 0.7, 1.2)]
 QUICK_CELLS = [(128, 0.7), (128, 1.2)]
+IDENT = ("wss_mib", "dirty_mib_s", "rho", "policy")
+Config = tuple[int, float, str]          # (wss MiB, rho, policy)
+Run = tuple[dict[str, Any], dict[str, Any]]   # (row for migration.json, details)
 
 
-async def run_cell(cl: Any, idx: int, wss: int, rho: float, details: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _rate(rho: float) -> float:
+    return round(rho * GOODPUT_MIB_S, 1)
+
+
+async def migrate_once(vm: Any, wss: int, rho: float, policy: str, rnd: int) -> Run:
     from hvsim.migration import MigrationError, start_migration
-    from hvsim.core.model import VMSpec
 
-    rate = round(rho * GOODPUT_MIB_S, 1)
-    vm = await cl.define_vm(VMSpec(f"cell{idx}", memory_mib=GUEST_MIB), "h0")
-    await vm.start(wait_ready=True, ready_timeout=120)
-    await vm.exec(f"dirty {wss} {rate} >/dev/null 2>&1 &", check=True)
-    await asyncio.sleep(wss / rate + 1.5)       # the whole working set written once
-    rows = []
-    for policy in POLICIES:
-        dest = "h1" if vm.host.name == "h0" else "h0"
-        params = STEPWISE if policy == "stepwise" else {}
-        m = start_migration(vm, dest, policy=policy, timeout=TIMEOUT_S[policy], policy_params=params)
-        try:
-            await m.wait()
-        except MigrationError as exc:
-            print(f"    {policy}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
-        r = m.result
-        assert r is not None
-        console = vm.console_tail(400)
-        guest_bug = any(w in console for w in ("BUG", "Oops", "not a head"))
-        if guest_bug:
-            print(f"    !! guest console shows a kernel BUG after {policy}", flush=True)
-        print(f"  wss {wss} MiB rho {rho}: {r.summary()}", flush=True)
-        rows.append({"wss_mib": wss, "dirty_mib_s": rate, "rho": rho, "policy": policy,
-                     "outcome": r.outcome, "total_s": r.total_s, "downtime_ms_qemu": r.downtime_ms_qemu,
-                     "downtime_ms_guest": r.downtime_ms_guest, "bytes": r.bytes, "touched_bytes": r.touched_bytes,
-                     "passes": r.passes, "predicted_downtime_ms": r.predicted_downtime_ms})
-        details.append({"wss_mib": wss, "rho": rho, "policy": policy, "postcopy": r.postcopy,
-                        "guest_kernel_bug_after": guest_bug,
-                        "setup_s": r.setup_s, "heartbeat_lost": r.heartbeat_lost, "params": r.policy_params,
-                        "decisions": [d.__dict__ for d in r.decisions]})
-        await asyncio.sleep(2.0)
-    await vm.destroy()
-    return rows
+    src = vm.host.name
+    dest = "h1" if src == "h0" else "h0"
+    params = STEPWISE if policy == "stepwise" else {}
+    m = start_migration(vm, dest, policy=policy, timeout=TIMEOUT_S[policy], policy_params=params)
+    try:
+        await m.wait()
+    except MigrationError as exc:
+        print(f"    {policy}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    r = m.result
+    assert r is not None
+    console = vm.console_tail(400)
+    guest_bug = any(w in console for w in ("BUG", "Oops", "not a head"))
+    if guest_bug:
+        print(f"    !! guest console shows a kernel BUG after {policy}", flush=True)
+    print(f"  wss {wss} MiB rho {rho}: {r.summary()}", flush=True)
+    row = {"wss_mib": wss, "dirty_mib_s": _rate(rho), "rho": rho, "policy": policy,
+           "outcome": r.outcome, "total_s": r.total_s, "downtime_ms_qemu": r.downtime_ms_qemu,
+           "downtime_ms_guest": r.downtime_ms_guest, "bytes": r.bytes, "touched_bytes": r.touched_bytes,
+           "passes": r.passes, "predicted_downtime_ms": r.predicted_downtime_ms}
+    details = {"wss_mib": wss, "rho": rho, "policy": policy, "round": rnd, "from": src, "to": dest,
+               "postcopy": r.postcopy, "guest_kernel_bug_after": guest_bug,
+               "setup_s": r.setup_s, "heartbeat_lost": r.heartbeat_lost, "params": r.policy_params,
+               "decisions": [d.__dict__ for d in r.decisions]}
+    await asyncio.sleep(2.0)
+    return row, details
 
 
-def check_targets(cells: list[dict[str, Any]]) -> list[list[Any]]:
-    """The issue's targets for hvsim-predictive, checked on this run."""
-    out = []
-    ram_over_bw = GUEST_MIB / GOODPUT_MIB_S
-    for c in cells:
-        if c["policy"] != "hvsim-predictive":
-            continue
-        base = next((b for b in cells if b["policy"] == "qemu-default" and b["wss_mib"] == c["wss_mib"]
-                     and b["rho"] == c["rho"]), None)
-        ratio = c["bytes"] / c["touched_bytes"] if c["touched_bytes"] else None
-        g, p = c["downtime_ms_guest"], c["predicted_downtime_ms"]
-        pred_err = (p - g) / g if (g and p) else None
-        checks = {"completes": c["outcome"] == "completed"}
-        if abs(c["rho"] - 0.7) < 0.05:
-            checks["guest_dt<=300"] = g is not None and g <= 300
-            checks["bytes<=1.5x"] = ratio is not None and ratio <= 1.5
-            if base and c["total_s"]:
-                checks["time>=40%<qemu"] = c["total_s"] <= 0.6 * base["total_s"]   # qemu's is a lower bound if it timed out
-        if c["rho"] >= 1.2:
-            checks["bytes<=2x"] = ratio is not None and ratio <= 2.0
-            checks["time<=2.5xRAM/bw"] = c["total_s"] is not None and c["total_s"] <= 2.5 * ram_over_bw
-        checks["pred+-20%"] = pred_err is not None and abs(pred_err) <= 0.2
-        out.append([c["wss_mib"], c["rho"], round(ratio, 2) if ratio else None,
-                    f"{pred_err:+.0%}" if pred_err is not None else "-",
-                    " ".join(f"{k}:{'ok' if v else 'MISS'}" for k, v in checks.items())])
+def _sent_over_touched(rows: list[dict[str, Any]]) -> list[float | None]:
+    return [r["bytes"] / r["touched_bytes"] if r.get("touched_bytes") else None for r in rows]
+
+
+def _pred_err(rows: list[dict[str, Any]]) -> list[float | None]:
+    out: list[float | None] = []
+    for r in rows:
+        g, p = r["downtime_ms_guest"], r["predicted_downtime_ms"]
+        out.append((p - g) / g if (g and p) else None)
     return out
 
 
-async def run(quick: bool) -> dict[str, Any]:
+def _switchover_dt(rows: list[dict[str, Any]]) -> list[float | None]:
+    """Guest downtime of the runs that switched over (a cancelled run's heartbeat gap is no downtime)."""
+    return [r["downtime_ms_guest"] if r["outcome"] == "completed" else None for r in rows]
+
+
+def _completes(rows: list[dict[str, Any]]) -> str:
+    k = sum(1 for r in rows if r["outcome"] == "completed")
+    return MET if k == len(rows) else f"{MISSED} ({k}/{len(rows)})"
+
+
+def vs_baseline(runs: dict[Config, list[dict[str, Any]]]) -> list[tuple[dict[str, Any], Comparison, Comparison]]:
+    """Each policy against qemu-default on its cell: total time and guest downtime (lower wins)."""
+    out = []
+    for (wss, rho, policy), rows in runs.items():
+        base = runs.get((wss, rho, BASELINE))
+        if policy == BASELINE or base is None:
+            continue
+        t = compare([r["total_s"] for r in rows], [b["total_s"] for b in base])
+        d = compare(_switchover_dt(rows), _switchover_dt(base))
+        done = sum(1 for b in base if b["outcome"] == "completed")
+        note = "" if done == len(base) else \
+            f"{BASELINE} completed {done}/{len(base)}: its total is a lower bound, dt only from completed runs"
+        out.append(({"wss_mib": wss, "rho": rho, "policy": policy, "note": note}, t, d))
+    return out
+
+
+Target = tuple[dict[str, Any], Stat | None, Stat | None]   # (cell + checks, sent/touched, prediction error)
+
+
+def check_targets(runs: dict[Config, list[dict[str, Any]]]) -> list[Target]:
+    """The issue's targets for hvsim-predictive, checked on this run's ranges ("met" only when every
+    run meets it, "missed" when none does, "within noise" in between)."""
+    out: list[Target] = []
+    ram_over_bw = GUEST_MIB / GOODPUT_MIB_S
+    for (wss, rho, policy), rows in runs.items():
+        if policy != "hvsim-predictive":
+            continue
+        base = runs.get((wss, rho, BASELINE))
+        ratio, err = Stat.of(_sent_over_touched(rows)), Stat.of(_pred_err(rows))
+        total = Stat.of([r["total_s"] for r in rows])
+        checks = {"completes": _completes(rows)}
+        if abs(rho - 0.7) < 0.05:
+            checks["guest_dt<=300"] = meets(Stat.of(_switchover_dt(rows)), at_most=300)
+            checks["bytes<=1.5x"] = meets(ratio, at_most=1.5)
+            if base:   # qemu's time is a lower bound where it timed out
+                checks["time>=40%<qemu"] = meets(compare([r["total_s"] for r in rows],
+                                                         [b["total_s"] for b in base]), at_most=0.6)
+        if rho >= 1.2:
+            checks["bytes<=2x"] = meets(ratio, at_most=2.0)
+            checks["time<=2.5xRAM/bw"] = meets(total, at_most=2.5 * ram_over_bw)
+        checks["pred+-20%"] = meets(err, at_least=-0.2, at_most=0.2)
+        out.append(({"wss_mib": wss, "rho": rho, "checks": checks}, ratio, err))
+    return out
+
+
+async def run(quick: bool) -> Samples[Config, Run]:
     from hvsim.core.cluster import Cluster
-    from hvsim.core.model import HostSpec
+    from hvsim.core.model import HostSpec, VMSpec
     from hvsim.network import Underlay
 
     cells_spec = QUICK_CELLS if quick else FULL_CELLS
-    cells: list[dict[str, Any]] = []
-    details: list[dict[str, Any]] = []
+    configs: list[Config] = [(wss, rho, p) for wss, rho in cells_spec for p in POLICIES]
+    sched = plan(configs, repeats(quick), group=lambda c: (c[0], c[1]))
     await Underlay.cleanup_stale("hvs-")
     async with Underlay(["h0", "h1"], mbit=LINK_MBIT) as ul:
         async with Cluster("bench-mig") as cl:
             for h in ("h0", "h1"):
                 cl.add_host(HostSpec(h, vcpus=4, memory_mib=2048), network=ul.host_network(h))
-            for i, (wss, rho) in enumerate(cells_spec):
+
+            @asynccontextmanager
+            async def guest(cell: Hashable, rnd: int) -> AsyncIterator[Any]:
+                assert isinstance(cell, tuple)
+                wss, rho = cell
+                rate = _rate(rho)
                 t0 = time.monotonic()
-                cells += await run_cell(cl, i, wss, rho, details)
-                print(f"  cell wss={wss} rho={rho}: {time.monotonic() - t0:.0f}s", flush=True)
-    (RESULTS / "migration_details.json").write_text(json.dumps(
-        {"stepwise_params": STEPWISE, "timeouts_s": TIMEOUT_S, "runs": details}, indent=1, default=str) + "\n")
-    return {"link_mbit": LINK_MBIT, "guest_mib": GUEST_MIB, "cells": cells}
+                vm = await cl.define_vm(VMSpec(f"c{cells_spec.index((wss, rho))}r{rnd}", memory_mib=GUEST_MIB), "h0")
+                await vm.start(wait_ready=True, ready_timeout=120)
+                try:
+                    await vm.exec(f"dirty {wss} {rate} >/dev/null 2>&1 &", check=True)
+                    await asyncio.sleep(wss / rate + 1.5)       # the whole working set written once
+                    yield vm
+                finally:
+                    await vm.destroy()
+                    print(f"  cell wss={wss} rho={rho} round {rnd + 1}: {time.monotonic() - t0:.0f}s", flush=True)
+
+            async def one(cfg: Config, rnd: int, vm: Any) -> Run:
+                return await migrate_once(vm, cfg[0], cfg[1], cfg[2], rnd)
+
+            samples = await run_grouped(sched, guest, one)
+    return samples
+
+
+def _print(by: dict[Config, list[dict[str, Any]]], vs: list[tuple[dict[str, Any], Comparison, Comparison]],
+           targets: list[Target]) -> None:
+    rows = []
+    for (wss, rho, policy), rs in by.items():
+        m = merge_samples(rs, ident=IDENT)
+
+        def col(k: str, scale: float = 1.0, rs: list[dict[str, Any]] = rs) -> str:
+            return fmt_stat([r[k] for r in rs], scale)
+        rows.append([wss, rho, m["dirty_mib_s"], policy, m["outcome"], col("total_s"), col("downtime_ms_qemu"),
+                     col("downtime_ms_guest"), col("predicted_downtime_ms"), col("bytes", 2**-20),
+                     col("touched_bytes", 2**-20), col("passes")])
+    print_table(["wss MiB", "rho", "MiB/s", "policy", "outcome", "total s", "dt qemu ms", "dt guest ms",
+                 "predicted ms", "sent MiB", "touched MiB", "passes"], rows)
+    print(f"\nagainst {BASELINE} on the same cell: ratio of medians (range); verdict 'win' = the policy is lower")
+    print_table(["wss MiB", "rho", "policy", "total s ratio", "verdict", "guest dt ratio", "verdict", "note"],
+                [[m["wss_mib"], m["rho"], m["policy"], t.fmt(), t.verdict, d.fmt(), d.verdict, m["note"]]
+                 for m, t, d in vs])
+    print()
+    print_table(["wss MiB", "rho", "bytes/touched", "pred err", "hvsim-predictive vs targets"],
+                [[t["wss_mib"], t["rho"], fmt_stat(ratio), fmt_stat(err),
+                  " ".join(f"{k}:{v}" for k, v in t["checks"].items())] for t, ratio, err in targets])
 
 
 def main(quick: bool) -> None:
     logging.basicConfig(level=logging.WARNING)
-    data = asyncio.run(run(quick))
-    write_result("migration", data)
-    rows = []
-    for c in data["cells"]:
-        def d(v: Any) -> Any:
-            return "-" if v is None else v
-        rows.append([c["wss_mib"], c["rho"], c["dirty_mib_s"], c["policy"], c["outcome"], c["total_s"],
-                     d(c["downtime_ms_qemu"]), d(c["downtime_ms_guest"]), d(c["predicted_downtime_ms"]),
-                     round(c["bytes"] / 2**20, 1), round(c["touched_bytes"] / 2**20, 1), c["passes"]])
-    print_table(["wss MiB", "rho", "MiB/s", "policy", "outcome", "total s", "dt qemu ms", "dt guest ms",
-                 "predicted ms", "sent MiB", "touched MiB", "passes"], rows)
-    print()
-    print_table(["wss MiB", "rho", "bytes/touched", "pred err", "hvsim-predictive vs targets"],
-                check_targets(data["cells"]))
+    ctx = context(quick)
+    print_context(ctx)
+    report(ctx, asyncio.run(run(quick)))
+
+
+def report(ctx: dict[str, Any], samples: Samples[Config, Run]) -> None:
+    """Write both result files, then print the tables."""
+    by = {c: [row for row, _ in v] for c, v in samples.by_config().items()}
+    vs, targets = vs_baseline(by), check_targets(by)
+    data = {"link_mbit": LINK_MBIT, "guest_mib": GUEST_MIB,
+            "cells": [merge_samples(rows, ident=IDENT) for rows in by.values()],
+            "vs_qemu_default": [{**meta, "total_s": t.to_json(), "downtime_ms_guest": d.to_json()}
+                                for meta, t, d in vs],
+            "targets": [{**meta, "sent_over_touched": _js(ratio), "pred_err": _js(err)}
+                        for meta, ratio, err in targets]}
+    details = {"stepwise_params": STEPWISE, "timeouts_s": TIMEOUT_S,
+               "runs": [t.value[1] for t in samples.trials]}
+    write_result("migration", data, ctx, samples)
+    write_result("migration_details", details, ctx, samples)
+    _print(by, vs, targets)
+
+
+def _js(s: Stat | None) -> dict[str, Any] | None:
+    return None if s is None else s.to_json()

@@ -1,9 +1,16 @@
 """NBD server comparison: `qemu-img bench` 4 KiB reads at queue depth 1 and 64 on one file served by
 the hvsim shim (no emulated latency), qemu-nbd and nbdkit's file plugin.
 
-Writes bench/results/nbd_shim.json: {"runs": [{"server", "depth", "iops", "samples"}], "ratios": ...}.
-Target: shim IOPS >= 50% of qemu-nbd's at both depths. Each configuration runs `repeats` times
-and reports the median; the raw samples are kept.
+Every (server, depth) runs ``repeats`` times (full 3, quick 2), interleaved (bench/_common.py): each
+round starts the servers in a shuffled order, each one afresh and warmed up, and runs its depths
+in a shuffled order.
+
+Writes bench/results/nbd_shim.json: {"runs": [{"server", "depth", "iops" (median), "samples" (=
+"iops_samples", every round), "requests"}], "ratios" (shim/peer, ratio of medians per depth),
+"comparisons" (the same with their range and verdict), "target_shim_ge_half_qemu_nbd" (on the
+medians), "target_verdict" ("met" when the whole ratio range is >= 0.5, "missed" when none of it is,
+"within noise" otherwise), "context", "schedule"}. Target: shim IOPS >= 50% of qemu-nbd's at both
+depths.
 """
 from __future__ import annotations
 
@@ -13,16 +20,33 @@ import re
 import shutil
 import statistics
 import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from bench._common import print_table, write_result
+from bench._common import (
+    Samples,
+    compare,
+    context,
+    fmt_stat,
+    meets,
+    plan,
+    print_context,
+    print_table,
+    repeats,
+    run_grouped,
+    write_result,
+)
 from hvsim.core.aio import stop_process
 from hvsim.drivers.shim.process import ShimProcess
 
 NAME = "nbd_shim"
 EXPORT = "bench"
 _RUN_RE = re.compile(r"Run completed in ([0-9.]+) seconds")
+SERVERS = ("shim", "qemu-nbd", "nbdkit")
+DEPTHS = (1, 64)
+Config = tuple[str, int]   # (server, queue depth)
 
 
 async def _wait_socket(path: Path, proc: asyncio.subprocess.Process, timeout: float = 15.0) -> None:
@@ -62,56 +86,87 @@ async def _external(argv: list[str], sock: Path) -> asyncio.subprocess.Process:
 
 
 
-async def _run(quick: bool) -> dict[str, Any]:
+def _random_file(path: Path, size: int) -> None:
+    with open(path, "wb") as f:
+        for _ in range(size // (1 << 20)):
+            f.write(os.urandom(1 << 20))
+
+
+@asynccontextmanager
+async def serve(server: str, work: Path, img: Path) -> AsyncIterator[Path]:
+    """One NBD server on a unix socket, warmed up (page cache, code paths), stopped on exit."""
+    sock = work / f"{server}.sock"
+    sock.unlink(missing_ok=True)   # the previous round's server left it (nbdkit refuses to bind over it)
+    shim: ShimProcess | None = None
+    proc: asyncio.subprocess.Process | None = None
+    try:
+        if server == "shim":
+            shim = ShimProcess(sock, img, export_name=EXPORT, log_path=work / "shim.log")
+            await shim.start()
+        elif server == "qemu-nbd":
+            proc = await _external(["qemu-nbd", "-f", "raw", "-k", str(sock), "-x", EXPORT, "-t", str(img)], sock)
+        else:
+            proc = await _external(["nbdkit", "-f", "-U", str(sock), "file", f"file={img}"], sock)
+        await _qemu_img_bench(sock, 64, 2000)
+        yield sock
+    finally:
+        if shim is not None:
+            await shim.stop()
+        if proc is not None:
+            await stop_process(proc)
+
+
+async def _run(quick: bool) -> tuple[dict[str, Any], Samples[Config, float]]:
     size = (32 if quick else 64) * 1024 * 1024
     counts = {1: 5000 if quick else 20000, 64: 30000 if quick else 100000}
-    repeats = 1 if quick else 3
+    n = repeats(quick)
+    configs: list[Config] = [(server, depth) for server in SERVERS for depth in DEPTHS]
+    # per round: the servers in a shuffled order, each started afresh, its depths shuffled too
+    sched = plan(configs, n, group=lambda c: c[0])
     work = Path(tempfile.mkdtemp(prefix="hvsb-", dir="/tmp"))
     os.chmod(work, 0o700)
     img = work / "disk.img"
-    with open(img, "wb") as f:
-        for _ in range(size // (1 << 20)):
-            f.write(os.urandom(1 << 20))
-    runs: list[dict[str, Any]] = []
     try:
-        for server in ("shim", "qemu-nbd", "nbdkit"):
-            sock = work / f"{server}.sock"
-            shim: ShimProcess | None = None
-            proc: asyncio.subprocess.Process | None = None
-            if server == "shim":
-                shim = ShimProcess(sock, img, export_name=EXPORT, log_path=work / "shim.log")
-                await shim.start()
-            elif server == "qemu-nbd":
-                proc = await _external(["qemu-nbd", "-f", "raw", "-k", str(sock), "-x", EXPORT, "-t", str(img)], sock)
-            else:
-                proc = await _external(["nbdkit", "-f", "-U", str(sock), "file", f"file={img}"], sock)
-            try:
-                await _qemu_img_bench(sock, 64, 2000)  # warm-up: page cache, code paths
-                for depth in (1, 64):
-                    samples = [await _qemu_img_bench(sock, depth, counts[depth]) for _ in range(repeats)]
-                    runs.append({"server": server, "depth": depth, "iops": statistics.median(samples),
-                                 "samples": samples, "requests": counts[depth]})
-            finally:
-                if shim is not None:
-                    await shim.stop()
-                if proc is not None:
-                    await stop_process(proc)
+        _random_file(img, size)
+
+        async def one(cfg: Config, _rnd: int, sock: Path) -> float:
+            iops = await _qemu_img_bench(sock, cfg[1], counts[cfg[1]])
+            print(f"  {cfg[0]:8s} depth {cfg[1]:2d}: {iops:8.0f} IOPS", flush=True)
+            return iops
+
+        samples = await run_grouped(sched, lambda server, _rnd: serve(str(server), work, img), one)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    iops = {(r["server"], r["depth"]): r["iops"] for r in runs}
-    ratios = {f"shim/{peer}": {str(d): iops[("shim", d)] / iops[(peer, d)] for d in (1, 64)}
-              for peer in ("qemu-nbd", "nbdkit")}
-    target = {str(d): ratios["shim/qemu-nbd"][str(d)] >= 0.5 for d in (1, 64)}
-    return {"block_size": 4096, "file_bytes": size, "repeats": repeats, "quick": quick, "runs": runs,
-            "ratios": ratios, "target_shim_ge_half_qemu_nbd": target, "cpus": os.cpu_count()}
+    runs = []
+    for server, depth in configs:
+        s = samples.of((server, depth))
+        runs.append({"server": server, "depth": depth, "iops": statistics.median(s), "iops_samples": s,
+                     "samples": s, "requests": counts[depth]})
+    iops = {(server, depth): samples.of((server, depth)) for server, depth in configs}
+    cmps = {f"shim/{peer}": {str(d): compare(iops[("shim", d)], iops[(peer, d)], better="higher") for d in DEPTHS}
+            for peer in ("qemu-nbd", "nbdkit")}
+    ratios = {k: {d: c.ratio for d, c in v.items()} for k, v in cmps.items()}
+    target = {d: meets(c, at_least=0.5) for d, c in cmps["shim/qemu-nbd"].items()}
+    return {"block_size": 4096, "file_bytes": size, "repeats": n, "quick": quick, "runs": runs,
+            "ratios": ratios, "comparisons": {k: {d: c.to_json() for d, c in v.items()} for k, v in cmps.items()},
+            "target_shim_ge_half_qemu_nbd": {d: (r or 0.0) >= 0.5 for d, r in ratios["shim/qemu-nbd"].items()},
+            "target_verdict": target, "cpus": os.cpu_count()}, samples
 
 
 def main(quick: bool) -> None:
-    result = asyncio.run(_run(quick))
-    write_result(NAME, result)
+    ctx = context(quick)
+    print_context(ctx)
+    result, samples = asyncio.run(_run(quick))
+    write_result(NAME, result, ctx, samples)
+    base = {r["depth"]: r["samples"] for r in result["runs"] if r["server"] == "qemu-nbd"}
     rows = []
     for r in result["runs"]:
-        ratio = result["ratios"]["shim/qemu-nbd"][str(r["depth"])] if r["server"] == "shim" else ""
-        rows.append([r["server"], r["depth"], round(r["iops"]), ratio])
-    print_table(["server", "depth", "IOPS (4 KiB read)", "shim/qemu-nbd"], rows)
-    print("target shim >= 50% of qemu-nbd:", result["target_shim_ge_half_qemu_nbd"])
+        if r["server"] == "qemu-nbd":
+            rows.append([r["server"], r["depth"], fmt_stat(r["samples"]), "(baseline)", "", ""])
+            continue
+        cmp = compare(r["samples"], base[r["depth"]], better="higher")
+        target = result["target_verdict"][str(r["depth"])] if r["server"] == "shim" else ""
+        rows.append([r["server"], r["depth"], fmt_stat(r["samples"]), cmp.fmt(), cmp.verdict, target])
+    print_table(["server", "depth", "IOPS (4 KiB read)", "/qemu-nbd", "verdict", "target >= 0.5"], rows)
+    print("IOPS: median (min-max) of the rounds; /qemu-nbd: ratio of medians (range); verdict 'win' = more IOPS"
+          " than qemu-nbd with non-overlapping ranges")
