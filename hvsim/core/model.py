@@ -141,6 +141,7 @@ class VMSpec(_Spec):
     nics: tuple[NicSpec, ...] = ()
     balloon: bool = True
     kernel_args: str = ""
+    qemu_args: tuple[str, ...] = ()   # appended to QEMU's argv as given (libvirt's <qemu:commandline>)
 
     def __post_init__(self) -> None:
         check_name("vm", self.name)
@@ -148,6 +149,9 @@ class VMSpec(_Spec):
         _positive("vm", self.name, "memory_mib", self.memory_mib, 64)
         object.__setattr__(self, "disks", tuple(
             d if isinstance(d, DiskSpec) else DiskSpec.from_dict(d) for d in self.disks))
+        if isinstance(self.qemu_args, str) or not all(isinstance(a, str) for a in self.qemu_args):
+            raise SpecError(f"vm {self.name!r}: qemu_args must be a sequence of strings, got {self.qemu_args!r}")
+        object.__setattr__(self, "qemu_args", tuple(self.qemu_args))
         object.__setattr__(self, "nics", tuple(
             n if isinstance(n, NicSpec) else NicSpec.from_dict(n) for n in self.nics))
         check_unique(f"disk (in vm {self.name!r})", [d.name for d in self.disks])

@@ -210,7 +210,8 @@ class VM:
             serial_ports=(SerialPort("agent0", AGENT_PORT, str(run_dir / "agent.sock")),
                           SerialPort("hb0", HEARTBEAT_PORT, str(run_dir / "hb.sock"))),
             balloon=self.spec.balloon, accel=accel,  # type: ignore[arg-type]
-            incoming=incoming, extra_args=tuple(a for att in atts for a in att.extra_args) + extra_args)
+            incoming=incoming,
+            extra_args=tuple(a for att in atts for a in att.extra_args) + self.spec.qemu_args + extra_args)
 
     def _create_file_disks(self) -> None:
         for d in self.spec.disks:
