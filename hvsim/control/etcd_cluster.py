@@ -343,7 +343,7 @@ class EtcdCluster:
         return argv
 
     async def _launch(self, m: Member) -> None:
-        with open(m.log_path, "ab") as logf:
+        with open(m.log_path, "ab") as logf:  # noqa: ASYNC230 (a local log file, opened once per start)
             logf.write(f"--- start {time.strftime('%H:%M:%S')}: {' '.join(self._argv(m))}\n".encode())
             logf.flush()
             m.proc = await asyncio.create_subprocess_exec(

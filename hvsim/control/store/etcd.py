@@ -10,7 +10,9 @@ keep-alive, watch from a revision), works over TLS with an ``ssl.SSLContext``, n
 protobuf stack, and httpx is already the manager client's HTTP library.
 
 ``serializable=True`` reads from the member itself without a leader round trip (may be stale;
-used to check what one member has). Failover: requests go to one member; on a connection error the next member is tried, until
+used to check what one member has).
+
+Failover: requests go to one member; on a connection error the next member is tried, until
 ``retry_for`` seconds passed. Reads, puts, deletes and lease calls are retried on any transport
 error or "no leader"/"leader changed"; a transaction (compare-and-set) is retried only when it
 cannot have reached the cluster (connection refused, or "no leader"). Otherwise its outcome is

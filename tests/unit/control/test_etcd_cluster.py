@@ -137,7 +137,8 @@ async def test_leftovers_of_a_dead_run_are_reclaimed() -> None:
     (run_dir / MEMBERS_FILE).write_text(json.dumps(members))
     # a live run's dir is never touched
     live = Path(tempfile.mkdtemp(prefix="hvsim-etcd-"))
-    (live / OWNER_FILE).write_text(f"{os.getpid()} {Path(f'/proc/{os.getpid()}/stat').read_text().rsplit(')', 1)[1].split()[19]}\n")
+    me = Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    (live / OWNER_FILE).write_text(f"{os.getpid()} {me}\n")
     try:
         removed = reclaim_stale_runs()
         assert run_dir in removed and not run_dir.exists()
