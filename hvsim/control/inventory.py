@@ -8,9 +8,11 @@ Conflicts (exists already, unknown host/group, still referenced, an operation in
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from .errors import ConflictError, ControlInputError, NotFoundError
 from .ops import IN_FLIGHT, Operation, OperationRecord, OpKind
@@ -38,6 +40,15 @@ class Inventory:
         self.store = store
         self.fence = fence
         self.manager = manager
+        # defines onto one host (or into one group) are serialised in this manager, so they do
+        # not fight over the record they touch; the compare-and-set still guards other writers
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, key: str) -> asyncio.Lock:
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()
+        return lock
 
     async def _txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
         if self.fence is not None:
@@ -74,23 +85,15 @@ class Inventory:
         return await self._list(HostRecord, HOSTS, limit, after)
 
     async def remove_host(self, name: str) -> None:
-        """Remove a host that no VM names: it is first marked ``removing`` (so concurrent
-        defines on it fail), then deleted if still empty."""
-        got = await self._get(HostRecord, HOSTS + name)
-        if got is None:
+        """Remove a host that no VM names. A define onto this host touches the host record, so a
+        define racing with this removal makes its compare fail: nothing is changed then."""
+        kv = await self.store.get(HOSTS + name)
+        if kv is None:
             raise NotFoundError(f"no host {name!r}")
-        host, kv = got
-        marked = HostRecord(**{**_fields(host), "status": HostStatus.REMOVING})
-        res = await self._txn([Compare.mod_revision(kv.key, kv.mod_revision)], [Put(kv.key, dump(marked)), Get(kv.key)])
-        if not res.succeeded:
-            raise ConflictError(f"host {name!r} changed meanwhile, try again")
-        now = res.results[1]
-        assert isinstance(now, KeyValue)
         vms = await self.store.list(f"{HOST_VMS}{name}/", limit=1)
         if vms.items:
-            await self._txn([Compare.mod_revision(kv.key, now.mod_revision)], [Put(kv.key, dump(host))])
             raise ConflictError(f"host {name!r} still has VMs (e.g. {vms.items[0].key.rsplit('/', 1)[1]!r})")
-        if not (await self._txn([Compare.mod_revision(kv.key, now.mod_revision)], [Delete(kv.key)])).succeeded:
+        if not (await self._txn([Compare.mod_revision(kv.key, kv.mod_revision)], [Delete(kv.key)])).succeeded:
             raise ConflictError(f"host {name!r} changed meanwhile, try again")
 
     # -- VMs ----------------------------------------------------------------------------------
@@ -99,34 +102,39 @@ class Inventory:
         in the same transaction."""
         if vm.power is not VMPower.SHUTOFF:
             raise ControlInputError("power", "a VM is defined shut off")
-        for _ in range(MAX_RETRIES):
-            done = await self._define_once(vm)
-            if done is not None:
-                return vm, done
+        async with contextlib.AsyncExitStack() as stack:
+            for key in ([HOSTS + vm.host] if vm.host else []) + ([GROUPS + vm.group] if vm.group else []):
+                await stack.enter_async_context(self._lock(key))
+            for _ in range(MAX_RETRIES):
+                done = await self._define_once(vm)
+                if done is not None:
+                    return vm, done
         raise ConflictError(f"host {vm.host!r} kept changing, try again")
 
     async def _define_once(self, vm: VMRecord) -> OperationRecord | None:
         compares = [Compare.absent(VMS + vm.name)]
+        touch: list[Op] = []
         if vm.host is not None:
             got = await self._get(HostRecord, HOSTS + vm.host)
             if got is None:
                 raise NotFoundError(f"no host {vm.host!r} (field host)")
             host, hkv = got
-            if host.status in (HostStatus.REMOVING, HostStatus.MAINTENANCE):
+            if host.status is HostStatus.MAINTENANCE:
                 raise ConflictError(f"host {vm.host!r} is {host.status.value}: it takes no new VMs")
+            # touching the host orders this define against a concurrent remove_host
             compares.append(Compare.mod_revision(hkv.key, hkv.mod_revision))
-        group_touch: list[Op] = []
+            touch.append(Put(hkv.key, hkv.value))
         if vm.group is not None:
             gkv = await self.store.get(GROUPS + vm.group)
             if gkv is None:
                 raise NotFoundError(f"no placement group {vm.group!r} (field group)")
             # touching the group orders this define against a concurrent remove_group
             compares.append(Compare.mod_revision(gkv.key, gkv.mod_revision))
-            group_touch.append(Put(gkv.key, gkv.value))
+            touch.append(Put(gkv.key, gkv.value))
         op = self._op(OpKind.DEFINE, vm.name)
         op.start()
         done = op.succeed("defined")
-        ops: list[Op] = [Put(VMS + vm.name, dump(vm)), Put(OPS + done.id, dump(done)), *group_touch]
+        ops: list[Op] = [Put(VMS + vm.name, dump(vm)), Put(OPS + done.id, dump(done)), *touch]
         if vm.host is not None:
             ops.append(Put(f"{HOST_VMS}{vm.host}/{vm.name}", b""))
         if vm.group is not None:
@@ -295,5 +303,3 @@ class Inventory:
             after = page.after
 
 
-def _fields(rec: Any) -> dict[str, Any]:
-    return {k: getattr(rec, k) for k in rec.__dataclass_fields__}
