@@ -124,7 +124,7 @@ def create_app(store: Store, token: str, *, manager: str = "manager") -> FastAPI
         log.exception("internal error", exc_info=e)
         return _err(500, f"internal error: {type(e).__name__}")
 
-    v1: dict[str, Any] = {"dependencies": [Depends(auth)], "responses": ERRORS}
+    v1: dict[str, Any] = {"dependencies": [Depends(auth), Depends(_no_unknown_query)], "responses": ERRORS}
 
     # -- health ---------------------------------------------------------------------------------
     @app.get("/v1/health", tags=["manager"], **v1)
@@ -253,6 +253,17 @@ def create_app(store: Store, token: str, *, manager: str = "manager") -> FastAPI
 
 class _Unauthorized(Exception):
     pass
+
+
+async def _no_unknown_query(request: Request) -> None:
+    """A query parameter the route does not take is a malformed request, not something to ignore."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    known = {p.alias for p in getattr(dependant, "query_params", [])}
+    for name in request.query_params:
+        if name not in known:
+            raise RequestValidationError([{"loc": ("query", name), "msg": "unknown query parameter",
+                                           "type": "extra_forbidden"}])
 
 
 # -- serving -----------------------------------------------------------------------------------
