@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from .errors import ConflictError, ControlInputError, NotFoundError
-from .ops import IN_FLIGHT, Operation, OperationRecord, OpKind
+from .ops import IN_FLIGHT, Operation, OperationRecord, OpKind, OpState, Resolution
 from .state import (
     GROUP_VMS, GROUPS, HOST_VMS, HOSTS, INFLIGHT, OPS, RESERVATIONS, RULES, VM_OP, VMS, GroupRecord, HostRecord,
     HostStatus, ReservationRecord, RuleRecord, VMPower, VMRecord, dump, key_of, parse,
@@ -289,6 +289,43 @@ class Inventory:
 
     async def list_ops(self, limit: int = 100, after: str | None = None) -> Listing[OperationRecord]:
         return await self._list(OperationRecord, OPS, limit, after)
+
+    async def settle(self, rec: OperationRecord, revision: int, res: Resolution) -> OperationRecord:
+        """Record a resolution's verdict (after its actions were carried out): the operation
+        becomes terminal, the VM record names the host and power state decided, its host index
+        moves with it, and the VM's operation lock is released, all in one transaction."""
+        if res.final is None:
+            raise ConflictError(f"operation {rec.id}: the resolution is deferred ({res.reason})")
+        op = Operation(rec)
+        if res.final is OpState.SUCCEEDED:
+            op.succeed(res.reason)
+        elif op.fsm.state is OpState.PENDING:
+            op.fail(res.reason)
+        else:
+            if op.fsm.state is OpState.RUNNING:
+                op.rollback(res.reason)
+            op.rolled_back()
+        got = await self._get(VMRecord, VMS + rec.vm)
+        ops: list[Op] = [Put(OPS + rec.id, dump(op.record)), Delete(VM_OP + rec.vm), Delete(INFLIGHT + rec.id)]
+        compares = [Compare.mod_revision(OPS + rec.id, revision)]
+        if got is not None:
+            vm, kv = got
+            fields = {k: getattr(vm, k) for k in vm.__dataclass_fields__}
+            if res.vm_host is not None:
+                fields["host"] = res.vm_host
+            if res.vm_power is not None:
+                fields["power"] = res.vm_power
+            new = VMRecord(**fields)
+            ops.append(Put(kv.key, dump(new)))
+            compares.append(Compare.mod_revision(kv.key, kv.mod_revision))
+            if new.host != vm.host:
+                if vm.host:
+                    ops.append(Delete(f"{HOST_VMS}{vm.host}/{vm.name}"))
+                if new.host:
+                    ops.append(Put(f"{HOST_VMS}{new.host}/{vm.name}", b""))
+        if not (await self._txn(compares, ops)).succeeded:
+            raise ConflictError(f"operation {rec.id} or its vm changed meanwhile")
+        return op.record
 
     async def in_flight(self) -> list[tuple[OperationRecord, int]]:
         """Operations not yet terminal (oldest first): what a restarted manager resolves."""

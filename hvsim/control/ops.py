@@ -18,8 +18,9 @@ Progress is a list of named ``steps``; for a migration the steps that matter are
 :func:`resolve` decides, from an in-flight operation's record and the **facts** the host agents
 report (which hosts run a QEMU of the VM, and in which QEMU run state), whether to finish the
 operation or roll it back, and the actions that do it. It never leaves a VM half-migrated or
-running twice: the outcome always has at most one running copy, and it defers (does nothing)
-while a host that matters is unreachable rather than guess.
+running twice: the outcome always has at most one running copy (a QEMU on a host the records do
+not name is destroyed), and while a host that matters is unreachable it defers the decision
+rather than guess.
 """
 from __future__ import annotations
 
@@ -256,15 +257,14 @@ def resolve(op: OperationRecord, facts: VMFacts, vm_host: str | None) -> Resolut
         return _resolve_migrate(op, facts, vm_host, out)
 
     if op.state is OpState.PENDING:
-        return out(Outcome.ABANDON, OpState.FAILED, [], vm_host, None, "recorded but never started")
+        return _abandon(op, facts, vm_host, out)
 
     home = vm_host
-    relevant = {home} if home else set()
-    relevant |= set(facts.qemus)
-    if facts.unreachable & relevant or (home is None and facts.unreachable):
-        return out(Outcome.DEFER, None, [], vm_host, None,
-                   f"host(s) {sorted(facts.unreachable & relevant) or sorted(facts.unreachable)} unreachable")
+    # a QEMU of the VM on a host its record does not name is never its owner
     strays = [Action(kind=ActionKind.DESTROY, host=h) for h in sorted(facts.qemus) if h != home]
+    if (home in facts.unreachable) or (home is None and facts.unreachable):
+        return out(Outcome.DEFER, None, strays, vm_host, None,
+                   f"host(s) {sorted(facts.unreachable)} unreachable: decided when it answers")
     at_home = facts.qemus.get(home) if home else None
 
     if op.kind is OpKind.START:
@@ -286,18 +286,25 @@ def resolve(op: OperationRecord, facts: VMFacts, vm_host: str | None) -> Resolut
                f"{op.kind.value} interrupted: marked failed, VM left as found")
 
 
+def _abandon(op: OperationRecord, facts: VMFacts, home: str | None, out: Any) -> Resolution:
+    """A PENDING operation did nothing (it is set RUNNING before its first effect): mark it
+    failed. Any QEMU of the VM on a host other than the one its record names is not its owner."""
+    strays = [Action(kind=ActionKind.DESTROY, host=h) for h in sorted(facts.qemus) if h != home]
+    return out(Outcome.ABANDON, OpState.FAILED, strays, home, None, "recorded but never started")
+
+
 def _resolve_migrate(op: OperationRecord, facts: VMFacts, vm_host: str | None, out: Any) -> Resolution:
     src = op.params.get("source") or vm_host
     dst = op.params.get("destination")
     if not src or not dst:
         return out(Outcome.ROLLBACK, OpState.FAILED, [], vm_host, None, "migration record names no source/destination")
     if op.state is OpState.PENDING:
-        return out(Outcome.ABANDON, OpState.FAILED, [], src, None, "recorded but never started")
-    if facts.unreachable & {src, dst}:
-        return out(Outcome.DEFER, None, [], vm_host, None,
-                   f"host(s) {sorted(facts.unreachable & {src, dst})} unreachable")
-    s, d = facts.qemus.get(src), facts.qemus.get(dst)
+        return _abandon(op, facts, src, out)
     strays = [Action(kind=ActionKind.DESTROY, host=h) for h in sorted(facts.qemus) if h not in (src, dst)]
+    if facts.unreachable & {src, dst}:
+        return out(Outcome.DEFER, None, strays, vm_host, None,
+                   f"host(s) {sorted(facts.unreachable & {src, dst})} unreachable: decided when it answers")
+    s, d = facts.qemus.get(src), facts.qemus.get(dst)
     destroy_src = [Action(kind=ActionKind.DESTROY, host=src)] if s is not None else []
     destroy_dst = [Action(kind=ActionKind.DESTROY, host=dst)] if d is not None else []
     switched = STEP_SWITCHED_OVER in op.steps or STEP_POSTCOPY in op.steps
@@ -319,7 +326,7 @@ def _resolve_migrate(op: OperationRecord, facts: VMFacts, vm_host: str | None, o
         if dst_live or d is QemuState.INMIGRATE:
             res: Resolution = finish()
             if d is QemuState.INMIGRATE:   # postcopy resumes the destination once it has the state
-                res = out(Outcome.DEFER, None, [], vm_host, None, "postcopy still running on the destination")
+                res = out(Outcome.DEFER, None, strays, vm_host, None, "postcopy still running on the destination")
             return res
         return out(Outcome.ROLLBACK, OpState.FAILED, strays + destroy_src, src, VMPower.CRASHED,
                    "the destination died during postcopy: the VM is lost (crashed), not restarted twice")
