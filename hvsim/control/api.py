@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
+import json
 import logging
 import os
 import secrets
@@ -24,12 +25,13 @@ import signal
 import socket
 import stat
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import uvicorn
+import uvloop
 from fastapi import Depends, FastAPI, Path as PathParam, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -41,9 +43,14 @@ from .errors import (
     ConflictError, ControlError, ControlInputError, FencedError, NotFoundError, StoreUnavailableError,
 )
 from .inventory import Inventory, Listing
+from .ops import OperationRecord
+from .schema import (
+    Defined, Done, ErrorBody, ExecRequest, GroupPage, Health, HostCreate, HostPage, MigrateRequest, OperationPage,
+    ReservationPage, RuleCreate, RulePage, VMDefine, VMPage,
+)
 from .state import (
-    ErrorBody, ExecRequest, GroupRecord, HostCreate, HostRecord, MigrateRequest, ReservationRecord, RuleCreate,
-    RuleRecord, VMDefine, VMRecord, as_dict, parse,
+    GROUPS, HOSTS, OPS, RESERVATIONS, RULES, VMS, GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord,
+    as_dict, dump, parse,
 )
 from .store import Store, make_store
 
@@ -65,7 +72,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
     404: {"model": ErrorBody, "description": "no such record"},
     409: {"model": ErrorBody, "description": "conflict: exists, still referenced, or in flight"},
+    413: {"model": ErrorBody, "description": "request body too large"},
     422: {"model": ErrorBody, "description": "the request does not match the schema"},
+    503: {"model": ErrorBody, "description": "the store is unavailable, or this manager is not the leader"},
 }
 
 
@@ -73,8 +82,14 @@ def _err(status: int, detail: str, field: str | None = None, headers: dict[str, 
     return JSONResponse({"detail": detail, "field": field}, status_code=status, headers=headers)
 
 
-def _page(listing: Listing[Any]) -> dict[str, Any]:
-    return {"items": [as_dict(x) for x in listing.items], "after": listing.after, "total": listing.total}
+def _raw(body: bytes, status: int = 200) -> Response:
+    """Stored JSON sent as is: records were validated when written, so no re-encoding."""
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def _page(listing: Listing[bytes]) -> Response:
+    return _raw(b'{"items":[' + b",".join(listing.items) + b'],"after":' + json.dumps(listing.after).encode()
+                + b',"remaining":' + str(listing.remaining).encode() + b"}")
 
 
 def create_app(store: Store, token: str, *, manager: str = "manager") -> FastAPI:
@@ -92,12 +107,7 @@ def create_app(store: Store, token: str, *, manager: str = "manager") -> FastAPI
                   description=__doc__.split("\n\n")[0] if __doc__ else "")
     app.state.inventory = inv
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return _err(413, f"request body larger than {MAX_BODY} bytes", "body")
-        return await call_next(request)
+    app.add_middleware(_BodyLimit)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -127,23 +137,23 @@ def create_app(store: Store, token: str, *, manager: str = "manager") -> FastAPI
     v1: dict[str, Any] = {"dependencies": [Depends(auth), Depends(_no_unknown_query)], "responses": ERRORS}
 
     # -- health ---------------------------------------------------------------------------------
-    @app.get("/v1/health", tags=["manager"], **v1)
+    @app.get("/v1/health", tags=["manager"], response_model=Health, **v1)
     async def health() -> dict[str, Any]:
         """The manager answers; the store's backend and current revision."""
         return {"status": "ok", "store": store.backend, "revision": await store.revision()}
 
     # -- hosts ----------------------------------------------------------------------------------
-    @app.get("/v1/hosts", tags=["hosts"], **v1)
-    async def list_hosts(limit: Limit = 100, after: After = None) -> dict[str, Any]:
-        return _page(await inv.list_hosts(limit, after))
+    @app.get("/v1/hosts", tags=["hosts"], response_model=HostPage, **v1)
+    async def list_hosts(limit: Limit = 100, after: After = None) -> Response:
+        return _page(await inv.raw_page(HOSTS, limit, after))
 
-    @app.post("/v1/hosts", status_code=201, tags=["hosts"], **v1)
-    async def add_host(body: HostCreate) -> dict[str, Any]:
-        return as_dict(await inv.add_host(parse(HostRecord, as_dict(body), "body.")))
+    @app.post("/v1/hosts", status_code=201, tags=["hosts"], response_model=HostRecord, **v1)
+    async def add_host(body: HostCreate) -> Response:
+        return _raw(dump(await inv.add_host(parse(HostRecord, as_dict(body), "body."))), 201)
 
-    @app.get("/v1/hosts/{name}", tags=["hosts"], **v1)
-    async def get_host(name: NameParam) -> dict[str, Any]:
-        return as_dict(await inv.get_host(name))
+    @app.get("/v1/hosts/{name}", tags=["hosts"], response_model=HostRecord, **v1)
+    async def get_host(name: NameParam) -> Response:
+        return _raw(await inv.raw(HOSTS, name, "host"))
 
     @app.delete("/v1/hosts/{name}", status_code=204, tags=["hosts"], **v1)
     async def remove_host(name: NameParam) -> Response:
@@ -151,22 +161,22 @@ def create_app(store: Store, token: str, *, manager: str = "manager") -> FastAPI
         return Response(status_code=204)
 
     # -- VMs ------------------------------------------------------------------------------------
-    @app.get("/v1/vms", tags=["vms"], **v1)
-    async def list_vms(limit: Limit = 100, after: After = None) -> dict[str, Any]:
-        return _page(await inv.list_vms(limit, after))
+    @app.get("/v1/vms", tags=["vms"], response_model=VMPage, **v1)
+    async def list_vms(limit: Limit = 100, after: After = None) -> Response:
+        return _page(await inv.raw_page(VMS, limit, after))
 
-    @app.post("/v1/vms", status_code=201, tags=["vms"], **v1)
-    async def define_vm(body: VMDefine) -> dict[str, Any]:
+    @app.post("/v1/vms", status_code=201, tags=["vms"], response_model=Defined, **v1)
+    async def define_vm(body: VMDefine) -> Response:
         vm, op = await inv.define_vm(parse(VMRecord, as_dict(body), "body."))
-        return {"vm": as_dict(vm), "operation": as_dict(op)}
+        return _raw(b'{"vm":' + dump(vm) + b',"operation":' + dump(op) + b"}", 201)
 
-    @app.get("/v1/vms/{name}", tags=["vms"], **v1)
-    async def get_vm(name: NameParam) -> dict[str, Any]:
-        return as_dict(await inv.get_vm(name))
+    @app.get("/v1/vms/{name}", tags=["vms"], response_model=VMRecord, **v1)
+    async def get_vm(name: NameParam) -> Response:
+        return _raw(await inv.raw(VMS, name, "vm"))
 
-    @app.delete("/v1/vms/{name}", tags=["vms"], **v1)
-    async def undefine_vm(name: NameParam) -> dict[str, Any]:
-        return {"operation": as_dict(await inv.undefine_vm(name))}
+    @app.delete("/v1/vms/{name}", tags=["vms"], response_model=Done, **v1)
+    async def undefine_vm(name: NameParam) -> Response:
+        return _raw(b'{"operation":' + dump(await inv.undefine_vm(name)) + b"}")
 
     not_yet: dict[str, Any] = {**v1, "responses": {**ERRORS, 501: {"model": ErrorBody,
                                                                     "description": "not implemented yet"}}}
@@ -196,63 +206,78 @@ def create_app(store: Store, token: str, *, manager: str = "manager") -> FastAPI
         return await _501(name, "exec")
 
     # -- placement groups, rules, reservations ----------------------------------------------------
-    @app.get("/v1/groups", tags=["placement"], **v1)
-    async def list_groups(limit: Limit = 100, after: After = None) -> dict[str, Any]:
-        return _page(await inv.list_groups(limit, after))
+    @app.get("/v1/groups", tags=["placement"], response_model=GroupPage, **v1)
+    async def list_groups(limit: Limit = 100, after: After = None) -> Response:
+        return _page(await inv.raw_page(GROUPS, limit, after))
 
-    @app.post("/v1/groups", status_code=201, tags=["placement"], **v1)
-    async def add_group(body: GroupRecord) -> dict[str, Any]:
-        return as_dict(await inv.add_group(body))
+    @app.post("/v1/groups", status_code=201, tags=["placement"], response_model=GroupRecord, **v1)
+    async def add_group(body: GroupRecord) -> Response:
+        return _raw(dump(await inv.add_group(body)), 201)
 
-    @app.get("/v1/groups/{name}", tags=["placement"], **v1)
-    async def get_group(name: NameParam) -> dict[str, Any]:
-        return as_dict(await inv.get_group(name))
+    @app.get("/v1/groups/{name}", tags=["placement"], response_model=GroupRecord, **v1)
+    async def get_group(name: NameParam) -> Response:
+        return _raw(await inv.raw(GROUPS, name, "placement group"))
 
     @app.delete("/v1/groups/{name}", status_code=204, tags=["placement"], **v1)
     async def remove_group(name: NameParam) -> Response:
         await inv.remove_group(name)
         return Response(status_code=204)
 
-    @app.get("/v1/rules", tags=["placement"], **v1)
-    async def list_rules(limit: Limit = 100, after: After = None) -> dict[str, Any]:
-        return _page(await inv.list_rules(limit, after))
+    @app.get("/v1/rules", tags=["placement"], response_model=RulePage, **v1)
+    async def list_rules(limit: Limit = 100, after: After = None) -> Response:
+        return _page(await inv.raw_page(RULES, limit, after))
 
-    @app.post("/v1/rules", status_code=201, tags=["placement"], **v1)
-    async def add_rule(body: RuleCreate) -> dict[str, Any]:
-        return as_dict(await inv.add_rule(parse(RuleRecord, as_dict(body), "body.")))
+    @app.post("/v1/rules", status_code=201, tags=["placement"], response_model=RuleRecord, **v1)
+    async def add_rule(body: RuleCreate) -> Response:
+        return _raw(dump(await inv.add_rule(parse(RuleRecord, as_dict(body), "body."))), 201)
 
-    @app.get("/v1/rules/{name}", tags=["placement"], **v1)
-    async def get_rule(name: NameParam) -> dict[str, Any]:
-        return as_dict(await inv.get_rule(name))
+    @app.get("/v1/rules/{name}", tags=["placement"], response_model=RuleRecord, **v1)
+    async def get_rule(name: NameParam) -> Response:
+        return _raw(await inv.raw(RULES, name, "rule"))
 
     @app.delete("/v1/rules/{name}", status_code=204, tags=["placement"], **v1)
     async def remove_rule(name: NameParam) -> Response:
         await inv.remove_rule(name)
         return Response(status_code=204)
 
-    @app.get("/v1/reservations", tags=["placement"], **v1)
-    async def list_reservations(limit: Limit = 100, after: After = None) -> dict[str, Any]:
-        return _page(await inv.list_reservations(limit, after))
+    @app.get("/v1/reservations", tags=["placement"], response_model=ReservationPage, **v1)
+    async def list_reservations(limit: Limit = 100, after: After = None) -> Response:
+        return _page(await inv.raw_page(RESERVATIONS, limit, after))
 
-    @app.post("/v1/reservations", status_code=201, tags=["placement"], **v1)
-    async def add_reservation(body: ReservationRecord) -> dict[str, Any]:
-        return as_dict(await inv.add_reservation(body))
+    @app.post("/v1/reservations", status_code=201, tags=["placement"], response_model=ReservationRecord, **v1)
+    async def add_reservation(body: ReservationRecord) -> Response:
+        return _raw(dump(await inv.add_reservation(body)), 201)
 
     # -- operations -----------------------------------------------------------------------------
-    @app.get("/v1/operations", tags=["operations"], **v1)
-    async def list_ops(limit: Limit = 100, after: OpAfter = None) -> dict[str, Any]:
-        return _page(await inv.list_ops(limit, after))
+    @app.get("/v1/operations", tags=["operations"], response_model=OperationPage, **v1)
+    async def list_ops(limit: Limit = 100, after: OpAfter = None) -> Response:
+        return _page(await inv.raw_page(OPS, limit, after))
 
-    @app.get("/v1/operations/{op_id}", tags=["operations"], **v1)
-    async def get_op(op_id: OpIdParam) -> dict[str, Any]:
-        rec, _ = await inv.get_op(op_id)
-        return as_dict(rec)
+    @app.get("/v1/operations/{op_id}", tags=["operations"], response_model=OperationRecord, **v1)
+    async def get_op(op_id: OpIdParam) -> Response:
+        return _raw(await inv.raw(OPS, op_id, "operation"))
 
     return app
 
 
 class _Unauthorized(Exception):
     pass
+
+
+class _BodyLimit:
+    """Pure ASGI middleware (no per-request task like BaseHTTPMiddleware): a declared body
+    larger than MAX_BODY is answered 413 before it is read."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            for k, v in scope.get("headers", ()):
+                if k == b"content-length" and (not v.isdigit() or int(v) > MAX_BODY):
+                    await _err(413, f"request body larger than {MAX_BODY} bytes", "body")(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 async def _no_unknown_query(request: Request) -> None:
@@ -326,7 +351,8 @@ def tcp_listener(addr: str, allow_any: bool = False) -> socket.socket:
 @asynccontextmanager
 async def serving(app: FastAPI, sock: socket.socket) -> AsyncIterator[uvicorn.Server]:
     """Serve ``app`` on ``sock`` in this event loop until the block ends."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                           http="httptools"))
     task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
     try:
         while not server.started:
@@ -368,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     try:
         sock = unix_listener(args.socket) if args.socket else tcp_listener(args.tcp, args.allow_non_loopback)
-        asyncio.run(run(args.store, args.token_file, sock, args.ready_file))
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run(args.store, args.token_file, sock, args.ready_file))
     except ControlInputError as e:
         print(f"hvsim manager: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ field), :class:`ApiAuthError` (401/403), :class:`ApiNotFoundError`, :class:`ApiC
 """
 from __future__ import annotations
 
+import json as jsonlib
 import ssl
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
@@ -23,12 +24,14 @@ from .errors import (
     ApiUnavailableError, ControlInputError,
 )
 from .ops import OperationRecord
-from .state import (
-    ExecRequest, GroupRecord, HostCreate, HostRecord, MigrateRequest, ReservationRecord, RuleCreate, RuleRecord,
-    VMDefine, VMRecord, as_dict, parse,
+from .schema import (
+    Defined, Done, ExecRequest, GroupPage, HostCreate, HostPage, MigrateRequest, OperationPage, RuleCreate, RulePage,
+    VMDefine, VMPage,
 )
+from .state import GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord, as_dict, parse
 
 T = TypeVar("T")
+#: (items, cursor for the next page or None, records from this page on: all of them on the first page)
 Page = tuple[list[T], str | None, int]
 
 
@@ -85,30 +88,34 @@ class ManagerClient:
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def request(self, method: str, path: str, *, json: Any = None,
-                      params: dict[str, Any] | None = None) -> Any:
+    async def raw(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> bytes:
+        """The answer's body (bytes); an error status raises the matching ApiError."""
         try:
             r = await self._http.request(method, path, json=json, params=params)
         except httpx.HTTPError as e:
             raise ApiUnavailableError(0, f"manager at {self.address} unreachable: {e!r}") from e
-        if r.status_code == 204:
-            return None
-        try:
-            body = r.json()
-        except ValueError:
-            body = r.text
         if r.status_code >= 400:
+            try:
+                body: Any = r.json()
+            except ValueError:
+                body = r.text
             raise _error(r.status_code, body)
-        return body
+        return r.content
 
-    async def _page(self, path: str, cls: type[T], limit: int, after: str | None) -> Page[T]:
+    async def request(self, method: str, path: str, *, json: Any = None,
+                      params: dict[str, Any] | None = None) -> Any:
+        """The answer's JSON (``None`` for 204); an error status raises the matching ApiError."""
+        content = await self.raw(method, path, json=json, params=params)
+        return jsonlib.loads(content) if content else None
+
+    async def _page(self, path: str, cls: type[Any], limit: int, after: str | None) -> Any:
         params: dict[str, Any] = {"limit": limit}
         if after is not None:
             params["after"] = after
-        body = await self.request("GET", path, params=params)
-        return [parse(cls, x) for x in body["items"]], body["after"], int(body["total"])
+        page = parse(cls, await self.raw("GET", path, params=params))    # one validation for the whole page
+        return page.items, page.after, page.remaining
 
-    async def _iter(self, path: str, cls: type[T], page: int) -> AsyncIterator[T]:
+    async def _iter(self, path: str, cls: type[Any], page: int) -> AsyncIterator[Any]:
         after: str | None = None
         while True:
             items, after, _ = await self._page(path, cls, page, after)
@@ -127,33 +134,33 @@ class ManagerClient:
         return parse(HostRecord, await self.request("POST", "/v1/hosts", json=as_dict(host)))
 
     async def get_host(self, name: str) -> HostRecord:
-        return parse(HostRecord, await self.request("GET", f"/v1/hosts/{name}"))
+        return parse(HostRecord, await self.raw("GET", f"/v1/hosts/{name}"))
 
     async def list_hosts(self, limit: int = 100, after: str | None = None) -> Page[HostRecord]:
-        return await self._page("/v1/hosts", HostRecord, limit, after)
+        return await self._page("/v1/hosts", HostPage, limit, after)
 
     def iter_hosts(self, page: int = 500) -> AsyncIterator[HostRecord]:
-        return self._iter("/v1/hosts", HostRecord, page)
+        return self._iter("/v1/hosts", HostPage, page)
 
     async def remove_host(self, name: str) -> None:
         await self.request("DELETE", f"/v1/hosts/{name}")
 
     # -- VMs ----------------------------------------------------------------------------------
     async def define_vm(self, vm: VMDefine) -> tuple[VMRecord, OperationRecord]:
-        body = await self.request("POST", "/v1/vms", json=as_dict(vm))
-        return parse(VMRecord, body["vm"]), parse(OperationRecord, body["operation"])
+        d = parse(Defined, await self.raw("POST", "/v1/vms", json=as_dict(vm)))
+        return d.vm, d.operation
 
     async def get_vm(self, name: str) -> VMRecord:
-        return parse(VMRecord, await self.request("GET", f"/v1/vms/{name}"))
+        return parse(VMRecord, await self.raw("GET", f"/v1/vms/{name}"))
 
     async def list_vms(self, limit: int = 100, after: str | None = None) -> Page[VMRecord]:
-        return await self._page("/v1/vms", VMRecord, limit, after)
+        return await self._page("/v1/vms", VMPage, limit, after)
 
     def iter_vms(self, page: int = 500) -> AsyncIterator[VMRecord]:
-        return self._iter("/v1/vms", VMRecord, page)
+        return self._iter("/v1/vms", VMPage, page)
 
     async def undefine_vm(self, name: str) -> OperationRecord:
-        return parse(OperationRecord, (await self.request("DELETE", f"/v1/vms/{name}"))["operation"])
+        return parse(Done, await self.raw("DELETE", f"/v1/vms/{name}")).operation
 
     async def start_vm(self, name: str) -> OperationRecord:
         return parse(OperationRecord, await self.request("POST", f"/v1/vms/{name}/start"))
@@ -176,7 +183,7 @@ class ManagerClient:
         return parse(GroupRecord, await self.request("GET", f"/v1/groups/{name}"))
 
     async def list_groups(self, limit: int = 100, after: str | None = None) -> Page[GroupRecord]:
-        return await self._page("/v1/groups", GroupRecord, limit, after)
+        return await self._page("/v1/groups", GroupPage, limit, after)
 
     async def remove_group(self, name: str) -> None:
         await self.request("DELETE", f"/v1/groups/{name}")
@@ -188,7 +195,7 @@ class ManagerClient:
         return parse(RuleRecord, await self.request("GET", f"/v1/rules/{name}"))
 
     async def list_rules(self, limit: int = 100, after: str | None = None) -> Page[RuleRecord]:
-        return await self._page("/v1/rules", RuleRecord, limit, after)
+        return await self._page("/v1/rules", RulePage, limit, after)
 
     async def remove_rule(self, name: str) -> None:
         await self.request("DELETE", f"/v1/rules/{name}")
@@ -198,7 +205,7 @@ class ManagerClient:
 
     # -- operations ---------------------------------------------------------------------------
     async def list_ops(self, limit: int = 100, after: str | None = None) -> Page[OperationRecord]:
-        return await self._page("/v1/operations", OperationRecord, limit, after)
+        return await self._page("/v1/operations", OperationPage, limit, after)
 
     async def get_op(self, op_id: str) -> OperationRecord:
-        return parse(OperationRecord, await self.request("GET", f"/v1/operations/{op_id}"))
+        return parse(OperationRecord, await self.raw("GET", f"/v1/operations/{op_id}"))

@@ -30,7 +30,7 @@ MAX_RETRIES = 20
 class Listing(Generic[T]):
     items: list[T]
     after: str | None          # cursor: the name of the last item, when there is more
-    total: int
+    remaining: int             # records from this page on (first page: all)
 
 
 class Inventory:
@@ -62,11 +62,23 @@ class Inventory:
         kv = await self.store.get(key)
         return None if kv is None else (parse(cls, kv.value), kv)
 
+    async def raw(self, prefix: str, name: str, what: str) -> bytes:
+        """One record's stored JSON (validated when it was written), for the API to send as is."""
+        kv = await self.store.get(prefix + name)
+        if kv is None:
+            raise NotFoundError(f"no {what} {name!r}")
+        return kv.value
+
+    async def raw_page(self, prefix: str, limit: int, after: str | None) -> Listing[bytes]:
+        """A page of stored JSON records (see :meth:`raw`)."""
+        page = await self.store.list(prefix, limit=limit, after=prefix + after if after else None)
+        return Listing([kv.value for kv in page.items], page.after[len(prefix):] if page.after else None,
+                       page.remaining)
+
     async def _list(self, cls: type[T], prefix: str, limit: int, after: str | None) -> Listing[T]:
         page = await self.store.list(prefix, limit=limit, after=prefix + after if after else None)
-        total = await self.store.count(prefix)
         items = [parse(cls, kv.value) for kv in page.items]
-        return Listing(items, page.after[len(prefix):] if page.after else None, total)
+        return Listing(items, page.after[len(prefix):] if page.after else None, page.remaining)
 
     # -- hosts --------------------------------------------------------------------------------
     async def add_host(self, host: HostRecord) -> HostRecord:

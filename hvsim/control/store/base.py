@@ -100,10 +100,13 @@ class KeyValue:
 
 @dataclass(frozen=True, slots=True)
 class Page:
-    """One page of a listing. ``after`` is the cursor for the next page (``None``: last page)."""
+    """One page of a listing. ``after`` is the cursor for the next page (``None``: last page);
+    ``remaining`` counts the keys from this page's first on to the end of the prefix (on the first
+    page: all of them), from the same read."""
     items: tuple[KeyValue, ...]
     after: str | None
     revision: int
+    remaining: int = 0
 
 
 class Target(enum.Enum):

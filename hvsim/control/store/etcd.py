@@ -206,7 +206,8 @@ class EtcdStore(Store):
                                                 "limit": limit}, idempotent=True)
         items = tuple(_kv(d) for d in data.get("kvs") or [])
         more = bool(data.get("more"))
-        return Page(items, items[-1].key if more and items else None, _int(data.get("header", {}).get("revision")))
+        return Page(items, items[-1].key if more and items else None, _int(data.get("header", {}).get("revision")),
+                    _int(data.get("count")))
 
     async def count(self, prefix: str) -> int:
         check_prefix(prefix)

@@ -284,21 +284,25 @@ class SQLiteStore(Store):
             start = after + "\x00"
         end = prefix_end(prefix)
 
-        def q() -> tuple[_Rows, int]:
+        def q() -> tuple[_Rows, int, int]:
             conn = self.conn
+            now = time.time()
             conn.execute("BEGIN")
             try:
                 rows = conn.execute(
                     f"SELECT {_COLS} FROM kv WHERE key >= ? AND key < ? AND {_VISIBLE} ORDER BY key LIMIT ?",
-                    (start, end, time.time(), limit + 1)).fetchall()
+                    (start, end, now, limit + 1)).fetchall()
+                remaining = len(rows) if len(rows) <= limit else conn.execute(
+                    f"SELECT count(*) FROM kv WHERE key >= ? AND key < ? AND {_VISIBLE}",
+                    (start, end, now)).fetchone()[0]
                 rev = conn.execute("SELECT v FROM meta WHERE k='revision'").fetchone()[0]
             finally:
                 conn.execute("COMMIT")
-            return rows, rev
-        rows, rev = await self._call(q)
+            return rows, rev, remaining
+        rows, rev, remaining = await self._call(q)
         more = len(rows) > limit
         items = tuple(_kv(r) for r in rows[:limit])
-        return Page(items, items[-1].key if more else None, rev)
+        return Page(items, items[-1].key if more else None, rev, int(remaining))
 
     async def count(self, prefix: str) -> int:
         check_prefix(prefix)

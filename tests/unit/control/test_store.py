@@ -42,6 +42,7 @@ async def test_list_pages_in_order_and_prefix_isolated(store: Store) -> None:
     pages = 0
     while True:
         page = await store.list("/vms/", limit=100, after=after)
+        assert page.remaining == 250 - len(seen)
         pages += 1
         seen += [kv.key for kv in page.items]
         assert all(kv.value == kv.key.encode() for kv in page.items)
