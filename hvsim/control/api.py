@@ -52,7 +52,7 @@ from .state import (
     GROUPS, HOSTS, OPS, RESERVATIONS, RULES, VMS, GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord,
     as_dict, dump, parse,
 )
-from .store import Store, make_store
+from .store import Store, TLSFiles, make_store
 
 log = logging.getLogger("hvsim.control.api")
 
@@ -367,9 +367,10 @@ async def serving(app: FastAPI, sock: socket.socket) -> AsyncIterator[uvicorn.Se
         sock.close()
 
 
-async def run(store_url: str, token_file: Path, sock: socket.socket, ready: Path | None = None) -> None:
+async def run(store_url: str, token_file: Path, sock: socket.socket, ready: Path | None = None,
+              tls: TLSFiles | None = None) -> None:
     token = ensure_token(token_file)
-    async with make_store(store_url) as store:
+    async with make_store(store_url, tls=tls) as store:
         app = create_app(store, token)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -390,12 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--tcp", help="serve on IP:PORT (loopback only unless --allow-non-loopback)")
     ap.add_argument("--allow-non-loopback", action="store_true", help="for a test namespace's address")
     ap.add_argument("--ready-file", type=Path, help="written (with the pid) once serving")
+    ap.add_argument("--store-tls", nargs=3, type=Path, metavar=("CA", "CERT", "KEY"),
+                    help="PEM files for an etcds:// store (mutual TLS)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
+        tls = TLSFiles(*args.store_tls) if args.store_tls else None
+        make_store(args.store, tls=tls)         # a bad store URL is refused before anything is made
         sock = unix_listener(args.socket) if args.socket else tcp_listener(args.tcp, args.allow_non_loopback)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(run(args.store, args.token_file, sock, args.ready_file))
+            runner.run(run(args.store, args.token_file, sock, args.ready_file, tls))
     except ControlInputError as e:
         print(f"hvsim manager: {e}", file=sys.stderr)
         return 2

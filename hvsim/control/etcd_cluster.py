@@ -4,13 +4,15 @@
 addresses (one per member, optionally each inside a network namespace through ``ip netns exec``),
 with their data dirs (0700) under one run dir (0700), and waits until they agree on a leader.
 It can SIGKILL one member and restart it (same data dir: it rejoins and catches up), and it
-tears everything down on every path (``async with``). Members get ``PR_SET_PDEATHSIG``, so they
+tears everything down on every path (``async with``). Members on namespace addresses are probed
+from inside their namespace (curl through ``ip netns exec``), never from this one: their
+addresses exist only inside the underlay, so ``client_urls`` are for clients started there. Members get ``PR_SET_PDEATHSIG``, so they
 die with the process that started them; a run dir left by a dead earlier run (its owner file
 names a pid + start time that no longer exist) is reclaimed by :func:`reclaim_stale_runs`,
 which also kills any member process of it still alive (by pid, only if its start time matches)::
 
-    async with EtcdCluster() as etcd:
-        async with make_store(etcd.store_url) as store:
+    async with EtcdCluster() as etcd:        # EtcdCluster(tls=ca): mutual TLS, clients and peers
+        async with make_store(etcd.store_url, tls=etcd.client_tls()) as store:
             await store.put("/x", b"1")
         await etcd.kill("m1"); ...; await etcd.restart("m1")
 """
@@ -25,6 +27,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import tempfile
 import time
 from dataclasses import dataclass
@@ -37,6 +40,8 @@ from hvbase.fsm import StateMachine, guarded
 from qmp_bridge.process import die_with_parent, tail
 
 from .errors import ControlInputError, EtcdClusterError
+from .pki import CertificateAuthority, Issued, client_context
+from .store.etcd import TLSFiles
 
 log = logging.getLogger("hvsim.control.etcd")
 
@@ -142,17 +147,19 @@ class Member:
     log_path: Path
     netns: str | None = None
     proc: asyncio.subprocess.Process | None = None
+    scheme: str = "http"
+    cert: Issued | None = None
 
     def __post_init__(self) -> None:
         self.fsm = StateMachine(f"etcd member {self.name!r}", MemberState.NEW, MEMBER_TABLE, log=log)
 
     @property
     def client_url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.host}:{self.peer_port}"
+        return f"{self.scheme}://{self.host}:{self.peer_port}"
 
 
 class EtcdCluster:
@@ -160,7 +167,7 @@ class EtcdCluster:
 
     def __init__(self, members: int = 3, *, addresses: list[str] | None = None,
                  netns: list[str | None] | None = None, run_dir: Path | None = None,
-                 keep_run_dir: bool = False, etcd: str = ETCD) -> None:
+                 keep_run_dir: bool = False, etcd: str = ETCD, tls: CertificateAuthority | None = None) -> None:
         if not isinstance(members, int) or not 1 <= members <= 7:
             raise ControlInputError("members", f"must be 1..7, got {members!r}")
         if addresses is not None and len(addresses) != members:
@@ -168,6 +175,8 @@ class EtcdCluster:
         if netns is not None and len(netns) != members:
             raise ControlInputError("netns", f"give one namespace (or None) per member ({members})")
         self.size = members
+        self.tls = tls
+        self._client_cert: Issued | None = None
         self.addresses = addresses
         self.netns = netns
         self.etcd = etcd
@@ -186,8 +195,16 @@ class EtcdCluster:
 
     @property
     def store_url(self) -> str:
-        """``etcd://H:P,H:P,H:P`` for :func:`hvsim.control.store.make_store`."""
-        return "etcd://" + ",".join(f"{m.host}:{m.client_port}" for m in self.members.values())
+        """``etcd://H:P,H:P,H:P`` (``etcds://`` with TLS) for :func:`hvsim.control.store.make_store`."""
+        return ("etcds://" if self.tls else "etcd://") + ",".join(f"{m.host}:{m.client_port}"
+                                                                 for m in self.members.values())
+
+    def client_tls(self, name: str = "etcd-client") -> TLSFiles | None:
+        """With TLS: files for a store client (a certificate ``name`` from the cluster's CA)."""
+        if self.tls is None:
+            return None
+        issued = self.tls.issue_client(name)
+        return TLSFiles(self.tls.cert_path, issued.cert_path, issued.key_path)
 
     async def __aenter__(self) -> EtcdCluster:
         await self.start()
@@ -204,7 +221,10 @@ class EtcdCluster:
         try:
             self._make_run_dir()
             self._plan()
-            self._http = httpx.AsyncClient(timeout=2.0)
+            verify: ssl.SSLContext | bool = True
+            if self.tls is not None:
+                verify = client_context(self.tls.issue_client("etcd-runner"), self.tls.cert_path)
+            self._http = httpx.AsyncClient(timeout=2.0, verify=verify)
             for m in self.members.values():
                 await self._launch(m)
             await self.wait_healthy(timeout=timeout)
@@ -327,7 +347,11 @@ class EtcdCluster:
                 client, peer = free_port(host), free_port(host)
             mdir = self.run_dir / name
             mdir.mkdir(mode=0o700, exist_ok=True)
-            self.members[name] = Member(name, host, client, peer, mdir / "data", mdir / "etcd.log", ns)
+            m = Member(name, host, client, peer, mdir / "data", mdir / "etcd.log", ns)
+            if self.tls is not None:
+                m.scheme = "https"
+                m.cert = self.tls.issue_server(f"etcd {name}", ips=[host], peer=True)
+            self.members[name] = m
 
     def _argv(self, m: Member) -> list[str]:
         cluster = ",".join(f"{x.name}={x.peer_url}" for x in self.members.values())
@@ -338,6 +362,12 @@ class EtcdCluster:
                 "--initial-cluster-token", self.token,
                 "--heartbeat-interval", "100", "--election-timeout", "1000",
                 "--logger", "zap", "--log-outputs", "stderr"]
+        if self.tls is not None and m.cert is not None:
+            ca = str(self.tls.cert_path)
+            cert, key = str(m.cert.cert_path), str(m.cert.key_path)
+            argv += ["--cert-file", cert, "--key-file", key, "--client-cert-auth", "--trusted-ca-file", ca,
+                     "--peer-cert-file", cert, "--peer-key-file", key, "--peer-client-cert-auth",
+                     "--peer-trusted-ca-file", ca]
         if m.netns is not None:
             argv = ["ip", "netns", "exec", m.netns, *argv]
         return argv
@@ -378,12 +408,37 @@ class EtcdCluster:
         if m.fsm.state is not MemberState.STOPPED:
             m.fsm.set(MemberState.STOPPED)
 
+    async def _probe(self, m: Member, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
+        """A JSON request to one member: with httpx from here, or, for a member inside a network
+        namespace (unreachable from this one), with curl run in that namespace."""
+        if m.netns is None:
+            assert self._http is not None
+            r = (await self._http.post(m.client_url + path, json=body) if body is not None
+                 else await self._http.get(m.client_url + path))
+            r.raise_for_status()
+            data: dict[str, Any] = r.json()
+            return data
+        argv = ["ip", "netns", "exec", m.netns, "curl", "-sS", "--fail", "-m", "2"]
+        if self.tls is not None:
+            if self._client_cert is None:
+                self._client_cert = self.tls.issue_client("etcd-runner")
+            argv += ["--cacert", str(self.tls.cert_path), "--cert", str(self._client_cert.cert_path),
+                     "--key", str(self._client_cert.key_path)]
+        if body is not None:
+            argv += ["-X", "POST", "-d", json.dumps(body)]
+        proc = await asyncio.create_subprocess_exec(*argv, m.client_url + path, stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.PIPE)
+        out, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise httpx.ConnectError(f"curl in {m.netns}: {err.decode(errors='replace').strip()}")
+        try:
+            parsed: dict[str, Any] = json.loads(out)
+        except ValueError as e:
+            raise httpx.DecodingError(f"not JSON from {m.name}: {out[:100]!r}") from e
+        return parsed
+
     async def _status(self, m: Member) -> dict[str, Any]:
-        assert self._http is not None
-        r = await self._http.post(m.client_url + "/v3/maintenance/status", json={})
-        r.raise_for_status()
-        data: dict[str, Any] = r.json()
-        return data
+        return await self._probe(m, "/v3/maintenance/status", {})
 
     async def _statuses(self) -> dict[str, dict[str, Any]]:
         out = {}
@@ -398,10 +453,8 @@ class EtcdCluster:
         return out
 
     async def _healthy(self, m: Member) -> bool:
-        assert self._http is not None
         try:
-            r = await self._http.get(m.client_url + "/health")
-            return r.status_code == 200 and r.json().get("health") == "true"
+            return (await self._probe(m, "/health", None)).get("health") == "true"
         except (httpx.HTTPError, ValueError):
             return False
 

@@ -123,9 +123,10 @@ class CertificateAuthority:
         return cls(d, cert, key)
 
     def issue_server(self, name: str, *, ips: Sequence[str] = ("127.0.0.1",), dns: Sequence[str] = (),
-                     not_before: datetime.datetime | None = None,
-                     not_after: datetime.datetime | None = None) -> Issued:
-        """A server certificate valid for ``ips`` and ``dns`` names (at least one)."""
+                     not_before: datetime.datetime | None = None, not_after: datetime.datetime | None = None,
+                     peer: bool = False) -> Issued:
+        """A server certificate valid for ``ips`` and ``dns`` names (at least one). ``peer``: also
+        usable as a client certificate (etcd members dial each other with the same one)."""
         sans: list[x509.GeneralName] = []
         for ip in ips:
             try:
@@ -138,14 +139,15 @@ class CertificateAuthority:
             sans.append(x509.DNSName(n))
         if not sans:
             raise ControlInputError("ips", "a server certificate needs at least one IP address or DNS name")
-        return self._issue(name, "server", ExtendedKeyUsageOID.SERVER_AUTH, sans, not_before, not_after)
+        usages = [ExtendedKeyUsageOID.SERVER_AUTH] + ([ExtendedKeyUsageOID.CLIENT_AUTH] if peer else [])
+        return self._issue(name, "peer" if peer else "server", usages, sans, not_before, not_after)
 
     def issue_client(self, name: str, *, not_before: datetime.datetime | None = None,
                      not_after: datetime.datetime | None = None) -> Issued:
         """A client certificate whose common name ``name`` is the peer's identity."""
-        return self._issue(name, "client", ExtendedKeyUsageOID.CLIENT_AUTH, [], not_before, not_after)
+        return self._issue(name, "client", [ExtendedKeyUsageOID.CLIENT_AUTH], [], not_before, not_after)
 
-    def _issue(self, name: str, kind: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName],
+    def _issue(self, name: str, kind: str, usages: list[x509.ObjectIdentifier], sans: list[x509.GeneralName],
                not_before: datetime.datetime | None, not_after: datetime.datetime | None) -> Issued:
         _check_name(name)
         now = _utcnow()
@@ -162,7 +164,7 @@ class CertificateAuthority:
              .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                                           data_encipherment=False, key_agreement=True, key_cert_sign=False,
                                           crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
              .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                             critical=False))
         if sans:
