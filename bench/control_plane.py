@@ -13,6 +13,7 @@ import asyncio
 import os
 import platform
 import random
+import resource
 import signal
 import statistics
 import subprocess
@@ -22,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from hvsim.control.client import ManagerClient
 from hvsim.control.etcd_cluster import EtcdCluster
 from hvsim.control.schema import HostCreate, VMDefine
@@ -30,6 +33,19 @@ from ._common import print_table, write_result
 
 TARGETS = {"sqlite": {"list_p99_ms": 50.0, "get_p99_ms": 50.0, "define_per_s": 200.0},
            "etcd": {"list_p99_ms": 100.0, "get_p99_ms": 100.0}}
+
+
+def own_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def proc_cpu(procs: list[psutil.Process]) -> float:
+    total = 0.0
+    for p in procs:
+        t = p.cpu_times()
+        total += t.user + t.system
+    return total
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -69,8 +85,12 @@ class ManagerProcess:
         self.log.close()
 
 
-async def measure(store: str, store_url: str, run_dir: Path, hosts: int, vms: int, samples: int) -> dict[str, Any]:
+async def measure(store: str, store_url: str, run_dir: Path, hosts: int, vms: int, samples: int,
+                  store_pids: list[int]) -> dict[str, Any]:
     with ManagerProcess(run_dir, store_url) as mgr:
+        assert mgr.proc is not None
+        server = [psutil.Process(mgr.proc.pid)]
+        backend = [psutil.Process(p) for p in store_pids]
         async with ManagerClient(f"unix:{mgr.sock}", mgr.token, timeout=60) as c:
             for h in range(hosts):
                 await c.add_host(HostCreate(name=f"h{h:03d}", vcpus=64, memory_mib=262144))
@@ -82,9 +102,13 @@ async def measure(store: str, store_url: str, run_dir: Path, hosts: int, vms: in
                     t = time.perf_counter()
                     await c.define_vm(VMDefine(name=f"vm{i:05d}", host=f"h{i % hosts:03d}", memory_mib=256))
                     define_lat.append(time.perf_counter() - t)
+            load_before = os.getloadavg()[0]
+            cpu0 = (own_cpu(), proc_cpu(server), proc_cpu(backend))
             t0 = time.perf_counter()
             await asyncio.gather(*(define(i) for i in range(vms)))
             define_s = time.perf_counter() - t0
+            cpu1 = (own_cpu(), proc_cpu(server), proc_cpu(backend))
+            define_cpu = [round((b - a) / vms * 1e3, 3) for a, b in zip(cpu0, cpu1, strict=True)]
             _, _, total = await c.list_vms(limit=1)
             assert total == vms, (total, vms)
 
@@ -94,6 +118,7 @@ async def measure(store: str, store_url: str, run_dir: Path, hosts: int, vms: in
                 await c.get_vm(rng.choice(names))
                 await c.list_vms(limit=100, after=rng.choice(names))
             get_lat, list_lat = [], []
+            cpu0 = (own_cpu(), proc_cpu(server), proc_cpu(backend))
             for i in range(samples):                            # interleaved: both see the same conditions
                 for kind in (("get", "list") if i % 2 == 0 else ("list", "get")):
                     name = rng.choice(names)
@@ -106,6 +131,9 @@ async def measure(store: str, store_url: str, run_dir: Path, hosts: int, vms: in
                         items, _, _ = await c.list_vms(limit=100, after=name)
                         list_lat.append(time.perf_counter() - t)
                         assert len(items) == min(100, vms - 1 - names.index(name))
+            cpu1 = (own_cpu(), proc_cpu(server), proc_cpu(backend))
+            read_cpu = [round((b - a) / (2 * samples) * 1e3, 3) for a, b in zip(cpu0, cpu1, strict=True)]
+            load_after = os.getloadavg()[0]
             t = time.perf_counter()
             seen = 0
             async for _ in c.iter_vms(page=1000):
@@ -118,6 +146,9 @@ async def measure(store: str, store_url: str, run_dir: Path, hosts: int, vms: in
             "define_per_s": vms / define_s, "define_p50_ms": statistics.median(define_lat) * 1e3,
             "define_p99_ms": pct(define_lat, 99) * 1e3, "full_list_s": full_list_s,
             "violations": None, "start_overhead_ratio": None,
+            # CPU ms per request [client (this process), manager, store processes]: less load-sensitive than latency
+            "define_cpu_ms": define_cpu, "read_cpu_ms": read_cpu,
+            "loadavg_1m": [round(load_before, 2), round(load_after, 2)],
             "raw_ms": {"list": [round(x * 1e3, 3) for x in list_lat], "get": [round(x * 1e3, 3) for x in get_lat]}}
 
 
@@ -127,11 +158,11 @@ async def run(quick: bool) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="hvsim-bench-cp-") as tmp:
         d = Path(tmp) / "sqlite"
         d.mkdir(mode=0o700)
-        runs.append(await measure("sqlite", f"sqlite://{d / 'state.db'}", d, hosts, vms, samples))
+        runs.append(await measure("sqlite", f"sqlite://{d / 'state.db'}", d, hosts, vms, samples, []))
         async with EtcdCluster() as etcd:
             d = Path(tmp) / "etcd"
             d.mkdir(mode=0o700)
-            runs.append(await measure("etcd", etcd.store_url, d, hosts, vms, samples))
+            runs.append(await measure("etcd", etcd.store_url, d, hosts, vms, samples, list(etcd.pids().values())))
     return runs
 
 
@@ -149,9 +180,10 @@ def main(quick: bool = False) -> None:
             targets.append({"store": r["store"], "metric": k, "target": limit, "value": round(r[k], 2), "met": ok})
     write_result("control_plane", {"runs": runs, "targets": targets, "context": context})
     print_table(["store", "vms", "list p50 ms", "list p99 ms", "get p50 ms", "get p99 ms", "define/s",
-                 "define p99 ms", "full list s"],
+                 "define p99 ms", "full list s", "define cpu ms c/m/s", "read cpu ms c/m/s", "load 1m"],
                 [[r["store"], r["vms"], r["list_p50_ms"], r["list_p99_ms"], r["get_p50_ms"], r["get_p99_ms"],
-                  r["define_per_s"], r["define_p99_ms"], r["full_list_s"]] for r in runs])
+                  r["define_per_s"], r["define_p99_ms"], r["full_list_s"], "/".join(map(str, r["define_cpu_ms"])),
+                  "/".join(map(str, r["read_cpu_ms"])), "/".join(map(str, r["loadavg_1m"]))] for r in runs])
     print_table(["store", "metric", "target", "value", "met"],
                 [[t["store"], t["metric"], t["target"], t["value"], t["met"]] for t in targets])
 
