@@ -351,8 +351,10 @@ def tcp_listener(addr: str, allow_any: bool = False) -> socket.socket:
 @asynccontextmanager
 async def serving(app: FastAPI, sock: socket.socket) -> AsyncIterator[uvicorn.Server]:
     """Serve ``app`` on ``sock`` in this event loop until the block ends."""
+    # idle keep-alive connections live 75 s here, longer than the client keeps them (30 s): a
+    # client never reuses a connection the server is closing at that moment (a ReadError on a POST)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                           http="httptools"))
+                                           http="httptools", timeout_keep_alive=75))
     task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
     try:
         while not server.started:

@@ -31,6 +31,7 @@ from .schema import (
 from .state import GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord, as_dict, parse
 
 T = TypeVar("T")
+_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=30.0)
 #: (items, cursor for the next page or None, records from this page on: all of them on the first page)
 Page = tuple[list[T], str | None, int]
 
@@ -68,16 +69,18 @@ class ManagerClient:
             path = address[len("unix:"):]
             if not path.startswith("/"):
                 raise ControlInputError("address", f"{address!r}: the socket path must be absolute")
-            transport = httpx.AsyncHTTPTransport(uds=path)
+            transport = httpx.AsyncHTTPTransport(uds=path, limits=_LIMITS)
             base = "http://manager"
         elif address.startswith(("http://", "https://")):
-            transport = httpx.AsyncHTTPTransport(verify=ssl_context if ssl_context is not None else True)
+            transport = httpx.AsyncHTTPTransport(verify=ssl_context if ssl_context is not None else True,
+                                                 limits=_LIMITS)
             base = address.rstrip("/")
         else:
             raise ControlInputError("address", f"{address!r}: give unix:/PATH or http(s)://HOST:PORT")
         self.address = address
         self._http = httpx.AsyncClient(transport=transport, base_url=base, timeout=timeout,
                                        headers={"Authorization": f"Bearer {token}"})
+        # idle connections are dropped after 30 s, before the manager's 75 s keep-alive timeout
 
     async def __aenter__(self) -> ManagerClient:
         return self

@@ -6,9 +6,10 @@ with their data dirs (0700) under one run dir (0700), and waits until they agree
 It can SIGKILL one member and restart it (same data dir: it rejoins and catches up), and it
 tears everything down on every path (``async with``). Members on namespace addresses are probed
 from inside their namespace (curl through ``ip netns exec``), never from this one: their
-addresses exist only inside the underlay, so ``client_urls`` are for clients started there. Members get ``PR_SET_PDEATHSIG``, so they
-die with the process that started them; a run dir left by a dead earlier run (its owner file
-names a pid + start time that no longer exist) is reclaimed by :func:`reclaim_stale_runs`,
+addresses exist only inside the underlay, so ``client_urls`` are for clients started there.
+Members get ``PR_SET_PDEATHSIG``, so they die with the process that started them; a run dir
+left by a dead earlier run (its owner file names a pid + start time that no longer exist) is
+reclaimed by :func:`reclaim_stale_runs`,
 which also kills any member process of it still alive (by pid, only if its start time matches)::
 
     async with EtcdCluster() as etcd:        # EtcdCluster(tls=ca): mutual TLS, clients and peers
