@@ -4,6 +4,9 @@ loop on one dedicated thread, every operation one SQLite transaction.
 - Revisions: a counter in ``meta``; each write transaction takes the next one (etcd's rule).
 - Writes run under ``BEGIN IMMEDIATE`` and return only after ``COMMIT`` (with FULL, the WAL is
   fsynced at every commit), so an acknowledged write survives a crash of the process or machine.
+  Writes that queue up while a commit is under way are group-committed: one SQLite transaction,
+  each write in its own savepoint with its own revision (a failing one is rolled back alone),
+  all acknowledged after the one fsync.
 - Watches: every change is also appended to an ``events`` table (the last ``keep_events``
   revisions are kept; older ones are compacted away, as in etcd), so a watch can start at a past
   revision and a watcher in another process sees changes too (it polls; in this process it is
@@ -134,6 +137,9 @@ class SQLiteStore(Store):
         self._changed = asyncio.Event()
         self._reaper: asyncio.Task[None] | None = None
         self._writes = 0
+        self.max_batch = 256
+        self._queue: list[tuple[Callable[[_Writer], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     # -- plumbing -----------------------------------------------------------------------------
     async def open(self) -> None:
@@ -163,6 +169,8 @@ class SQLiteStore(Store):
         self._conn = conn
 
     async def close(self) -> None:
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.wait([self._flusher])       # acknowledge what is queued before closing
         if self._reaper is not None:
             self._reaper.cancel()
             try:
@@ -196,22 +204,69 @@ class SQLiteStore(Store):
             raise StoreError(f"store {self.path} is not open")
         return self._conn
 
-    def _write(self, body: Callable[[_Writer], T]) -> T:
+    def _write_batch(self, bodies: Sequence[Callable[[_Writer], Any]]) -> list[tuple[bool, Any]]:
+        """Group commit: the write transactions that queued up meanwhile run in one SQLite
+        transaction, each inside its own savepoint (one that raises is rolled back alone) and
+        with its own revision, and are acknowledged together after the one COMMIT (fsync)."""
         conn = self.conn
+        out: list[tuple[bool, Any]] = []
         conn.execute("BEGIN IMMEDIATE")
         try:
             self._expire(conn, time.time())
-            w = _Writer(conn)
-            out = body(w)
-            w.finish()
+            for body in bodies:
+                conn.execute("SAVEPOINT job")
+                try:
+                    w = _Writer(conn)
+                    res = body(w)
+                    w.finish()
+                    conn.execute("RELEASE job")
+                    out.append((True, res))
+                except Exception as e:  # this job fails alone; the batch goes on
+                    conn.execute("ROLLBACK TO job")
+                    conn.execute("RELEASE job")
+                    out.append((False, e))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self._writes += 1
-        if self._writes % 1000 == 0:
+        before = self._writes
+        self._writes += len(bodies)
+        if self._writes // 1000 != before // 1000:
             self._compact(conn)
         return out
+
+    async def _submit(self, body: Callable[[_Writer], T]) -> T:
+        """Queue a write transaction for the next group commit and wait for its outcome."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append((body, fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name=f"sqlite-commit-{self.path.name}")
+        result: T = await asyncio.shield(fut)
+        return result
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+            try:
+                outcomes = await self._call(self._write_batch, [b for b, _ in batch])
+            except BaseException as e:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e if isinstance(e, Exception) else StoreError(f"commit interrupted: {e!r}"))
+                if not isinstance(e, Exception):
+                    raise
+                continue
+            self.stats.by_op["batches"] = self.stats.by_op.get("batches", 0) + 1
+            for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+                if fut.done():
+                    continue
+                if ok:
+                    fut.set_result(value)
+                elif isinstance(value, sqlite3.DatabaseError):
+                    fut.set_exception(StoreError(f"sqlite {self.path}: {value}"))
+                else:
+                    fut.set_exception(value)
+            self._notify()
 
     def _expire(self, conn: sqlite3.Connection, now: float) -> None:
         dead = [r[0] for r in conn.execute("SELECT id FROM leases WHERE expires <= ?", (now,))]
@@ -243,17 +298,14 @@ class SQLiteStore(Store):
         while True:
             await asyncio.sleep(self.reap_interval)
             try:
-                if await self._call(self._reap):
-                    self._notify()
+                if await self._call(self._due):
+                    await self._submit(lambda w: None)   # every write expires what is due first
             except StoreError as e:
                 log.warning("lease reaper: %s", e)
 
-    def _reap(self) -> bool:
+    def _due(self) -> bool:
         row = self.conn.execute("SELECT min(expires) FROM leases").fetchone()
-        if row[0] is None or row[0] > time.time():
-            return False
-        self._write(lambda w: None)
-        return True
+        return row[0] is not None and row[0] <= time.time()
 
     # -- key-value ----------------------------------------------------------------------------
     async def get(self, key: str) -> KeyValue | None:
@@ -318,10 +370,7 @@ class SQLiteStore(Store):
     async def txn(self, compares: Sequence[Compare], success: Sequence[Op] = (),
                   failure: Sequence[Op] = ()) -> TxnResult:
         t = check_txn(compares, success, failure)
-        res = await self._call(self._write, lambda w: w.apply(t))
-        if res.revision:
-            self._notify()
-        return res
+        return await self._submit(lambda w: w.apply(t))
 
     def watch(self, prefix: str, *, start_revision: int | None = None) -> Watch:
         check_prefix(prefix)
@@ -336,7 +385,7 @@ class SQLiteStore(Store):
 
         def body(w: _Writer) -> None:
             w.conn.execute("INSERT INTO leases(id, ttl, expires) VALUES (?, ?, ?)", (lid, sec, time.time() + sec))
-        await self._call(self._write, body)
+        await self._submit(body)
         return Lease(lid, sec)
 
     async def keep_alive(self, lease: Lease) -> int:
@@ -344,13 +393,12 @@ class SQLiteStore(Store):
             now = time.time()
             return w.conn.execute("UPDATE leases SET expires = ? + ttl WHERE id = ? AND expires > ?",
                                   (now, lease.id, now)).rowcount == 1
-        if not await self._call(self._write, body):
+        if not await self._submit(body):
             raise LeaseExpiredError(lease.id)
         return lease.ttl
 
     async def revoke(self, lease: Lease) -> None:
-        await self._call(self._write, lambda w: self._drop_leases(w.conn, [lease.id]))
-        self._notify()
+        await self._submit(lambda w: self._drop_leases(w.conn, [lease.id]))
 
     async def lease_ttl(self, lease: Lease) -> int | None:
         row = await self._call(lambda: self.conn.execute(

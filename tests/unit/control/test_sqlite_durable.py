@@ -9,6 +9,7 @@ import stat
 import sys
 from pathlib import Path
 
+from hvsim.control.errors import LeaseExpiredError
 from hvsim.control.store import SQLiteStore
 
 WRITER = r"""
@@ -49,3 +50,16 @@ async def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
         page = await s.list("/acked/", limit=1000)
         assert [kv.key for kv in page.items[: acked + 1]] == [f"/acked/{i:06d}" for i in range(acked + 1)]
     assert stat.S_IMODE(os.stat(db).st_mode) == 0o600
+
+
+async def test_group_commit_isolates_a_failing_write(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "s.db") as s:
+        dead = await s.grant(30)
+        await s.revoke(dead)
+        results = await asyncio.gather(*(s.put(f"/g/{i:02d}", b"v", lease=dead if i == 7 else None)
+                                         for i in range(50)), return_exceptions=True)
+        assert isinstance(results[7], LeaseExpiredError)
+        revs = [r for i, r in enumerate(results) if i != 7]
+        assert all(isinstance(r, int) for r in revs) and len(set(revs)) == 49   # one revision each
+        assert await s.count("/g/") == 49 and await s.get("/g/07") is None
+        assert s.stats.by_op["batches"] < 50                                   # they were grouped
