@@ -143,6 +143,18 @@ class EtcdStore(Store):
             self._channels[i] = ch
         return ch
 
+    @property
+    def opened(self) -> bool:
+        return self._open
+
+    def member_channel(self) -> tuple[int, grpc.aio.Channel]:
+        """The member in use (its index) and its channel (for this module's watch streams)."""
+        return self._current, self._channel(self._current)
+
+    def member_failed(self, i: int) -> None:
+        """Member ``i`` failed: move on to the next one (unless that happened already)."""
+        self._failover(i)
+
     def _failover(self, i: int) -> None:
         if self._current == i and len(self.targets) > 1:
             self._current = (i + 1) % len(self.targets)
@@ -357,7 +369,7 @@ class _EtcdWatch(Watch):
         self._created: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
-        if not self.store._open:
+        if not self.store.opened:
             raise StoreError("etcd store is not open")
         self._created = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run(), name=f"etcd-watch-{self.prefix}")
@@ -398,8 +410,8 @@ class _EtcdWatch(Watch):
     async def _run(self) -> None:
         deadline = time.monotonic() + self.store.retry_for
         while True:
-            i = self.store._current
-            call = rpc.WatchStub(self.store._channel(i)).Watch()
+            i, channel = self.store.member_channel()
+            call = rpc.WatchStub(channel).Watch()
             try:
                 await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
                     key=self.prefix.encode(), range_end=prefix_end(self.prefix).encode(),
@@ -427,7 +439,7 @@ class _EtcdWatch(Watch):
                 why = e
             finally:
                 call.cancel()
-            self.store._failover(i)
+            self.store.member_failed(i)
             if time.monotonic() > deadline:
                 self._signal(StoreUnavailableError(f"etcd: watch on {self.prefix!r} lost: {why!r}"))
                 return

@@ -409,6 +409,15 @@ class SQLiteStore(Store):
         return None if left <= 0 else max(0, int(left))
 
     # -- watch support ------------------------------------------------------------------------
+    @property
+    def changed(self) -> asyncio.Event:
+        """Set (and replaced) after every commit of this store object: wakes its watches."""
+        return self._changed
+
+    async def events_since(self, rev: int, prefix: str, limit: int) -> tuple[_Rows, int]:
+        """Events of whole revisions >= ``rev`` under ``prefix`` and the compaction mark."""
+        return await self._call(self._events_since, rev, prefix, limit)
+
     def _events_since(self, rev: int, prefix: str, limit: int) -> tuple[_Rows, int]:
         """Events of whole revisions >= ``rev`` under ``prefix`` (about ``limit`` rows), and the
         compaction mark."""
@@ -440,7 +449,7 @@ class _SQLiteWatch(Watch):
             self.next_rev = await self.store.revision() + 1
         else:
             self.next_rev = self.start_revision
-            _, compacted = await self.store._call(self.store._events_since, self.next_rev, self.prefix, 0)
+            _, compacted = await self.store.events_since(self.next_rev, self.prefix, 0)
             if self.next_rev <= compacted:
                 raise CompactedError(self.next_rev, compacted + 1)
         self._started = True
@@ -453,8 +462,8 @@ class _SQLiteWatch(Watch):
             raise StoreError("watch is not started (use it as `async with store.watch(...)`)")
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._buf:
-            changed = self.store._changed
-            rows, compacted = await self.store._call(self.store._events_since, self.next_rev, self.prefix, 500)
+            changed = self.store.changed
+            rows, compacted = await self.store.events_since(self.next_rev, self.prefix, 500)
             if self.next_rev <= compacted:
                 raise CompactedError(self.next_rev, compacted + 1)
             for rev, kind, key, value in rows:
