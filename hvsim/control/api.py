@@ -314,8 +314,13 @@ def ensure_token(path: Path) -> str:
 
 def unix_listener(path: Path) -> socket.socket:
     """A listening unix socket at ``path``: its directory 0700, the socket 0600."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        st = os.stat(path.parent)
+        if stat.S_IMODE(st.st_mode) & 0o077 or st.st_uid != os.getuid():
+            raise ControlInputError("socket", f"directory {path.parent} must be ours and 0700 "
+                                              f"(it is {stat.S_IMODE(st.st_mode):o})") from None
     if path.exists() or path.is_symlink():
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ControlInputError("socket", f"{path} exists and is not a socket")
@@ -331,16 +336,24 @@ def unix_listener(path: Path) -> socket.socket:
     return sock
 
 
-def tcp_listener(addr: str, allow_any: bool = False) -> socket.socket:
+def tcp_listener_check(addr: str, allow_any: bool = False) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``IP:PORT`` parsed; a non-loopback address is refused unless ``allow_any``."""
     host, _, port_s = addr.rpartition(":")
     try:
         ip = ipaddress.ip_address(host.strip("[]"))
         port = int(port_s)
     except ValueError as e:
         raise ControlInputError("tcp", f"{addr!r} is not IP:PORT") from e
+    if not 0 < port < 65536:
+        raise ControlInputError("tcp", f"port {port} is out of range")
     if not ip.is_loopback and not allow_any:
         raise ControlInputError("tcp", f"{ip} is not a loopback address (pass --allow-non-loopback inside "
                                        "a test namespace)")
+    return ip, port
+
+
+def tcp_listener(addr: str, allow_any: bool = False) -> socket.socket:
+    ip, port = tcp_listener_check(addr, allow_any)
     sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((str(ip), port))
@@ -369,9 +382,8 @@ async def serving(app: FastAPI, sock: socket.socket) -> AsyncIterator[uvicorn.Se
         sock.close()
 
 
-async def run(store_url: str, token_file: Path, sock: socket.socket, ready: Path | None = None,
+async def run(store_url: str, token: str, sock: socket.socket, ready: Path | None = None,
               tls: TLSFiles | None = None) -> None:
-    token = ensure_token(token_file)
     async with make_store(store_url, tls=tls) as store:
         app = create_app(store, token)
         stop = asyncio.Event()
@@ -400,9 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tls = TLSFiles(*args.store_tls) if args.store_tls else None
         make_store(args.store, tls=tls)         # a bad store URL is refused before anything is made
+        if args.tcp:
+            tcp_listener_check(args.tcp, args.allow_non_loopback)
+        token = ensure_token(args.token_file)
         sock = unix_listener(args.socket) if args.socket else tcp_listener(args.tcp, args.allow_non_loopback)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(run(args.store, args.token_file, sock, args.ready_file, tls))
+            runner.run(run(args.store, token, sock, args.ready_file, tls))
     except ControlInputError as e:
         print(f"hvsim manager: {e}", file=sys.stderr)
         return 2

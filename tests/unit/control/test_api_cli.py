@@ -24,3 +24,13 @@ def test_token_file_readable_by_others_refused(tmp_path: Path, capsys: pytest.Ca
     rc = api_main(["--store", f"sqlite://{tmp_path / 's.db'}", "--token-file", str(tok),
                    "--socket", str(tmp_path / "s" / "m.sock")])
     assert rc == 2 and "0600" in capsys.readouterr().err
+
+
+def test_socket_in_a_shared_directory_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    rc = api_main(["--store", f"sqlite://{tmp_path / 's.db'}", "--token-file", str(tmp_path / "t" / "token"),
+                   "--socket", str(shared / "m.sock")])
+    assert rc == 2 and "0700" in capsys.readouterr().err
+    assert (os.stat(shared).st_mode & 0o7777) == 0o1777 and not (shared / "m.sock").exists()
