@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Union
 
+from hvbase.fsm import StateMachine
+
 from ..errors import ControlInputError, FencedError, LeaseExpiredError, StoreError, StoreUnavailableError
 
 log = logging.getLogger("hvsim.control.store")
@@ -376,13 +378,32 @@ class _Stats:
     by_op: dict[str, int] = field(default_factory=dict)
 
 
+class StoreState(enum.Enum):
+    NEW = "new"
+    OPENING = "opening"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+STORE_TABLE = {
+    StoreState.NEW: {StoreState.OPENING, StoreState.CLOSED},
+    StoreState.OPENING: {StoreState.OPEN, StoreState.CLOSED},
+    StoreState.OPEN: {StoreState.CLOSING},
+    StoreState.CLOSING: {StoreState.CLOSED},
+    StoreState.CLOSED: set(),
+}
+
+
 class Store(abc.ABC):
-    """One async store interface; see the module docstring. Use as ``async with``."""
+    """One async store interface; see the module docstring. Use as ``async with``.
+    States: new -> opening -> open -> closing -> closed (a closed store is not reopened)."""
 
     backend: str = "?"
 
     def __init__(self) -> None:
         self.stats = _Stats()
+        self.fsm = StateMachine(f"{self.backend} store", StoreState.NEW, STORE_TABLE, log=log)
 
     async def __aenter__(self) -> Store:
         await self.open()
@@ -391,11 +412,40 @@ class Store(abc.ABC):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    @abc.abstractmethod
-    async def open(self) -> None: ...
+    @property
+    def opened(self) -> bool:
+        return self.fsm.state is StoreState.OPEN
+
+    async def open(self) -> None:
+        if self.fsm.state is StoreState.OPEN:
+            return
+        self.fsm.require("open", StoreState.NEW)
+        self.fsm.set(StoreState.OPENING)
+        try:
+            await self._open()
+        except BaseException as e:
+            self.fsm.set(StoreState.CLOSED, f"open failed: {e!r}")
+            raise
+        self.fsm.set(StoreState.OPEN)
+
+    async def close(self) -> None:
+        """Close (idempotent); writes already queued are acknowledged first."""
+        if self.fsm.state in (StoreState.CLOSING, StoreState.CLOSED):
+            return
+        if self.fsm.state is StoreState.NEW:
+            self.fsm.set(StoreState.CLOSED, "closed before open")
+            return
+        self.fsm.set(StoreState.CLOSING)
+        try:
+            await self._close()
+        finally:
+            self.fsm.set(StoreState.CLOSED)
 
     @abc.abstractmethod
-    async def close(self) -> None: ...
+    async def _open(self) -> None: ...
+
+    @abc.abstractmethod
+    async def _close(self) -> None: ...
 
     # -- key-value ----------------------------------------------------------------------------
     @abc.abstractmethod

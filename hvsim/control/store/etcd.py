@@ -112,18 +112,15 @@ class EtcdStore(Store):
         self._current = 0
         self._channels: dict[int, grpc.aio.Channel] = {}
         self._creds: grpc.ChannelCredentials | None = None
-        self._open = False
 
-    async def open(self) -> None:
+    async def _open(self) -> None:
         if self.tls is not None and self._creds is None:
             try:
                 self._creds = self.tls.credentials()
             except OSError as e:
                 raise ControlInputError("tls", f"cannot read the TLS files: {e}") from e
-        self._open = True
 
-    async def close(self) -> None:
-        self._open = False
+    async def _close(self) -> None:
         channels, self._channels = self._channels, {}
         for ch in channels.values():
             await ch.close()
@@ -143,10 +140,6 @@ class EtcdStore(Store):
             self._channels[i] = ch
         return ch
 
-    @property
-    def opened(self) -> bool:
-        return self._open
-
     def member_channel(self) -> tuple[int, grpc.aio.Channel]:
         """The member in use (its index) and its channel (for this module's watch streams)."""
         return self._current, self._channel(self._current)
@@ -162,7 +155,7 @@ class EtcdStore(Store):
             log.info("etcd: %s failed, now using %s", self.endpoints[i], self.endpoint)
 
     async def _rpc(self, name: str, call: Callable[[grpc.aio.Channel], Awaitable[T]], *, idempotent: bool) -> T:
-        if not self._open:
+        if not self.opened:
             raise StoreError("etcd store is not open")
         deadline = time.monotonic() + self.retry_for
         delay = 0.05
@@ -178,6 +171,7 @@ class EtcdStore(Store):
                     raise _mapped(e, name) from e
                 safe = any(s in msg.lower() for s in _SAFE)
                 if not idempotent and not safe:
+                    self._failover(i)            # the next call goes to another member
                     raise StoreUnavailableError(f"etcd {self.endpoints[i]} {name}: {msg}; the write's outcome "
                                                 "is unknown", ambiguous=True) from e
                 why = e

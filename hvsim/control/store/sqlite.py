@@ -142,9 +142,7 @@ class SQLiteStore(Store):
         self._flusher: asyncio.Task[None] | None = None
 
     # -- plumbing -----------------------------------------------------------------------------
-    async def open(self) -> None:
-        if self._pool is not None:
-            return
+    async def _open(self) -> None:
         parent = self.path.parent
         if not parent.is_dir():
             raise ControlInputError("path", f"directory {parent} does not exist")
@@ -168,9 +166,7 @@ class SQLiteStore(Store):
         conn.executescript(SCHEMA)
         self._conn = conn
 
-    async def close(self) -> None:
-        if self._flusher is not None and not self._flusher.done():
-            await asyncio.wait([self._flusher])       # acknowledge what is queued before closing
+    async def _close(self) -> None:
         if self._reaper is not None:
             self._reaper.cancel()
             try:
@@ -180,6 +176,8 @@ class SQLiteStore(Store):
                 if current is not None and current.cancelling():
                     raise
             self._reaper = None
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.wait([self._flusher])       # acknowledge what is queued before closing
         if self._pool is not None:
             pool, self._pool = self._pool, None
             if self._conn is not None:

@@ -75,7 +75,12 @@ async def test_leader_killed_writes_continue_nothing_lost_then_catch_up(etcd_clu
                     break
                 after = page.after
         assert set(acked) <= keys
-        assert len(unknown) <= 3
+        # "outcome unknown" only around the kill: a write in flight to the killed leader, or one a
+        # follower had forwarded to it ("leader changed"): at most two per writer
+        per_writer = {w: sum(k.split("/")[2] == w for k in unknown) for w in ("w0", "w1", "w2")}
+        assert all(n <= 2 for n in per_writer.values()), unknown
+        for k in unknown:                     # reading back tells the outcome
+            await store.get(k)
         assert sum(s.stats.failovers for s in stores) >= 1
 
         # the killed member restarted: it catches up and serves everything itself
