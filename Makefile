@@ -6,7 +6,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 HVSIM := $(VENV)/bin/hvsim
 APT_PKGS := qemu-system-x86 qemu-utils busybox-static cpio gcc libc6-dev iproute2 \
-            libnbd-bin nbdkit kmod zstd xz-utils iputils-ping nftables
+            libnbd-bin nbdkit kmod zstd xz-utils iputils-ping nftables etcd-server curl
 IMAGES := images/out/vmlinuz images/out/initrd.img
 BENCH ?=
 PYTEST_ARGS ?=

@@ -1,0 +1,431 @@
+"""The manager's HTTP API (FastAPI, served by uvicorn): hosts, VMs, placement groups and rules,
+reservations, operations. Bearer-token auth on every ``/v1`` route (the token lives in a 0600
+file); served on a unix socket (0600 in a 0700 directory) by default, on a loopback TCP address
+when asked. The OpenAPI description is ``/openapi.json`` (public: it holds no state).
+
+Every malformed, out-of-range or conflicting request gets a 4xx whose JSON body names the
+field (``{"detail": "...", "field": "body.memory_mib"}``), never a 5xx, and a rejected request
+changes nothing (each change is one store transaction that either commits whole or not at all).
+``start``, ``stop``, ``destroy``, ``migrate`` and ``exec`` are defined and validated but answer
+501 until the host agent exists. A store that cannot be reached answers 503 with Retry-After.
+
+Run it: ``python -m hvsim.control.api --store sqlite:///PATH --token-file PATH [--socket PATH |
+--tcp 127.0.0.1:PORT]``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import stat
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import uvicorn
+import uvloop
+from fastapi import Depends, FastAPI, Path as PathParam, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from hvsim.core.model import NAME_RE
+
+from .errors import (
+    ConflictError, ControlError, ControlInputError, FencedError, NotFoundError, StoreUnavailableError,
+)
+from .inventory import Inventory, Listing
+from .ops import OperationRecord
+from .schema import (
+    Defined, Done, ErrorBody, ExecRequest, GroupPage, Health, HostCreate, HostPage, MigrateRequest, OperationPage,
+    ReservationPage, RuleCreate, RulePage, VMDefine, VMPage,
+)
+from .state import (
+    GROUPS, HOSTS, OPS, RESERVATIONS, RULES, VMS, GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord,
+    as_dict, dump, parse,
+)
+from .store import Store, TLSFiles, make_store
+
+log = logging.getLogger("hvsim.control.api")
+
+MAX_BODY = 256 * 1024
+NOT_YET = ("the host agent does not exist yet: {what} is defined in the API but not implemented "
+           "(VM definitions, hosts, placement groups and rules, and operations work)")
+NameParam = Annotated[str, PathParam(pattern=NAME_RE.pattern, max_length=32, description="a record name")]
+OpIdParam = Annotated[str, PathParam(pattern=r"^[0-9a-f]{16}-[0-9a-f]{8}$", description="an operation id")]
+Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
+After = Annotated[str | None, Query(pattern=NAME_RE.pattern, max_length=32,
+                                    description="cursor: the last name of the previous page")]
+OpAfter = Annotated[str | None, Query(pattern=r"^[0-9a-f]{16}-[0-9a-f]{8}$", description="cursor")]
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "a field is malformed or out of range"},
+    401: {"model": ErrorBody, "description": "missing or wrong bearer token"},
+    404: {"model": ErrorBody, "description": "no such record"},
+    409: {"model": ErrorBody, "description": "conflict: exists, still referenced, or in flight"},
+    413: {"model": ErrorBody, "description": "request body too large"},
+    422: {"model": ErrorBody, "description": "the request does not match the schema"},
+    503: {"model": ErrorBody, "description": "the store is unavailable, or this manager is not the leader"},
+}
+
+
+def _err(status: int, detail: str, field: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail, "field": field}, status_code=status, headers=headers)
+
+
+def _raw(body: bytes, status: int = 200) -> Response:
+    """Stored JSON sent as is: records were validated when written, so no re-encoding."""
+    return Response(body, status_code=status, media_type="application/json")
+
+
+def _page(listing: Listing[bytes]) -> Response:
+    return _raw(b'{"items":[' + b",".join(listing.items) + b'],"after":' + json.dumps(listing.after).encode()
+                + b',"remaining":' + str(listing.remaining).encode() + b"}")
+
+
+def create_app(store: Store, token: str, *, manager: str = "manager") -> FastAPI:
+    """The API over an opened ``store``; requests must carry ``Authorization: Bearer <token>``."""
+    if not token or len(token) < 16:
+        raise ControlInputError("token", "must be at least 16 characters")
+    inv = Inventory(store, manager=manager)
+    bearer = HTTPBearer(auto_error=False, description="the token in the manager's 0600 token file")
+
+    async def auth(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if cred is None or not secrets.compare_digest(cred.credentials.encode(), token.encode()):
+            raise _Unauthorized()
+
+    app = FastAPI(title="hvsim manager", version="1", docs_url=None, redoc_url=None,
+                  description=__doc__.split("\n\n")[0] if __doc__ else "")
+    app.state.inventory = inv
+
+    app.add_middleware(_BodyLimit)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0] if e.errors() else {}
+        loc = ".".join(str(x) for x in err.get("loc", ())) or "body"
+        return _err(422, f"{loc}: {err.get('msg', 'invalid')}", loc)
+
+    @app.exception_handler(_Unauthorized)
+    async def on_unauth(_: Request, e: _Unauthorized) -> JSONResponse:
+        return _err(401, "missing or wrong bearer token", "Authorization", {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(ControlError)
+    async def on_control(_: Request, e: ControlError) -> JSONResponse:
+        if isinstance(e, ControlInputError):
+            return _err(400, str(e), e.field)
+        if isinstance(e, NotFoundError):
+            return _err(404, str(e))
+        if isinstance(e, ConflictError):
+            return _err(409, str(e))
+        if isinstance(e, FencedError):
+            return _err(503, f"not leader: {e}", headers={"Retry-After": "1"})
+        if isinstance(e, StoreUnavailableError):
+            return _err(503, f"store unavailable: {e}", headers={"Retry-After": "1"})
+        log.exception("internal error", exc_info=e)
+        return _err(500, f"internal error: {type(e).__name__}")
+
+    v1: dict[str, Any] = {"dependencies": [Depends(auth), Depends(_no_unknown_query)], "responses": ERRORS}
+
+    # -- health ---------------------------------------------------------------------------------
+    @app.get("/v1/health", tags=["manager"], response_model=Health, **v1)
+    async def health() -> dict[str, Any]:
+        """The manager answers; the store's backend and current revision."""
+        return {"status": "ok", "store": store.backend, "revision": await store.revision()}
+
+    # -- hosts ----------------------------------------------------------------------------------
+    @app.get("/v1/hosts", tags=["hosts"], response_model=HostPage, **v1)
+    async def list_hosts(limit: Limit = 100, after: After = None) -> Response:
+        return _page(await inv.raw_page(HOSTS, limit, after))
+
+    @app.post("/v1/hosts", status_code=201, tags=["hosts"], response_model=HostRecord, **v1)
+    async def add_host(body: HostCreate) -> Response:
+        return _raw(dump(await inv.add_host(parse(HostRecord, as_dict(body), "body."))), 201)
+
+    @app.get("/v1/hosts/{name}", tags=["hosts"], response_model=HostRecord, **v1)
+    async def get_host(name: NameParam) -> Response:
+        return _raw(await inv.raw(HOSTS, name, "host"))
+
+    @app.delete("/v1/hosts/{name}", status_code=204, tags=["hosts"], **v1)
+    async def remove_host(name: NameParam) -> Response:
+        await inv.remove_host(name)
+        return Response(status_code=204)
+
+    # -- VMs ------------------------------------------------------------------------------------
+    @app.get("/v1/vms", tags=["vms"], response_model=VMPage, **v1)
+    async def list_vms(limit: Limit = 100, after: After = None) -> Response:
+        return _page(await inv.raw_page(VMS, limit, after))
+
+    @app.post("/v1/vms", status_code=201, tags=["vms"], response_model=Defined, **v1)
+    async def define_vm(body: VMDefine) -> Response:
+        vm, op = await inv.define_vm(parse(VMRecord, as_dict(body), "body."))
+        return _raw(b'{"vm":' + dump(vm) + b',"operation":' + dump(op) + b"}", 201)
+
+    @app.get("/v1/vms/{name}", tags=["vms"], response_model=VMRecord, **v1)
+    async def get_vm(name: NameParam) -> Response:
+        return _raw(await inv.raw(VMS, name, "vm"))
+
+    @app.delete("/v1/vms/{name}", tags=["vms"], response_model=Done, **v1)
+    async def undefine_vm(name: NameParam) -> Response:
+        return _raw(b'{"operation":' + dump(await inv.undefine_vm(name)) + b"}")
+
+    not_yet: dict[str, Any] = {**v1, "responses": {**ERRORS, 501: {"model": ErrorBody,
+                                                                    "description": "not implemented yet"}}}
+
+    async def _501(name: str, what: str) -> JSONResponse:
+        await inv.get_vm(name)          # an unknown VM is still a 404
+        return _err(501, NOT_YET.format(what=what))
+
+    @app.post("/v1/vms/{name}/start", tags=["vms"], **not_yet)
+    async def start_vm(name: NameParam) -> JSONResponse:
+        return await _501(name, "start")
+
+    @app.post("/v1/vms/{name}/stop", tags=["vms"], **not_yet)
+    async def stop_vm(name: NameParam) -> JSONResponse:
+        return await _501(name, "stop")
+
+    @app.post("/v1/vms/{name}/destroy", tags=["vms"], **not_yet)
+    async def destroy_vm(name: NameParam) -> JSONResponse:
+        return await _501(name, "destroy")
+
+    @app.post("/v1/vms/{name}/migrate", tags=["vms"], **not_yet)
+    async def migrate_vm(name: NameParam, body: MigrateRequest) -> JSONResponse:
+        return await _501(name, "migrate")
+
+    @app.post("/v1/vms/{name}/exec", tags=["vms"], **not_yet)
+    async def exec_vm(name: NameParam, body: ExecRequest) -> JSONResponse:
+        return await _501(name, "exec")
+
+    # -- placement groups, rules, reservations ----------------------------------------------------
+    @app.get("/v1/groups", tags=["placement"], response_model=GroupPage, **v1)
+    async def list_groups(limit: Limit = 100, after: After = None) -> Response:
+        return _page(await inv.raw_page(GROUPS, limit, after))
+
+    @app.post("/v1/groups", status_code=201, tags=["placement"], response_model=GroupRecord, **v1)
+    async def add_group(body: GroupRecord) -> Response:
+        return _raw(dump(await inv.add_group(body)), 201)
+
+    @app.get("/v1/groups/{name}", tags=["placement"], response_model=GroupRecord, **v1)
+    async def get_group(name: NameParam) -> Response:
+        return _raw(await inv.raw(GROUPS, name, "placement group"))
+
+    @app.delete("/v1/groups/{name}", status_code=204, tags=["placement"], **v1)
+    async def remove_group(name: NameParam) -> Response:
+        await inv.remove_group(name)
+        return Response(status_code=204)
+
+    @app.get("/v1/rules", tags=["placement"], response_model=RulePage, **v1)
+    async def list_rules(limit: Limit = 100, after: After = None) -> Response:
+        return _page(await inv.raw_page(RULES, limit, after))
+
+    @app.post("/v1/rules", status_code=201, tags=["placement"], response_model=RuleRecord, **v1)
+    async def add_rule(body: RuleCreate) -> Response:
+        return _raw(dump(await inv.add_rule(parse(RuleRecord, as_dict(body), "body."))), 201)
+
+    @app.get("/v1/rules/{name}", tags=["placement"], response_model=RuleRecord, **v1)
+    async def get_rule(name: NameParam) -> Response:
+        return _raw(await inv.raw(RULES, name, "rule"))
+
+    @app.delete("/v1/rules/{name}", status_code=204, tags=["placement"], **v1)
+    async def remove_rule(name: NameParam) -> Response:
+        await inv.remove_rule(name)
+        return Response(status_code=204)
+
+    @app.get("/v1/reservations", tags=["placement"], response_model=ReservationPage, **v1)
+    async def list_reservations(limit: Limit = 100, after: After = None) -> Response:
+        return _page(await inv.raw_page(RESERVATIONS, limit, after))
+
+    @app.post("/v1/reservations", status_code=201, tags=["placement"], response_model=ReservationRecord, **v1)
+    async def add_reservation(body: ReservationRecord) -> Response:
+        return _raw(dump(await inv.add_reservation(body)), 201)
+
+    # -- operations -----------------------------------------------------------------------------
+    @app.get("/v1/operations", tags=["operations"], response_model=OperationPage, **v1)
+    async def list_ops(limit: Limit = 100, after: OpAfter = None) -> Response:
+        return _page(await inv.raw_page(OPS, limit, after))
+
+    @app.get("/v1/operations/{op_id}", tags=["operations"], response_model=OperationRecord, **v1)
+    async def get_op(op_id: OpIdParam) -> Response:
+        return _raw(await inv.raw(OPS, op_id, "operation"))
+
+    return app
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+class _BodyLimit:
+    """Pure ASGI middleware (no per-request task like BaseHTTPMiddleware): a declared body
+    larger than MAX_BODY is answered 413 before it is read."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            for k, v in scope.get("headers", ()):
+                if k == b"content-length" and (not v.isdigit() or int(v) > MAX_BODY):
+                    await _err(413, f"request body larger than {MAX_BODY} bytes", "body")(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+async def _no_unknown_query(request: Request) -> None:
+    """A query parameter the route does not take is a malformed request, not something to ignore."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    known = {p.alias for p in getattr(dependant, "query_params", [])}
+    for name in request.query_params:
+        if name not in known:
+            raise RequestValidationError([{"loc": ("query", name), "msg": "unknown query parameter",
+                                           "type": "extra_forbidden"}])
+
+
+# -- serving -----------------------------------------------------------------------------------
+def ensure_token(path: Path) -> str:
+    """The token in ``path``; created (32 random bytes, urlsafe) with mode 0600 in a 0700
+    directory if missing. An existing file readable by group or others is refused."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            raise ControlInputError("token_file", f"{path} has mode {mode:o}: it must be 0600") from None
+        token = path.read_text().strip()
+        if len(token) < 16:
+            raise ControlInputError("token_file", f"{path} holds no token (at least 16 characters)") from None
+        return token
+    token = secrets.token_urlsafe(32)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def unix_listener(path: Path) -> socket.socket:
+    """A listening unix socket at ``path``: its directory 0700, the socket 0600."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        st = os.stat(path.parent)
+        if stat.S_IMODE(st.st_mode) & 0o077 or st.st_uid != os.getuid():
+            raise ControlInputError("socket", f"directory {path.parent} must be ours and 0700 "
+                                              f"(it is {stat.S_IMODE(st.st_mode):o})") from None
+    if path.exists() or path.is_symlink():
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ControlInputError("socket", f"{path} exists and is not a socket")
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(512)
+    return sock
+
+
+def tcp_listener_check(addr: str, allow_any: bool = False) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    """``IP:PORT`` parsed; a non-loopback address is refused unless ``allow_any``."""
+    host, _, port_s = addr.rpartition(":")
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+        port = int(port_s)
+    except ValueError as e:
+        raise ControlInputError("tcp", f"{addr!r} is not IP:PORT") from e
+    if not 0 < port < 65536:
+        raise ControlInputError("tcp", f"port {port} is out of range")
+    if not ip.is_loopback and not allow_any:
+        raise ControlInputError("tcp", f"{ip} is not a loopback address (pass --allow-non-loopback inside "
+                                       "a test namespace)")
+    return ip, port
+
+
+def tcp_listener(addr: str, allow_any: bool = False) -> socket.socket:
+    ip, port = tcp_listener_check(addr, allow_any)
+    sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((str(ip), port))
+    sock.listen(512)
+    return sock
+
+
+@asynccontextmanager
+async def serving(app: FastAPI, sock: socket.socket) -> AsyncIterator[uvicorn.Server]:
+    """Serve ``app`` on ``sock`` in this event loop until the block ends."""
+    # idle keep-alive connections live 75 s here, longer than the client keeps them (30 s): a
+    # client never reuses a connection the server is closing at that moment (a ReadError on a POST)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
+                                           http="httptools", timeout_keep_alive=75))
+    task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
+    try:
+        while not server.started:
+            if task.done():
+                task.result()
+                raise ControlError("uvicorn stopped before it started")
+            await asyncio.sleep(0.01)
+        yield server
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
+
+
+async def run(store_url: str, token: str, sock: socket.socket, ready: Path | None = None,
+              tls: TLSFiles | None = None) -> None:
+    async with make_store(store_url, tls=tls) as store:
+        app = create_app(store, token)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        async with serving(app, sock):
+            if ready is not None:
+                ready.write_text(f"{os.getpid()}\n")  # noqa: ASYNC240 (once, tiny)
+            await stop.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hvsim.control.api", description="the hvsim manager API")
+    ap.add_argument("--store", required=True, help="sqlite:///PATH or etcd://HOST:PORT[,HOST:PORT...]")
+    ap.add_argument("--token-file", required=True, type=Path, help="bearer token (created 0600 if missing)")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", type=Path, help="serve on this unix socket (0600 in a 0700 directory)")
+    where.add_argument("--tcp", help="serve on IP:PORT (loopback only unless --allow-non-loopback)")
+    ap.add_argument("--allow-non-loopback", action="store_true", help="for a test namespace's address")
+    ap.add_argument("--ready-file", type=Path, help="written (with the pid) once serving")
+    ap.add_argument("--store-tls", nargs=3, type=Path, metavar=("CA", "CERT", "KEY"),
+                    help="PEM files for an etcds:// store (mutual TLS)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        tls = TLSFiles(*args.store_tls) if args.store_tls else None
+        make_store(args.store, tls=tls)         # a bad store URL is refused before anything is made
+        if args.tcp:
+            tcp_listener_check(args.tcp, args.allow_non_loopback)
+        token = ensure_token(args.token_file)
+        sock = unix_listener(args.socket) if args.socket else tcp_listener(args.tcp, args.allow_non_loopback)
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run(args.store, token, sock, args.ready_file, tls))
+    except ControlInputError as e:
+        print(f"hvsim manager: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"hvsim manager: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

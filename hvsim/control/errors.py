@@ -1,0 +1,136 @@
+"""Errors of the control plane (store, etcd runner, PKI, operations, manager API and its client).
+
+One branch of the hvsim tree (root :class:`hvbase.errors.HvsimError`); the cause is always kept
+as ``__cause__``::
+
+    HvsimError
+     +-- ControlError                    hvsim.control
+     |    +-- StoreError                 a store operation failed
+     |    |    +-- StoreUnavailableError no member answered in time, or a write's outcome is unknown
+     |    |    +-- CompactedError        a watch asked for history the store no longer keeps
+     |    |    +-- LeaseExpiredError     the lease is gone (expired or revoked)
+     |    |    +-- FencedError           a fenced write refused: its fence (lease key) is not held
+     |    +-- EtcdClusterError           the etcd runner: a member failed to start, no leader, ...
+     |    +-- PKIError                   certificate or key could not be made or loaded
+     |    +-- NotFoundError              no such host / VM / group / operation (API: 404)
+     |    +-- ConflictError              exists already, still referenced, wrong state (API: 409)
+     |    +-- ApiError                   the manager API answered an error (client side)
+     |         +-- ApiAuthError          401/403: missing or wrong token
+     |         +-- ApiNotFoundError      404
+     |         +-- ApiConflictError      409
+     |         +-- ApiNotImplementedError 501 (start/stop/migrate/exec before the host agent exists)
+     |         +-- ApiUnavailableError   the manager could not be reached, or answered 5xx
+     +-- InputError
+     |    +-- ControlInputError          a malformed field (key, record, request); names the field
+     |         +-- ApiInputError         400/422 from the manager API (also an ApiError)
+     +-- StateError
+          +-- OperationStateError        an illegal operation state change
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from hvbase.errors import HvsimError, InputError, StateError
+
+
+class ControlError(HvsimError):
+    """Root of the control plane's errors."""
+
+
+class ControlInputError(ControlError, InputError):
+    """A malformed, out-of-range or conflicting field. ``field`` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class StoreError(ControlError):
+    pass
+
+
+class StoreUnavailableError(StoreError):
+    """No member answered (after retries), or a write was sent and its outcome is unknown
+    (``ambiguous``): read the key back before retrying it."""
+
+    def __init__(self, message: str, ambiguous: bool = False) -> None:
+        self.ambiguous = ambiguous
+        super().__init__(message)
+
+
+class CompactedError(StoreError):
+    def __init__(self, requested: int, oldest: int) -> None:
+        self.requested = requested
+        self.oldest = oldest
+        super().__init__(f"revision {requested} is compacted (oldest kept: {oldest})")
+
+
+class LeaseExpiredError(StoreError):
+    def __init__(self, lease_id: int) -> None:
+        self.lease_id = lease_id
+        super().__init__(f"lease {lease_id:x} expired or was revoked")
+
+
+class FencedError(StoreError):
+    """A fenced write was refused: the fence's lease key is gone or held under a newer token."""
+
+    def __init__(self, name: str, token: int) -> None:
+        self.name = name
+        self.token = token
+        super().__init__(f"fenced write refused: lease {name!r} is no longer held with token {token}")
+
+
+class EtcdClusterError(ControlError):
+    pass
+
+
+class PKIError(ControlError):
+    pass
+
+
+class NotFoundError(ControlError, KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ConflictError(ControlError):
+    pass
+
+
+class OperationStateError(StateError):
+    pass
+
+
+class ApiError(ControlError):
+    """The manager answered ``status`` with ``detail`` (its message); ``field`` if it named one."""
+
+    def __init__(self, status: int, detail: str, field: str | None = None, body: Any = None) -> None:
+        self.status = status
+        self.detail = detail
+        self.field = field
+        self.body = body
+        super().__init__(f"HTTP {status}: {detail}")
+
+
+class ApiInputError(ApiError, InputError):
+    pass
+
+
+class ApiAuthError(ApiError):
+    pass
+
+
+class ApiNotFoundError(ApiError):
+    pass
+
+
+class ApiConflictError(ApiError):
+    pass
+
+
+class ApiNotImplementedError(ApiError):
+    pass
+
+
+class ApiUnavailableError(ApiError):
+    pass

@@ -1,0 +1,120 @@
+"""The manager API's request and response bodies (shared by the server and its client).
+Requests carry only what a client may set; the rest of a record is the manager's."""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from .ops import OperationRecord
+from .state import CFG, GroupRecord, HostRecord, Name, ReservationRecord, RuleRecord, Text, VMRecord
+
+
+@dataclass(config=CFG)
+class HostCreate:
+    name: Name
+    datacenter: Name = "dc1"
+    vcpus: Annotated[int, Field(ge=1, le=4096)] = 4
+    memory_mib: Annotated[int, Field(ge=64, le=16 * 1024 * 1024)] = 4096
+    cpu_overcommit: Annotated[float, Field(ge=1.0, le=16.0)] = 1.0
+    memory_overcommit: Annotated[float, Field(ge=1.0, le=4.0)] = 1.0
+    agent: Annotated[str | None, Field(max_length=256, pattern=r"^(unix:/[\x21-\x7e]+|https://[\x21-\x7e]+)$")] = None
+
+
+@dataclass(config=CFG)
+class VMDefine:
+    name: Name
+    vcpus: Annotated[int, Field(ge=1, le=64)] = 1
+    memory_mib: Annotated[int, Field(ge=16, le=1024 * 1024)] = 256
+    disk_mib: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] = 0
+    host: Name | None = None
+    group: Name | None = None
+    protected: bool = False
+    priority: Annotated[int, Field(ge=0, le=1000)] = 0
+
+
+@dataclass(config=CFG)
+class RuleCreate:
+    name: Name
+    spec: dict[str, Any]
+
+
+@dataclass(config=CFG)
+class MigrateRequest:
+    destination: Name
+    policy: Annotated[str, Field(pattern=r"^(qemu-default|stepwise|hvsim-predictive)$")] = "hvsim-predictive"
+
+
+@dataclass(config=CFG)
+class ExecRequest:
+    command: Annotated[str, Field(min_length=1, max_length=4096)]
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+
+@dataclass(config=CFG)
+class ErrorBody:
+    detail: Text
+    field: str | None = None
+
+
+
+# -- responses --------------------------------------------------------------------------------
+@dataclass(config=CFG)
+class Health:
+    status: str
+    store: str
+    revision: int
+
+
+@dataclass(config=CFG)
+class HostPage:
+    items: list[HostRecord]
+    after: str | None
+    remaining: int
+
+
+@dataclass(config=CFG)
+class VMPage:
+    items: list[VMRecord]
+    after: str | None
+    remaining: int
+
+
+@dataclass(config=CFG)
+class GroupPage:
+    items: list[GroupRecord]
+    after: str | None
+    remaining: int
+
+
+@dataclass(config=CFG)
+class RulePage:
+    items: list[RuleRecord]
+    after: str | None
+    remaining: int
+
+
+@dataclass(config=CFG)
+class ReservationPage:
+    items: list[ReservationRecord]
+    after: str | None
+    remaining: int
+
+
+@dataclass(config=CFG)
+class OperationPage:
+    items: list[OperationRecord]
+    after: str | None
+    remaining: int
+
+
+@dataclass(config=CFG)
+class Defined:
+    vm: VMRecord
+    operation: OperationRecord
+
+
+@dataclass(config=CFG)
+class Done:
+    operation: OperationRecord
