@@ -21,8 +21,8 @@ STATUS_PORT = 7700
 class AckLog:
     """Every record the application acknowledged (seq -> xxh64), from whichever copy wrote it."""
     acked: dict[int, str] = field(default_factory=dict)
-    first: dict[str, float] = field(default_factory=dict)     # vm -> host time of its first ack
-    last: dict[str, float] = field(default_factory=dict)      # vm -> host time of its last ack
+    first: dict[str, float] = field(default_factory=dict)     # origin (cloud/vm) -> host time of its first ack
+    last: dict[str, float] = field(default_factory=dict)      # origin -> host time of its last ack
     conflicts: list[str] = field(default_factory=list)
 
     def add(self, vm: str, seq: int, digest: str, t: float) -> None:
@@ -52,13 +52,14 @@ class WriterApp:
         self.rate_kib = rate_kib
         self.record = record
         self.service_ip = service_ip
+        self.origin = f"{provider.cloud}/{vm}"     # the same name may exist in both clouds
         self.proc: GuestProcess | None = None
         self.recovered: int | None = None
 
     def _line(self, line: str, t: float) -> None:
         parts = line.split()
         if len(parts) == 3 and parts[0] == "ACK" and parts[1].isdigit():
-            self.acks.add(self.vm, int(parts[1]), parts[2], t)
+            self.acks.add(self.origin, int(parts[1]), parts[2], t)
         elif len(parts) == 3 and parts[0] == "RECOVER" and parts[1].isdigit():
             self.recovered = int(parts[1])
 
@@ -88,14 +89,14 @@ class WriterApp:
         """Stop writes, sync, freeze the file system; returns the host time writes stopped."""
         await self.stop()
         t = time.monotonic()
-        await self.provider.exec(self.vm, f"sync && fsfreeze -f {MOUNT}", timeout=60, check=True)
+        await self.provider.exec(self.vm, f"sync && fsfreeze --freeze {MOUNT}", timeout=60, check=True)
         return t
 
     async def freeze(self) -> None:
-        await self.provider.exec(self.vm, f"sync && fsfreeze -f {MOUNT}", timeout=60, check=True)
+        await self.provider.exec(self.vm, f"sync && fsfreeze --freeze {MOUNT}", timeout=60, check=True)
 
     async def thaw(self) -> None:
-        await self.provider.exec(self.vm, f"fsfreeze -u {MOUNT} 2>/dev/null; true", timeout=60)
+        await self.provider.exec(self.vm, f"fsfreeze --unfreeze {MOUNT} 2>/dev/null; true", timeout=60)
 
     async def status(self) -> str:
         r = await self.provider.exec(self.vm, f"echo | nc 127.0.0.1 {STATUS_PORT}", timeout=10)

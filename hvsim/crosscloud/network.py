@@ -82,11 +82,12 @@ class WanNetwork:
     def address(self, vm: str, host: str, isolated: bool = False) -> GuestAddress:
         if host not in self.underlay.hosts:
             raise CrossCloudInputError(f"host {host!r} is not on the WAN underlay ({list(self.underlay.hosts)})")
-        i = self._index.setdefault(vm, len(self._index))
+        key = f"{vm}@{host}"           # two clouds may each have an instance of the same name
+        i = self._index.setdefault(key, len(self._index))
         if i >= GUEST_NET.num_addresses // 4 - 1:
             raise CrossCloudInputError("the WAN guest network is full")
         subnet = ipaddress.IPv4Network((int(GUEST_NET.network_address) + 4 * (i + 1), 30))
-        tap = "hvt" + hashlib.sha256(vm.encode()).hexdigest()[:8]
+        tap = "hvt" + hashlib.sha256(key.encode()).hexdigest()[:8]
         return GuestAddress(vm, host, subnet, tap, isolated)
 
     def kernel_args(self, vm: str, host: str, nic: str = "wan0", isolated: bool = False) -> str:
@@ -117,10 +118,10 @@ class WanNetwork:
         self._plugged.pop(a.tap, None)
 
     # -- the service address ---------------------------------------------------------------------------
-    async def move_service(self, vm: str) -> None:
-        """Route the service address to ``vm`` (plugged, not isolated): the client's route first,
-        so there is never a moment with two routes to two copies."""
-        a = next((p for p in self._plugged.values() if p.vm == vm), None)
+    async def move_service(self, vm: str, host: str) -> None:
+        """Route the service address to ``vm`` on ``host`` (plugged, not isolated): the client's
+        route first, so there is never a moment with two routes to two copies."""
+        a = next((p for p in self._plugged.values() if p.vm == vm and p.host == host), None)
         if a is None or a.isolated:
             raise CrossCloudInputError(f"vm {vm!r} has no WAN address to carry the service address")
         old = self._service_at
@@ -142,8 +143,9 @@ class WanNetwork:
         self._service_at = None
 
     @property
-    def service_vm(self) -> str | None:
-        return self._service_at.vm if self._service_at else None
+    def service_at(self) -> tuple[str, str] | None:
+        """(vm, host) the service address is routed to."""
+        return (self._service_at.vm, self._service_at.host) if self._service_at else None
 
     async def probe_service(self, port: int, timeout: float = 3.0) -> str:
         """Connect to the service address from the client host; the first line it sends ('' if none)."""

@@ -298,7 +298,7 @@ class CrossCloudMigration:
             t_q = await self.app.quiesce()
             self._frozen = True
             last_src = self.acks.last_seq
-            t_last = self.acks.last.get(self.vm, t_q)
+            t_last = self.acks.last.get(self.app.origin, t_q)
             rec = await self.transfer.final()
             t_copied = time.monotonic()
             ver = await self.transfer.verify()
@@ -309,10 +309,9 @@ class CrossCloudMigration:
             await self.dest_app.start()
             assert self.dest_app.proc is not None
             await self.dest_app.proc.wait_line(lambda s: s.startswith("ACK"), 60)
-            t_first = self.acks.first.get(self.dest_vm, time.monotonic())
-            wan = getattr(self.dst, "wan", None)
-            if wan is not None and self.app.service_ip:
-                await wan.move_service(self.dest_vm)
+            t_first = self.acks.first.get(self.dest_app.origin, time.monotonic())
+            if self.app.service_ip:
+                await self.dst.route_service(self.dest_vm)
         except BaseException as exc:
             await run_to_completion(self._fail(exc))
             raise
@@ -359,9 +358,8 @@ class CrossCloudMigration:
             await self.app.thaw()
             self._frozen = False
             await self.app.start()
-            wan = getattr(self.src, "wan", None)
-            if wan is not None and self.app.service_ip:
-                await wan.move_service(self.vm)
+            if self.app.service_ip:
+                await self.src.route_service(self.vm)
         self.fsm.set(X.REVERTED, "destination deleted")
         self._emit("phase", {"phase": "reverted"})
 

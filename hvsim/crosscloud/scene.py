@@ -47,7 +47,7 @@ class Scene:
         app = WriterApp(self.a, name, PROFILE_A.guest_disk, AckLog(), rate_kib=rate_kib,
                         service_ip=self.wan.service_ip)
         await app.start()
-        await self.wan.move_service(name)
+        await self.wan.move_service(name, self.a.host)
         return app
 
 
