@@ -19,6 +19,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import protocol as P
 from .errors import ShimConfigError, StoreError
@@ -30,6 +31,7 @@ _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZERO_CHUNK = 1024 * 1024
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
+_fallocate: Any
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     _fallocate = _libc.fallocate
@@ -169,22 +171,27 @@ class BackingStore:
     # data path ------------------------------------------------------------------------------
     def try_read_nowait(self, offset: int, length: int) -> bytes | None:
         """Read from the OS page cache without blocking, or None (data not resident / emulated link)."""
-        if not self.nowait_ok or self.link.emulated:
-            return None
         buf = bytearray(length)
+        return bytes(buf) if self.try_read_into_nowait(memoryview(buf), offset, length) else None
+
+    def try_read_into_nowait(self, view: memoryview, offset: int, length: int) -> bool:
+        """Fill ``view`` from the OS page cache without blocking (``preadv(RWF_NOWAIT)`` straight into
+        the caller's buffer). False when the data is not all resident, or an emulated link must be paid."""
+        if not self.nowait_ok or self.link.emulated:
+            return False
         try:
-            n = os.preadv(self.fd, [buf], offset, _NOWAIT)
+            n = os.preadv(self.fd, [view[:length]], offset, _NOWAIT)
         except BlockingIOError:
-            return None
+            return False
         except OSError as exc:
             if exc.errno in (_errno.EOPNOTSUPP, _errno.EINVAL):
                 self.nowait_ok = False
-            return None
+            return False
         if n != length:
-            return None
+            return False
         self.backing_reads += 1
         self.backing_read_bytes += length
-        return bytes(buf)
+        return True
 
     def _pread_full(self, offset: int, length: int) -> bytes:
         fd = self.fd
@@ -199,7 +206,7 @@ class BackingStore:
             got += len(data)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _pwrite_full(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+    def _pwrite_full(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         fd = self.fd
         view = memoryview(data)
         done = 0
@@ -215,7 +222,7 @@ class BackingStore:
         self.backing_read_bytes += length
         return data
 
-    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         if self.read_only:
             raise StoreError(f"backing {self.path} is read-only", P.EPERM)
         await self._link_delay(len(data))
