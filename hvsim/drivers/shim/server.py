@@ -25,7 +25,7 @@ import os
 from enum import StrEnum
 from pathlib import Path
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from . import protocol as P
 from .errors import NbdProtocolError, ShimConfigError, ShimStateError, StoreError
@@ -132,8 +132,8 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     # asyncio.Protocol ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's are not asyncio.Transport subclasses, so no isinstance check)
+        self.transport = cast(asyncio.Transport, transport)
         self._negotiation = asyncio.get_running_loop().create_task(self._negotiate(), name=f"nbd-negotiate-{self.id}")
 
     def get_buffer(self, sizehint: int) -> memoryview:
