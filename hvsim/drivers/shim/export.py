@@ -205,10 +205,13 @@ class Export:
         c = self.counters
         c["reads"] += 1
         c["read_bytes"] += length
-        self._account(span, False)
+        if self._planned or self._skipped:
+            self._account(span, False)
+        else:  # nothing to learn from this miss: count it
+            c["misses"] += len(span)
         return True
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         self._require_open()
         span = page_span(offset, length)
         late: set[int] = set()

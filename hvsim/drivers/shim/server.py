@@ -526,7 +526,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         assert export is not None
         fua = bool(flags & P.CMD_FLAG_FUA)
         err = 0
-        data = b""
+        data: bytes | bytearray = b""
         try:
             if cmd == P.Cmd.READ:
                 data = await export.read(offset, length)

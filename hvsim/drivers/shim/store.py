@@ -3,9 +3,10 @@
 Every request to the backing file pays a fixed per-request latency and shares a bandwidth limit
 (a single link: transfers are serialised on it, latencies overlap), standing in for a networked
 datastore. The data path is ``os.pread``/``os.pwrite`` on one file descriptor, run in a small
-thread pool when it may block. With no emulated delay, reads first try ``preadv(RWF_NOWAIT)`` in
-the event loop: a page-cache hit is served without a thread hop, anything else falls back to the
-pool. Never aiofiles: positional I/O on a shared descriptor is what makes concurrent requests safe.
+thread pool when it may block. Reads of up to 1 MiB first try ``preadv(RWF_NOWAIT)`` in the event
+loop (after the emulated delay, if any): a page-cache hit is served without a thread hop, anything
+else falls back to the pool. Never aiofiles: positional I/O on a shared descriptor is what makes
+concurrent requests safe.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZERO_CHUNK = 1024 * 1024
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+INLINE_READ_MAX = 1024 * 1024  # longer reads always go to the thread pool (a big copy would stall the loop)
 
 _fallocate: Any
 try:
@@ -177,7 +179,14 @@ class BackingStore:
     def try_read_into_nowait(self, view: memoryview, offset: int, length: int) -> bool:
         """Fill ``view`` from the OS page cache without blocking (``preadv(RWF_NOWAIT)`` straight into
         the caller's buffer). False when the data is not all resident, or an emulated link must be paid."""
-        if not self.nowait_ok or self.link.emulated:
+        if length > INLINE_READ_MAX or self.link.emulated or not self._preadv_nowait(view, offset, length):
+            return False
+        self.backing_reads += 1
+        self.backing_read_bytes += length
+        return True
+
+    def _preadv_nowait(self, view: memoryview, offset: int, length: int) -> bool:
+        if not self.nowait_ok:
             return False
         try:
             n = os.preadv(self.fd, [view[:length]], offset, _NOWAIT)
@@ -187,11 +196,7 @@ class BackingStore:
             if exc.errno in (_errno.EOPNOTSUPP, _errno.EINVAL):
                 self.nowait_ok = False
             return False
-        if n != length:
-            return False
-        self.backing_reads += 1
-        self.backing_read_bytes += length
-        return True
+        return n == length
 
     def _pread_full(self, offset: int, length: int) -> bytes:
         fd = self.fd
@@ -215,8 +220,16 @@ class BackingStore:
         if fua:
             os.fdatasync(fd)
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Pay the emulated link, then read: inline when the OS page cache holds it all (no thread
+        hop), else in the thread pool."""
         await self._link_delay(length)
+        if length <= INLINE_READ_MAX and self.nowait_ok:
+            buf = bytearray(length)
+            if self._preadv_nowait(memoryview(buf), offset, length):
+                self.backing_reads += 1
+                self.backing_read_bytes += length
+                return buf
         data = await self._run(self._pread_full, offset, length)
         self.backing_reads += 1
         self.backing_read_bytes += length
