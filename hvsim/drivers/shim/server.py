@@ -157,7 +157,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         elif self.phase is ConnPhase.NEGOTIATING:
             if len(self._rx) > 4 * P.MAX_OPTION_LENGTH:
                 self.log.warning("client floods negotiation with %d unread bytes; dropping it", len(self._rx))
-                self._abort()
+                self.abort()
                 return
             self._wake()
         else:  # CLOSING/CLOSED: input after NBD_CMD_DISC is ignored
@@ -197,14 +197,20 @@ class NbdConnection(asyncio.BufferedProtocol):
         if w is not None and not w.done():
             w.set_result(None)
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Drop the connection now (protocol violation, or the server's shutdown grace ran out)."""
         if self.transport is not None and not self._lost:
             self.transport.abort()
 
     def _maybe_done(self) -> None:
         if self._lost and not self._tasks and not self._closed.done():
             self._closed.set_result(None)
-            self.server._forget(self)
+            self.server.forget(self)
+
+    @property
+    def closed(self) -> bool:
+        """The connection is gone and every request it made has finished."""
+        return self._closed.done()
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
@@ -274,14 +280,14 @@ class NbdConnection(asyncio.BufferedProtocol):
                 await self._negotiate_inner()
         except asyncio.CancelledError:
             if not self._lost:
-                self._abort()
+                self.abort()
             raise
         except (NbdProtocolError, TimeoutError, ConnectionError) as exc:
             self.log.info("negotiation ended: %s", exc or type(exc).__name__)
-            self._abort()
+            self.abort()
         except Exception:  # never let one client take the server down
             self.log.exception("negotiation failed")
-            self._abort()
+            self.abort()
 
     async def _negotiate_inner(self) -> None:
         assert self.transport is not None
@@ -434,7 +440,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 self.log.warning("bad request magic %#x: dropping the connection", magic)
                 rx.clear()
                 self._flush()
-                self._abort()
+                self.abort()
                 return
             pos += hdr
             if cmd == P.Cmd.WRITE:
@@ -593,7 +599,8 @@ class NbdServer:
             conn.begin_shutdown()
         return conn
 
-    def _forget(self, conn: NbdConnection) -> None:
+    def forget(self, conn: NbdConnection) -> None:
+        """A connection is closed and its requests are done: stop tracking it."""
         self._conns.discard(conn)
 
     async def start(self) -> None:
@@ -631,10 +638,10 @@ class NbdServer:
         if conns:
             done, pending = await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=grace)
             for c in list(self._conns):
-                c._abort()
+                c.abort()
             for p in pending:
                 p.cancel()
-            still = [c for c in conns if not c._closed.done()]
+            still = [c for c in conns if not c.closed]
             if still:
                 await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in still], timeout=grace)
         try:
