@@ -62,7 +62,7 @@ class SwapTracker:
     def __contains__(self, page: int) -> bool:
         return page in self.pages
 
-    def _check_header(self, offset: int, data: bytes | memoryview) -> None:
+    def _check_header(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         end = offset + len(data)
         if offset <= SWAP_MAGIC_OFFSET and end >= PAGE:
             magic = bytes(data[SWAP_MAGIC_OFFSET - offset:PAGE - offset])
@@ -75,7 +75,7 @@ class SwapTracker:
             if not self.swap_header:
                 self.swap_version = self.swap_last_page = None
 
-    def record_write(self, offset: int, data: bytes | memoryview) -> None:
+    def record_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if offset < PAGE:
             self._check_header(offset, data)
         self.seq += 1
@@ -211,7 +211,7 @@ class PageCache:
     def release(self, n: int) -> None:
         self.reserved = max(0, self.reserved - n)
 
-    def insert_reserved(self, page: int, data: bytes | memoryview) -> None:
+    def insert_reserved(self, page: int, data: bytes | bytearray | memoryview) -> None:
         """Insert a page whose space was reserved (the reservation is consumed either way)."""
         self.release(1)
         if page in self.pages:
@@ -246,7 +246,34 @@ class PageCache:
         start = offset - first * PAGE
         return bytes(out[start:start + length])
 
-    def patch(self, offset: int, data: bytes | memoryview) -> int:
+    def read_into(self, view: memoryview, offset: int, length: int) -> bool:
+        """Copy bytes [offset, offset+length) into ``view`` if every page is cached; False (``view``
+        untouched) otherwise."""
+        first = offset // PAGE
+        last = (offset + length - 1) // PAGE
+        pages = self.pages
+        start = offset - first * PAGE
+        if first == last:
+            buf = pages.get(first)
+            if buf is None:
+                return False
+            view[:length] = memoryview(buf)[start:start + length]
+            return True
+        bufs = []
+        for p in range(first, last + 1):
+            buf = pages.get(p)
+            if buf is None:
+                return False
+            bufs.append(buf)
+        pos = 0
+        for i, buf in enumerate(bufs):
+            lo = start if i == 0 else 0
+            hi = min(PAGE, lo + length - pos)
+            view[pos:pos + hi - lo] = memoryview(buf)[lo:hi]
+            pos += hi - lo
+        return True
+
+    def patch(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Apply a write to every cached page it touches; returns pages patched."""
         if not self.pages:
             return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from . import protocol as P
@@ -28,14 +28,14 @@ _COUNTERS = (
 )
 
 
-class ExportState(str, Enum):
+class ExportState(StrEnum):
     CREATED = "created"
     OPEN = "open"
     CLOSING = "closing"
     CLOSED = "closed"
 
 
-class PrefetchState(str, Enum):
+class PrefetchState(StrEnum):
     IDLE = "idle"
     RUNNING = "running"
     DONE = "done"
@@ -171,30 +171,47 @@ class Export:
     # data path -------------------------------------------------------------------------------
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         """Serve a read without awaiting (cache hit or OS page-cache hit), or None."""
+        buf = bytearray(length)
+        return bytes(buf) if self.read_into_nowait(memoryview(buf), offset, length) else None
+
+    def read_into_nowait(self, view: memoryview, offset: int, length: int) -> bool:
+        """Fill ``view`` (``length`` bytes) without awaiting: from the shim cache, or from the OS page
+        cache when no emulated link is in the way. False (``view`` content undefined) when the read
+        has to wait: a page missing, a prefetch of one of its pages in flight, or the export not open."""
         if self.state is not ExportState.OPEN:
-            return None
-        if self.cache.pages:
-            data = self.cache.read(offset, length)
-            if data is not None:
-                self.counters["reads"] += 1
-                self.counters["read_bytes"] += length
+            return False
+        cache = self.cache
+        pages = cache.pages
+        if pages:
+            if cache.read_into(view, offset, length):
+                c = self.counters
+                c["reads"] += 1
+                c["read_bytes"] += length
                 self._account(page_span(offset, length), True)
-                return data
+                return True
             span = page_span(offset, length)
-            if any(p in self.cache.pages for p in span):
-                return None
+            for p in span:
+                if p in pages:
+                    return False
         else:
             span = page_span(offset, length)
-        if self._inflight and any(p in self._inflight for p in span):
-            return None
-        data = self.store.try_read_nowait(offset, length)
-        if data is not None:
-            self.counters["reads"] += 1
-            self.counters["read_bytes"] += length
+        inflight = self._inflight
+        if inflight:
+            for p in span:
+                if p in inflight:
+                    return False
+        if not self.store.try_read_into_nowait(view, offset, length):
+            return False
+        c = self.counters
+        c["reads"] += 1
+        c["read_bytes"] += length
+        if self._planned or self._skipped:
             self._account(span, False)
-        return data
+        else:  # nothing to learn from this miss: count it
+            c["misses"] += len(span)
+        return True
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         self._require_open()
         span = page_span(offset, length)
         late: set[int] = set()
@@ -237,7 +254,7 @@ class Export:
                 parts.append(None)
         fetch = [(i, lo, hi) for i, (hit, lo, hi) in enumerate(segments) if parts[i] is None]
         results = await asyncio.gather(*(self.store.read(lo, hi - lo) for _, lo, hi in fetch))
-        for (i, _, _), data_i in zip(fetch, results):
+        for (i, _, _), data_i in zip(fetch, results, strict=True):
             parts[i] = data_i
         return b"".join(parts)
 
@@ -258,7 +275,7 @@ class Export:
             else:
                 del writing[p]
 
-    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self._require_open()
         span = page_span(offset, len(data))
         self._writes_begin(span)
