@@ -15,6 +15,8 @@ from typing import Any
 
 from . import protocol as P
 from .cache import PAGE, PageCache, SwapTracker, page_span
+from hvbase.fsm import StateMachine
+
 from .errors import ShimConfigError, ShimStateError, StoreError
 from .store import BackingStore
 
@@ -42,6 +44,13 @@ class PrefetchState(StrEnum):
     CANCELLED = "cancelled"
 
 
+E, F = ExportState, PrefetchState
+EXPORT_TRANSITIONS = {E.CREATED: {E.OPEN, E.CLOSED}, E.OPEN: {E.CLOSING}, E.CLOSING: {E.CLOSED}, E.CLOSED: set()}
+# a new plan may start from any state (a deeper consolidation re-plans); a restored checkpoint resets it
+PREFETCH_TRANSITIONS = {F.IDLE: {F.RUNNING, F.DONE, F.IDLE}, F.RUNNING: {F.RUNNING, F.DONE, F.CANCELLED, F.IDLE},
+                        F.DONE: {F.RUNNING, F.DONE, F.IDLE}, F.CANCELLED: {F.RUNNING, F.DONE, F.IDLE}}
+
+
 class Export:
     """A named export. ``open()`` it, serve it, ``await close()`` it."""
 
@@ -56,11 +65,13 @@ class Export:
         self.store = store
         self.prefetch_concurrency = prefetch_concurrency
         self.max_run_pages = max_run_pages
-        self.state = ExportState.CREATED
+        self.fsm: StateMachine[ExportState] = StateMachine(f"export {name!r}", E.CREATED, EXPORT_TRANSITIONS,
+                                                           error=ShimStateError, log=log)
+        self.prefetch_fsm: StateMachine[PrefetchState] = StateMachine(
+            f"prefetch of export {name!r}", F.IDLE, PREFETCH_TRANSITIONS, error=ShimStateError, log=log)
         self.tracker = SwapTracker()
         self.cache = PageCache(0)
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self.prefetch_state = PrefetchState.IDLE
         self._prefetch_task: asyncio.Task[None] | None = None
         self._queue: deque[tuple[int, int]] = deque()
         self._urgent: deque[tuple[int, int]] = deque()
@@ -74,28 +85,34 @@ class Export:
         self._epoch_tracked = 0
         self._epoch_prefetched = 0
 
+    @property
+    def state(self) -> ExportState:
+        return self.fsm.state
+
+    @property
+    def prefetch_state(self) -> PrefetchState:
+        return self.prefetch_fsm.state
+
     # lifecycle -------------------------------------------------------------------------------
     def open(self) -> Export:
-        if self.state is not ExportState.CREATED:
-            raise ShimStateError(f"export {self.name!r} cannot open from state {self.state.value}")
+        self.fsm.require("open", E.CREATED)
         self.store.open()
-        self.state = ExportState.OPEN
+        self.fsm.set(E.OPEN, "opened")
         return self
 
     async def close(self) -> None:
-        if self.state in (ExportState.CLOSING, ExportState.CLOSED):
+        if self.state in (E.CLOSING, E.CLOSED):
             return
-        if self.state is ExportState.CREATED:
-            self.state = ExportState.CLOSED
+        if self.state is E.CREATED:
+            self.fsm.set(E.CLOSED, "closed before open")
             return
-        self.state = ExportState.CLOSING
+        self.fsm.set(E.CLOSING, "close")
         await self._cancel_prefetch()
         await asyncio.to_thread(self.store.close)
-        self.state = ExportState.CLOSED
+        self.fsm.set(E.CLOSED, "closed")
 
     def _require_open(self) -> None:
-        if self.state is not ExportState.OPEN:
-            raise ShimStateError(f"export {self.name!r} is {self.state.value}, not open")
+        self.fsm.require("serve", E.OPEN)
 
     @property
     def size(self) -> int:
@@ -164,7 +181,7 @@ class Export:
         self.counters["prefetch_woken_pages"] += len(woken)
         self._urgent.append((lo, hi - lo))
         if self._prefetch_task is None or self._prefetch_task.done():
-            self.prefetch_state = PrefetchState.RUNNING
+            self.prefetch_fsm.set(F.RUNNING, "a miss woke skipped pages")
             self._prefetch_task = asyncio.get_running_loop().create_task(
                 self._prefetch_main(), name=f"shim-prefetch-{self.name}")
 
@@ -342,11 +359,11 @@ class Export:
         self._epoch_tracked = len(self.tracker)
         self._epoch_prefetched = 0
         if runs:
-            self.prefetch_state = PrefetchState.RUNNING
+            self.prefetch_fsm.set(F.RUNNING, f"{len(runs)} runs planned")
             self._prefetch_task = asyncio.get_running_loop().create_task(
                 self._prefetch_main(), name=f"shim-prefetch-{self.name}")
         else:
-            self.prefetch_state = PrefetchState.DONE
+            self.prefetch_fsm.set(F.DONE, "nothing to prefetch")
         return {"budget_bytes": self.cache.budget_bytes, "planned_pages": self._epoch_planned,
                 "runs": len(runs), "cached_pages": len(self.cache), "tracked_pages": self._epoch_tracked,
                 "skipped_recent_pages": len(self._skipped)}
@@ -370,7 +387,8 @@ class Export:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.wait([task])  # waits without swallowing a cancellation aimed at us
-            self.prefetch_state = PrefetchState.CANCELLED
+            if self.prefetch_state is F.RUNNING:
+                self.prefetch_fsm.set(F.CANCELLED, "cancelled")
 
     async def _prefetch_main(self) -> None:
         try:
@@ -380,7 +398,7 @@ class Export:
                     break
         finally:
             self._planned.clear()
-        self.prefetch_state = PrefetchState.DONE
+        self.prefetch_fsm.set(F.DONE, f"{len(self.cache)} pages in cache")
         log.info("prefetch %s done: %d pages in cache", self.name, len(self.cache))
 
     def _next_run(self) -> tuple[int, int] | None:
@@ -510,4 +528,4 @@ class Export:
         self.cache.set_budget(int(state.get("budget_bytes", 0)))
         counters = state.get("counters", {})
         self.counters = {k: int(counters.get(k, 0)) for k in _COUNTERS}
-        self.prefetch_state = PrefetchState.IDLE
+        self.prefetch_fsm.set(F.IDLE, "restored")

@@ -27,6 +27,8 @@ from pathlib import Path
 from collections.abc import Iterable
 from typing import Any, cast
 
+from hvbase.fsm import StateMachine
+
 from . import protocol as P
 from .errors import NbdProtocolError, ShimConfigError, ShimStateError, StoreError
 from .export import Export
@@ -54,6 +56,13 @@ class ConnPhase(StrEnum):
     TRANSMISSION = "transmission"
     CLOSING = "closing"
     CLOSED = "closed"
+
+
+_S, _C = ServerState, ConnPhase
+SERVER_TRANSITIONS = {_S.CREATED: {_S.SERVING, _S.STOPPED}, _S.SERVING: {_S.SHUTTING_DOWN},
+                      _S.SHUTTING_DOWN: {_S.STOPPED}, _S.STOPPED: set()}
+CONN_TRANSITIONS = {_C.NEGOTIATING: {_C.TRANSMISSION, _C.CLOSING, _C.CLOSED},
+                    _C.TRANSMISSION: {_C.CLOSING, _C.CLOSED}, _C.CLOSING: {_C.CLOSED}, _C.CLOSED: {_C.CLOSED}}
 
 
 class RecvBuffer:
@@ -103,7 +112,9 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.server = server
         self.id = conn_id
         self.log = log.getChild(f"conn{conn_id}")
-        self.phase = ConnPhase.NEGOTIATING
+        self.fsm: StateMachine[ConnPhase] = StateMachine(f"NBD connection {conn_id}", _C.NEGOTIATING,
+                                                         CONN_TRANSITIONS, error=ShimStateError, log=self.log,
+                                                         history=8, level=logging.DEBUG)
         self.export: Export | None = None
         self.transport: asyncio.Transport | None = None
         self._rx = RecvBuffer()
@@ -131,6 +142,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.requests = 0
 
     # asyncio.Protocol ------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> ConnPhase:
+        return self.fsm.state
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # a stream transport (uvloop's are not asyncio.Transport subclasses, so no isinstance check)
         self.transport = cast(asyncio.Transport, transport)
@@ -178,7 +193,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self._discard_left or self._payload_view is not None or (self.phase is ConnPhase.TRANSMISSION and partial):
             self.log.info("client went away with %d bytes of an incomplete request", partial)
             self._payload = self._payload_view = None
-        self.phase = ConnPhase.CLOSED
+        self.fsm.set(_C.CLOSED, "connection lost")
         self._maybe_done()
 
     def pause_writing(self) -> None:
@@ -379,7 +394,7 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _enter_transmission(self, export: Export) -> None:
         self.export = export
-        self.phase = ConnPhase.TRANSMISSION
+        self.fsm.set(_C.TRANSMISSION, f"export {export.name}")
         self.log.debug("transmission on export %r", export.name)
         if len(self._rx):
             asyncio.get_running_loop().call_soon(self._process)
@@ -565,7 +580,8 @@ class NbdServer:
     def __init__(self, socket_path: str | os.PathLike[str], exports: Iterable[Export] = (), *,
                  default_export: str | None = None, handshake_timeout: float = 30.0, max_inflight: int = 128) -> None:
         self.socket_path = Path(socket_path)
-        self.state = ServerState.CREATED
+        self.fsm: StateMachine[ServerState] = StateMachine("NBD server", _S.CREATED, SERVER_TRANSITIONS,
+                                                           error=ShimStateError, log=log)
         self.exports: dict[str, Export] = {}
         for e in exports:
             self.add_export(e)
@@ -577,6 +593,10 @@ class NbdServer:
         self._ids = itertools.count(1)
         self.connections_total = 0
 
+
+    @property
+    def state(self) -> ServerState:
+        return self.fsm.state
     def add_export(self, export: Export) -> None:
         if self.state in (ServerState.SHUTTING_DOWN, ServerState.STOPPED):
             raise ShimStateError(f"cannot add export {export.name!r}: server is {self.state.value}")
@@ -604,8 +624,7 @@ class NbdServer:
         self._conns.discard(conn)
 
     async def start(self) -> None:
-        if self.state is not ServerState.CREATED:
-            raise ShimStateError(f"server cannot start from state {self.state.value}")
+        self.fsm.require("start", _S.CREATED)
         if not self.exports:
             raise ShimConfigError("server has no exports")
         path = prepare_socket_path(self.socket_path)
@@ -615,7 +634,7 @@ class NbdServer:
         except OSError as exc:
             raise ShimConfigError(f"cannot listen on {path}: {exc.strerror}") from exc
         secure_socket(path)
-        self.state = ServerState.SERVING
+        self.fsm.set(_S.SERVING, f"listening on {self.socket_path}")
         log.info("NBD server on %s with exports %s", path, ", ".join(repr(n) for n in self.exports))
 
     def stats(self) -> dict[str, Any]:
@@ -627,9 +646,9 @@ class NbdServer:
         if self.state in (ServerState.SHUTTING_DOWN, ServerState.STOPPED):
             return
         if self.state is ServerState.CREATED:
-            self.state = ServerState.STOPPED
+            self.fsm.set(_S.STOPPED, "stopped before serving")
             return
-        self.state = ServerState.SHUTTING_DOWN
+        self.fsm.set(_S.SHUTTING_DOWN, "shutdown")
         assert self._server is not None
         self._server.close()
         conns = list(self._conns)
@@ -652,5 +671,5 @@ class NbdServer:
             self.socket_path.unlink()
         except FileNotFoundError:
             pass
-        self.state = ServerState.STOPPED
+        self.fsm.set(_S.STOPPED, "stopped")
         log.info("NBD server on %s stopped", self.socket_path)
