@@ -18,46 +18,58 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 from collections.abc import Iterable, Mapping
+from typing import Any
 
-from .check import check
+from .check import CheckReport, check
 from .cpsat import SolverOptions
-from .model import (HOST_LEVEL, Group, Host, MovePolicy, Objective, Problem, ProblemError, Rule, find_conflicts,
-                    validate_base, validate_rule)
+from .errors import PlacementRefused, ProblemError, RuleConflictError, show
+from .model import (HOST_LEVEL, Group, Host, MovePolicy, Objective, Problem, Rule, check_model_size, check_sizes,
+                    find_conflicts, validate_base, validate_group, validate_rule)
 from .schema import group_from_dict, rule_from_dict
 from .solver import PlacementResult, solve
 
 log = logging.getLogger(__name__)
 
-
-class PlacementRefused(Exception):
-    """Raised by ``place_group(..., raise_on_refusal=True)``; ``result`` says why."""
-
-    def __init__(self, result: PlacementResult):
-        self.result = result
-        super().__init__(result.message or result.status)
+__all__ = ["PlacementController", "PlacementRefused", "host_from_spec"]
 
 
 def host_from_spec(spec: Host | Mapping[str, Any]) -> Host:
     """A Host from ``{"name", "vcpus", "memory_mib", "overcommit", "domain"}`` (flat) or from
-    ``{"name", "capacity", "overcommit", "domain"}``. A scalar overcommit applies to vCPUs."""
+    ``{"name", "capacity", "overcommit", "domain"}``. A scalar overcommit applies to vCPUs.
+    Raises ProblemError for a spec that is not one of those shapes (values are checked by the
+    problem's validation)."""
     if isinstance(spec, Host):
         return spec
+    if not isinstance(spec, Mapping):
+        raise ProblemError([("host", f"must be a mapping or a Host, got {show(spec)}")])
     s = dict(spec)
+    name = s.get("name")
+    where = f"host {show(name)}"
+    oc = s.get("overcommit", {} if "capacity" in s else 1.0)
+    if isinstance(oc, (int, float)) and not isinstance(oc, bool):
+        oc = {"vcpus": oc}
+    if not isinstance(oc, Mapping) or not isinstance(s.get("domain", {}), Mapping):
+        raise ProblemError([(f"{where}.overcommit/domain", f"must be mappings, got {show(oc)}, "
+                                                           f"{show(s.get('domain'))}")])
+    domain = dict(s.get("domain") or {})
     if "capacity" in s:
-        oc = s.get("overcommit", {})
-        oc = {"vcpus": float(oc)} if isinstance(oc, (int, float)) else dict(oc)
-        return Host(s["name"], dict(s["capacity"]), oc, dict(s.get("domain", {})))
+        cap = s["capacity"]
+        if not isinstance(cap, Mapping):
+            raise ProblemError([(f"{where}.capacity", f"must be a mapping, got {show(cap)}")])
+        return Host(str(name) if name is not None else "", dict(cap), dict(oc), domain)
+    missing = [k for k in ("name", "vcpus", "memory_mib") if k not in s]
+    if missing:
+        raise ProblemError([(where, f"missing {', '.join(missing)}")])
     extra = {k: v for k, v in s.items() if k not in ("name", "vcpus", "memory_mib", "overcommit", "domain")}
-    return Host.make(s["name"], s["vcpus"], s["memory_mib"], s.get("overcommit", 1.0), s.get("domain"), **extra)
+    return Host(s["name"], {"vcpus": s["vcpus"], "memory_mib": s["memory_mib"], **extra}, dict(oc), domain)
 
 
 class PlacementController:
     def __init__(self, hosts: Iterable[Host | Mapping[str, Any]], *, levels: Iterable[str] | None = None,
                  rules: Iterable[Rule | Mapping[str, Any]] = (), objective: Objective | None = None,
                  solver: str = "cpsat", options: SolverOptions | None = None, explain_time_s: float = 2.0,
-                 max_attempts: int = 3):
+                 max_attempts: int = 3) -> None:
         hs = [host_from_spec(h) for h in hosts]
         if levels is None:
             levels = [lv for lv in (hs[0].domain if hs else {})] + [HOST_LEVEL]
@@ -114,7 +126,7 @@ class PlacementController:
         """A snapshot of the cluster as a placement problem (current placement fixed)."""
         return self._snapshot()
 
-    def check(self):
+    def check(self) -> CheckReport:
         """Independent check of the whole current placement."""
         p = self._problem
         return check(p, p.current)
@@ -149,22 +161,21 @@ class PlacementController:
             for j, vm in enumerate(group.vms):
                 if vm.name in known:
                     errors.append((f"group.vms[{j}].name", f"VM {vm.name!r} already exists"))
-                for r, a in vm.demand.items():
-                    if isinstance(a, bool) or not isinstance(a, int) or a < 0:
-                        errors.append((f"group.vms[{j}].demand.{r}", f"must be a non-negative integer, got {a!r}"))
+            errors.extend(validate_group(group, "group", set(), set()))
+        errors.extend(check_sizes(snap))  # the totals (documented limits) with the additions
         have = {r.name for r in self._problem.rules}
-        for i, r in enumerate(rules):
-            w = f"rules[{i}] ({r.name})"
-            if r.name in have:
-                errors.append((f"{w}.name", f"rule {r.name!r} already exists"))
-            have.add(r.name)
-            errors.extend(validate_rule(r, w, gnames, snap.topology))
+        for i, rule in enumerate(rules):
+            w = f"rules[{i}] ({rule.name})"
+            if rule.name in have:
+                errors.append((f"{w}.name", f"rule {rule.name!r} already exists"))
+            have.add(rule.name)
+            errors.extend(validate_rule(rule, w, gnames, snap.topology))
         if errors:
             raise ProblemError(errors)
+        check_model_size(snap)
         new_groups = {group.name} if group is not None else set()
         conflicts = find_conflicts(snap, only=[r.name for r in rules], groups=new_groups)
         if conflicts:
-            from .model import RuleConflictError
             raise RuleConflictError([(f"rules ({', '.join(n)})", m) for n, m in conflicts], [n for n, _ in conflicts])
 
     async def place_group(self, group: Group | Mapping[str, Any], rules: Iterable[Rule | Mapping[str, Any]] = (), *,
@@ -190,7 +201,8 @@ class PlacementController:
                     break
                 log.info("placement of %s went stale during the solve (attempt %d); solving again", g.name, attempt + 1)
             else:
-                result = PlacementResult("failed", result.solver if result else "", message="placement kept going stale")
+                result = PlacementResult("failed", result.solver if result else "",
+                                         message="placement kept going stale")
         assert result is not None
         if not result.ok and raise_on_refusal:
             raise PlacementRefused(result)
