@@ -194,17 +194,36 @@ def host_from_dict(errs: _Errors, h: Any, where: str) -> Host | None:
     return Host(name, cap, dict(oc), dom)
 
 
+class _Budget:
+    """VMs a document may still define (``limits.MAX_VMS`` over all groups); reported once."""
+
+    def __init__(self, left: int = L.MAX_VMS) -> None:
+        self.left = left
+        self.exceeded = False
+
+    def take(self, errs: _Errors, where: str, n: int) -> bool:
+        if self.exceeded:
+            return False
+        if n > self.left:
+            self.exceeded = True
+            errs.add(where, f"{show(n)} VMs: the problem would have more than the {L.MAX_VMS} VMs it may have "
+                            f"(a documented limit)")
+            return False
+        self.left -= n
+        return True
+
+
 def group_from_dict(g: Any, where: str = "group", budget: int = L.MAX_VMS) -> Group:
     errs = _Errors()
-    out = _group(errs, g, where, [budget])
+    b = _Budget(budget)
+    out = _group(errs, g, where, b)
     if errs or out is None:
-        raise ProblemError(errs or [(where, "invalid group")])
+        raise (ProblemTooLargeError if b.exceeded else ProblemError)(errs or [(where, "invalid group")])
     return out
 
 
-def _group(errs: _Errors, g: Any, where: str, budget: list[int]) -> Group | None:
-    """``budget[0]``: VMs the document may still define (``limits.MAX_VMS`` over all groups);
-    checked before any VM is made."""
+def _group(errs: _Errors, g: Any, where: str, budget: _Budget) -> Group | None:
+    """``budget``: VMs the document may still define, checked before any VM is made."""
     if not isinstance(g, Mapping):
         errs.add(where, f"must be an object, got {show(g)}")
         return None
@@ -216,12 +235,8 @@ def _group(errs: _Errors, g: Any, where: str, budget: list[int]) -> Group | None
         if "count" in g or "demand" in g:
             errs.add(where, "give either vms or count + demand, not both")
         raw = _get(errs, g, "vms", where, list) or []
-        if len(raw) > budget[0]:
-            errs.add(f"{where}.vms", f"{len(raw)} VMs: more than the {L.MAX_VMS} VMs a problem may have "
-                                     f"(a documented limit)")
-            budget[0] = 0
+        if not budget.take(errs, f"{where}.vms", len(raw)):
             return None
-        budget[0] -= len(raw)
         vms = []
         for j, v in enumerate(raw):
             w = f"{where}.vms[{j}]"
@@ -241,12 +256,8 @@ def _group(errs: _Errors, g: Any, where: str, budget: list[int]) -> Group | None
     if count < 0:
         errs.add(f"{where}.count", f"negative count {show(count)}")
         return None
-    if count > budget[0]:
-        errs.add(f"{where}.count", f"{show(count)} VMs: more than the {L.MAX_VMS} VMs a problem may have "
-                                   f"(a documented limit)")
-        budget[0] = 0
+    if not budget.take(errs, f"{where}.count", count):
         return None
-    budget[0] -= count
     return Group.uniform(name, count, dem)
 
 
@@ -272,7 +283,7 @@ def problem_from_dict(d: Any) -> Problem:
     _get(errs, d, "comment", "", str, "")
     levels = _names(errs, d, "levels", "", ["datacenter", "rack", HOST_LEVEL], limit=L.MAX_LEVELS)
     hosts = [host_from_dict(errs, h, f"hosts[{i}]") for i, h in enumerate(_list(errs, d, "hosts", L.MAX_HOSTS))]
-    budget = [L.MAX_VMS]
+    budget = _Budget()
     groups = [_group(errs, g, f"groups[{i}]", budget) for i, g in enumerate(_list(errs, d, "groups", L.MAX_GROUPS, []))]
     rules = [_rule(errs, r, f"rules[{i}]") for i, r in enumerate(_list(errs, d, "rules", L.MAX_RULES, []))]
     current = _mapping(errs, d, "current", "", {}, limit=L.MAX_VMS) or {}
@@ -292,7 +303,7 @@ def problem_from_dict(d: Any) -> Problem:
     objective = Objective(_get(errs, ob, "mode", "objective", str, "balance") or "balance",
                           _names(errs, ob, "resources", "objective", [], limit=L.MAX_RESOURCES))
     if errs:
-        raise ProblemError(errs)
+        raise (ProblemTooLargeError if budget.exceeded else ProblemError)(errs)
     p = Problem(hosts=[h for h in hosts if h], groups=[g for g in groups if g], rules=[r for r in rules if r],
                 levels=levels, current=dict(current), moves=moves, objective=objective)
     return p.validate()
@@ -302,19 +313,20 @@ def read_document(path: str | Path) -> bytes:
     """The bytes of a problem file, refused (ProblemTooLargeError) beyond ``limits.MAX_INPUT_BYTES``
     before reading more than that."""
     path = Path(path)
+    src = str(path)
     try:
         with path.open("rb") as f:
             st = os.fstat(f.fileno())
             if st.st_size > L.MAX_INPUT_BYTES:
-                raise ProblemTooLargeError([("", f"{path} has {st.st_size} bytes: at most {L.MAX_INPUT_BYTES} "
-                                                 f"(a documented limit)")])
+                raise ProblemTooLargeError([("", f"the file has {st.st_size} bytes: at most {L.MAX_INPUT_BYTES} "
+                                                 f"(a documented limit)")], source=src)
             data = f.read(L.MAX_INPUT_BYTES + 1)
     except IsADirectoryError as exc:
-        raise ProblemError([("", f"cannot read {path}: it is a directory")]) from exc
+        raise ProblemError([("", "cannot read: it is a directory")], source=src) from exc
     except OSError as exc:
-        raise ProblemError([("", f"cannot read {path}: {exc.strerror or exc}")]) from exc
+        raise ProblemError([("", f"cannot read: {exc.strerror or exc}")], source=src) from exc
     if len(data) > L.MAX_INPUT_BYTES:
-        raise ProblemTooLargeError([("", f"{path} has more than {L.MAX_INPUT_BYTES} bytes (a documented limit)")])
+        raise ProblemTooLargeError([("", f"more than {L.MAX_INPUT_BYTES} bytes (a documented limit)")], source=src)
     return data
 
 
