@@ -62,7 +62,8 @@ class ProblemError(PlacementError, InputError):
         n = len(lines) + self.more
         head = lines[0] + (f" (and {n - 1} more problem{'s' if n > 2 else ''})" if n > 1 else "")
         if self.source:
-            head = f"{self.source}: {head}"
+            src = self.source if len(self.source) <= 200 else self.source[:200] + "..."
+            head = f"{src}: {head}"
         rest = lines[1:] + ([f"... {self.more} more"] if self.more else [])
         return "\n".join([head, *rest]) if len(lines) > 1 or self.more else head
 

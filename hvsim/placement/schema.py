@@ -353,14 +353,15 @@ def parse_document(text: str | bytes) -> Any:
 
 
 def load_problem(src: str | Path | bytes | Mapping[str, Any]) -> Problem:
-    """Load a problem from a path, a JSON text (str or bytes) or an already-parsed dict."""
-    if isinstance(src, Mapping):
-        return problem_from_dict(src)
+    """Load a problem from a path, a JSON text (bytes, or a str starting with ``{`` or ``[``) or an
+    already-parsed dict (any other parsed JSON value is refused as not a problem object)."""
     if isinstance(src, bytes):
         return problem_from_dict(parse_document(src))
-    if isinstance(src, Path) or not src.lstrip().startswith("{"):
+    if isinstance(src, Path) or (isinstance(src, str) and src.lstrip()[:1] not in ("{", "[")):
         return problem_from_dict(parse_document(read_document(src)))
-    return problem_from_dict(parse_document(src))
+    if isinstance(src, str):
+        return problem_from_dict(parse_document(src))
+    return problem_from_dict(src)
 
 
 def problem_to_dict(p: Problem) -> dict[str, Any]:

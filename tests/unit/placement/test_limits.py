@@ -182,3 +182,17 @@ def test_hostile_inputs_cost_bounded_memory(tmp_path):
         refused(r, str(f))
         print(name, round(r.maxrss_mib))
         assert r.maxrss_mib < REFUSED_RSS_MIB, (name, r.maxrss_mib)
+
+
+def test_the_limit_counts_from_when_the_command_started():
+    """`hvsim place` passes the time it started (before reading the file): a solve whose limit
+    is used up by then stops at once and says so, it does not start a fresh limit."""
+    import time
+
+    from hvsim.placement import SolverOptions, solve
+    from hvsim.placement.generate import generate
+    p = generate(50, 500, 150, seed=1)
+    res = solve(p, options=SolverOptions(time_limit_s=5.0), started=time.perf_counter() - 5.0)
+    assert res.status == "unknown" and res.limit_reached and "while the model was being built" in res.message
+    g = solve(p, "greedy", options=SolverOptions(time_limit_s=5.0), started=time.perf_counter() - 5.0)
+    assert g.status == "unknown" and g.limit_reached and "greedy stopped at the time limit" in g.message
