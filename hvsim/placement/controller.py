@@ -146,7 +146,7 @@ class PlacementController:
             groups.append(group)
         snap = Problem(p.hosts, groups, list(p.rules) + list(rules), p.levels, dict(p.current), MovePolicy(False),
                        p.objective)
-        snap._topo = p.topology
+        snap.share_topology(p)
         return snap
 
     def _validate_additions(self, snap: Problem, group: Group | None, rules: list[Rule]) -> None:
@@ -218,7 +218,7 @@ class PlacementController:
         rep = check(merged, merged.current, rules=touched, hosts=set(mine.values()))
         if not rep.ok:
             return False
-        merged._topo = self._problem.topology
+        merged.share_topology(self._problem)
         self._problem = merged
         result.assignment = mine
         return True

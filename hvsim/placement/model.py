@@ -309,6 +309,11 @@ class Problem:
     def invalidate(self) -> None:
         self._topo = None
 
+    def share_topology(self, other: Problem) -> None:
+        """Use ``other``'s index (its hosts and levels must be this problem's): snapshots of one
+        cluster share it instead of rebuilding it."""
+        self._topo = other.topology
+
     def group(self, name: str) -> Group:
         for g in self.groups:
             if g.name == name:
