@@ -91,6 +91,7 @@ class _Index:
         self._inside: dict[tuple[str, ...], frozenset[str]] = {}
         self._free: dict[tuple[str, str], dict[str, int]] = {}
         self._allowed: dict[str, frozenset[str]] = {}
+        self._allowed_doms: dict[tuple[str, str], frozenset[str]] = {}
         self.limits: dict[str, list[DomainRule]] = defaultdict(list)  # group -> required domain rules
         for r in p.rules:
             if r.required and isinstance(r, DomainRule):
@@ -148,6 +149,14 @@ class _Index:
                 else:
                     hosts -= inside
             got = self._allowed[group] = frozenset(hosts)
+        return got
+
+    def allowed_domains(self, group: str, level: str) -> frozenset[str]:
+        """Domains at ``level`` holding a host the group may use."""
+        key = (group, level)
+        got = self._allowed_doms.get(key)
+        if got is None:
+            got = self._allowed_doms[key] = frozenset(_dom(self.hosts_by_name[h], level) for h in self.allowed(group))
         return got
 
     def free(self, level: str, domain: str, resources: Iterable[str]) -> dict[str, int]:
@@ -265,7 +274,7 @@ def _violations(ix: _Index, rule: Rule) -> int:
     if isinstance(rule, Spread):
         domains: set[str] = set()
         for g in rule.groups:
-            domains |= {_dom(ix.hosts_by_name[h], rule.level) for h in ix.allowed(g)}
+            domains |= ix.allowed_domains(g, rule.level)
         per = _total(ix, rule.groups, rule.level)
         domains |= {d for d, c in per.items() if c > 0}
         counts = [per.get(d, 0) for d in domains]

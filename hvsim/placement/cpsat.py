@@ -424,7 +424,8 @@ class PlacementModel:
         violations (a constant, counted by the rule definitions on the fixed VMs) are part of
         the penalty: without them the reported objective would be below what the placement
         costs, and below the proven optimum."""
-        soft = [n for n in self.skipped if not self.p.rule(n).required]
+        by_name = {r.name: r for r in self.p.rules}
+        soft = [n for n in self.skipped if not by_name[n].required]
         if not soft:
             return
         names = [h.name for h in self.p.hosts]
