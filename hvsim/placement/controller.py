@@ -46,6 +46,8 @@ def host_from_spec(spec: Host | Mapping[str, Any]) -> Host:
     s = dict(spec)
     name = s.get("name")
     where = f"host {show(name)}"
+    if not isinstance(name, str):
+        raise ProblemError([(f"{where}.name", f"must be a string, got {show(name)}")])
     oc = s.get("overcommit", {} if "capacity" in s else 1.0)
     if isinstance(oc, (int, float)) and not isinstance(oc, bool):
         oc = {"vcpus": oc}
@@ -57,12 +59,12 @@ def host_from_spec(spec: Host | Mapping[str, Any]) -> Host:
         cap = s["capacity"]
         if not isinstance(cap, Mapping):
             raise ProblemError([(f"{where}.capacity", f"must be a mapping, got {show(cap)}")])
-        return Host(str(name) if name is not None else "", dict(cap), dict(oc), domain)
-    missing = [k for k in ("name", "vcpus", "memory_mib") if k not in s]
+        return Host(name, dict(cap), dict(oc), domain)
+    missing = [k for k in ("vcpus", "memory_mib") if k not in s]
     if missing:
         raise ProblemError([(where, f"missing {', '.join(missing)}")])
     extra = {k: v for k, v in s.items() if k not in ("name", "vcpus", "memory_mib", "overcommit", "domain")}
-    return Host(s["name"], {"vcpus": s["vcpus"], "memory_mib": s["memory_mib"], **extra}, dict(oc), domain)
+    return Host(name, {"vcpus": s["vcpus"], "memory_mib": s["memory_mib"], **extra}, dict(oc), domain)
 
 
 class PlacementController:
