@@ -73,6 +73,18 @@ def _effective(h: Host, res: str) -> int:
     return math.floor(h.capacity.get(res, 0) * h.overcommit.get(res, 1.0) + 1e-9)
 
 
+def _loads(placed: Mapping[str, str], vm_demand: Mapping[str, Mapping[str, int]]) -> dict[str, dict[str, int]]:
+    """Host -> resource -> demand of the VMs placed there."""
+    out: dict[str, dict[str, int]] = {}
+    for v, h in placed.items():
+        acc = out.get(h)
+        if acc is None:
+            acc = out[h] = {}
+        for res, a in vm_demand[v].items():
+            acc[res] = acc.get(res, 0) + a
+    return out
+
+
 class _Index:
     """The checker's own view of the placement: hosts per domain, VMs per (group, level,
     domain), load per (level, domain, resource)."""
@@ -90,6 +102,7 @@ class _Index:
         self._members: dict[str, dict[str, set[str]]] = {}
         self._inside: dict[tuple[str, ...], frozenset[str]] = {}
         self._free: dict[tuple[str, str], dict[str, int]] = {}
+        self._host_load: dict[str, dict[str, int]] | None = None
         self._allowed: dict[str, frozenset[str]] = {}
         self._allowed_doms: dict[tuple[str, str], frozenset[str]] = {}
         self.limits: dict[str, list[DomainRule]] = defaultdict(list)  # group -> required domain rules
@@ -166,11 +179,11 @@ class _Index:
             key = (level, res)
             table = self._free.get(key)
             if table is None:
+                if self._host_load is None:
+                    self._host_load = _loads(self.placed, self.vm_demand)
                 table = defaultdict(int)
                 for h in self.p.hosts:
-                    table[_dom(h, level)] += _effective(h, res)
-                for v, hn in self.placed.items():
-                    table[_dom(self.hosts_by_name[hn], level)] -= self.vm_demand[v].get(res, 0)
+                    table[_dom(h, level)] += _effective(h, res) - self._host_load.get(h.name, {}).get(res, 0)
                 self._free[key] = table
             out[res] = table.get(domain, 0)
         return out
@@ -206,10 +219,7 @@ def check(problem: Problem, assignment: Mapping[str, str], rules: Iterable[str] 
 
     # capacity
     host_set = set(hosts) if hosts is not None else None
-    load: dict[str, Counter[str]] = defaultdict(Counter)
-    for v, h in placed.items():
-        if host_set is None or h in host_set:
-            load[h].update(vm_demand[v])
+    load = _loads({v: h for v, h in placed.items() if host_set is None or h in host_set}, vm_demand)
     for h, used in load.items():
         host = hosts_by_name[h]
         for res, amount in used.items():
@@ -244,7 +254,10 @@ def check(problem: Problem, assignment: Mapping[str, str], rules: Iterable[str] 
     return rep
 
 
-def _total(ix: _Index, groups: Iterable[str], level: str) -> Counter[str]:
+def _total(ix: _Index, groups: tuple[str, ...], level: str) -> Counter[str]:
+    """Domain -> VMs of ``groups`` there (not to be changed: may be the index's own counter)."""
+    if len(groups) == 1:
+        return ix.counts(groups[0], level)
     out: Counter[str] = Counter()
     for g in groups:
         out.update(ix.counts(g, level))

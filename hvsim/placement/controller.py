@@ -24,8 +24,8 @@ from typing import Any
 from .check import CheckReport, check
 from .cpsat import SolverOptions
 from .errors import PlacementRefused, ProblemError, RuleConflictError, show
-from .model import (HOST_LEVEL, Group, Host, MovePolicy, Objective, Problem, Rule, check_model_size, check_sizes,
-                    find_conflicts, validate_base, validate_group, validate_rule)
+from .model import (HOST_LEVEL, Group, Host, MovePolicy, Objective, Problem, ReserveAmount, ReserveHosts, Rule,
+                    check_model_size, check_sizes, find_conflicts, validate_base, validate_group, validate_rule)
 from .schema import group_from_dict, rule_from_dict
 from .solver import PlacementResult, solve
 
@@ -87,6 +87,15 @@ class PlacementController:
         self.explain_time_s = explain_time_s
         self.max_attempts = max_attempts
         self._lock = asyncio.Lock()
+        # penalty (weight x violations) of preferred rules on groups that are all placed: the
+        # solver's constant term, kept between placements (a new group does not change them);
+        # any other change of the placement, the rules or the hosts drops them all
+        self._constants: dict[str, int] = {}
+        self._generation = 0
+
+    def _changed(self) -> None:
+        self._constants.clear()
+        self._generation += 1
 
     @classmethod
     def from_problem(cls, problem: Problem, placement: Mapping[str, str] | None = None,
@@ -192,14 +201,17 @@ class PlacementController:
             for attempt in range(self.max_attempts):
                 snap = self._snapshot(g, new_rules)
                 self._validate_additions(snap, g, new_rules)
-                touched = [r.name for r in snap.rules if g.name in getattr(r, "groups", ())
-                           or r.kind in ("reserve_hosts", "reserve_amount")]
+                touched = [r.name for r in snap.rules if g.name in r.groups_named
+                           or isinstance(r, (ReserveHosts, ReserveAmount))]
+                constants, generation = dict(self._constants), self._generation  # (the solve fills its copy)
                 result = await asyncio.to_thread(
                     solve, snap, solver or self.solver, options=self.options, explain_time_s=self.explain_time_s,
-                    check_rules=touched, check_hosts=[])
+                    check_rules=touched, check_hosts=[], constants=constants)
                 if not result.ok:
                     break
                 if self._commit(g, new_rules, result):
+                    if generation == self._generation:
+                        self._keep_constants(constants, new_rules)
                     break
                 log.info("placement of %s went stale during the solve (attempt %d); solving again", g.name, attempt + 1)
             else:
@@ -210,13 +222,23 @@ class PlacementController:
             raise PlacementRefused(result)
         return result
 
+    def _keep_constants(self, constants: dict[str, int], new_rules: list[Rule]) -> None:
+        """Keep what the solve computed, except for rules on groups the new rules name (a new
+        required domain rule changes which domains a spread counts) or after a new reservation."""
+        if any(isinstance(r, (ReserveHosts, ReserveAmount)) for r in new_rules):
+            return
+        named = {g for r in new_rules for g in r.groups_named}
+        by_name = {r.name: r for r in self._problem.rules}
+        self._constants = {n: v for n, v in constants.items()
+                           if n in by_name and not named.intersection(by_name[n].groups_named)}
+
     def _commit(self, g: Group, rules: list[Rule], result: PlacementResult) -> bool:
         """Check the new VMs against the live state (releases may have happened) and commit."""
         mine = {v.name: result.assignment[v.name] for v in g.vms}
         merged = self._snapshot(g, rules)
         merged.current.update(mine)
-        touched = [r.name for r in merged.rules if g.name in getattr(r, "groups", ())
-                   or r.kind in ("reserve_hosts", "reserve_amount")]
+        touched = [r.name for r in merged.rules if g.name in r.groups_named
+                   or isinstance(r, (ReserveHosts, ReserveAmount))]
         rep = check(merged, merged.current, rules=touched, hosts=set(mine.values()))
         if not rep.ok:
             return False
@@ -238,10 +260,12 @@ class PlacementController:
                     raise ProblemError([(f"rule ({r.name})", f"the current placement breaks it "
                                                              f"({rep.required_violations} violations)")])
             self._problem = snap
+            self._changed()
 
     def remove_rule(self, name: str) -> None:
         p = self._problem
         p.rules = [r for r in p.rules if r.name != name]
+        self._changed()
 
     async def add_host(self, host: Host | Mapping[str, Any]) -> None:
         h = host_from_spec(host)
@@ -252,6 +276,7 @@ class PlacementController:
             if errors:
                 raise ProblemError(errors)
             self._problem = np
+            self._changed()
 
     def release(self, vm_name: str) -> list[str]:
         """Forget a VM (it was destroyed). When it was the last of its group, the group goes too,
@@ -260,6 +285,7 @@ class PlacementController:
         if vm_name not in p.current:
             raise KeyError(f"unknown VM {vm_name!r}")
         del p.current[vm_name]
+        self._changed()
         for i, g in enumerate(p.groups):
             if any(v.name == vm_name for v in g.vms):
                 rest = [v for v in g.vms if v.name != vm_name]
@@ -279,6 +305,7 @@ class PlacementController:
         if host not in {h.name for h in p.hosts}:
             raise ProblemError([("host", f"VM {vm_name!r} moved to unknown host {host!r}")])
         p.current[vm_name] = host
+        self._changed()
         rep = check(p, p.current)
         if not rep.ok:
             log.warning("VM %s moved to %s: the placement now breaks required rules: %s", vm_name, host,
@@ -291,13 +318,15 @@ class PlacementController:
         g = p.group(name)
         for v in g.vms:
             p.current.pop(v.name, None)
+        self._changed()
         return self._drop_group(name)
 
     def _drop_group(self, name: str) -> list[str]:
         p = self._problem
         p.groups = [g for g in p.groups if g.name != name]
-        dropped = [r.name for r in p.rules if name in getattr(r, "groups", ())]
-        p.rules = [r for r in p.rules if name not in getattr(r, "groups", ())]
+        dropped = [r.name for r in p.rules if name in r.groups_named]
+        p.rules = [r for r in p.rules if name not in r.groups_named]
+        self._changed()
         if dropped:
             log.info("group %s released; dropped its rules %s", name, ", ".join(dropped))
         return dropped

@@ -99,8 +99,12 @@ def _no_solution(m: cp.CpModel) -> cp.Constraint:
 
 class PlacementModel:
     def __init__(self, problem: Problem, *, explain: bool = False, hint: Mapping[str, str] | None = None,
-                 deadline: float | None = None) -> None:
+                 deadline: float | None = None, constants: dict[str, int] | None = None) -> None:
+        """``constants``: rule name -> penalty already counted for a preferred rule whose groups
+        are all fixed (as here); missing ones are counted and added (the controller keeps them
+        between placements)."""
         self.p = problem
+        self._constants = constants
         self.topo = problem.topology
         self.explain = explain
         self.deadline = deadline
@@ -426,12 +430,16 @@ class PlacementModel:
         costs, and below the proven optimum."""
         by_name = {r.name: r for r in self.p.rules}
         soft = [n for n in self.skipped if not by_name[n].required]
-        if not soft:
-            return
-        names = [h.name for h in self.p.hosts]
-        fixed = {vm: names[h] for vm, h in self.fixed.items()}
-        rep = check(self.p, fixed, rules=soft, hosts=())
-        self.penalty_const += rep.preferred_penalty
+        known = self._constants if self._constants is not None else {}
+        missing = [n for n in soft if n not in known]
+        if missing:
+            names = [h.name for h in self.p.hosts]
+            fixed = {vm: names[h] for vm, h in self.fixed.items()}
+            counted = {rc.name: rc.penalty for rc in check(self.p, fixed, rules=missing, hosts=()).rules}
+            if self._constants is not None:
+                self._constants.update(counted)
+            known = {**known, **counted}
+        self.penalty_const += sum(known[n] for n in soft)
 
     def _r_anti_affinity(self, r: AntiAffinity) -> None:
         m = self.m

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .solver import PlacementResult
 
 MAX_REPORTED = 50  # problems kept in one ProblemError (the rest are counted)
+SHOW_MAX = 120
 
 _repr = reprlib.Repr()
 _repr.maxstring = 60
@@ -33,8 +34,9 @@ _repr.maxlevel = 3
 
 def show(value: Any) -> str:
     """A short repr of a value from outside, for messages (long strings, numbers with thousands
-    of digits and deep structures are cut)."""
-    return _repr.repr(value)
+    of digits and deep structures are cut; at most ``SHOW_MAX`` characters)."""
+    text = _repr.repr(value)
+    return text if len(text) <= SHOW_MAX else text[:SHOW_MAX - 3] + "..."
 
 
 def key(value: Any) -> str:

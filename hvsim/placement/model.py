@@ -564,11 +564,21 @@ def validate_rule(r: Rule, w: str, gnames: set[str], topo: Topology) -> Errors:
     return errors
 
 
+def _classes(g: Group) -> int:
+    """Distinct demand vectors among the group's VMs (the solver's classes)."""
+    if not g.vms:
+        return 0
+    first = g.vms[0].demand
+    if all(v.demand == first for v in g.vms):
+        return 1
+    return len({tuple(sorted(v.demand.items())) for v in g.vms})
+
+
 def model_estimate(p: Problem) -> tuple[int, int]:
     """(cells, terms) of the CP-SAT model of ``p`` with every VM a variable (the explanation
     model, the larger one): cells = VM classes x hosts; terms = cells + for every rule the cells
     of the groups it names (a reservation: all cells)."""
-    per = {g.name: len({tuple(sorted(v.demand.items())) for v in g.vms}) for g in p.groups}
+    per = {g.name: _classes(g) for g in p.groups}
     total = sum(per.values())
     n = len(p.hosts)
     terms = cells = total * n

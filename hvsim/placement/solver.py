@@ -93,7 +93,8 @@ class PlacementResult:
 def solve(problem: Problem, solver: str = "cpsat", *, explain: bool = True, options: SolverOptions | None = None,
           hint: Mapping[str, str] | None = None, explain_time_s: float = 2.0,
           check_rules: Iterable[str] | None = None, check_hosts: Iterable[str] | None = None,
-          warm_start: bool = False, started: float | None = None) -> PlacementResult:
+          warm_start: bool = False, started: float | None = None,
+          constants: dict[str, int] | None = None) -> PlacementResult:
     """Place every VM of ``problem``.
 
     The time limit (``options.time_limit_s``) counts from ``started`` (a ``time.perf_counter()``
@@ -106,7 +107,8 @@ def solve(problem: Problem, solver: str = "cpsat", *, explain: bool = True, opti
     placement (its time counts in the limit). ``explain``: on refusal, compute the minimal
     conflicting rule set (within ``explain_time_s`` and the limit); the per-host elimination
     counts are always given. ``check_rules``/``check_hosts`` narrow the final independent check
-    to what could have changed (the controller's incremental path)."""
+    to what could have changed (the controller's incremental path); ``constants`` carries the
+    penalty of preferred rules on fixed groups between such solves (see ``PlacementModel``)."""
     if solver not in SOLVERS:
         raise ProblemError([("solver", f"unknown solver {show(solver)} (known: {', '.join(SOLVERS)})")])
     opts = options or SolverOptions()
@@ -126,7 +128,7 @@ def solve(problem: Problem, solver: str = "cpsat", *, explain: bool = True, opti
         out = greedy.schedule(problem, deadline=min(deadline, t0 + WARM_START_SHARE * opts.time_limit_s))
         hint = out.assignment
     try:
-        pm = PlacementModel(problem, hint=hint, deadline=deadline)
+        pm = PlacementModel(problem, hint=hint, deadline=deadline, constants=constants)
     except ModelTimeout:
         return result("unknown", limit_reached=True,
                       message=f"no placement within {opts.time_limit_s:g} s: the time limit was reached while "
