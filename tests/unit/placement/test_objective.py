@@ -51,3 +51,36 @@ def test_constant_part_next_to_variables():
                 ("datacenter", "rack", "host"), current={"old-0": "d0r0h0", "old-1": "d1r1h1"}).validate()
     res, rep = agrees(p)
     assert res.objective["preferred_penalty"] == 7 + 2  # old spans two racks; 3 VMs over 2 datacenters: skew 1
+
+
+async def test_controller_reports_the_constant_and_follows_releases():
+    """The controller keeps the constant part between placements; after a release changes it,
+    the reported penalty follows (it is what the checker counts on the whole cluster)."""
+    from hvsim.placement import PlacementController
+
+    hs = [{"name": h.name, "capacity": dict(h.capacity), "domain": dict(h.domain)} for h in HOSTS]
+    c = PlacementController(hs, levels=["datacenter", "rack", "host"])
+
+    async def place(name, n, rules=()):
+        res = await c.place_group({"name": name, "count": n, "demand": {"vcpus": 1, "memory_mib": 1024}}, rules)
+        assert res.ok
+        return res
+
+    # "old" is placed first under a required host anti-affinity, then a preferred rack affinity
+    # on it is added: 3 VMs on 3 hosts in at least 2 racks break it
+    await place("old", 3, [{"name": "old-hosts", "kind": "anti_affinity", "groups": ["old"], "level": "host"},
+                           {"name": "old-spread", "kind": "spread", "groups": ["old"], "level": "datacenter",
+                            "min_domains": 2}])
+    await c.add_rule({"name": "old-rack", "kind": "affinity", "groups": ["old"], "level": "rack",
+                      "required": False, "weight": 4})
+    before = c.check().preferred_penalty
+    assert before > 0
+    res = await place("a", 1)
+    assert res.objective["preferred_penalty"] == before
+    res = await place("b", 1)
+    assert res.objective["preferred_penalty"] == before  # (from the kept constants)
+    c.release("old-0")
+    c.release("old-1")  # one VM left: one rack, no violation
+    assert c.check().preferred_penalty == 0
+    res = await place("d", 1)
+    assert res.objective["preferred_penalty"] == 0
