@@ -2,7 +2,6 @@
 core's rules required the problem stays infeasible, and dropping any one makes it feasible)."""
 from __future__ import annotations
 
-
 import pytest
 
 from hvsim.placement import MovePolicy, Problem, solve
