@@ -167,10 +167,10 @@ class DeviceState:
             planned = e.resume_prefetch([*ck.cache_pages, *ck.planned], ck.skipped)
         elif final:
             e.set_unused_prefetched(p for p in ck.unused if p in c.pages)
-            if ck.prefetch_state == PrefetchState.RUNNING.value and ck.planned:
-                planned = e.resume_prefetch(ck.planned, ck.skipped)
-            else:
-                e.prefetch_state = PrefetchState(ck.prefetch_state)
+            e.prefetch_state = PrefetchState(ck.prefetch_state)
+            # what the source's prefetch still had to fetch, and the pages it skipped (a miss wakes them)
+            planned = e.resume_prefetch(ck.planned if ck.prefetch_state == PrefetchState.RUNNING.value else (),
+                                        ck.skipped)
         return {"seq": ck.seq, "cache_pages": len(c.pages), "tracked_pages": len(t.pages),
                 "prefetch_planned": planned, "restore_s": time.monotonic() - t0}
 
