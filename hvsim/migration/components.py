@@ -443,7 +443,10 @@ class ComponentMigration:
         raises; what could not be done is logged."""
         await self._stop_tasks()
         if self.link is not None:
-            await self.link.close()
+            try:
+                await self.link.close()
+            except Exception as exc:
+                log.error("migration %s: closing the state link failed: %s", self.id, exc)
         for u in self.ulds:
             src = u.source
             try:
@@ -457,12 +460,16 @@ class ComponentMigration:
                         await asyncio.sleep(0.1)
                         if src.state is not ComponentState.PREPARING:
                             break
-            except HvsimError as exc:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:   # a rollback reports and goes on: the lease must still be given back
                 log.error("migration %s: the source ULD %s could not serve again: %s", self.id, u.id, exc)
             if u.peer is not None:
                 try:
                     await u.peer.retire()
-                except HvsimError as exc:
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
                     log.error("migration %s: retiring the peer of %s failed: %s", self.id, u.id, exc)
             if u.fsm.state is not U.COMMITTED and u.fsm.can(U.ROLLED_BACK):
                 u.fsm.set(U.ROLLED_BACK, "migration rolled back")

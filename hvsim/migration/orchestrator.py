@@ -379,7 +379,10 @@ class Migration:
         self.log.warning("migration %s ends %s: %s", self.id, outcome.value, str(error).splitlines()[0])
         await self.transfer.settle()
         if self.components is not None:
-            await self.components.rollback()     # source ULDs serve again, peers retired
+            try:
+                await self.components.rollback()     # source ULDs serve again, peers retired
+            except Exception as exc:                  # never keeps the lease from being given back
+                self.log.error("ULD rollback failed: %s", exc)
         await self.transfer.discard()
         if self._own_heartbeat:
             await self.heartbeat.close()

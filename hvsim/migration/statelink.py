@@ -260,19 +260,40 @@ class StateLink:
                     self._written += n
                     wire += len(frame)
                     self.wire_bytes += len(frame)
-                    await self._send.stdin.drain()
+                    await self._drain()
                     off += n
                     if end:
                         break
                 data = await self._wait_done(p)
-            except BaseException:
+            except BaseException as exc:
                 p.aborted = True
                 if p.future is not None and not p.future.done():
                     p.future.cancel()
+                if isinstance(exc, StateLinkError):
+                    self._fail(exc)        # a stalled or broken stream cannot carry the next payload
                 raise
             tr = LinkTransfer(label, len(payload), wire, time.monotonic() - t0)
             self.transfers.append(tr)
             return bytes(data), tr
+
+    async def _drain(self) -> None:
+        """Wait until the sender took the bytes, checking for a stall meanwhile (a sender that no
+        longer reads, because the link is down and its socket is full, blocks the pipe)."""
+        assert self._send is not None and self._send.stdin is not None
+        drain = asyncio.ensure_future(self._send.stdin.drain())
+        try:
+            while True:
+                try:
+                    await asyncio.wait_for(asyncio.shield(drain), 0.5)
+                    return
+                except TimeoutError:
+                    err = self._stalled()
+                    if err is not None:
+                        raise err from None
+        except BaseException:
+            if not drain.done():
+                drain.cancel()
+            raise
 
     def _stalled(self) -> StateLinkError | None:
         idle = time.monotonic() - self._last_progress

@@ -30,6 +30,7 @@ the backing file, so it never serves stale data).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -256,8 +257,9 @@ class ShimComponent(Component):
 
     async def _do_retire(self) -> None:
         for p in (self.log_path, self.socket_path, self.control_path, self.state_path):
-            p.unlink(missing_ok=True)
-        if self.dir.exists() and not any(self.dir.iterdir()):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                p.unlink()
+        if self.dir.is_dir() and not any(self.dir.iterdir()):
             self.dir.rmdir()
 
     def pids(self) -> list[int]:
