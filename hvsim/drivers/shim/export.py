@@ -476,15 +476,16 @@ class Export:
         return (set(self._planned) | set(self._inflight), set(self._skipped), set(self._unused_prefetched))
 
     async def pause_prefetch(self) -> None:
-        """Stop the prefetcher after its reads in flight, keeping what it still had to do."""
+        """Stop the prefetcher after its reads in flight, keeping what it still had to do and the
+        pages it skipped (a later miss still wakes them once resumed)."""
         if self._paused_plan is not None:
             return
         running = self._prefetch_task is not None and not self._prefetch_task.done()
+        state = self.prefetch_state
         planned, skipped, _ = self.prefetch_plan()
         await self._cancel_prefetch()
-        if running:
-            self._paused_plan = (planned - set(self.cache.pages), skipped)
-            self.prefetch_state = PrefetchState.RUNNING
+        self._paused_plan = (planned - set(self.cache.pages) if running else set(), skipped)
+        self.prefetch_state = PrefetchState.RUNNING if running else state
 
     def resume_prefetch(self, planned: Iterable[int] | None = None, skipped: Iterable[int] = ()) -> int:
         """Prefetch ``planned`` pages (default: what :meth:`pause_prefetch` kept) into the cache's free

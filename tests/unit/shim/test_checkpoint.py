@@ -310,6 +310,30 @@ async def test_quiesce_keeps_the_prefetch_plan_and_the_final_restore_resumes_it(
         await b.close()
 
 
+async def test_pages_skipped_as_guest_resident_carry_over_to_the_destination(pair) -> None:
+    """A finished prefetch that left the guest's swap-cache pages out: after quiesce + final restore
+    the destination still knows them, and a miss on one wakes its neighbours there."""
+    a, b = pair
+    for p in range(1, 101):
+        await write(a, p, p)
+    await a.prefetch(200 * PAGE, skip_recent_pages=40)
+    await a.wait_prefetch()
+    assert a.stats()["prefetch_skipped_pages"] == 40
+    src, dst = DeviceState(a), DeviceState(b)
+    full = src.capture()
+    await dst.apply(decode(encode(full)))
+    await src.quiesce()
+    final = src.capture(since=full.seq)
+    assert len(final.skipped) == 40 and final.prefetch_state == "done"
+    await dst.apply(decode(encode(final)), final=True)
+    assert b.stats()["prefetch_skipped_pages"] == 40
+    assert await b.read(80 * PAGE, PAGE) == bytes([80]) * PAGE       # a miss on a skipped page ...
+    await b.wait_prefetch()
+    assert b.stats()["prefetch_woken_pages"] == 39                    # ... fetches the others
+    await src.resume()                                                # and the source keeps them too
+    assert a.stats()["prefetch_skipped_pages"] == 40
+
+
 async def test_held_writes_fail_when_the_export_closes(pair) -> None:
     a, _ = pair
     dev = DeviceState(a)
