@@ -9,7 +9,9 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -337,3 +339,11 @@ async def test_qemu_storage_daemon_data_disk_keeps_its_content(mp: Cluster, unde
     ck2 = await dst.checkpoint()                          # and the destination keeps tracking writes
     assert ck2.meta["dirty_bytes"] >= ck.meta["dirty_bytes"] + (256 << 10)
     assert_guest_healthy(vm)
+
+
+def test_the_example_runs_as_written() -> None:
+    example = Path(__file__).resolve().parents[3] / "examples" / "multiprocess" / "migrate_with_uld.py"
+    out = subprocess.run([sys.executable, str(example)], capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "destination shim" in out.stdout and " on b " in out.stdout and "ULDs precopy shim:swap" in out.stdout
+    assert re.search(r"OK order=seq pages=16384 bad=0", out.stdout), out.stdout
