@@ -147,6 +147,7 @@ class UldBreakdown:
     """The switch-over, as the guest lives it: vCPU stop -> ULD quiesce -> ULD transfer -> ULD
     restore -> resume (ms; from QEMU's STOP/RESUME events and the ULDs' replies)."""
     stop_to_pause_ms: float | None = None    # QEMU: vCPUs stopped, drives flushed, paused before switch-over
+    pause_reaction_ms: float | None = None   # QEMU's pre-switchover event -> the ULDs' final step began
     quiesce_ms: float | None = None          # every source ULD quiesced and its final checkpoint taken
     transfer_ms: float | None = None         # final checkpoints across the link
     restore_ms: float | None = None          # restored into the peers
@@ -416,10 +417,14 @@ class ComponentMigration:
         b.uld_ms = (mark["restored"] - mark["paused"]) * 1000
         return b
 
-    def finish_breakdown(self, stop_ts: float | None, continued_ts: float | None, resume_ts: float | None) -> None:
-        """Complete the breakdown with QEMU's STOP (source) and RESUME (destination) event times."""
+    def finish_breakdown(self, stop_ts: float | None, continued_ts: float | None, resume_ts: float | None,
+                         pause_ts: float | None = None) -> None:
+        """Complete the breakdown with QEMU's STOP (source), pre-switchover and RESUME (destination)
+        event times."""
         b = self.breakdown
         paused = self.marks.get("paused")
+        if pause_ts is not None and paused is not None:
+            b.pause_reaction_ms = (paused - pause_ts) * 1000
         if stop_ts is not None and paused is not None:
             b.stop_to_pause_ms = (paused - stop_ts) * 1000
         if continued_ts is not None and resume_ts is not None:

@@ -116,6 +116,9 @@ class QemuLiveTransfer(TransferStrategy):
         self.continued_at: float | None = None
         self._stop_ev: Any = None
         self._resume_ev: Any = None
+        self._pause_ev: Any = None
+        self._pause_task: asyncio.Task[None] | None = None
+        self.pause_event_at: float | None = None
         self.lease: MigrationLease | None = None
         self.dest_proc: QemuProcess | None = None
         self.uri = ""
@@ -253,6 +256,9 @@ class QemuLiveTransfer(TransferStrategy):
             assert self.dest_proc is not None and self.dest_proc.qmp is not None
             self._stop_ev = self.src.subscribe("STOP")
             self._resume_ev = self.dest_proc.qmp.subscribe("RESUME")
+            # the pause is handled the moment QEMU announces it, not at the next progress poll
+            self._pause_ev = self.src.subscribe("MIGRATION", match={"status": "pre-switchover"})
+            self._pause_task = asyncio.create_task(self._pause_watch(), name=f"pause-{self.id}")
         self._t_migrate = time.monotonic()
         await self.src.execute("migrate", {"uri": self.uri})
         self.migrate_issued = True
@@ -267,9 +273,15 @@ class QemuLiveTransfer(TransferStrategy):
             with contextlib.suppress(QMPTimeoutError):
                 ev = await self._events.get(timeout=wait)
                 self.log.debug("event %s", ev)
+        if self._pause_task is not None and self._pause_task.done():
+            self._pause_task.result()          # a failed ULD switch-over fails the migration here
         info = await self.src.execute("query-migrate")
-        if info.get("status") == "pre-switchover" and self.continued_at is None:
-            info = await self._switchover()
+        if info.get("status") == "pre-switchover" and self._pause_task is not None:
+            with contextlib.suppress(TimeoutError):   # the watcher is on it: let it finish first
+                await asyncio.wait_for(asyncio.shield(self._pause_task), wait)
+            if self._pause_task.done():
+                self._pause_task.result()
+            info = await self.src.execute("query-migrate")
         if info.get("ram"):
             self.last_info = info
         t = time.monotonic() - self._t_migrate
@@ -282,18 +294,19 @@ class QemuLiveTransfer(TransferStrategy):
             self.postcopy_started = True
         return obs, info
 
-    async def _switchover(self) -> dict[str, Any]:
+    async def _pause_watch(self) -> None:
         """QEMU paused before the switch-over (vCPUs stopped, drives flushed): the ULDs' final step,
-        then ``migrate-continue``. A ULD failure propagates (the orchestrator cancels: QEMU resumes
-        the source)."""
-        assert self.components is not None
+        then ``migrate-continue``. A ULD failure ends this task with it; ``poll`` raises it (the
+        orchestrator cancels: QEMU resumes the source)."""
+        assert self.components is not None and self._pause_ev is not None
+        ev = await self._pause_ev.get()
         self.paused_at = time.time()
+        ts = ev.get("timestamp") or {}
+        self.pause_event_at = ts["seconds"] + ts["microseconds"] / 1e6 if "seconds" in ts else None
         self.log.info("paused before switch-over: the ULDs' final step")
         await self.components.switchover()
         await self.src.execute("migrate-continue", {"state": "pre-switchover"})
         self.continued_at = time.time()
-        info: dict[str, Any] = await self.src.execute("query-migrate")
-        return info
 
     @staticmethod
     def _event_time(sub: Any) -> float | None:
@@ -331,6 +344,10 @@ class QemuLiveTransfer(TransferStrategy):
 
     async def settle(self) -> None:
         assert self.lease is not None
+        task, self._pause_task = self._pause_task, None
+        if task is not None and not task.done():      # a ULD final step still running: stop it first
+            task.cancel()
+            await asyncio.wait([task])
         if not self.lease.source_alive:
             return
         if self.migrate_issued:
@@ -385,12 +402,15 @@ class QemuLiveTransfer(TransferStrategy):
             await asyncio.sleep(0.05)
         if self.components is not None and self._stop_ev is not None:
             self.components.finish_breakdown(self._event_time(self._stop_ev), self.continued_at,
-                                             self._event_time(self._resume_ev))
+                                             self._event_time(self._resume_ev), self.pause_event_at)
         self._close_events()
         return proc
 
     def _close_events(self) -> None:
-        for attr in ("_events", "_stop_ev", "_resume_ev"):
+        task, self._pause_task = self._pause_task, None
+        if task is not None and not task.done():
+            task.cancel()
+        for attr in ("_events", "_stop_ev", "_resume_ev", "_pause_ev"):
             sub = getattr(self, attr)
             if sub is not None:
                 sub.close()

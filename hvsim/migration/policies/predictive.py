@@ -212,7 +212,7 @@ class Predictive(Policy):
 
     # -- decisions -------------------------------------------------------------------------------
     def observe(self, obs: Observation) -> list[Action]:
-        if self.done or obs.status.startswith("postcopy") or obs.status in ("device", "completed"):
+        if self.done or obs.status.startswith("postcopy") or obs.status in ("device", "completed", "pre-switchover"):
             return []
         new_pass = self._update(obs)
         pred = self._predict(obs)

@@ -138,11 +138,17 @@ async def test_payloads_cross_intact_and_are_counted(link: StateLink) -> None:
 
 
 async def test_a_transfer_given_up_halfway_does_not_disturb_the_next(link: StateLink) -> None:
-    t = asyncio.ensure_future(link.send("big", os.urandom(64 << 20)))
-    await asyncio.sleep(0.1)
-    t.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await t
+    sender = link.pids()[1]
+    os.kill(sender, signal.SIGSTOP)          # hold the bytes so the transfer is surely half-way
+    try:
+        t = asyncio.ensure_future(link.send("big", os.urandom(16 << 20)))
+        await asyncio.sleep(0.3)
+        assert not t.done()
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+    finally:
+        os.kill(sender, signal.SIGCONT)
     got, _ = await link.send("after", b"next checkpoint")
     assert got == b"next checkpoint"
 
