@@ -33,7 +33,7 @@ from hvsim.drivers.shim.component import ShimComponent, ShimDriver, ShimOptions
 from hvsim.guest.heartbeat import HeartbeatMonitor
 from hvsim.guest.swap import guest_swap_stats, setup_guest_swap
 from hvsim.memory import consolidate_memory, restore_memory
-from hvsim.migration import MigrationError, MigrationResult, migrate
+from hvsim.migration import MigrationCosts, MigrationError, MigrationResult, costs_of, migrate
 from hvsim.network import Underlay
 
 CONFIGS = ("no-migration", "shared-socket", "cold-uld", "stop-copy-uld", "precopy-uld")
@@ -78,6 +78,7 @@ class CaseResult:
     shim_pid_before: int | None = None
     shim_pid_after: int | None = None
     retouch_shim: dict[str, Any] = field(default_factory=dict)   # the shim's counters over the retouch
+    costs: dict[str, Any] | None = None     # the cluster's learned migration costs after this run
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
 
@@ -118,14 +119,17 @@ async def prepare_guest(cl: Cluster, setup: Setup, host: str = "a", name: str = 
     return vm, res
 
 
-async def run_case(config: str, setup: Setup = Setup(), log: Any = print) -> CaseResult:
-    """One experiment; a failure is recorded in the result (``error``), never raised (cancellation is)."""
+async def run_case(config: str, setup: Setup = Setup(), log: Any = print,
+                   costs: dict[str, Any] | None = None) -> CaseResult:
+    """One experiment; a failure is recorded in the result (``error``), never raised (cancellation is).
+    ``costs``: the learned migration costs to start from (``MigrationCosts.to_dict()``: what one
+    long-lived cluster would have learnt from the runs before); the run's are in ``result.costs``."""
     if config not in CONFIGS:
         raise ValueError(f"unknown config {config!r}; known: {CONFIGS}")
     res = CaseResult(config)
     try:
         async with asyncio.timeout(setup.timeout_s):
-            await _run_case(config, setup, res)
+            await _run_case(config, setup, res, costs)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # the matrix goes on; the failure is reported with the row
@@ -135,9 +139,11 @@ async def run_case(config: str, setup: Setup = Setup(), log: Any = print) -> Cas
     return res
 
 
-async def _run_case(config: str, setup: Setup, res: CaseResult) -> None:
+async def _run_case(config: str, setup: Setup, res: CaseResult, costs: dict[str, Any] | None) -> None:
     async with Underlay(["a", "b"], mbit=setup.link_mbit) as ul:
         async with Cluster("mpbench", drivers=(ShimDriver(ShimOptions(latency_ms=setup.latency_ms)),)) as cl:
+            if costs is not None:
+                cl.extension("migration.costs", lambda _c: MigrationCosts.from_dict(costs))
             for h in ("a", "b"):
                 cl.add_host(HostSpec(h, vcpus=4, memory_mib=4096), network=ul.host_network(h))
             vm, prep = await prepare_guest(cl, setup)
@@ -166,6 +172,7 @@ async def _run_case(config: str, setup: Setup, res: CaseResult) -> None:
                     res.uld_downtime_ms = u.get("downtime_ms") if u else None
                     res.uld_head_s = u.get("head_s") if u else None
                     res.breakdown = dict(u.get("breakdown") or {}) if u else {}
+                    res.costs = costs_of(cl).to_dict()
             finally:
                 await hb.close()
             await vm.exec("kill $(cat /run/dirty.pid)", timeout=30)
