@@ -11,9 +11,11 @@
 Split by concern: :mod:`.orchestrator` (phases, state, policy loop, rollback), :mod:`.transfer`
 (how the bytes move: QEMU live migration today), :mod:`.measure` (results, guest-observed downtime,
 cost learning), :mod:`.policies` (switchover policies and their registry), :mod:`.costs` (what the
-cluster learnt), :mod:`.events` (progress and outcome on the cluster bus).
+cluster learnt), :mod:`.events` (progress and outcome on the cluster bus), :mod:`.components` (the
+VM's user-level drivers moving with it) over :mod:`.statelink` (their state across the underlay).
 """
 from .api import migrate, start_migration
+from .components import ComponentMigration, UldBreakdown, UldError, UldHooks, UldMode, UldState, UldStateError
 from .costs import LearnedCost, MigrationCosts, costs_of
 from .errors import (DestinationStartError, MigrationAbortedError, MigrationCancelledError, MigrationError,
                      MigrationFailedError, MigrationInputError, MigrationRefusedError, MigrationStateError,
@@ -32,4 +34,5 @@ __all__ = ["migrate", "start_migration", "Migration", "ProgressSnapshot", "Migra
            "DestinationStartError", "MigrationFailedError", "MigrationAbortedError", "MigrationTimeoutError",
            "MigrationCancelledError", "Policy", "PolicySetup", "Action", "ActionKind", "Decision",
            "MigrationContext", "make_policy", "policy_names", "MigrationCosts", "LearnedCost", "costs_of",
-           "MigrationProgress", "MigrationEnded", "QemuLiveTransfer", "TransferStrategy"]
+           "MigrationProgress", "MigrationEnded", "QemuLiveTransfer", "TransferStrategy", "ComponentMigration",
+           "UldBreakdown", "UldError", "UldHooks", "UldMode", "UldState", "UldStateError"]

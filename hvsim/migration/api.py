@@ -15,6 +15,7 @@ from ..core.errors import BusyError, CapacityError, IllegalTransitionError, NotF
 from ..core.host import Host
 from ..core.vm import VM
 from ..guest.heartbeat import HeartbeatMonitor
+from .components import ComponentMigration, UldHooks, UldMode
 from .costs import costs_of
 from .errors import MigrationInputError, MigrationRefusedError, MigrationStateError
 from .orchestrator import Migration
@@ -22,7 +23,8 @@ from .policies import make_policy
 from .transfer import QemuLiveTransfer, TransferOptions
 
 _OPTIONS = {"policy_params", "port", "poll_interval", "heartbeat", "dest_extra_args", "sample_dirty_rate",
-            "link_mbit", "postcopy_preempt"}
+            "link_mbit", "postcopy_preempt", "uld", "uld_hooks", "uld_precopy_interval", "uld_stall_timeout",
+            "uld_final_timeout"}
 
 
 def _number(name: str, value: Any, lo: float, hi: float) -> float:
@@ -44,6 +46,15 @@ def start_migration(vm: VM, dest_host: Host | str, policy: Any = "hvsim-predicti
     QMP calc-dirty-rate before the start), ``link_mbit`` (a bandwidth hint for the policy),
     ``postcopy_preempt`` (bool, default off). Both are off because with them destination guests of
     concurrent migrations logged kernel BUGs (memory corruption) here; see docs/migration.md.
+
+    User-level drivers (components implementing the core's ``MigratableComponent``, e.g. the swap
+    shim): ``uld`` is ``"precopy"`` (default: a peer on the destination, the full state ahead of
+    the RAM, deltas during RAM pre-copy, the last delta at ``pause-before-switchover``),
+    ``"stop-copy"`` (the whole state inside the pause), ``"cold"`` (a peer that starts empty) or
+    ``"shared"`` (the destination QEMU uses the source's drivers); ``uld_precopy_interval`` (s
+    between deltas, default 0.5), ``uld_stall_timeout`` (s without progress on the state link
+    before the migration fails, default 5), ``uld_final_timeout`` (s, default 120),
+    ``uld_hooks`` (a :class:`~hvsim.migration.components.UldHooks` for fault injection).
     """
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
@@ -65,6 +76,13 @@ def start_migration(vm: VM, dest_host: Host | str, policy: Any = "hvsim-predicti
     if not isinstance(params, dict):
         raise MigrationInputError(f"policy_params must be a dict, got {type(params).__name__}")
     pol = make_policy(policy, **params)
+    uld_mode = UldMode.parse(options.get("uld", "precopy"))
+    hooks = options.get("uld_hooks")
+    if hooks is not None and not isinstance(hooks, UldHooks):
+        raise MigrationInputError(f"uld_hooks must be a UldHooks, got {type(hooks).__name__}")
+    uld_interval = _number("uld_precopy_interval", options.get("uld_precopy_interval", 0.5), 0.01, 60)
+    uld_stall = _number("uld_stall_timeout", options.get("uld_stall_timeout", 5.0), 0.1, 600)
+    uld_final = _number("uld_final_timeout", options.get("uld_final_timeout", 120.0), 1, 3600)
 
     if isinstance(dest_host, str):
         try:
@@ -91,12 +109,16 @@ def start_migration(vm: VM, dest_host: Host | str, policy: Any = "hvsim-predicti
             from exc
     mid = f"{vm.name}:{lease.source.name}->{dest.name}:{secrets.token_hex(2)}"
     try:
+        comps = ComponentMigration(mid, lease, uld_mode, precopy_interval=uld_interval, stall_timeout=uld_stall,
+                                   final_timeout=uld_final, hooks=hooks)
+        comps_or_none = comps if comps.active else None
         transfer = QemuLiveTransfer(mid, TransferOptions(
             port=port, dest_extra_args=tuple(options.get("dest_extra_args") or ()),
             sample_dirty_rate=bool(options.get("sample_dirty_rate")),
-            postcopy_preempt=bool(options.get("postcopy_preempt"))), uses_postcopy=pol.uses_postcopy)
+            postcopy_preempt=bool(options.get("postcopy_preempt"))), uses_postcopy=pol.uses_postcopy,
+            components=comps_or_none)
         m = Migration(lease, pol, transfer, float(timeout), costs=costs_of(vm.env), poll_interval=poll,
-                      heartbeat=hb, link_mbit=link_mbit, migration_id=mid)
+                      heartbeat=hb, link_mbit=link_mbit, migration_id=mid, components=comps_or_none)
         m.begin()
     except BaseException:
         lease.abort("not-started")

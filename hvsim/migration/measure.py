@@ -32,6 +32,7 @@ class MigrationResult:
     heartbeat_lost: int | None = None
     policy_params: dict[str, Any] = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)
+    uld: dict[str, Any] = field(default_factory=dict)   # user-level drivers moved: mode, rounds, bytes, breakdown
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -43,7 +44,15 @@ class MigrationResult:
                 f"total {self.total_s or 0:.1f} s, downtime qemu {f(self.downtime_ms_qemu, 'ms')} / "
                 f"guest {f(self.downtime_ms_guest, 'ms')} (predicted {f(self.predicted_downtime_ms, 'ms')}), "
                 f"{self.bytes / 2**20:.1f} MiB sent for {self.touched_bytes / 2**20:.1f} MiB touched, "
-                f"{self.passes} passes" + (", postcopy" if self.postcopy else ""))
+                f"{self.passes} passes" + (", postcopy" if self.postcopy else "") + self._uld_summary())
+
+    def _uld_summary(self) -> str:
+        u = self.uld
+        if not u or not u.get("components"):
+            return ""
+        ms = u.get("downtime_ms")
+        return (f"; ULDs {u['mode']} {', '.join(u['components'])}: {u.get('bytes', 0) / 2**20:.1f} MiB state"
+                + (f", {ms:.0f} ms of the downtime" if ms is not None else ""))
 
 
 def guest_downtime_ms(heartbeat: HeartbeatMonitor, since: float) -> tuple[float | None, int, int | None]:
@@ -60,7 +69,8 @@ def learn_costs(costs: MigrationCosts, result: MigrationResult, ram: dict[str, A
     guest's stall after a postcopy switch-over."""
     if result.downtime_ms_guest is None:
         return
+    uld_ms = float(result.uld.get("downtime_ms") or 0.0)   # the ULDs' part is predicted on its own
     if not result.postcopy and bandwidth and ram.get("downtime-bytes") is not None:
-        costs.fixed.learn(result.downtime_ms_guest - int(ram["downtime-bytes"]) / bandwidth * 1000)
+        costs.fixed.learn(result.downtime_ms_guest - uld_ms - int(ram["downtime-bytes"]) / bandwidth * 1000)
     if result.postcopy and result.heartbeat_beats > 0:
         costs.postcopy_stall.learn(result.downtime_ms_guest)

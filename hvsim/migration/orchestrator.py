@@ -5,8 +5,9 @@ is :mod:`.measure`'s; when to switch over is the policy's.
 Flow (every path cleaned up)::
 
     NEW -> PREPARING   the VM is lent to us (MigrationLease: MIGRATING, its lock held, destination
-                       capacity reserved); the strategy prepares the destination; the policy's setup
-                       is applied; heartbeat monitor attached to both sides
+                       capacity reserved); the strategy prepares the destination (its own user-level
+                       drivers first, :mod:`.components`); the policy's setup is applied; heartbeat
+                       monitor attached to both sides; ULD pre-copy moves the drivers' full state
         -> ACTIVE      the transfer starts; every ``poll_interval`` a sample goes to the policy and
                        its actions to the strategy; progress is published on the cluster bus
         -> SWITCHING_OVER / POSTCOPY   as the policy decides
@@ -34,6 +35,7 @@ from .costs import MigrationCosts
 from .errors import (MigrationAbortedError, MigrationCancelledError, MigrationError, MigrationFailedError,
                      MigrationStateError, MigrationTimeoutError)
 from .events import MigrationEnded, MigrationProgress
+from .components import ComponentMigration
 from .measure import MigrationResult, guest_downtime_ms, learn_costs
 from .policies.base import Action, ActionKind, Decision, MigrationContext, Policy
 from .progress import Observation, ProgressSnapshot
@@ -60,8 +62,10 @@ class Migration:
 
     def __init__(self, lease: MigrationLease, policy: Policy, transfer: QemuLiveTransfer, timeout: float, *,
                  costs: MigrationCosts, poll_interval: float = 0.2, heartbeat: HeartbeatMonitor | None = None,
-                 link_mbit: float | None = None, migration_id: str) -> None:
+                 link_mbit: float | None = None, migration_id: str,
+                 components: ComponentMigration | None = None) -> None:
         self.lease = lease
+        self.components = components
         self.vm_name = lease.vm_name
         self.source = lease.source
         self.dest = lease.destination
@@ -223,10 +227,14 @@ class Migration:
     async def _start(self) -> None:
         assert self._ctx is not None
         start_actions = self.policy.start(self._ctx)
+        if self.components is not None:
+            await self.components.head_start()
         if self._cancel.is_set():
             raise _Stop(MigrationState.CANCELLED, MigrationCancelledError(
                 f"migration {self.id} cancelled before it started; the source is untouched"))
         await self.transfer.start()
+        if self.components is not None:
+            self.components.start()
         self._transition(MigrationState.ACTIVE, f"migrate {self.transfer.uri}")
         for act in start_actions:
             await self._execute(act, None)
@@ -249,6 +257,15 @@ class Migration:
                 raise MigrationFailedError(f"migration {self.id}: QEMU reports {status}: {desc}")
             if status.startswith("postcopy") and self.state is not MigrationState.POSTCOPY:
                 self._transition(MigrationState.POSTCOPY, status)
+            if self.components is not None:
+                pend, fixed = self.components.pending()
+                obs = dataclasses.replace(obs, uld_pending_bytes=pend, uld_fixed_ms=fixed)
+                if self.components.error is not None and stop is None and self.state is not MigrationState.POSTCOPY:
+                    err = self.components.error
+                    stop = _Stop(MigrationState.FAILED, MigrationFailedError(
+                        f"migration {self.id} failed: {err}; the source keeps running on {self.source.name}"))
+                    stop.error.__cause__ = err
+                    await self.transfer.cancel()
             pred = self._predict(obs)
             obs = dataclasses.replace(obs, predicted_downtime_ms=pred)
             self.samples.append(obs)
@@ -280,7 +297,8 @@ class Migration:
         bw = obs.bandwidth or (obs.mbps * 1e6 / 8 if obs.mbps else None)
         if not bw or obs.passes < 2:
             return None
-        return (obs.remaining + DEVICE_STATE_BYTES) / bw * 1000 + self.costs.fixed.get()
+        return ((obs.remaining + DEVICE_STATE_BYTES + obs.uld_pending_bytes) / bw * 1000 + obs.uld_fixed_ms
+                + self.costs.fixed.get())
 
     async def _execute(self, act: Action, obs: Observation | None) -> None:
         t = obs.t if obs else 0.0
@@ -320,7 +338,9 @@ class Migration:
             await self.heartbeat.wait_beats(5, timeout=1.5)
         except TimeoutError:
             self.log.info("fewer than 5 heartbeats from the destination within 1.5 s (no heartbeat writer?)")
-        await self.lease.commit(proc)
+        await self.lease.commit(proc, components=self.components.peers() if self.components else None)
+        if self.components is not None:
+            await self.components.committed()
         self._transition(MigrationState.COMPLETED, f"running on {self.dest.name}")
         ram = self.transfer.final_ram()
         res = self._result("completed", None, t_running)
@@ -350,13 +370,19 @@ class Migration:
             downtime_ms_guest=gap, bytes=last.transferred if last else 0,
             passes=last.passes if last else 0, predicted_downtime_ms=self._predicted_at_switch,
             postcopy=self.transfer.postcopy_started, heartbeat_beats=beats, heartbeat_lost=lost,
-            policy_params=self.policy.params(), decisions=list(self.decisions))
+            policy_params=self.policy.params(), decisions=list(self.decisions),
+            uld=self.components.result() if self.components is not None else {})
 
     async def _rollback(self, outcome: MigrationState, error: BaseException) -> None:
         """Failure, timeout or cancel: source keeps running untouched, destination gone."""
         self.error = error
         self.log.warning("migration %s ends %s: %s", self.id, outcome.value, str(error).splitlines()[0])
         await self.transfer.settle()
+        if self.components is not None:
+            try:
+                await self.components.rollback()     # source ULDs serve again, peers retired
+            except Exception as exc:                  # never keeps the lease from being given back
+                self.log.error("ULD rollback failed: %s", exc)
         await self.transfer.discard()
         if self._own_heartbeat:
             await self.heartbeat.close()

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 from qmp_bridge import LaunchError, QEMUBridgeError, QemuProcess, QMPSession, QMPTimeoutError
 
 from ..core.vm import MigrationLease
+from .components import ComponentMigration
 from .costs import MigrationCosts
 from .errors import DestinationStartError, MigrationError, MigrationFailedError
 from .policies.base import Action, ActionKind, MigrationContext, Policy, PolicySetup
@@ -34,7 +35,7 @@ log = logging.getLogger("hvsim.migration")
 
 MAX_BANDWIDTH = 1 << 40          # bytes/s: effectively unlimited, so only the link limits the stream
 DEFAULT_PORT_RANGE = (20000, 60000)
-MANAGED_CAPS = ["events", "postcopy-ram", "postcopy-preempt", "auto-converge", "xbzrle"]
+MANAGED_CAPS = ["events", "postcopy-ram", "postcopy-preempt", "auto-converge", "xbzrle", "pause-before-switchover"]
 
 
 @dataclass
@@ -105,10 +106,19 @@ class QemuLiveTransfer(TransferStrategy):
 
     name = "qemu-live"
 
-    def __init__(self, migration_id: str, options: TransferOptions, uses_postcopy: bool) -> None:
+    def __init__(self, migration_id: str, options: TransferOptions, uses_postcopy: bool,
+                 components: ComponentMigration | None = None) -> None:
         self.id = migration_id
         self.options = options
         self.uses_postcopy = uses_postcopy
+        self.components = components      # the VM's user-level drivers that move with it (None: none do)
+        self.paused_at: float | None = None
+        self.continued_at: float | None = None
+        self._stop_ev: Any = None
+        self._resume_ev: Any = None
+        self._pause_ev: Any = None
+        self._pause_task: asyncio.Task[None] | None = None
+        self.pause_event_at: float | None = None
         self.lease: MigrationLease | None = None
         self.dest_proc: QemuProcess | None = None
         self.uri = ""
@@ -138,7 +148,9 @@ class QemuLiveTransfer(TransferStrategy):
     async def prepare(self, lease: MigrationLease) -> None:
         self.lease = lease
         dest = lease.destination
-        spec = lease.destination_spec(self.options.dest_extra_args)
+        # the destination's own ULDs first: the destination QEMU attaches to them when it starts
+        atts = await self.components.prepare() if self.components is not None else {}
+        spec = lease.destination_spec(self.options.dest_extra_args, attachments=atts)
         proc = QemuProcess(spec, lease.dir, netns=dest.netns)
         self.dest_proc = proc
         sampler = asyncio.create_task(self._sample_dirty_rate()) if self.options.sample_dirty_rate else None
@@ -197,6 +209,8 @@ class QemuLiveTransfer(TransferStrategy):
                 both.append("postcopy-preempt")
         both += [c for c in setup.capabilities if c not in both]
         src = both + [c for c in setup.source_capabilities if c not in both]
+        if self.components is not None and self.components.needs_pause:
+            src.append("pause-before-switchover")   # the ULDs' final step runs while QEMU waits
         dq = self.dest_proc.qmp
         try:
             await dq.execute("migrate-set-capabilities", {"capabilities": self._cap_list(both)})
@@ -238,6 +252,13 @@ class QemuLiveTransfer(TransferStrategy):
     # -- running -------------------------------------------------------------------------------------
     async def start(self) -> None:
         self._events = self.src.subscribe(["MIGRATION", "MIGRATION_PASS"])
+        if self.components is not None and self.components.needs_pause:
+            assert self.dest_proc is not None and self.dest_proc.qmp is not None
+            self._stop_ev = self.src.subscribe("STOP")
+            self._resume_ev = self.dest_proc.qmp.subscribe("RESUME")
+            # the pause is handled the moment QEMU announces it, not at the next progress poll
+            self._pause_ev = self.src.subscribe("MIGRATION", match={"status": "pre-switchover"})
+            self._pause_task = asyncio.create_task(self._pause_watch(), name=f"pause-{self.id}")
         self._t_migrate = time.monotonic()
         await self.src.execute("migrate", {"uri": self.uri})
         self.migrate_issued = True
@@ -252,7 +273,15 @@ class QemuLiveTransfer(TransferStrategy):
             with contextlib.suppress(QMPTimeoutError):
                 ev = await self._events.get(timeout=wait)
                 self.log.debug("event %s", ev)
+        if self._pause_task is not None and self._pause_task.done():
+            self._pause_task.result()          # a failed ULD switch-over fails the migration here
         info = await self.src.execute("query-migrate")
+        if info.get("status") == "pre-switchover" and self._pause_task is not None:
+            with contextlib.suppress(TimeoutError):   # the watcher is on it: let it finish first
+                await asyncio.wait_for(asyncio.shield(self._pause_task), wait)
+            if self._pause_task.done():
+                self._pause_task.result()
+            info = await self.src.execute("query-migrate")
         if info.get("ram"):
             self.last_info = info
         t = time.monotonic() - self._t_migrate
@@ -264,6 +293,29 @@ class QemuLiveTransfer(TransferStrategy):
         if obs.status.startswith("postcopy"):
             self.postcopy_started = True
         return obs, info
+
+    async def _pause_watch(self) -> None:
+        """QEMU paused before the switch-over (vCPUs stopped, drives flushed): the ULDs' final step,
+        then ``migrate-continue``. A ULD failure ends this task with it; ``poll`` raises it (the
+        orchestrator cancels: QEMU resumes the source)."""
+        assert self.components is not None and self._pause_ev is not None
+        ev = await self._pause_ev.get()
+        self.paused_at = time.time()
+        ts = ev.get("timestamp") or {}
+        self.pause_event_at = ts["seconds"] + ts["microseconds"] / 1e6 if "seconds" in ts else None
+        self.log.info("paused before switch-over: the ULDs' final step")
+        await self.components.switchover()
+        await self.src.execute("migrate-continue", {"state": "pre-switchover"})
+        self.continued_at = time.time()
+
+    @staticmethod
+    def _event_time(sub: Any) -> float | None:
+        """Wall-clock time of the last event queued on ``sub`` (QEMU's own timestamp)."""
+        last = None
+        while sub is not None and (ev := sub.get_nowait()) is not None:
+            last = ev
+        ts = (last or {}).get("timestamp") or {}
+        return ts["seconds"] + ts["microseconds"] / 1e6 if "seconds" in ts else None
 
     async def apply(self, act: Action) -> None:
         src = self.src
@@ -292,6 +344,10 @@ class QemuLiveTransfer(TransferStrategy):
 
     async def settle(self) -> None:
         assert self.lease is not None
+        task, self._pause_task = self._pause_task, None
+        if task is not None and not task.done():      # a ULD final step still running: stop it first
+            task.cancel()
+            await asyncio.wait([task])
         if not self.lease.source_alive:
             return
         if self.migrate_issued:
@@ -344,13 +400,21 @@ class QemuLiveTransfer(TransferStrategy):
                 raise MigrationFailedError(f"migration {self.id}: destination reports {st.get('status')!r} "
                                            "30 s after completion")
             await asyncio.sleep(0.05)
+        if self.components is not None and self._stop_ev is not None:
+            self.components.finish_breakdown(self._event_time(self._stop_ev), self.continued_at,
+                                             self._event_time(self._resume_ev), self.pause_event_at)
         self._close_events()
         return proc
 
     def _close_events(self) -> None:
-        if self._events is not None:
-            self._events.close()
-            self._events = None
+        task, self._pause_task = self._pause_task, None
+        if task is not None and not task.done():
+            task.cancel()
+        for attr in ("_events", "_stop_ev", "_resume_ev", "_pause_ev"):
+            sub = getattr(self, attr)
+            if sub is not None:
+                sub.close()
+                setattr(self, attr, None)
 
     async def discard(self) -> None:
         self._close_events()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Iterable
 from enum import StrEnum
 from typing import Any
 
@@ -47,8 +48,10 @@ class PrefetchState(StrEnum):
 E, F = ExportState, PrefetchState
 EXPORT_TRANSITIONS = {E.CREATED: {E.OPEN, E.CLOSED}, E.OPEN: {E.CLOSING}, E.CLOSING: {E.CLOSED}, E.CLOSED: set()}
 # a new plan may start from any state (a deeper consolidation re-plans); a restored checkpoint resets it
+# a paused prefetch (a device checkpoint quiesces the shim) reads as the state it had before the pause
 PREFETCH_TRANSITIONS = {F.IDLE: {F.RUNNING, F.DONE, F.IDLE}, F.RUNNING: {F.RUNNING, F.DONE, F.CANCELLED, F.IDLE},
-                        F.DONE: {F.RUNNING, F.DONE, F.IDLE}, F.CANCELLED: {F.RUNNING, F.DONE, F.IDLE}}
+                        F.DONE: {F.RUNNING, F.DONE, F.IDLE},
+                        F.CANCELLED: {F.RUNNING, F.DONE, F.IDLE, F.CANCELLED}}
 
 
 class Export:
@@ -84,6 +87,9 @@ class Export:
         self._epoch_planned = 0
         self._epoch_tracked = 0
         self._epoch_prefetched = 0
+        self._writes_open: asyncio.Event | None = None   # set while quiesced: writes wait for it
+        self._paused_plan: tuple[set[int], set[int]] | None = None
+        self._writes_idle: asyncio.Event | None = None
 
     @property
     def state(self) -> ExportState:
@@ -107,6 +113,7 @@ class Export:
             self.fsm.set(E.CLOSED, "closed before open")
             return
         self.fsm.set(E.CLOSING, "close")
+        self.release_writes()          # held writes now see the export closing (ESHUTDOWN)
         await self._cancel_prefetch()
         await asyncio.to_thread(self.store.close)
         self.fsm.set(E.CLOSED, "closed")
@@ -291,9 +298,15 @@ class Export:
                 writing[p] = n
             else:
                 del writing[p]
+        if not writing and self._writes_idle is not None:
+            self._writes_idle.set()
+            self._writes_idle = None
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self._require_open()
+        if self._writes_open is not None:
+            await self._writes_open.wait()   # quiesced (a final checkpoint): held, not acknowledged
+            self._require_open()
         span = page_span(offset, len(data))
         self._writes_begin(span)
         try:
@@ -310,6 +323,9 @@ class Export:
 
     async def _discard(self, offset: int, length: int, op: str, fua: bool, may_punch: bool) -> None:
         self._require_open()
+        if self._writes_open is not None:
+            await self._writes_open.wait()
+            self._require_open()
         span = page_span(offset, length)
         self._writes_begin(span)
         try:
@@ -462,6 +478,88 @@ class Export:
                 self._inflight.pop(p, None)
                 self._poisoned.discard(p)
             fut.set_result(None)
+
+    # device state (checkpoints, quiesce: used by .devstate) -----------------------------------------
+    @property
+    def quiesced(self) -> bool:
+        return self._writes_open is not None
+
+    def hold_writes(self) -> None:
+        """From now on writes, trims and zeroings wait (they are not acknowledged) until
+        :meth:`release_writes`; reads and flushes go on."""
+        if self._writes_open is None:
+            self._writes_open = asyncio.Event()
+
+    def release_writes(self) -> None:
+        ev, self._writes_open = self._writes_open, None
+        if ev is not None:
+            ev.set()
+
+    async def wait_writes_idle(self, timeout: float = 30.0) -> None:
+        """Wait until no write is in flight (one that began before :meth:`hold_writes`)."""
+        if not self._writing:
+            return
+        if self._writes_idle is None:
+            self._writes_idle = asyncio.Event()
+        async with asyncio.timeout(timeout):
+            await self._writes_idle.wait()
+
+    def prefetch_plan(self) -> tuple[set[int], set[int], set[int]]:
+        """(pages the prefetch still has to fetch, in-flight reads included; pages it skipped as
+        guest-resident; prefetched pages not used yet)."""
+        if self._paused_plan is not None:
+            planned, skipped = self._paused_plan
+            return set(planned), set(skipped), set(self._unused_prefetched)
+        return (set(self._planned) | set(self._inflight), set(self._skipped), set(self._unused_prefetched))
+
+    async def pause_prefetch(self) -> None:
+        """Stop the prefetcher after its reads in flight, keeping what it still had to do and the
+        pages it skipped (a later miss still wakes them once resumed)."""
+        if self._paused_plan is not None:
+            return
+        running = self._prefetch_task is not None and not self._prefetch_task.done()
+        state = self.prefetch_state
+        planned, skipped, _ = self.prefetch_plan()
+        await self._cancel_prefetch()
+        self._paused_plan = (planned - set(self.cache.pages) if running else set(), skipped)
+        self.prefetch_fsm.set(F.RUNNING if running else state, "paused (kept for resume)")
+
+    def resume_prefetch(self, planned: Iterable[int] | None = None, skipped: Iterable[int] = ()) -> int:
+        """Prefetch ``planned`` pages (default: what :meth:`pause_prefetch` kept) into the cache's free
+        budget, most recently written first; returns how many pages were planned."""
+        if planned is None:
+            if self._paused_plan is None:
+                return 0
+            planned, skipped = self._paused_plan
+        self._paused_plan = None
+        self._require_open()
+        want = {p for p in planned if p in self.tracker and p not in self.cache.pages}
+        self._skipped = set(skipped).difference(self.cache.pages)
+        order = sorted(want, key=lambda p: self.tracker.pages[p], reverse=True)[:self.cache.free_pages()]
+        runs: list[tuple[int, int]] = []
+        for p in sorted(order):
+            if runs and runs[-1][0] + runs[-1][1] == p and runs[-1][1] < self.max_run_pages:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((p, 1))
+        rank = {p: i for i, p in enumerate(order)}
+        runs.sort(key=lambda r: min(rank[q] for q in range(r[0], r[0] + r[1])))
+        self._queue = deque(runs)
+        self._urgent = deque()
+        self._planned = set(order)
+        if runs:
+            self.prefetch_fsm.set(F.RUNNING, f"{len(runs)} runs resumed")
+            self._prefetch_task = asyncio.get_running_loop().create_task(
+                self._prefetch_main(), name=f"shim-prefetch-{self.name}")
+        return len(order)
+
+    def restore_prefetch_state(self, state: PrefetchState, reason: str = "restored") -> None:
+        """Take over the prefetch state of a restored device checkpoint."""
+        self.prefetch_fsm.set(state, reason)
+
+    def set_unused_prefetched(self, pages: Iterable[int]) -> None:
+        """Restore the accuracy accounting: prefetched pages not read yet."""
+        self._unused_prefetched = set(pages)
 
     # stats and state ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -9,8 +9,12 @@ Pass by pass it estimates
 - the writable working set W (the dirty bytes found at each bitmap sync; the largest recent one).
 
 Prediction of stopping now: pending = min(remaining + D x (time since the last sync), max(W,
-remaining)); downtime = pending / C + device state / B + fixed cost (learnt from earlier switch-
-overs, see ``hvsim.migration.costs``: owned by the cluster, passed in the context). QEMU's own
+remaining)); downtime = pending / C + device state / B + ULD state / B + ULD cost + fixed cost
+(learnt from earlier switch-overs, see ``hvsim.migration.costs``: owned by the cluster, passed in
+the context). ULD state is what the destination's user-level drivers do not hold yet (the
+remaining delta while ULD pre-copy runs, their whole state in stop-copy), ULD cost their measured
+quiesce + checkpoint + restore time (``Observation.uld_pending_bytes`` / ``uld_fixed_ms``, filled by
+the engine); both count against the budget like the RAM. QEMU's own
 downtime-limit is set by us at every pass so that QEMU's threshold (its wire bandwidth x limit)
 admits exactly the pending bytes our prediction allows within the budget, never below
 ``floor_limit_ms`` (100 ms): a tiny limit makes QEMU 7.2 resync the dirty bitmap in a tight loop,
@@ -159,11 +163,18 @@ class Predictive(Policy):
         grown = obs.remaining + d * max(0.0, obs.t - self.t_sync)
         return float(min(grown, max(self.wss, obs.remaining)))
 
+    @staticmethod
+    def uld_ms(obs: Observation, bw: float) -> float:
+        """What the user-level drivers add to a switch-over now: their pending state over the link
+        plus their measured quiesce/checkpoint/restore cost."""
+        return obs.uld_pending_bytes / bw * 1000.0 + obs.uld_fixed_ms
+
     def _predict(self, obs: Observation, factor: float = 1.0) -> float | None:
         bw, clear = self._bw(obs), self._clear(obs)
         if not bw or not clear:
             return None
-        return (self.pending_now(obs) * factor / clear + self.device_state / bw) * 1000.0 + self.fixed_cost()
+        return ((self.pending_now(obs) * factor / clear + self.device_state / bw) * 1000.0 + self.fixed_cost()
+                + self.uld_ms(obs, bw))
 
     def predicted_downtime_ms(self, obs: Observation) -> float | None:
         return self._predict(obs)
@@ -175,6 +186,8 @@ class Predictive(Policy):
                 "clear_rate_Bps": int(clear) if clear else None,
                 "dirty_rate_Bps": int(self.dirty_rate) if self.dirty_rate else None,
                 "wss_est": self.wss, "fixed_cost_ms": round(self.fixed_cost(), 1),
+                "uld_pending_bytes": obs.uld_pending_bytes,
+                "uld_ms": round(self.uld_ms(obs, bw), 1) if bw else None,
                 "predicted_ms": round(pred, 1) if pred is not None else None, "budget_ms": self.budget_ms,
                 **self.projection}
 
@@ -199,7 +212,7 @@ class Predictive(Policy):
 
     # -- decisions -------------------------------------------------------------------------------
     def observe(self, obs: Observation) -> list[Action]:
-        if self.done or obs.status.startswith("postcopy") or obs.status in ("device", "completed"):
+        if self.done or obs.status.startswith("postcopy") or obs.status in ("device", "completed", "pre-switchover"):
             return []
         new_pass = self._update(obs)
         pred = self._predict(obs)
@@ -269,7 +282,7 @@ class Predictive(Policy):
         bytes our prediction allows within the budget; at least ``floor_limit_ms``."""
         clear = self._clear(obs) or bw
         qemu_bw = obs.mbps * 1e6 / 8 if obs.mbps > 0 else bw
-        room_s = (self.budget_ms - self.fixed_cost()) / 1000.0 - self.device_state / bw
+        room_s = (self.budget_ms - self.fixed_cost() - self.uld_ms(obs, bw)) / 1000.0 - self.device_state / bw
         admit = max(0.0, room_s * clear / self.margin_factor)
         return max(self.floor, admit / qemu_bw * 1000.0)
 
@@ -283,7 +296,7 @@ class Predictive(Policy):
 
     def passes_to_budget(self, obs: Observation, rho: float, clear: float, bw: float) -> float:
         """Passes of precopy needed until the dirty set fits the budget (inf if it never will)."""
-        room_s = (self.budget_ms - self.fixed_cost()) / 1000.0 - self.device_state / bw
+        room_s = (self.budget_ms - self.fixed_cost() - self.uld_ms(obs, bw)) / 1000.0 - self.device_state / bw
         target = room_s * clear / self.margin_factor
         r = float(self.dirty_at_sync.get(self.pass_no, obs.remaining))
         if r <= target:
