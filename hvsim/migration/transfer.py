@@ -134,6 +134,10 @@ class QemuLiveTransfer(TransferStrategy):
     def bandwidth(self) -> float | None:
         return self._bw.value
 
+    @property
+    def dest_qmp(self) -> QMPSession | None:
+        return self.dest_proc.qmp if self.dest_proc is not None else None
+
     # -- preparing the destination ------------------------------------------------------------------
     async def prepare(self, lease: MigrationLease) -> None:
         self.lease = lease
