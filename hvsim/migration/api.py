@@ -159,7 +159,7 @@ async def plan_migration(vm: VM, dest_host: Host | str, *, link_mbit: float | No
     hint = _number("link_mbit", link_mbit, 0.001, 1e6) * 1e6 / 8 if link_mbit is not None else None
     m, _raw = await measure(vm.qmp, vm.pid, vm.spec.memory_mib * 2**20, src_host=vm.host.name, dst_host=dest.name,
                             src_netns=vm.host.netns, dst_netns=dest.netns, dst_address=dest.address,
-                            costs=costs_of(vm.env), bandwidth_hint=hint)
+                            costs=costs_of(vm.env), bandwidth_hint=hint, vm=vm.name)
     return make_plan(m, c)
 
 

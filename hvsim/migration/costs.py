@@ -10,7 +10,9 @@ completed postcopy migrations (600-1200 ms measured here at 200 Mbit/s).
 Both are also kept per guest size (``by_size``: MiB of guest RAM -> the two costs), because the
 stall and the device state grow with the guest; ``fixed_for(mib)`` / ``postcopy_stall_for(mib)``
 answer from the guest's size when that size was seen, else from the overall value. ``bandwidth``
-keeps the link goodput last measured between two hosts (bytes/s, "a->b").
+keeps the link goodput last measured between two hosts (bytes/s, "a->b"); ``working_set`` the
+writable working set a migration of a VM saw (the dirty set at a bitmap sync that stayed clearly
+under dirty rate x pass time: the writer had come round), for the next plan of that VM.
 """
 from __future__ import annotations
 
@@ -67,6 +69,7 @@ class MigrationCosts:
     postcopy_stall: LearnedCost = field(default_factory=lambda: LearnedCost(STALL_INITIAL_MS))
     by_size: dict[int, SizeCosts] = field(default_factory=dict)
     bandwidth: dict[str, float] = field(default_factory=dict)     # "src->dst" -> bytes/s
+    working_set: dict[str, int] = field(default_factory=dict)     # vm name -> writable working set seen (bytes)
 
     def _size(self, mib: int) -> SizeCosts:
         return self.by_size.setdefault(int(mib), SizeCosts())
@@ -90,13 +93,14 @@ class MigrationCosts:
     def to_dict(self) -> dict[str, Any]:
         return {"fixed": self.fixed.to_dict(), "postcopy_stall": self.postcopy_stall.to_dict(),
                 "by_size": {str(k): v.to_dict() for k, v in self.by_size.items()},
-                "bandwidth": dict(self.bandwidth)}
+                "bandwidth": dict(self.bandwidth), "working_set": dict(self.working_set)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MigrationCosts:
         return cls(LearnedCost.from_dict(d["fixed"]), LearnedCost.from_dict(d["postcopy_stall"]),
                    {int(k): SizeCosts.from_dict(v) for k, v in (d.get("by_size") or {}).items()},
-                   {str(k): float(v) for k, v in (d.get("bandwidth") or {}).items()})
+                   {str(k): float(v) for k, v in (d.get("bandwidth") or {}).items()},
+                {str(k): int(v) for k, v in (d.get("working_set") or {}).items()})
 
 
 class _HasExtensions(Protocol):

@@ -9,6 +9,7 @@ from ..guest.heartbeat import HeartbeatMonitor
 from .costs import MigrationCosts
 
 from .policies.base import Decision
+from .progress import Observation
 
 
 @dataclass
@@ -70,9 +71,29 @@ def learn_costs(costs: MigrationCosts, result: MigrationResult, ram: dict[str, A
     bandwidth), or the guest's stall after a postcopy switch-over; and the link's goodput."""
     if bandwidth:
         costs.bandwidth[f"{result.source}->{result.destination}"] = float(bandwidth)
+        costs.bandwidth[f"{result.destination}->{result.source}"] = float(bandwidth)
     if result.downtime_ms_guest is None:
         return
     if not result.postcopy and bandwidth and ram.get("downtime-bytes") is not None:
         costs.learn_fixed(guest_mib, result.downtime_ms_guest - int(ram["downtime-bytes"]) / bandwidth * 1000)
     if result.postcopy and result.heartbeat_beats > 0 and not result.recovery:
         costs.learn_postcopy_stall(guest_mib, result.downtime_ms_guest)
+
+
+def working_set_seen(samples: list[Observation]) -> int | None:
+    """The writable working set a precopy showed: the largest dirty set found at a bitmap sync that
+    stayed under 0.8 x (dirty rate x the previous pass's duration), i.e. the writer had come round
+    its whole set; None if no sync showed that."""
+    starts: list[Observation] = []
+    for o in samples:
+        if o.status != "active":
+            continue
+        if not starts or o.passes > starts[-1].passes:
+            starts.append(o)
+    seen = None
+    for prev, cur in zip(starts, starts[1:]):
+        if cur.passes < 2 or cur.dirty_rate <= 0 or cur.remaining <= 0:
+            continue
+        if cur.remaining < 0.8 * cur.dirty_rate * (cur.t - prev.t):
+            seen = max(seen or 0, cur.remaining)
+    return seen

@@ -35,7 +35,7 @@ from .errors import (MigrationAbortedError, MigrationCancelledError, MigrationEr
                      MigrationPlanError, MigrationStateError, MigrationTimeoutError, PostcopyPausedError)
 from .events import MigrationEnded, MigrationProgress
 from .gap import EventRecorder, explain_gap
-from .measure import MigrationResult, guest_downtime_ms, learn_costs
+from .measure import MigrationResult, guest_downtime_ms, learn_costs, working_set_seen
 from .planner import Contract, Plan, plan_error
 from .planning import make_plan, measure
 from .policies.base import Action, ActionKind, Decision, MigrationContext, Policy
@@ -289,7 +289,7 @@ class Migration:
         m, raw = await measure(
             lease.source_qmp, lease.source_pid, lease.spec.memory_mib * 2**20, src_host=self.source.name,
             dst_host=self.dest.name, src_netns=self.source.netns, dst_netns=self.dest.netns,
-            dst_address=self.dest.address, costs=self.costs, bandwidth_hint=self.link_bandwidth_hint,
+            dst_address=self.dest.address, costs=self.costs, bandwidth_hint=self.link_bandwidth_hint, vm=self.vm_name,
             margin=float(getattr(self.policy, "margin_factor", 1.2)))
         self.survey = raw
         self.plan = make_plan(m, self.contract)
@@ -494,6 +494,9 @@ class Migration:
         res.contract_met = (res.downtime_ms_guest is None or res.downtime_ms_guest <= c.downtime_budget_ms) \
             and (c.time_budget_s is None or (res.total_s or 0) <= c.time_budget_s)
         learn_costs(self.costs, res, ram, self.transfer.bandwidth, self.lease.spec.memory_mib)
+        wss = working_set_seen(self.samples)
+        if wss:
+            self.costs.working_set[self.vm_name] = int(wss)
         if self._own_heartbeat:
             await self.heartbeat.close()
         self.result = res

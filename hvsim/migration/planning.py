@@ -25,7 +25,7 @@ ASSUMED_BANDWIDTH = 100e6 / 8          # when nothing else is known (probe faile
 
 async def measure(qmp: QMPSession, qemu_pid: int | None, ram_bytes: int, *, src_host: str, dst_host: str,
                   src_netns: str | None, dst_netns: str | None, dst_address: str, costs: MigrationCosts,
-                  bandwidth_hint: float | None = None, margin: float = 1.2,
+                  bandwidth_hint: float | None = None, margin: float = 1.2, vm: str | None = None,
                   device_state_bytes: int = DEVICE_STATE_BYTES) -> tuple[Measurement, dict[str, Any]]:
     """The guest sample and the link probe, at the same time (~2.3 s); (measurement, raw survey)."""
     async def guest() -> GuestSample | None:
@@ -50,8 +50,13 @@ async def measure(qmp: QMPSession, qemu_pid: int | None, ram_bytes: int, *, src_
     mib = ram_bytes // MIB
     if g is not None:
         touched, rate, wss, load = g.touched_bytes, g.dirty_rate, g.wss_bytes, g.vcpu_load
-        sources.update(touched="sampled", dirty_rate="sampled", wss="sampled" if wss else "sampled: larger than "
-                       f"{g.curve[-1][1] // MIB if g.curve else 0} MiB", vcpu_load="sampled")
+        sources.update(touched="sampled", dirty_rate="sampled", vcpu_load="sampled",
+                       wss="sampled" if wss else f"sampled: larger than {g.curve[-1][1] // MIB if g.curve else 0} MiB")
+        seen = costs.working_set.get(vm) if vm else None
+        floor = g.curve[-1][1] if g.curve else 0
+        if wss is None and seen is not None and seen >= 0.8 * floor:
+            wss = seen
+            sources["wss"] = f"learnt: the last migration of {vm} saw {seen // MIB} MiB"
     else:
         touched, rate, wss, load = ram_bytes, 0.0, None, None
         sources.update(touched="assumed: all of RAM", dirty_rate="unknown: 0 assumed")

@@ -37,12 +37,30 @@ DEFAULT_PORT_RANGE = (20000, 60000)
 MANAGED_CAPS = ["events", "postcopy-ram", "postcopy-preempt", "auto-converge", "xbzrle"]
 
 
+NOTSENT_LOWAT = 128 * 1024
+
+
 @dataclass
 class TransferOptions:
     port: int | None = None
     dest_extra_args: tuple[str, ...] = ()
     sample_dirty_rate: bool = False
     postcopy_preempt: bool = False
+    # unsent bytes a TCP socket may queue in the hosts' namespaces (net.ipv4.tcp_notsent_lowat); None:
+    # leave the hosts alone. With the kernel's default (unlimited, autotuned up to 4 MiB) ~3 MB of
+    # the stream still sat in the source's socket when QEMU stopped the guest: 126-147 ms of the
+    # guest-observed downtime at 200 Mbit/s that QEMU neither counts nor reports.
+    notsent_lowat: int | None = NOTSENT_LOWAT
+
+
+async def tune_netns(netns: str, notsent_lowat: int) -> None:
+    """Set ``net.ipv4.tcp_notsent_lowat`` in a host's namespace (never the root namespace)."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", netns, "sysctl", "-qw", f"net.ipv4.tcp_notsent_lowat={int(notsent_lowat)}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise MigrationError(f"cannot tune the TCP stack of namespace {netns!r}: {err.decode(errors='replace')}")
 
 
 class TransferStrategy(abc.ABC):
@@ -145,6 +163,9 @@ class QemuLiveTransfer(TransferStrategy):
         spec = lease.destination_spec(self.options.dest_extra_args)
         proc = QemuProcess(spec, lease.dir, netns=dest.netns)
         self.dest_proc = proc
+        if self.options.notsent_lowat and lease.source.netns and dest.netns:
+            for ns in (lease.source.netns, dest.netns):
+                await tune_netns(ns, self.options.notsent_lowat)
         sampler = asyncio.create_task(self._sample_dirty_rate()) if self.options.sample_dirty_rate else None
         try:
             try:
