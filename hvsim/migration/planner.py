@@ -299,12 +299,21 @@ def plan(m: Measurement, c: Contract, throttle_levels: tuple[int, ...] = THROTTL
          postcopy_passes: tuple[int, ...] = (1, 2)) -> Plan:
     """Predict every strategy and choose by the contract (see the module docstring)."""
     preds = [_judge(predict_precopy(m, c), c)]
-    # auto-converge: the weakest throttle that meets the budgets, else the one with the smallest downtime
+    # auto-converge: if plain precopy meets the budgets, the fastest throttle (when it saves time);
+    # else the weakest throttle that meets them, else the one with the smallest downtime
     ac = [_judge(predict_precopy(m, c, p), c) for p in throttle_levels]
     if ac:
         meets = [p for p in ac if p.meets]
-        preds.append(min(meets, key=lambda p: p.throttle_pct) if meets
-                     else min(ac, key=lambda p: (p.downtime_ms, p.total_s)))
+        pick: Prediction | None
+        if preds[0].meets:
+            fastest = min(meets, key=lambda p: p.total_s) if meets else None
+            pick = fastest if fastest is not None and fastest.total_s < 0.95 * preds[0].total_s else None
+        elif meets:
+            pick = min(meets, key=lambda p: p.throttle_pct)
+        else:
+            pick = min(ac, key=lambda p: (p.downtime_ms, p.total_s))
+        if pick is not None:
+            preds.append(pick)
     preds += [_judge(predict_postcopy(m, n), c) for n in postcopy_passes]
     ok = [p for p in preds if p.meets]
     if ok:
