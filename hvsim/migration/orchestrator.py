@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Generator
 from typing import Any
 
-from qmp_bridge import QEMUBridgeError
+from qmp_bridge import QEMUBridgeError, QEMUExitedError
 
 from ..core.aio import run_to_completion as _complete
 from ..core.events import ClusterEvent
@@ -398,6 +398,11 @@ class Migration:
             self.recovery = PostcopyRecovery(self.lease.source_qmp, dq, self.dest.address)
         try:
             await self.recovery.pause()
+        except QEMUExitedError as exc:
+            raise _Paused(PostcopyPausedError(
+                f"migration {self.id}: the migration stream broke during postcopy and a QEMU exited ({exc}). "
+                f"The source keeps the guest's pages (QEMU postcopy-paused on {self.source.name}); QEMU 7.2 "
+                "cannot resume it into a new destination: see docs/migration.md, postcopy recovery")) from exc
         except (TimeoutError, QEMUBridgeError) as exc:
             raise _Paused(PostcopyPausedError(
                 f"migration {self.id}: the migration stream broke during postcopy and could not be paused "

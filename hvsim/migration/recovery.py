@@ -121,7 +121,7 @@ class PostcopyRecovery:
             try:
                 await self.src.execute("migrate", {"uri": self.uri, "resume": True}, timeout=5)
             except QEMUBridgeError as exc:
-                self._note("resume", False, str(exc))
+                log.info("postcopy recovery: migrate resume refused: %s", exc)
             # a failed connect leaves the source paused; a good one moves it on within a moment
             settle = time.monotonic() + min(2.0, max(0.2, deadline - time.monotonic()))
             while time.monotonic() < settle:
@@ -131,6 +131,7 @@ class PostcopyRecovery:
                         break
             if await self.status(self.src) != PAUSED:
                 continue
+            self._note("resume", False, "the source is still postcopy-paused (no connection)")
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(min(self.interval, max(0.0, deadline - time.monotonic())))
