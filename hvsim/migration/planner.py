@@ -341,3 +341,19 @@ def plan_error(plan_: Plan, total_s: float | None, downtime_ms: float | None) ->
     def err(pred: float, actual: float | None) -> float | None:
         return None if not actual else round((pred - actual) / actual, 3)
     return {"total_s": err(plan_.chosen.total_s, total_s), "downtime_ms": err(plan_.chosen.downtime_ms, downtime_ms)}
+
+
+def timeline(m: Measurement, passes: int, throttle_pct: int = 0) -> list[tuple[int, float, float]]:
+    """The predicted precopy without a switch-over: (pass, start s, dirty bytes at its start) for the
+    first ``passes`` passes (what a recorded sequence of bitmap syncs can be checked against)."""
+    B = m.bandwidth
+    t = m.touched_bytes / B
+    d = _dirty(m, t, m.dirty_rate)
+    out = [(2, t, d)]
+    for k in range(3, passes + 1):
+        rate = throttled_rate(m, throttle_pct) if k >= 3 else m.dirty_rate
+        tp = d / B
+        t += tp
+        d = _dirty(m, tp, rate)
+        out.append((k, t, d))
+    return out
