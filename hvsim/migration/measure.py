@@ -81,19 +81,20 @@ def learn_costs(costs: MigrationCosts, result: MigrationResult, ram: dict[str, A
 
 
 def working_set_seen(samples: list[Observation]) -> int | None:
-    """The writable working set a precopy showed: the largest dirty set found at a bitmap sync that
-    stayed under 0.8 x (dirty rate x the previous pass's duration), i.e. the writer had come round
-    its whole set; None if no sync showed that."""
+    """The writable working set a precopy showed. A writer at D dirties min(W, D x tau) during a
+    pass of tau seconds: D is the largest dirty set per second of the previous pass over the syncs
+    (the short passes are not yet saturated), and a sync whose dirty set stayed under
+    0.8 x D x tau had the writer come round its whole set: that set is W. None if no sync showed it."""
     starts: list[Observation] = []
     for o in samples:
         if o.status != "active":
             continue
         if not starts or o.passes > starts[-1].passes:
             starts.append(o)
-    seen = None
-    for prev, cur in zip(starts, starts[1:]):
-        if cur.passes < 2 or cur.dirty_rate <= 0 or cur.remaining <= 0:
-            continue
-        if cur.remaining < 0.8 * cur.dirty_rate * (cur.t - prev.t):
-            seen = max(seen or 0, cur.remaining)
-    return seen
+    pairs = [(cur.remaining, cur.t - prev.t) for prev, cur in zip(starts, starts[1:])
+             if cur.passes >= 2 and cur.remaining > 0 and cur.t - prev.t > 0.2]
+    if len(pairs) < 2:
+        return None
+    rate = max(d / tau for d, tau in pairs)
+    seen = [d for d, tau in pairs if d < 0.8 * rate * tau]
+    return max(seen) if seen else None

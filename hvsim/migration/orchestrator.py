@@ -499,15 +499,18 @@ class Migration:
         res.contract_met = (res.downtime_ms_guest is None or res.downtime_ms_guest <= c.downtime_budget_ms) \
             and (c.time_budget_s is None or (res.total_s or 0) <= c.time_budget_s)
         learn_costs(self.costs, res, ram, self.transfer.bandwidth, self.lease.spec.memory_mib)
-        wss = working_set_seen(self.samples)
-        if wss:
-            self.costs.working_set[self.vm_name] = int(wss)
+        self._learn_working_set()
         if self._own_heartbeat:
             await self.heartbeat.close()
         self.result = res
         self.log.info("%s", res.summary())
         self.lease.publish(MigrationEnded(migration=self.id, vm=self.vm_name, outcome="completed", result=res))
         return res
+
+    def _learn_working_set(self) -> None:
+        wss = working_set_seen(self.samples)
+        if wss:
+            self.costs.working_set[self.vm_name] = int(wss)
 
     def _result(self, outcome: str, error: str | None, t_end: float) -> MigrationResult:
         t0 = self.transfer.started_at or self._t0
@@ -539,6 +542,7 @@ class Migration:
             outcome = MigrationState.FAILED     # the guest ran on the destination: the migration failed
         self._transition(outcome, str(error).splitlines()[0])
         out = {MigrationState.TIMED_OUT: "timeout", MigrationState.CANCELLED: "cancelled"}.get(outcome, "failed")
+        self._learn_working_set()
         self.result = self._result(out, str(error), time.monotonic())
         if isinstance(error, MigrationError):
             error.migration = self

@@ -17,8 +17,9 @@ Model (one writer of a working set W at D bytes/s, link goodput B, device state 
   (pending + S) / B + F. A precopy whose dirty set stops shrinking switches at the smallest
   pending it reaches (``accept``).
 - auto-converge at throttle p (QEMU starts throttling at the second bitmap sync, so from pass 3):
-  the guest's vCPU runs 1 - p of the time; a writer that needs a share u of the vCPU (the measured
-  vCPU load) then dirties D min(1, (1 - p) / u). The throttle puts the vCPU to sleep for
+  the guest's vCPU runs 1 - p of the time; a CPU-bound guest (measured vCPU load u >= 0.8) then
+  dirties D min(1, (1 - p) / u); a guest whose vCPU is mostly idle is not slowed (its writer needs
+  little CPU and catches up between the sleeps). The throttle puts the vCPU to sleep for
   10 ms x p / (1 - p) at a time, and a heartbeat sees that as a gap: it counts against the
   downtime budget like the stop itself.
 - postcopy after pass N: the switch-over at the end of pass N costs the learnt stall (the guest
@@ -179,10 +180,11 @@ class Plan:
 
 # -- the model ---------------------------------------------------------------------------------------
 def _dirty(m: Measurement, seconds: float, rate: float) -> float:
+    """Distinct bytes dirtied in ``seconds``: min(W, D t); an unknown working set is taken as at
+    most the guest's touched memory."""
     d = rate * seconds
-    if m.wss_bytes is not None:
-        d = min(d, float(m.wss_bytes))
-    return min(d, float(m.guest_ram_bytes))
+    cap = float(m.wss_bytes) if m.wss_bytes is not None else float(max(m.touched_bytes, 1))
+    return min(d, cap, float(m.guest_ram_bytes))
 
 
 def switch_pending(m: Measurement, budget_ms: float) -> float:
@@ -203,10 +205,19 @@ def throttle_gap_ms(pct: int) -> float:
     return THROTTLE_TIMESLICE_MS * p / (1 - p) + BEAT_PERIOD_MS
 
 
+CPU_BOUND_LOAD = 0.8       # a guest busier than this is taken to dirty memory in proportion to its CPU
+
+
 def throttled_rate(m: Measurement, pct: int) -> float:
+    """The dirty rate under a throttle of ``pct`` %. Only a CPU-bound guest (vCPU load >= 0.8, or
+    unknown) slows down in proportion to the CPU it is left; a guest whose vCPU is mostly idle
+    writes at a pace that needs little CPU and catches up between the throttle's sleeps (measured:
+    a writer at 1.2 x the link with 11 % vCPU load kept its rate under a 95 % throttle)."""
     if pct <= 0:
         return m.dirty_rate
-    u = m.vcpu_load if m.vcpu_load is not None and m.vcpu_load > 0 else 1.0
+    u = 1.0 if m.vcpu_load is None else m.vcpu_load
+    if u < CPU_BOUND_LOAD:
+        return m.dirty_rate
     return m.dirty_rate * min(1.0, (1 - pct / 100.0) / min(1.0, u))
 
 

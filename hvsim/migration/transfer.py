@@ -347,8 +347,8 @@ class QemuLiveTransfer(TransferStrategy):
         while time.monotonic() < deadline:
             info = await self.src.execute("query-migrate")
             status = info.get("status", "none")
-            if status in ("cancelled", "failed", "completed", "none"):
-                return
+            if status in ("cancelled", "failed", "completed", "none", "postcopy-paused"):
+                return      # (a paused postcopy cannot be cancelled in QEMU 7.2: its QEMU is stopped next)
             if not sent_cancel and not status.startswith("postcopy"):
                 with contextlib.suppress(QEMUBridgeError):
                     await self.src.execute("migrate_cancel")

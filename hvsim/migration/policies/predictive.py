@@ -408,7 +408,9 @@ class Predictive(Policy):
             self.rung += 1
             if step == "accept":
                 best = self.best_pred if self.best_pred is not None else pred
-                if best <= self.hard_max_ms:
+                # with a plan, accepting is the last resort: the time budget binds, not a hard max
+                last = self.planned is not None and all(st != "postcopy" for st in self.ladder[self.rung:])
+                if best <= self.hard_max_ms or last:
                     return self._switch(obs, pred, f"{why}; accept the smallest achievable downtime "
                                         f"({best:.0f} ms <= hard max {self.hard_max_ms:.0f})")
             elif step == "postcopy":
