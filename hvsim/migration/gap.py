@@ -6,9 +6,10 @@ between the two clocks, the largest gap of the heartbeat stream splits into:
 
 - ``before_stop_ms``: last beat before the gap -> source ``STOP`` (the beat period: the guest's
   last beat came up to 10 ms before the stop; measurement granularity);
-- ``stop_and_copy_ms``: source ``STOP`` -> source ``MIGRATION completed`` (or ``postcopy-active``):
-  QEMU's stop-and-copy, the remaining RAM and the device state written into the socket (close to
-  the downtime QEMU reports);
+- ``stop_and_copy_ms``: source ``STOP`` -> source ``MIGRATION completed``: QEMU's stop-and-copy,
+  the remaining RAM and the device state written into the socket (close to the downtime QEMU
+  reports); after a postcopy switch-over: ``STOP`` -> destination ``RESUME`` (the switch-over
+  package crossed and loaded; ``drain_and_load_ms`` is then 0);
 - ``drain_and_load_ms``: -> destination ``RESUME``: the bytes still in flight cross the shaped link
   (socket buffers and the tbf queue), the destination loads the device state and starts the vCPUs;
 - ``resume_to_beat_ms``: destination ``RESUME`` -> first beat: the guest runs again, its heartbeat
@@ -108,11 +109,12 @@ def explain_gap(beats: list[Beat], src: EventRecorder, dst: EventRecorder, since
     b0, b1 = pair
     ms = 1000.0
     stop = src.first("STOP", after=b0.host_t - 0.5)
-    done = None
-    if stop is not None:
-        done = (src.first("MIGRATION", stop, "postcopy-active") if postcopy else None) or \
-            src.first("MIGRATION", stop, "completed")
     resume = dst.first("RESUME", after=stop if stop is not None else b0.host_t - 0.5)
+    done = None
+    if postcopy:
+        done = resume           # postcopy: the package (device state) arrives, the destination resumes
+    elif stop is not None:
+        done = src.first("MIGRATION", stop, "completed")
     parts = {
         "before_stop_ms": (stop - b0.host_t) * ms if stop is not None else None,
         "stop_and_copy_ms": (done - stop) * ms if stop is not None and done is not None else None,
