@@ -70,6 +70,8 @@ class MigrationCosts:
     by_size: dict[int, SizeCosts] = field(default_factory=dict)
     bandwidth: dict[str, float] = field(default_factory=dict)     # "src->dst" -> bytes/s
     working_set: dict[str, int] = field(default_factory=dict)     # vm name -> writable working set seen (bytes)
+    # a ratio, not ms: bytes QEMU sent while stopped / the pending bytes the plan stopped with
+    switch_fill: LearnedCost = field(default_factory=lambda: LearnedCost(1.0))
 
     def _size(self, mib: int) -> SizeCosts:
         return self.by_size.setdefault(int(mib), SizeCosts())
@@ -93,14 +95,16 @@ class MigrationCosts:
     def to_dict(self) -> dict[str, Any]:
         return {"fixed": self.fixed.to_dict(), "postcopy_stall": self.postcopy_stall.to_dict(),
                 "by_size": {str(k): v.to_dict() for k, v in self.by_size.items()},
-                "bandwidth": dict(self.bandwidth), "working_set": dict(self.working_set)}
+                "bandwidth": dict(self.bandwidth), "working_set": dict(self.working_set),
+                "switch_fill": self.switch_fill.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MigrationCosts:
         return cls(LearnedCost.from_dict(d["fixed"]), LearnedCost.from_dict(d["postcopy_stall"]),
                    {int(k): SizeCosts.from_dict(v) for k, v in (d.get("by_size") or {}).items()},
                    {str(k): float(v) for k, v in (d.get("bandwidth") or {}).items()},
-                {str(k): int(v) for k, v in (d.get("working_set") or {}).items()})
+                {str(k): int(v) for k, v in (d.get("working_set") or {}).items()},
+                LearnedCost.from_dict(d["switch_fill"]) if d.get("switch_fill") else LearnedCost(1.0))
 
 
 class _HasExtensions(Protocol):

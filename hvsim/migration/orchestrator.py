@@ -500,6 +500,10 @@ class Migration:
             and (c.time_budget_s is None or (res.total_s or 0) <= c.time_budget_s)
         learn_costs(self.costs, res, ram, self.transfer.bandwidth, self.lease.spec.memory_mib)
         self._learn_working_set()
+        ch = self.plan.chosen if self.plan is not None else None
+        if ch is not None and not res.postcopy and ch.converges and ch.stop_pending_bytes > 0 \
+                and ram.get("downtime-bytes") is not None:
+            self.costs.switch_fill.learn(int(ram["downtime-bytes"]) / ch.stop_pending_bytes)
         if self._own_heartbeat:
             await self.heartbeat.close()
         self.result = res

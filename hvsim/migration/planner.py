@@ -14,8 +14,9 @@ Model (one writer of a working set W at D bytes/s, link goodput B, device state 
   dirty set shrinks by rho = D / B per pass. During a pass the pending bytes go down at B - D.
 - the switch-over happens as soon as the pending bytes fit the budget with the policy's margin:
   pending <= P* = (budget - F - S/B) B / margin; the guest is then stopped for
-  (pending + S) / B + F. A precopy whose dirty set stops shrinking switches at the smallest
-  pending it reaches (``accept``).
+  (fill x pending + S) / B + F, where fill (learnt, starts at 1) is what QEMU really sent while
+  stopped against the model's pending (QEMU's last sync finds fewer pages than the estimate). A
+  precopy whose dirty set stops shrinking switches at the smallest pending it reaches (``accept``).
 - auto-converge at throttle p (QEMU starts throttling at the second bitmap sync, so from pass 3):
   the guest's vCPU runs 1 - p of the time; a CPU-bound guest (measured vCPU load u >= 0.8) then
   dirties D min(1, (1 - p) / u); a guest whose vCPU is mostly idle is not slowed (its writer needs
@@ -104,6 +105,7 @@ class Measurement:
     postcopy_stall_ms: float = 800.0   # learnt: the guest's stall after a postcopy switch-over
     device_state_bytes: int = 256 * 1024
     margin: float = 1.2                # the policy's margin on the pending bytes at the switch-over
+    switch_fill: float = 1.0           # learnt: bytes QEMU sent while stopped / the predicted pending
     sources: dict[str, str] = field(default_factory=dict)   # how each value was obtained
 
     def __post_init__(self) -> None:
@@ -139,6 +141,7 @@ class Prediction:
     postcopy_after_pass: int | None = None
     degradation_s: float = 0.0         # postcopy: the guest runs while pages still arrive
     converges: bool = True             # precopy reached the budget (False: accepts its smallest downtime)
+    stop_pending_bytes: int = 0        # precopy: the pending bytes the model stops with
     allowed: bool = True
     meets_downtime: bool = False
     meets_time: bool = False
@@ -267,7 +270,8 @@ def _precopy(m: Measurement, budget_ms: float, throttle_pct: int = 0) -> tuple[_
 
 def predict_precopy(m: Measurement, c: Contract, throttle_pct: int = 0) -> Prediction:
     run, pending, ok = _precopy(m, c.downtime_budget_ms, throttle_pct)
-    stop = stop_downtime_ms(m, pending)
+    # what QEMU really sends while stopped, against the model's pending, as earlier switch-overs showed
+    stop = stop_downtime_ms(m, pending * (m.switch_fill if ok else 1.0))
     dt = max(stop, throttle_gap_ms(throttle_pct)) if throttle_pct and run.passes >= 3 else stop
     total = run.t + stop / 1000.0
     strategy = "auto-converge" if throttle_pct else "precopy"
@@ -277,7 +281,8 @@ def predict_precopy(m: Measurement, c: Contract, throttle_pct: int = 0) -> Predi
         note = (note + "; " if note else "") + f"vCPU throttled {throttle_pct}% from pass 3 " \
             f"(sleeps {throttle_gap_ms(throttle_pct) - BEAT_PERIOD_MS:.0f} ms at a time)"
     return Prediction(strategy=strategy, label=label, total_s=total, bytes=int(run.sent + pending), downtime_ms=dt,
-                      passes=run.passes, switch_s=run.t, throttle_pct=throttle_pct, converges=ok, note=note)
+                      passes=run.passes, switch_s=run.t, throttle_pct=throttle_pct, converges=ok, note=note,
+                      stop_pending_bytes=int(pending))
 
 
 def predict_postcopy(m: Measurement, after_pass: int) -> Prediction:

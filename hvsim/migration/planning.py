@@ -62,10 +62,11 @@ async def measure(qmp: QMPSession, qemu_pid: int | None, ram_bytes: int, *, src_
         sources.update(touched="assumed: all of RAM", dirty_rate="unknown: 0 assumed")
     sources["fixed_cost_ms"] = "learnt" if costs.fixed.samples else "assumed"
     sources["postcopy_stall_ms"] = "learnt" if costs.postcopy_stall.samples else "assumed"
+    sources["switch_fill"] = "learnt" if costs.switch_fill.samples else "assumed"
     m = Measurement(guest_ram_bytes=ram_bytes, touched_bytes=touched, dirty_rate=rate, bandwidth=float(bw),
                     wss_bytes=wss, vcpu_load=load, fixed_cost_ms=costs.fixed_for(mib),
                     postcopy_stall_ms=costs.postcopy_stall_for(mib), device_state_bytes=device_state_bytes,
-                    margin=margin, sources=sources)
+                    margin=margin, switch_fill=costs.switch_fill.get(), sources=sources)
     return m, {"guest": g.to_dict() if g is not None else None, "probe_Bps": bw}
 
 

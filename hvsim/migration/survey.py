@@ -153,18 +153,23 @@ async def sample_guest(qmp: QMPSession, qemu_pid: int, ram_bytes: int, *, pages:
 
 
 def rate_from_curve(curve: list[tuple[float, int]]) -> tuple[float, float]:
-    """Dirty rate from the distinct-bytes curve: the longest window that still grows in proportion to
-    the shorter one (before the working set ends); (bytes/s, window s)."""
+    """Dirty rate from the distinct-bytes curve: the slope from the first window to the longest
+    one that still grows in proportion (before the working set ends). The slope, not bytes / time:
+    a guest's hot background pages (timers, the kernel's own) are all dirty within the first
+    window and would inflate a short window's average. (bytes/s, window s)."""
     if not curve:
         return 0.0, 0.0
-    best_t, best_c = curve[0]
+    best = curve[0]
     for (t_a, c_a), (t_b, c_b) in zip(curve, curve[1:]):
         if c_a > 0 and c_b < 0.8 * c_a * t_b / t_a:
             break                       # saturating: the working set ends within t_b
-        best_t, best_c = t_b, c_b
+        best = (t_b, c_b)
         if t_b >= 1.0:
             break
-    return (best_c / best_t if best_t > 0 else 0.0), best_t
+    t0, c0 = curve[0]
+    if best[0] > t0 and best[1] >= c0:
+        return (best[1] - c0) / (best[0] - t0), best[0]
+    return (c0 / t0 if t0 > 0 else 0.0), t0
 
 
 def wss_from_curve(curve: list[tuple[float, int]], rate: float) -> int | None:
