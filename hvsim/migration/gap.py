@@ -79,13 +79,15 @@ class EventRecorder:
 
 @dataclass
 class GapBreakdown:
-    gap_ms: float
+    gap_ms: float                      # the switch-over's gap (the one around the source's STOP)
     before_stop_ms: float | None
     stop_and_copy_ms: float | None
     drain_and_load_ms: float | None
     resume_to_beat_ms: float | None
     unexplained_ms: float | None
     postcopy: bool
+    largest_gap_ms: float | None = None     # the stream's largest gap, if it was not the switch-over's
+    largest_gap_at_s: float | None = None   # ... and when it ended, seconds before the STOP
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,10 +104,19 @@ def largest_gap(beats: list[Beat], since: float = 0.0) -> tuple[Beat, Beat] | No
 
 def explain_gap(beats: list[Beat], src: EventRecorder, dst: EventRecorder, since: float = 0.0,
                 postcopy: bool = False) -> GapBreakdown | None:
-    """Split the largest heartbeat gap since ``since`` by the source's and destination's events."""
+    """Split the switch-over's heartbeat gap (the one around the source's STOP; the largest gap
+    since ``since`` without a STOP) by the source's and destination's events. A larger gap
+    elsewhere (a guest or host stall during precopy) is reported beside it."""
     pair = largest_gap(beats, since)
     if pair is None:
         return None
+    largest = pair
+    stop_any = src.first("STOP", after=since)
+    if stop_any is not None:
+        bs = [b for b in beats if b.host_t >= since]
+        around = next(((a, b) for a, b in zip(bs, bs[1:]) if a.host_t <= stop_any <= b.host_t), None)
+        if around is not None:
+            pair = around
     b0, b1 = pair
     ms = 1000.0
     stop = src.first("STOP", after=b0.host_t - 0.5)
@@ -124,6 +135,10 @@ def explain_gap(beats: list[Beat], src: EventRecorder, dst: EventRecorder, since
     gap = (b1.host_t - b0.host_t) * ms
     known = [v for v in parts.values() if v is not None]
     unexplained = gap - sum(known) if len(known) == len(parts) else None
+    lg = (largest[1].host_t - largest[0].host_t) * ms
+    other = largest is not pair and lg > gap
     return GapBreakdown(gap_ms=round(gap, 1), postcopy=postcopy,
+                        largest_gap_ms=round(lg, 1) if other else None,
+                        largest_gap_at_s=round((stop - largest[1].host_t), 3) if other and stop is not None else None,
                         unexplained_ms=None if unexplained is None else round(unexplained, 1),
                         **{k: (None if v is None else round(v, 1)) for k, v in parts.items()})

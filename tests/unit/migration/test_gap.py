@@ -53,3 +53,12 @@ def test_qemu_timestamps() -> None:
     assert event_time({"timestamp": {"seconds": 10, "microseconds": 500000}}) == pytest.approx(10.5)
     assert event_time({"timestamp": {"seconds": "x"}}) is None
     assert event_time({}) is None
+
+
+def test_a_larger_stall_during_precopy_is_reported_beside_the_switch_over_gap() -> None:
+    bs = beats([0.0, 0.01, 0.51, 0.52, 0.53, 0.73, 0.74])        # 500 ms stall, then a 200 ms switch-over
+    src = recorder("source", [(0.535, "STOP", {}), (0.6, "MIGRATION", {"status": "completed"})])
+    dst = recorder("destination", [(0.65, "RESUME", {})])
+    g = explain_gap(bs, src, dst)
+    assert g is not None and g.gap_ms == pytest.approx(200.0) and g.before_stop_ms == pytest.approx(5.0)
+    assert g.largest_gap_ms == pytest.approx(500.0) and g.largest_gap_at_s == pytest.approx(0.025, abs=0.01)
