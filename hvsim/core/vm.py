@@ -544,6 +544,11 @@ class MigrationLease:
         return p is not None and p.qmp is not None and not p.exited.done() and self._vm.has_process
 
     @property
+    def source_pid(self) -> int | None:
+        """The source QEMU's pid (a migration reads the guest's memory through it before the start)."""
+        return self._vm.pid
+
+    @property
     def source_heartbeat_socket(self) -> Path:
         return self._vm.heartbeat_socket
 

@@ -38,12 +38,30 @@ DEFAULT_PORT_RANGE = (20000, 60000)
 MANAGED_CAPS = ["events", "postcopy-ram", "postcopy-preempt", "auto-converge", "xbzrle", "pause-before-switchover"]
 
 
+NOTSENT_LOWAT = 128 * 1024
+
+
 @dataclass
 class TransferOptions:
     port: int | None = None
     dest_extra_args: tuple[str, ...] = ()
     sample_dirty_rate: bool = False
     postcopy_preempt: bool = False
+    # unsent bytes a TCP socket may queue in the hosts' namespaces (net.ipv4.tcp_notsent_lowat); None:
+    # leave the hosts alone. With the kernel's default (unlimited, autotuned up to 4 MiB) ~3 MB of
+    # the stream still sat in the source's socket when QEMU stopped the guest: 126-147 ms of the
+    # guest-observed downtime at 200 Mbit/s that QEMU neither counts nor reports.
+    notsent_lowat: int | None = NOTSENT_LOWAT
+
+
+async def tune_netns(netns: str, notsent_lowat: int) -> None:
+    """Set ``net.ipv4.tcp_notsent_lowat`` in a host's namespace (never the root namespace)."""
+    proc = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", netns, "sysctl", "-qw", f"net.ipv4.tcp_notsent_lowat={int(notsent_lowat)}",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise MigrationError(f"cannot tune the TCP stack of namespace {netns!r}: {err.decode(errors='replace')}")
 
 
 class TransferStrategy(abc.ABC):
@@ -144,6 +162,10 @@ class QemuLiveTransfer(TransferStrategy):
     def bandwidth(self) -> float | None:
         return self._bw.value
 
+    @property
+    def dest_qmp(self) -> QMPSession | None:
+        return self.dest_proc.qmp if self.dest_proc is not None else None
+
     # -- preparing the destination ------------------------------------------------------------------
     async def prepare(self, lease: MigrationLease) -> None:
         self.lease = lease
@@ -153,6 +175,9 @@ class QemuLiveTransfer(TransferStrategy):
         spec = lease.destination_spec(self.options.dest_extra_args, attachments=atts)
         proc = QemuProcess(spec, lease.dir, netns=dest.netns)
         self.dest_proc = proc
+        if self.options.notsent_lowat and lease.source.netns and dest.netns:
+            for ns in (lease.source.netns, dest.netns):
+                await tune_netns(ns, self.options.notsent_lowat)
         sampler = asyncio.create_task(self._sample_dirty_rate()) if self.options.sample_dirty_rate else None
         try:
             try:
@@ -378,8 +403,8 @@ class QemuLiveTransfer(TransferStrategy):
         while time.monotonic() < deadline:
             info = await self.src.execute("query-migrate")
             status = info.get("status", "none")
-            if status in ("cancelled", "failed", "completed", "none"):
-                return
+            if status in ("cancelled", "failed", "completed", "none", "postcopy-paused"):
+                return      # (a paused postcopy cannot be cancelled in QEMU 7.2: its QEMU is stopped next)
             if not sent_cancel and not status.startswith("postcopy"):
                 with contextlib.suppress(QEMUBridgeError):
                     await self.src.execute("migrate_cancel")
