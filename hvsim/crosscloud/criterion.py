@@ -149,8 +149,8 @@ class SwitchoverCriterion:
                             f"downtime is still {predicted:.2f} s > {self.budget_s:g} s", **common)  # type: ignore[arg-type]
         if self._stalled(rounds):
             return Decision(Verdict.NOT_CONVERGING, reason=f"the delta stopped shrinking over the last {self.patience} "
-                            f"rounds (writes {wr / 2**20:.2f} MiB/s vs link {bw / 2**20:.2f} MiB/s): predicted downtime "
-                            f"{predicted:.2f} s > {self.budget_s:g} s", **common)  # type: ignore[arg-type]
+                            f"rounds (writes {wr / 2**20:.2f} MiB/s vs link {bw / 2**20:.2f} MiB/s): "
+                            f"predicted downtime {predicted:.2f} s > {self.budget_s:g} s", **common)  # type: ignore[arg-type]
         return Decision(Verdict.CONTINUE, reason=f"predicted {predicted:.2f} s > {self.budget_s:g} s; the delta still "
                         "shrinks", **common)  # type: ignore[arg-type]
 

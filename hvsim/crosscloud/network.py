@@ -175,7 +175,8 @@ class WanNicComponent(Component):
         a = self.wan.address(self.ctx.vm, host.name, isolated=self.nic.network == ISOLATED)
         await self.wan.plug(a)
         self.addr = a
-        return Attachment(nics=(Nic(id=f"nic-{self.nic.name}", mac=self.nic.mac or derive_mac(self.ctx.vm, self.nic.name),
+        mac = self.nic.mac or derive_mac(self.ctx.vm, self.nic.name)
+        return Attachment(nics=(Nic(id=f"nic-{self.nic.name}", mac=mac,
                                     backend="tap", ifname=a.tap, model=self.nic.model),))  # type: ignore[arg-type]
 
     async def _do_stop(self) -> None:

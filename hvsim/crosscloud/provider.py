@@ -41,9 +41,10 @@ PUSH_CHUNK = 96 * 1024            # base64 bytes per command: sh -c's argument m
 class ProviderDriver(Protocol):
     """What the cross-cloud orchestrator needs from a cloud."""
     cloud: str
-    api: str
     profile: ProviderProfile
 
+    @property
+    def api(self) -> str: ...
     async def authenticate(self, credentials: str) -> None: ...
     def check_capacity(self, spec: VMSpec) -> None: ...
     async def create_instance(self, spec: VMSpec, *, data_disk: Path | None = None, isolated: bool = False,

@@ -186,10 +186,10 @@ class AgentTransfer:
         await self.source.provider.exec(self.source.vm, f"echo '{line}' > {GUEST_DIR}/ctl", timeout=30, check=True)
 
     def _check_source(self) -> None:
-        if self.src_proc is None or not self.src_proc.running:
-            tail = self.src_proc.tail() if self.src_proc else ""
-            raise ReplicationError(f"the source agent is gone (exit {self.src_proc.exit_code if self.src_proc else None}, "
-                                   f"{self.src_proc.error if self.src_proc else ''}); last output:\n{tail}")
+        p = self.src_proc
+        if p is None or not p.running:
+            raise ReplicationError(f"the source agent is gone (exit {p.exit_code if p else None}, "
+                                   f"{p.error if p else ''}); last output:\n{p.tail() if p else ''}")
 
     async def run_round(self, timeout: float = 600.0) -> RoundRecord:
         """Cut and copy one round; returns its record once the destination acknowledged its end."""

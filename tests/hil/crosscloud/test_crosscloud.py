@@ -38,7 +38,7 @@ async def test_move_a_to_b_every_acknowledged_record_survives(scene: Scene) -> N
     assert scene.wan.service_at == (m.dest_vm, scene.b.host) and scene.b.exists(m.dest_vm)
     # records written at B after the cutover are acknowledged too: the application runs there
     assert m.dest_app is not None and m.acks.first.get(m.dest_app.origin) is not None
-    await m.dest_app.stop()  # type: ignore[union-attr]
+    await m.dest_app.stop()
     v = await m.verify_destination()
     assert v["missing"] == 0 and v["changed"] == 0 and v["acked"] > res["last_source_seq"] > 0
     await m.finalize()
