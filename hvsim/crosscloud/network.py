@@ -142,6 +142,22 @@ class WanNetwork:
         await nsutil.ip("route", "del", f"{self.service_ip}/32", netns=self.underlay.host_ns(self.client), check=False)
         self._service_at = None
 
+    async def set_wan_link(self, host: str, up: bool) -> None:
+        """Cut or restore ``host``'s link to the WAN (fault injection). A link that goes down loses
+        its routes (the kernel flushes them), so restoring it puts back the routes from ``host`` to
+        every guest elsewhere and, if it is the client's, the service route."""
+        await self.underlay.set_link(host, up)
+        if not up:
+            return
+        ns = self.underlay.host_ns(host)
+        for a in list(self._plugged.values()):
+            if not a.isolated and a.host != host:
+                await nsutil.ip("route", "replace", str(a.subnet), "via", self.underlay.host_ip(a.host), netns=ns)
+        at = self._service_at
+        if at is not None and host == self.client:
+            await nsutil.ip("route", "replace", f"{self.service_ip}/32", "via", self.underlay.host_ip(at.host),
+                            netns=ns)
+
     @property
     def service_at(self) -> tuple[str, str] | None:
         """(vm, host) the service address is routed to."""

@@ -32,7 +32,7 @@ from ..core.aio import run_to_completion
 from .app import AckLog, WriterApp, verify_records
 from .criterion import CutoverCosts, Decision, SwitchoverCriterion, Verdict
 from .errors import (CrossCloudError, CrossCloudInputError, CrossCloudStateError, CutoverRefusedError,
-                     NativeMigrationRefusedError, ReplicationError)
+                     NativeMigrationRefusedError)
 from .profiles import native_blockers
 from .provider import CloudRegistry, ProviderDriver
 from .transfer import AgentTransfer, Endpoint
@@ -184,7 +184,7 @@ class CrossCloudMigration:
         assert self.transfer is not None
         try:
             await self.transfer.run_round()
-        except (ReplicationError, CrossCloudError) as exc:
+        except BaseException as exc:   # a failure or a cancel: destination cleaned, the source left running
             await run_to_completion(self._fail(exc))
             raise
         return self.evaluate()
