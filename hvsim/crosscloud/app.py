@@ -103,13 +103,15 @@ class WriterApp:
         return r.stdout.strip()
 
 
-async def verify_records(provider: ProviderDriver, vm: str, acks: AckLog, upto: int | None = None) -> dict[str, Any]:
+async def verify_records(provider: ProviderDriver, vm: str, acks: AckLog, upto: int | None = None,
+                         record: int = 4096) -> dict[str, Any]:
     """Read every record on ``vm``'s data disk and check that each acknowledged one (up to seq
     ``upto``) is there with the acknowledged checksum. VerificationError names the first failures."""
     seen: dict[int, str] = {}
     summary = ""
     try:
-        out, _ = await provider.exec_stream(vm, f"hvsim-writer -V -f {LOG}", timeout=600).collect(limit=64 << 20)
+        cmd = f"hvsim-writer -V -f {LOG} -s {int(record)}"
+        out, _ = await provider.exec_stream(vm, cmd, timeout=600).collect(limit=64 << 20)
     except AgentError as exc:
         raise VerificationError(f"vm {vm!r}: cannot read the records: {exc}") from exc
     for line in out.decode(errors="replace").splitlines():

@@ -49,10 +49,11 @@ class CutoverCosts:
     quiesce_s: float = 0.3      # stop the writer, sync, freeze the file system
     verify_s: float = 1.0       # hash both disks (in parallel)
     start_s: float = 1.0        # mount at the destination, start the application, first record
+    overhead_s: float = 0.0     # the final round's control and end messages
 
     @property
     def fixed_s(self) -> float:
-        return self.quiesce_s + self.verify_s + self.start_s
+        return self.quiesce_s + self.verify_s + self.start_s + self.overhead_s
 
 
 class Verdict(enum.Enum):

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -70,7 +71,7 @@ class CrossCloudMigration:
     def __init__(self, registry: CloudRegistry, *, vm: str, source_cloud: str, source_credentials: str,
                  dest_cloud: str, dest_credentials: str, source_app: WriterApp, workdir: Path,
                  budget_s: float = 5.0, rate_bps: float = 0.0, deadline_s: float = 900.0, max_rounds: int = 30,
-                 costs: CutoverCosts | None = None, corrupt_seq: int | None = None,
+                 costs: CutoverCosts | None = None, corrupt_seq: int | None = None, calibrate: bool = True,
                  on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
         if isinstance(rate_bps, bool) or not isinstance(rate_bps, (int, float)) or rate_bps < 0:
             raise CrossCloudInputError(f"rate_bps must be >= 0 (0 = unlimited), got {rate_bps!r}")
@@ -86,6 +87,7 @@ class CrossCloudMigration:
                                              deadline_s=deadline_s)
         self.rate_bps = float(rate_bps)
         self.corrupt_seq = corrupt_seq
+        self.calibrate = calibrate and costs is None
         self.on_event = on_event
         self.fsm: StateMachine[XState] = StateMachine(f"cross-cloud migration of vm {vm!r}", X.NEW, TRANSITIONS,
                                                       error=CrossCloudStateError, log=log)
@@ -169,10 +171,31 @@ class CrossCloudMigration:
                                           on_event=self._emit)
             await self.transfer.prepare()
             self._emit("phase", {"phase": "agents installed"})
+            if self.calibrate:
+                self.criterion.costs = await self.measure_costs()
+                self._emit("phase", {"phase": "cutover costs measured", **dataclasses.asdict(self.criterion.costs)})
         except BaseException as exc:
             await run_to_completion(self._fail(exc))
             raise
         self.fsm.set(X.REPLICATING, "agents installed")
+
+    async def measure_costs(self) -> CutoverCosts:
+        """The fixed parts of a cutover's downtime, measured on these two guests before any cutover:
+        the verification is one whole-disk hash of both disks (timed now, in parallel); quiesce,
+        the final round's control and the start are each a few guest-agent round trips (measured)."""
+        assert self.transfer is not None and self.src is not None and self.dst is not None
+        rtts = []
+        for prov, name in ((self.src, self.vm), (self.dst, self.dest_vm)) * 3:
+            t = time.monotonic()
+            await prov.exec(name, "true", timeout=30)
+            rtts.append(time.monotonic() - t)
+        rtt = sorted(rtts)[len(rtts) // 2]
+        await self.transfer.hash_time()      # the first pass warms the caches as the replication will
+        verify_s = await self.transfer.hash_time()
+        # quiesce: stop the writer (kill + its STOP line) and sync+freeze: ~2 round trips;
+        # final round: the control line and the FINAL line: ~2; start: pause the source, mount,
+        # start the writer and its first acknowledgement: ~4
+        return CutoverCosts(quiesce_s=2 * rtt, verify_s=verify_s, start_s=4 * rtt, overhead_s=2 * rtt)
 
     # -- replicating ------------------------------------------------------------------------------------
     def elapsed_s(self) -> float:
@@ -261,9 +284,10 @@ class CrossCloudMigration:
         try:
             await self.dst.start(clone)
             t_app = time.monotonic()
-            probe = WriterApp(self.dst, clone, self.dst.profile.guest_disk, AckLog(), rate_kib=self.app.rate_kib)
+            probe = WriterApp(self.dst, clone, self.dst.profile.guest_disk, AckLog(), rate_kib=self.app.rate_kib,
+                              record=self.app.record)
             await probe.mount()
-            res["records"] = await verify_records(self.dst, clone, self.acks, upto=point)
+            res["records"] = await verify_records(self.dst, clone, self.acks, upto=point, record=self.app.record)
             await probe.start()
             await probe.proc.wait_line(lambda s: s.startswith("ACK"), 30)  # type: ignore[union-attr]
             res["start_s"] = round(time.monotonic() - t_app, 3)
@@ -305,7 +329,8 @@ class CrossCloudMigration:
             t_verified = time.monotonic()
             await self.src.pause(self.vm)
             self.dest_app = WriterApp(self.dst, self.dest_vm, self.dst.profile.guest_disk, self.acks,
-                                      rate_kib=self.app.rate_kib, service_ip=self.app.service_ip)
+                                      rate_kib=self.app.rate_kib, record=self.app.record,
+                                      service_ip=self.app.service_ip)
             await self.dest_app.start()
             assert self.dest_app.proc is not None
             await self.dest_app.proc.wait_line(lambda s: s.startswith("ACK"), 60)
@@ -330,7 +355,7 @@ class CrossCloudMigration:
         """Every acknowledged record (at the source and at the destination) is on the destination's disk."""
         self.fsm.require("verify", X.CUT_OVER, X.FINALIZED)
         assert self.dst is not None
-        return await verify_records(self.dst, self.dest_vm, self.acks)
+        return await verify_records(self.dst, self.dest_vm, self.acks, record=self.app.record)
 
     async def finalize(self) -> None:
         """The source is deleted and the agents removed: the migration cannot be reverted any more."""

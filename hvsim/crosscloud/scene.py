@@ -36,7 +36,7 @@ class Scene:
     workdir: Path
 
     async def source_vm(self, name: str = "app1", *, disk_mib: int = 64, prefill_mib: int = 16,
-                        memory_mib: int = 256, rate_kib: float = 64.0) -> WriterApp:
+                        memory_mib: int = 256, rate_kib: float = 64.0, record: int = 4096) -> WriterApp:
         """A running guest in cloud A with an ext4 data disk holding ``prefill_mib`` of data and the
         writer running on it; returns the writer (its AckLog collects every acknowledged record)."""
         img = self.workdir / f"{name}-data.img"
@@ -44,7 +44,7 @@ class Scene:
         await self.a.authenticate(self.a.credentials)
         await self.a.create_instance(VMSpec(name, memory_mib=memory_mib), data_disk=img, data_size_mib=disk_mib)
         await self.a.start(name)
-        app = WriterApp(self.a, name, PROFILE_A.guest_disk, AckLog(), rate_kib=rate_kib,
+        app = WriterApp(self.a, name, PROFILE_A.guest_disk, AckLog(), rate_kib=rate_kib, record=record,
                         service_ip=self.wan.service_ip)
         await app.start()
         await self.wan.move_service(name, self.a.host)

@@ -225,14 +225,23 @@ class AgentTransfer:
         self.rate_bps = float(bps)
         await self._ctl(f"rate {bps:.0f}")
 
-    async def verify(self) -> dict[str, Any]:
-        """Hash both whole disks in their guests, in parallel; VerificationError if they differ."""
+    async def _hash_both(self) -> tuple[dict[str, str], dict[str, str]]:
         cmd = f"{AGENT} hash --dev {{dev}} --chunk 65536"
-        t0 = time.monotonic()
         rs, rd = await asyncio.gather(
             self.source.provider.exec(self.source.vm, cmd.format(dev=self.source.device), timeout=600, check=True),
             self.dest.provider.exec(self.dest.vm, cmd.format(dev=self.dest.device), timeout=600, check=True))
-        a, b = fields(rs.stdout.strip().splitlines()[-1]), fields(rd.stdout.strip().splitlines()[-1])
+        return fields(rs.stdout.strip().splitlines()[-1]), fields(rd.stdout.strip().splitlines()[-1])
+
+    async def hash_time(self) -> float:
+        """Seconds one verification takes (both disks hashed in parallel), measured."""
+        t0 = time.monotonic()
+        await self._hash_both()
+        return time.monotonic() - t0
+
+    async def verify(self) -> dict[str, Any]:
+        """Hash both whole disks in their guests, in parallel; VerificationError if they differ."""
+        t0 = time.monotonic()
+        a, b = await self._hash_both()
         res = {"source": a, "destination": b, "secs": round(time.monotonic() - t0, 3)}
         if a.get("digest") != b.get("digest") or a.get("size") != b.get("size"):
             raise VerificationError(f"the disks differ: source {a} vs destination {b}")
