@@ -226,7 +226,7 @@ class AgentTransfer:
         await self._ctl(f"rate {bps:.0f}")
 
     async def _hash_both(self) -> tuple[dict[str, str], dict[str, str]]:
-        cmd = f"{AGENT} hash --dev {{dev}} --chunk 65536"
+        cmd = f"{AGENT} hash --dev {{dev}} --chunk 1048576"
         rs, rd = await asyncio.gather(
             self.source.provider.exec(self.source.vm, cmd.format(dev=self.source.device), timeout=600, check=True),
             self.dest.provider.exec(self.dest.vm, cmd.format(dev=self.dest.device), timeout=600, check=True))

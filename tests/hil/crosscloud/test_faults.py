@@ -4,13 +4,16 @@ acknowledged record is lost or changed, and a failure leaves the source running.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from hvsim.crosscloud.app import WriterApp, verify_records
-from hvsim.crosscloud.errors import CredentialsError, NativeMigrationRefusedError, UnknownProviderError
+from hvsim.crosscloud.errors import (CredentialsError, NativeMigrationRefusedError, ReplicationError,
+                                    UnknownProviderError)
 from hvsim.crosscloud.guestproc import fields
 from hvsim.crosscloud.orchestrator import CrossCloudMigration, XState
 from hvsim.crosscloud.scene import Scene, two_clouds
@@ -126,3 +129,36 @@ async def test_native_live_migration_between_the_profiles_is_refused_before_anyt
     with pytest.raises(CredentialsError):
         await migration(scene, app, dest_credentials="wrong").prepare()
     assert not scene.b.exists("app1") and scene.a.state("app1") == "running"
+
+
+async def test_destination_agent_killed_is_restarted_and_resumes(scene: Scene) -> None:
+    app = await scene.source_vm("app1", disk_mib=64, prefill_mib=24, rate_kib=32)
+    m = migration(scene, app, budget_s=10.0, rate_bps=2 * MiB)
+    await m.prepare()
+    assert m.transfer is not None
+    st = m.transfer.stats
+    first = asyncio.create_task(m.round())
+    await wait_for(lambda: st.sent_total > 4 * MiB, 60, "4 MiB sent")
+    await m.transfer.kill_dest_agent()
+    await first
+    assert st.dest_restarts >= 1
+    assert any(e.startswith("RESUME") for _, e in st.events)
+    await cut_over_and_verify(scene, m)
+    await m.finalize()
+
+
+async def test_source_guest_crash_fails_the_migration_and_cleans_the_destination(scene: Scene) -> None:
+    app = await scene.source_vm("app1", disk_mib=64, prefill_mib=24, rate_kib=32)
+    m = migration(scene, app, budget_s=10.0, rate_bps=1 * MiB)
+    await m.prepare()
+    assert m.transfer is not None
+    st = m.transfer.stats
+    task = asyncio.create_task(m.replicate())
+    await wait_for(lambda: st.sent_total > 1 * MiB, 60, "1 MiB sent")
+    pid = scene.a.cluster.vm("app1").pid
+    assert pid
+    os.kill(pid, signal.SIGKILL)                          # the source guest's QEMU dies
+    with pytest.raises(ReplicationError):
+        await task
+    assert m.state is XState.FAILED and not m.result      # nothing claimed as migrated
+    assert not scene.b.exists("app1")                      # the destination is cleaned
