@@ -308,7 +308,7 @@ class CrossCloudMigration:
         achievable downtime and the options, unless ``accept_downtime``."""
         self.fsm.require("cut over", X.REPLICATING)
         assert self.transfer is not None and self.src is not None and self.dst is not None
-        d = self.decision or self.evaluate()
+        d = self.evaluate()      # now: the delta may have grown since the last round (a test cutover)
         if not d.fits and not accept_downtime:
             opts = d.options(self.criterion.budget_s)
             raise CutoverRefusedError(

@@ -65,8 +65,9 @@ async def run(console: Console, out_dir: Path) -> None:
                     "verified"):
             t.add_column(col)
         for r in runs:
-            t.add_row(r["config"], str(r["write_rate_mib_s"]), str(r["downtime_s"]), str(r["predicted_downtime_s"]),
-                      str(r["total_s"]), str(r["bytes_ratio"]), str(r["rounds"]), str(r["verified"]))
+            t.add_row(r["config"], f"{r['write_rate_mib_s']:g}", f"{r['downtime_s']:.2f}",
+                      f"{r['predicted_downtime_s']:.2f}" if r["predicted_downtime_s"] else "-", f"{r['total_s']:.1f}",
+                      f"{r['bytes_ratio']:.2f}", str(r["rounds"]), str(r["verified"]))
         console.print(t)
     else:
         console.print("[dim]no bench/results/crosscloud.json yet: `python -m bench --quick --only crosscloud`[/dim]")
