@@ -86,8 +86,17 @@ class MoveSample:
             return None
         return self.net_blackout_ms - self.vcpu_blackout_ms
 
+    @property
+    def net_minus_pause_ms(self) -> float | None:
+        """Network blackout minus QEMU's pause (source STOP -> destination RESUME): what the network
+        and the guest's own wake-up add to the pause."""
+        if self.net_blackout_ms is None or self.stop_to_resume_ms is None:
+            return None
+        return self.net_blackout_ms - self.stop_to_resume_ms
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"net_minus_vcpu_ms": self.net_minus_vcpu_ms}
+        return asdict(self) | {"net_minus_vcpu_ms": self.net_minus_vcpu_ms,
+                               "net_minus_pause_ms": self.net_minus_pause_ms}
 
 
 @dataclass
@@ -229,6 +238,9 @@ def summarize(r: ConfigResult) -> dict[str, Any]:
     net = [s.net_blackout_ms for s in ok if s.net_blackout_ms is not None]
     diff = [d for s in ok if (d := s.net_minus_vcpu_ms) is not None]
     vcpu = [s.vcpu_blackout_ms for s in ok if s.vcpu_blackout_ms is not None]
+    pause = [s.stop_to_resume_ms for s in ok if s.stop_to_resume_ms is not None]
+    dpause = [d for s in ok if (d := s.net_minus_pause_ms) is not None]
+    final = [s.final_step_ms for s in ok if s.final_step_ms is not None]
 
     def r1(x: float | None) -> float | None:
         return None if x is None else round(x, 1)
@@ -236,6 +248,9 @@ def summarize(r: ConfigResult) -> dict[str, Any]:
             "net_blackout_ms": {"p50": r1(pct(net, 0.5)), "p99": r1(pct(net, 0.99)), "max": r1(max(net, default=None))},
             "vcpu_blackout_ms": {"p50": r1(pct(vcpu, 0.5)), "p99": r1(pct(vcpu, 0.99))},
             "net_minus_vcpu_ms": {"p50": r1(pct(diff, 0.5)), "p99": r1(pct(diff, 0.99))},
+            "qemu_pause_ms": {"p50": r1(pct(pause, 0.5)), "p99": r1(pct(pause, 0.99))},
+            "net_minus_pause_ms": {"p50": r1(pct(dpause, 0.5)), "p99": r1(pct(dpause, 0.99))},
+            "final_step_ms": {"p50": r1(pct(final, 0.5)), "max": r1(max(final, default=None))},
             "duplicates": sum(s.duplicates or 0 for s in ok),
             "tcp_survived": bool(ok) and all(s.tcp_survived for s in ok),
             "lost_after_completion": sum(s.lost_after_completion or 0 for s in ok),
@@ -247,12 +262,13 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
         return "-" if x is None else f"{x:.0f}" if isinstance(x, float) else str(x)
     return [[r["config"], str(r["n"]), f(r["net_blackout_ms"]["p50"]), f(r["net_blackout_ms"]["p99"]),
              f(r["vcpu_blackout_ms"]["p50"]), f(r["net_minus_vcpu_ms"]["p50"]), f(r["net_minus_vcpu_ms"]["p99"]),
-             str(r["duplicates"]), "yes" if r["tcp_survived"] else "NO", str(r["lost_after_completion"])]
+             f(r["qemu_pause_ms"]["p50"]), f(r["net_minus_pause_ms"]["p50"]), f(r["net_minus_pause_ms"]["p99"]),
+             f(r["final_step_ms"]["p50"]), str(r["duplicates"]), "yes" if r["tcp_survived"] else "NO", str(r["lost_after_completion"])]
             for r in rows]
 
 
-HEADERS = ["config", "n", "net p50 ms", "net p99 ms", "vCPU p50 ms", "net-vCPU p50", "net-vCPU p99", "dup",
-           "TCP", "lost after"]
+HEADERS = ["config", "n", "net p50 ms", "net p99 ms", "vCPU p50 ms", "net-vCPU p50", "net-vCPU p99",
+           "pause p50", "net-pause p50", "net-pause p99", "activate p50", "dup", "TCP", "lost after"]
 
 
 def _echo_gaps(raw: Path, t0_ns: int) -> tuple[list[float], list[float]]:
