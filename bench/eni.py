@@ -14,8 +14,9 @@ a fresh underlay, controller and guest per block), so load drifts hit all three 
 Per migration: network blackout (the largest echo gap), vCPU blackout (the guest heartbeat's largest
 gap, 10 ms beats), network minus vCPU, duplicated echoes (two live copies), TCP survival, probes lost
 after completion; QEMU's own pause (source STOP -> destination RESUME events) and the network
-blackout minus it, the ENI activation's time inside the pause. Writes bench/results/eni.json: {"runs": [{"config", "n", "net_blackout_ms": {p50,
-p99, max}, "vcpu_blackout_ms", "net_minus_vcpu_ms": {p50, p99}, "duplicates", "tcp_survived",
+blackout minus it, the ENI activation's time inside the pause. Writes bench/results/eni.json:
+{"runs": [{"config", "n", "net_blackout_ms": {p50, p99, max}, "vcpu_blackout_ms", "net_minus_vcpu_ms":
+{p50, p99}, "qemu_pause_ms", "net_minus_pause_ms", "final_step_ms", "duplicates", "tcp_survived",
 "lost_after_completion"}], "targets", "samples", "context", "schedule"}.
 """
 from __future__ import annotations
