@@ -23,6 +23,7 @@ import contextlib
 import json
 import math
 import re
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,7 +66,11 @@ class MoveSample:
     index: int
     source: str
     destination: str
-    net_blackout_ms: float | None = None     # the largest gap between echoes
+    net_blackout_ms: float | None = None     # the largest gap between echoes (the issue's definition)
+    # the longest run of consecutive probes without a timely echo (none, or later than TIMELY_MS), as a
+    # send-time span: unlike the echo gap it is not split by the late echoes of probes the guest
+    # received before it stopped (or that waited in the destination's tap) and answered after
+    loss_blackout_ms: float | None = None
     vcpu_blackout_ms: float | None = None    # the guest heartbeat's gap
     duplicates: int | None = None
     tcp_survived: bool | None = None
@@ -77,6 +82,8 @@ class MoveSample:
     final_step_ms: float | None = None       # the ENI's activation inside the pause (hvsim mode)
     stop_to_resume_ms: float | None = None   # QEMU: source STOP -> destination RESUME
     gap_from_ns: int | None = None
+    gap_to_ms: float | None = None           # when the echoes came back, since the gap started
+    reprogram_ms: float | None = None        # when host c (the peer's) was repointed, since the gap started
     raw: str | None = None                   # per-probe file (seq send_ns first_echo_ns echoes)
     error: str | None = None
 
@@ -85,6 +92,12 @@ class MoveSample:
         if self.net_blackout_ms is None or self.vcpu_blackout_ms is None:
             return None
         return self.net_blackout_ms - self.vcpu_blackout_ms
+
+    @property
+    def loss_minus_vcpu_ms(self) -> float | None:
+        if self.loss_blackout_ms is None or self.vcpu_blackout_ms is None:
+            return None
+        return self.loss_blackout_ms - self.vcpu_blackout_ms
 
     @property
     def net_minus_pause_ms(self) -> float | None:
@@ -96,7 +109,8 @@ class MoveSample:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"net_minus_vcpu_ms": self.net_minus_vcpu_ms,
-                               "net_minus_pause_ms": self.net_minus_pause_ms}
+                               "net_minus_pause_ms": self.net_minus_pause_ms,
+                               "loss_minus_vcpu_ms": self.loss_minus_vcpu_ms}
 
 
 @dataclass
@@ -125,13 +139,50 @@ async def _guest(cl: Cluster, ctl: NetworkController, name: str, host: str, spec
     return vm
 
 
-async def _one(vm: VM, peer: NsEndpoint, setup: Setup, mode: str, i: int, raw_dir: Path | None,
-               log: Any) -> MoveSample:
+async def _one(vm: VM, peer: NsEndpoint, ctl: NetworkController, setup: Setup, mode: str, i: int,
+               raw_dir: Path | None, log: Any) -> MoveSample:
     src = vm.host.name
     dst = "b" if src == "a" else "a"
     s = MoveSample(mode, i, src, dst)
-    raw = raw_dir / f"probe-{mode}-{i}.txt" if raw_dir is not None else None
-    s.raw = str(raw) if raw is not None else None
+    scratch = None
+    if raw_dir is None:
+        scratch = tempfile.TemporaryDirectory(prefix="hvsim-probe-")
+        raw = Path(scratch.name) / "probe.txt"
+    else:
+        raw = raw_dir / f"probe-{mode}-{i}.txt"
+        s.raw = str(raw)
+    try:
+        return await _probe_one(vm, peer, ctl, setup, s, raw, log)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def untimely_run_ms(raw: Path, interval_us: int, timely_ms: float = 50.0) -> float:
+    """The longest run of consecutive probes (by sequence) whose echo never came or came later than
+    ``timely_ms``, as the span of their send times (ms) plus one interval; 0 when every probe was
+    answered in time. ``raw``: udpprobe's per-probe file (seq send_ns first_echo_ns echoes)."""
+    rows = []
+    for line in raw.read_text().splitlines():
+        p = line.split()
+        if len(p) >= 3:
+            rows.append((int(p[0]), int(p[1]), int(p[2])))
+    rows.sort()
+    best, start, prev = 0.0, None, None
+    for _seq, send, echo in rows:
+        bad = echo == 0 or (echo - send) / 1e6 > timely_ms
+        if bad:
+            start = send if start is None else start
+            prev = send
+            best = max(best, (prev - start) / 1e6 + interval_us / 1000)
+        else:
+            start = None
+    return best
+
+
+async def _probe_one(vm: VM, peer: NsEndpoint, ctl: NetworkController, setup: Setup, s: MoveSample, raw: Path,
+                     log: Any) -> MoveSample:
+    src, dst, mode, i = s.source, s.destination, s.mode, s.index
     hb = HeartbeatMonitor()       # the guest's ``dirty`` beats every 10 ms: the vCPU blackout
     try:
         await hb.attach(vm.heartbeat_socket, timeout=10)
@@ -159,12 +210,20 @@ async def _one(vm: VM, peer: NsEndpoint, setup: Setup, mode: str, i: int, raw_di
     s.lost, s.sent, s.prober_late_ms = rep.lost, rep.sent, rep.max_send_late_ms
     b = (r.uld or {}).get("breakdown") or {}
     s.final_step_ms, s.stop_to_resume_ms = b.get("final_step_ms"), b.get("total_ms")
+    s.gap_to_ms = (rep.max_gap_to_ns - rep.max_gap_from_ns) / 1e6
+    s.loss_blackout_ms = untimely_run_ms(raw, rep.interval_us)
+    # the controller's journal and the prober share CLOCK_MONOTONIC
+    moves = [m for m in ctl.moves.values() if m.id.startswith(f"migration:{vm.name}/") and m.source == src]
+    fdb = [j.at for m in moves[-1:] for j in ctl.journal_of(m.id) if j.host == "c" and j.op == "fdb-remote"]
+    if fdb:
+        s.reprogram_ms = fdb[0] * 1000 - rep.max_gap_from_ns / 1e6
 
     def f(v: float | None) -> str:
         return "-" if v is None else f"{v:.0f}"
     log(f"  {mode:16s} #{i + 1} {src}->{dst}: network {f(s.net_blackout_ms)} ms, vCPU {f(s.vcpu_blackout_ms)} ms, "
         f"net-vCPU {f(s.net_minus_vcpu_ms)} ms, dup {s.duplicates}, tcp {'ok' if s.tcp_survived else 'BROKEN'}, "
-        f"lost after {s.lost_after_completion} ({s.migration_s:.1f}s)")
+        f"lost after {s.lost_after_completion}, peer's host repointed at {f(s.reprogram_ms)} ms into the gap "
+        f"({s.migration_s:.1f}s)")
     return s
 
 
@@ -211,7 +270,7 @@ async def _run_config(res: ConfigResult, n: int, setup: Setup, talker: bool, raw
                 await vms[1].exec(f"ping -q -i 0.05 -w {ping_s} 10.77.0.1 > /run/ping.log 2>&1 &", timeout=30,
                                   check=True)
             for i in range(n):
-                res.samples.append(await _one(vm, peer, setup, res.mode, i, raw_dir, log))
+                res.samples.append(await _one(vm, peer, ctl, setup, res.mode, i, raw_dir, log))
             if talker:
                 out = await vms[1].exec("kill -INT $(pidof ping) 2>/dev/null; sleep 0.5; cat /run/ping.log",
                                         timeout=30)
@@ -241,6 +300,8 @@ def summarize(r: ConfigResult) -> dict[str, Any]:
     pause = [s.stop_to_resume_ms for s in ok if s.stop_to_resume_ms is not None]
     dpause = [d for s in ok if (d := s.net_minus_pause_ms) is not None]
     final = [s.final_step_ms for s in ok if s.final_step_ms is not None]
+    loss = [s.loss_blackout_ms for s in ok if s.loss_blackout_ms is not None]
+    dloss = [d for s in ok if (d := s.loss_minus_vcpu_ms) is not None]
 
     def r1(x: float | None) -> float | None:
         return None if x is None else round(x, 1)
@@ -251,6 +312,9 @@ def summarize(r: ConfigResult) -> dict[str, Any]:
             "qemu_pause_ms": {"p50": r1(pct(pause, 0.5)), "p99": r1(pct(pause, 0.99))},
             "net_minus_pause_ms": {"p50": r1(pct(dpause, 0.5)), "p99": r1(pct(dpause, 0.99))},
             "final_step_ms": {"p50": r1(pct(final, 0.5)), "max": r1(max(final, default=None))},
+            "loss_blackout_ms": {"p50": r1(pct(loss, 0.5)), "p99": r1(pct(loss, 0.99)),
+                                 "max": r1(max(loss, default=None))},
+            "loss_minus_vcpu_ms": {"p50": r1(pct(dloss, 0.5)), "p99": r1(pct(dloss, 0.99))},
             "duplicates": sum(s.duplicates or 0 for s in ok),
             "tcp_survived": bool(ok) and all(s.tcp_survived for s in ok),
             "lost_after_completion": sum(s.lost_after_completion or 0 for s in ok),
@@ -263,13 +327,15 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     return [[r["config"], str(r["n"]), f(r["net_blackout_ms"]["p50"]), f(r["net_blackout_ms"]["p99"]),
              f(r["vcpu_blackout_ms"]["p50"]), f(r["net_minus_vcpu_ms"]["p50"]), f(r["net_minus_vcpu_ms"]["p99"]),
              f(r["qemu_pause_ms"]["p50"]), f(r["net_minus_pause_ms"]["p50"]), f(r["net_minus_pause_ms"]["p99"]),
-             f(r["final_step_ms"]["p50"]), str(r["duplicates"]), "yes" if r["tcp_survived"] else "NO",
+             f(r["final_step_ms"]["p50"]), f(r["loss_blackout_ms"]["p50"]), f(r["loss_minus_vcpu_ms"]["p50"]),
+             f(r["loss_minus_vcpu_ms"]["p99"]), str(r["duplicates"]), "yes" if r["tcp_survived"] else "NO",
              str(r["lost_after_completion"])]
             for r in rows]
 
 
 HEADERS = ["config", "n", "net p50 ms", "net p99 ms", "vCPU p50 ms", "net-vCPU p50", "net-vCPU p99",
-           "pause p50", "net-pause p50", "net-pause p99", "activate p50", "dup", "TCP", "lost after"]
+           "pause p50", "net-pause p50", "net-pause p99", "activate p50", "unanswered p50", "unans-vCPU p50",
+           "unans-vCPU p99", "dup", "TCP", "lost after"]
 
 
 def _echo_gaps(raw: Path, t0_ns: int) -> tuple[list[float], list[float]]:
