@@ -54,6 +54,11 @@ def targets(rows: dict[str, dict[str, Any]], diffs: dict[str, list[float]], paus
                               "1000 probes/s under load, in every configuration)",
                     "measured": hv["lost_after_completion"], "goal": "-", "verdict": "info"})
     for other in ("after-completion", "learning"):
+        o = rows.get(other)
+        if hv and o and hv["lost_per_migration"]["p50"] is not None and o["lost_per_migration"]["p50"] is not None:
+            a, b = hv["lost_per_migration"]["p50"], o["lost_per_migration"]["p50"]
+            add(f"{other} / hvsim, probes lost per migration p50 (the gain)", f"{b:.0f} / {a:.0f}", "> 1 (visible)",
+                b > a)
         for name, d in (("network - vCPU", diffs), ("network - QEMU pause", pauses),
                         ("unanswered run - vCPU", losses)):
             if hv and rows.get(other) and d.get("hvsim") and d.get(other):

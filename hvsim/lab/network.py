@@ -315,6 +315,8 @@ def summarize(r: ConfigResult) -> dict[str, Any]:
             "loss_blackout_ms": {"p50": r1(pct(loss, 0.5)), "p99": r1(pct(loss, 0.99)),
                                  "max": r1(max(loss, default=None))},
             "loss_minus_vcpu_ms": {"p50": r1(pct(dloss, 0.5)), "p99": r1(pct(dloss, 0.99))},
+            "lost_per_migration": {"p50": pct([float(s.lost or 0) for s in ok], 0.5),
+                                   "max": max((s.lost or 0 for s in ok), default=None)},
             "duplicates": sum(s.duplicates or 0 for s in ok),
             "tcp_survived": bool(ok) and all(s.tcp_survived for s in ok),
             "lost_after_completion": sum(s.lost_after_completion or 0 for s in ok),
@@ -328,50 +330,56 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
              f(r["vcpu_blackout_ms"]["p50"]), f(r["net_minus_vcpu_ms"]["p50"]), f(r["net_minus_vcpu_ms"]["p99"]),
              f(r["qemu_pause_ms"]["p50"]), f(r["net_minus_pause_ms"]["p50"]), f(r["net_minus_pause_ms"]["p99"]),
              f(r["final_step_ms"]["p50"]), f(r["loss_blackout_ms"]["p50"]), f(r["loss_minus_vcpu_ms"]["p50"]),
-             f(r["loss_minus_vcpu_ms"]["p99"]), str(r["duplicates"]), "yes" if r["tcp_survived"] else "NO",
+             f(r["loss_minus_vcpu_ms"]["p99"]), f(r["lost_per_migration"]["p50"]), str(r["duplicates"]), "yes" if r["tcp_survived"] else "NO",
              str(r["lost_after_completion"])]
             for r in rows]
 
 
 HEADERS = ["config", "n", "net p50 ms", "net p99 ms", "vCPU p50 ms", "net-vCPU p50", "net-vCPU p99",
            "pause p50", "net-pause p50", "net-pause p99", "activate p50", "unanswered p50", "unans-vCPU p50",
-           "unans-vCPU p99", "dup", "TCP", "lost after"]
+           "unans-vCPU p99", "lost p50", "dup", "TCP", "lost after"]
 
 
-def _echo_gaps(raw: Path, t0_ns: int) -> tuple[list[float], list[float]]:
-    """(time s since ``t0_ns``, gap ms to the previous echo) for every echo of a raw probe file."""
-    echoes = []
+def _probe_rtts(raw: Path, t0_ns: int) -> tuple[list[float], list[float], list[float]]:
+    """From a raw probe file: (send time s since ``t0_ns``, RTT ms) of every echoed probe, and the
+    send times of the probes that got no echo."""
+    xs, ys, lost = [], [], []
     for line in raw.read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 4 and parts[2] != "0":
-            echoes.append(int(parts[2]))
-    echoes.sort()
-    xs, ys = [], []
-    for a, b in zip(echoes, echoes[1:], strict=False):
-        xs.append((b - t0_ns) / 1e9)
-        ys.append((b - a) / 1e6)
-    return xs, ys
+        p = line.split()
+        if len(p) < 3:
+            continue
+        send, echo = int(p[1]), int(p[2])
+        if echo:
+            xs.append((send - t0_ns) / 1e9)
+            ys.append(max((echo - send) / 1e6, 0.01))
+        else:
+            lost.append((send - t0_ns) / 1e9)
+    return xs, ys, lost
 
 
 def plot_gaps(results: list[ConfigResult], png: Path) -> Path:
-    """Echo gaps over time around the largest one, one line per mode (its first migration)."""
+    """Each probe's round trip over its send time around the blackout (lost probes on top), one
+    panel per mode (its first migration)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for r in results:
-        s = next((s for s in r.samples if s.raw and s.gap_from_ns), None)
-        if s is None or s.raw is None or s.gap_from_ns is None or not Path(s.raw).exists():
-            continue
-        xs, ys = _echo_gaps(Path(s.raw), s.gap_from_ns)
-        ax.plot(xs, ys, lw=1, label=f"{r.mode}: blackout {s.net_blackout_ms:.0f} ms, vCPU "
-                f"{s.vcpu_blackout_ms or 0:.0f} ms")
-    ax.set_yscale("log")
-    ax.set_xlim(-1.0, 1.5)
-    ax.set_xlabel("s since the start of the largest echo gap")
-    ax.set_ylabel("gap since the previous echo (ms)")
-    ax.set_title("1 ms UDP probes to a migrating guest (peer on a third host)")
-    ax.legend(loc="upper right", fontsize=8)
+    shown = [(r, s) for r in results for s in r.samples[:1] if s.raw and s.gap_from_ns and Path(s.raw).exists()]
+    fig, axes = plt.subplots(max(1, len(shown)), 1, figsize=(9, 2.3 * max(1, len(shown))), sharex=True,
+                             squeeze=False)
+    for ax, (r, s) in zip(axes[:, 0], shown, strict=False):
+        assert s.raw is not None and s.gap_from_ns is not None
+        xs, ys, lost = _probe_rtts(Path(s.raw), s.gap_from_ns)
+        ax.scatter(xs, ys, s=2, lw=0, label="echoed (RTT)")
+        ax.scatter(lost, [2000.0] * len(lost), s=4, marker="x", color="red", lw=0.6, label="no echo")
+        ax.set_yscale("log")
+        ax.set_ylim(0.05, 5000)
+        ax.set_ylabel("RTT ms")
+        ax.set_title(f"{r.mode}: echo gap {s.net_blackout_ms or 0:.0f} ms, no timely echo for "
+                     f"{s.loss_blackout_ms or 0:.0f} ms, vCPU (heartbeat) {s.vcpu_blackout_ms or 0:.0f} ms, "
+                     f"QEMU pause {s.stop_to_resume_ms or 0:.0f} ms", fontsize=8)
+        ax.legend(loc="upper left", fontsize=7, markerscale=3)
+    axes[-1, 0].set_xlim(-0.6, 1.2)
+    axes[-1, 0].set_xlabel("probe send time, s since the start of the largest echo gap (1 ms UDP probes from host c)")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -393,11 +401,18 @@ async def run(console: Any, out_dir: Path) -> None:
         results.append(await run_config(mode, 1, setup, talker=True, raw_dir=raw_dir,
                                         log=lambda s: console.print(s, highlight=False)))
     rows = [summarize(r) for r in results]
-    table = Table(title="network blackout of one migration per mode (ms)")
-    for h in HEADERS:
-        table.add_column(h)
+    table = Table(title="one migration per mode (ms)")
+    keep = ["config", "net p50 ms", "vCPU p50 ms", "net-vCPU p50", "pause p50", "activate p50", "unanswered p50",
+            "unans-vCPU p50", "lost p50", "dup", "TCP", "lost after"]
+    heads = {"net p50 ms": "echo gap", "vCPU p50 ms": "vCPU (heartbeat)", "net-vCPU p50": "gap - vCPU",
+             "pause p50": "QEMU pause", "activate p50": "activation", "unanswered p50": "no timely echo",
+             "unans-vCPU p50": "no timely echo - vCPU", "lost p50": "probes lost",
+             "lost after": "lost after completion"}
+    idx = [HEADERS.index(h) for h in keep]
+    for h in keep:
+        table.add_column(heads.get(h, h))
     for row in table_rows(rows):
-        table.add_row(*row)
+        table.add_row(*[row[i] for i in idx])
     console.print(table)
     for r in results:
         if r.talker is not None:
