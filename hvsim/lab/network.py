@@ -330,8 +330,8 @@ def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
              f(r["vcpu_blackout_ms"]["p50"]), f(r["net_minus_vcpu_ms"]["p50"]), f(r["net_minus_vcpu_ms"]["p99"]),
              f(r["qemu_pause_ms"]["p50"]), f(r["net_minus_pause_ms"]["p50"]), f(r["net_minus_pause_ms"]["p99"]),
              f(r["final_step_ms"]["p50"]), f(r["loss_blackout_ms"]["p50"]), f(r["loss_minus_vcpu_ms"]["p50"]),
-             f(r["loss_minus_vcpu_ms"]["p99"]), f(r["lost_per_migration"]["p50"]), str(r["duplicates"]), "yes" if r["tcp_survived"] else "NO",
-             str(r["lost_after_completion"])]
+             f(r["loss_minus_vcpu_ms"]["p99"]), f(r["lost_per_migration"]["p50"]), str(r["duplicates"]),
+             "yes" if r["tcp_survived"] else "NO", str(r["lost_after_completion"])]
             for r in rows]
 
 
