@@ -205,6 +205,14 @@ class Component(abc.ABC):
 
     kind: ClassVar[str]
     CHECKPOINT_VERSIONS: ClassVar[frozenset[int]] = frozenset({1})
+    #: A migratable component whose device has no state to carry (an ENI: its peer is a staged binding
+    #: on the destination) sets this False: the migration makes its peer, quiesces the source at the
+    #: switch-over (its final step) and retires one of the two, but moves no checkpoint.
+    migrates_state: ClassVar[bool] = True
+    #: A device tied to the host it is served on (a NIC's port on that host's network) cannot be shared
+    #: with a QEMU on another host: it moves with its VM even when the migration shares the user-level
+    #: drivers (``uld="shared"``).
+    host_bound: ClassVar[bool] = False
 
     def __init__(self, name: str, ctx: ComponentContext) -> None:
         self.name = name
@@ -465,7 +473,9 @@ class MigratableComponent(Protocol):
     deltas since the last one delivered while the guest runs, the final one after ``quiesce``), the
     destination QEMU attaches to the peer, and the source instance is retired once the peer took over
     (or resumed if the migration failed). Uses Component's ``quiesce``/``resume``/``checkpoint``/
-    ``restore``/``stop``/``remove``/``retire`` besides these two methods."""
+    ``restore``/``stop``/``remove``/``retire`` besides these two methods. A component without device
+    state (``Component.migrates_state`` False) needs only ``quiesce`` (its final step, at the
+    switch-over), ``resume`` (undo it) and ``retire``."""
 
     def migration_peer(self, run_dir: Path) -> Component:
         """A new, unprepared component for the same device (same kind, name and context) whose

@@ -489,6 +489,8 @@ class Migration:
     async def _finish(self) -> MigrationResult:
         proc = await self.transfer.finish()
         t_running = time.monotonic()
+        if any(n.network != "default" for n in self.lease.spec.nics):
+            await self.transfer.announce()     # a NIC on a tenant network: tell the network where it is
         # let a few beats arrive from the destination so the last gap is closed
         try:
             await self.heartbeat.wait_beats(5, timeout=1.5)

@@ -35,6 +35,7 @@ log = logging.getLogger("hvsim.migration")
 
 MAX_BANDWIDTH = 1 << 40          # bytes/s: effectively unlimited, so only the link limits the stream
 DEFAULT_PORT_RANGE = (20000, 60000)
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}   # QEMU's defaults (ms)
 MANAGED_CAPS = ["events", "postcopy-ram", "postcopy-preempt", "auto-converge", "xbzrle", "pause-before-switchover"]
 
 
@@ -430,6 +431,19 @@ class QemuLiveTransfer(TransferStrategy):
                                              self._event_time(self._resume_ev), self.pause_event_at)
         self._close_events()
         return proc
+
+    async def announce(self) -> None:
+        """Have the destination QEMU announce the guest's NICs (QMP ``announce-self``: RARP frames
+        from every NIC, QEMU's default timing), on top of the announce QEMU makes by itself after an
+        incoming migration: what teaches a flood-and-learn network where the guest is now. Logged,
+        never raised (the guest runs either way)."""
+        proc = self.dest_proc
+        if proc is None or proc.qmp is None:
+            return
+        try:
+            await proc.qmp.execute("announce-self", dict(ANNOUNCE))
+        except QEMUBridgeError as exc:
+            self.log.warning("announce-self on the destination failed: %s", exc)
 
     def _close_events(self) -> None:
         task, self._pause_task = self._pause_task, None
