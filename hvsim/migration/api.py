@@ -22,7 +22,7 @@ from .policies import make_policy
 from .transfer import QemuLiveTransfer, TransferOptions
 
 _OPTIONS = {"policy_params", "port", "poll_interval", "heartbeat", "dest_extra_args", "sample_dirty_rate",
-            "link_mbit", "postcopy_preempt"}
+            "link_mbit", "postcopy_preempt", "transfer_factory"}
 
 
 def _number(name: str, value: Any, lo: float, hi: float) -> float:
@@ -42,7 +42,9 @@ def start_migration(vm: VM, dest_host: Host | str, policy: Any = "hvsim-predicti
     socket; it is attached to the destination too and left open), ``dest_extra_args`` (extra QEMU
     args for the destination, e.g. for fault injection), ``sample_dirty_rate`` (bool, default off:
     QMP calc-dirty-rate before the start), ``link_mbit`` (a bandwidth hint for the policy),
-    ``postcopy_preempt`` (bool, default off). Both are off because with them destination guests of
+    ``postcopy_preempt`` (bool, default off), ``transfer_factory`` (``(migration_id, TransferOptions,
+    uses_postcopy) -> QemuLiveTransfer``: another way to reach the destination, e.g. a destination
+    run by another host agent). Both dirty-rate sampling and preemption are off because with them destination guests of
     concurrent migrations logged kernel BUGs (memory corruption) here; see docs/migration.md.
     """
     unknown = sorted(set(options) - _OPTIONS)
@@ -65,6 +67,9 @@ def start_migration(vm: VM, dest_host: Host | str, policy: Any = "hvsim-predicti
     if not isinstance(params, dict):
         raise MigrationInputError(f"policy_params must be a dict, got {type(params).__name__}")
     pol = make_policy(policy, **params)
+    factory = options.get("transfer_factory") or QemuLiveTransfer
+    if not callable(factory):
+        raise MigrationInputError(f"transfer_factory must be callable, got {type(factory).__name__}")
 
     if isinstance(dest_host, str):
         try:
@@ -91,7 +96,7 @@ def start_migration(vm: VM, dest_host: Host | str, policy: Any = "hvsim-predicti
             from exc
     mid = f"{vm.name}:{lease.source.name}->{dest.name}:{secrets.token_hex(2)}"
     try:
-        transfer = QemuLiveTransfer(mid, TransferOptions(
+        transfer = factory(mid, TransferOptions(
             port=port, dest_extra_args=tuple(options.get("dest_extra_args") or ()),
             sample_dirty_rate=bool(options.get("sample_dirty_rate")),
             postcopy_preempt=bool(options.get("postcopy_preempt"))), uses_postcopy=pol.uses_postcopy)

@@ -20,6 +20,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from qmp_bridge import LaunchError, QEMUBridgeError, QemuProcess, QMPSession, QMPTimeoutError
@@ -86,8 +87,16 @@ class TransferStrategy(abc.ABC):
         strategy paused it; make sure it runs as it did before."""
 
     @abc.abstractmethod
-    async def finish(self) -> QemuProcess:
-        """The transfer completed: wait until the destination runs; return its process."""
+    async def finish(self) -> QemuProcess | None:
+        """The transfer completed: wait until the destination runs; return its process (the VM
+        adopts it), or None when the destination belongs to another process (a host agent), which
+        has adopted it: the VM is then handed off (:meth:`MigrationLease.hand_off`)."""
+
+    @property
+    def destination_heartbeat_socket(self) -> Path | None:
+        """The destination guest's heartbeat socket, when this process can read it (guest-observed
+        downtime is measured on both sides); None otherwise."""
+        return None
 
     @abc.abstractmethod
     async def discard(self) -> None:
@@ -139,7 +148,7 @@ class QemuLiveTransfer(TransferStrategy):
         self.lease = lease
         dest = lease.destination
         spec = lease.destination_spec(self.options.dest_extra_args)
-        proc = QemuProcess(spec, lease.dir, netns=dest.netns)
+        proc = dest.qemu_process(spec, lease.dir)      # detached in the host's power domain, if it has one
         self.dest_proc = proc
         sampler = asyncio.create_task(self._sample_dirty_rate()) if self.options.sample_dirty_rate else None
         try:
@@ -188,8 +197,12 @@ class QemuLiveTransfer(TransferStrategy):
         names = list(dict.fromkeys(MANAGED_CAPS + wanted))
         return [{"capability": c, "state": c in wanted} for c in names]
 
+    @property
+    def destination_heartbeat_socket(self) -> Path | None:
+        return self.lease.dir / "hb.sock" if self.lease is not None else None
+
     async def configure(self, setup: PolicySetup, initial_downtime_limit_ms: float) -> list[str]:
-        assert self.lease is not None and self.dest_proc is not None and self.dest_proc.qmp is not None
+        assert self.lease is not None
         both = ["events"]
         if self.uses_postcopy:
             both.append("postcopy-ram")
@@ -197,14 +210,7 @@ class QemuLiveTransfer(TransferStrategy):
                 both.append("postcopy-preempt")
         both += [c for c in setup.capabilities if c not in both]
         src = both + [c for c in setup.source_capabilities if c not in both]
-        dq = self.dest_proc.qmp
-        try:
-            await dq.execute("migrate-set-capabilities", {"capabilities": self._cap_list(both)})
-            await self._listen(dq, self.lease.destination.address)
-        except QEMUBridgeError as exc:
-            raise DestinationStartError(
-                f"migration {self.id}: destination QEMU on {self.lease.destination.name} could not prepare the "
-                f"incoming migration: {exc}") from exc
+        await self.listen_destination(both)
         await self.src.execute("migrate-set-capabilities", {"capabilities": self._cap_list(src)})
         params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH, "max-postcopy-bandwidth": 0,
                                   "downtime-limit": _ms(initial_downtime_limit_ms),
@@ -216,6 +222,18 @@ class QemuLiveTransfer(TransferStrategy):
         self.capabilities = src
         self.limit_ms = float(params["downtime-limit"])
         return src
+
+    async def listen_destination(self, capabilities: list[str]) -> None:
+        """Set ``capabilities`` on the destination and make it listen (sets :attr:`uri`)."""
+        assert self.lease is not None and self.dest_proc is not None and self.dest_proc.qmp is not None
+        dq = self.dest_proc.qmp
+        try:
+            await dq.execute("migrate-set-capabilities", {"capabilities": self._cap_list(capabilities)})
+            await self._listen(dq, self.lease.destination.address)
+        except QEMUBridgeError as exc:
+            raise DestinationStartError(
+                f"migration {self.id}: destination QEMU on {self.lease.destination.name} could not prepare the "
+                f"incoming migration: {exc}") from exc
 
     async def _listen(self, dq: QMPSession, ip: str) -> None:
         port = self.options.port
