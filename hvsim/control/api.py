@@ -23,6 +23,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import stat
 import sys
 from collections.abc import AsyncIterator
@@ -107,7 +108,7 @@ def create_app(store: Store, token: str, *, manager: str = "manager") -> FastAPI
                   description=__doc__.split("\n\n")[0] if __doc__ else "")
     app.state.inventory = inv
 
-    app.add_middleware(_BodyLimit)
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -134,7 +135,7 @@ def create_app(store: Store, token: str, *, manager: str = "manager") -> FastAPI
         log.exception("internal error", exc_info=e)
         return _err(500, f"internal error: {type(e).__name__}")
 
-    v1: dict[str, Any] = {"dependencies": [Depends(auth), Depends(_no_unknown_query)], "responses": ERRORS}
+    v1: dict[str, Any] = {"dependencies": [Depends(auth), Depends(no_unknown_query)], "responses": ERRORS}
 
     # -- health ---------------------------------------------------------------------------------
     @app.get("/v1/health", tags=["manager"], response_model=Health, **v1)
@@ -264,7 +265,7 @@ class _Unauthorized(Exception):
     pass
 
 
-class _BodyLimit:
+class BodyLimit:
     """Pure ASGI middleware (no per-request task like BaseHTTPMiddleware): a declared body
     larger than MAX_BODY is answered 413 before it is read."""
 
@@ -280,7 +281,7 @@ class _BodyLimit:
         await self.app(scope, receive, send)
 
 
-async def _no_unknown_query(request: Request) -> None:
+async def no_unknown_query(request: Request) -> None:
     """A query parameter the route does not take is a malformed request, not something to ignore."""
     route = request.scope.get("route")
     dependant = getattr(route, "dependant", None)
@@ -362,12 +363,17 @@ def tcp_listener(addr: str, allow_any: bool = False) -> socket.socket:
 
 
 @asynccontextmanager
-async def serving(app: FastAPI, sock: socket.socket) -> AsyncIterator[uvicorn.Server]:
-    """Serve ``app`` on ``sock`` in this event loop until the block ends."""
+async def serving(app: FastAPI, sock: socket.socket, tls: TLSFiles | None = None) -> AsyncIterator[uvicorn.Server]:
+    """Serve ``app`` on ``sock`` in this event loop until the block ends; with ``tls`` (CA, server
+    certificate, key) as HTTPS that requires a client certificate signed by that CA (mutual TLS)."""
     # idle keep-alive connections live 75 s here, longer than the client keeps them (30 s): a
     # client never reuses a connection the server is closing at that moment (a ReadError on a POST)
+    extra: dict[str, Any] = {}
+    if tls is not None:
+        extra = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key), "ssl_ca_certs": str(tls.ca),
+                 "ssl_cert_reqs": ssl.CERT_REQUIRED}
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                           http="httptools", timeout_keep_alive=75))
+                                           http="httptools", timeout_keep_alive=75, **extra))
     task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
     try:
         while not server.started:

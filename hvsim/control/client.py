@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 import httpx
 
 from .errors import (
-    ApiAuthError, ApiConflictError, ApiError, ApiInputError, ApiNotFoundError, ApiNotImplementedError,
-    ApiUnavailableError, ControlInputError,
+    ApiAuthError, ApiConflictError, ApiError, ApiFailedError, ApiInputError, ApiNotFoundError,
+    ApiNotImplementedError, ApiUnavailableError, ControlInputError,
 )
 from .ops import OperationRecord
 from .schema import (
@@ -36,7 +36,8 @@ _LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepali
 Page = tuple[list[T], str | None, int]
 
 
-def _error(status: int, body: Any) -> ApiError:
+def api_error(status: int, body: Any) -> ApiError:
+    """The ApiError subclass for an HTTP error ``status`` with JSON ``body`` (``detail``, ``field``)."""
     detail = body.get("detail") if isinstance(body, dict) else None
     field = body.get("field") if isinstance(body, dict) else None
     msg = str(detail) if detail is not None else str(body)[:200]
@@ -51,6 +52,8 @@ def _error(status: int, body: Any) -> ApiError:
         cls = ApiConflictError
     elif status == 501:
         cls = ApiNotImplementedError
+    elif status == 502:
+        cls = ApiFailedError
     elif status >= 500:
         cls = ApiUnavailableError
     else:
@@ -102,7 +105,7 @@ class ManagerClient:
                 body: Any = r.json()
             except ValueError:
                 body = r.text
-            raise _error(r.status_code, body)
+            raise api_error(r.status_code, body)
         return r.content
 
     async def request(self, method: str, path: str, *, json: Any = None,

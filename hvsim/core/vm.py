@@ -217,6 +217,12 @@ class VM:
             incoming=incoming,
             extra_args=tuple(a for att in atts for a in att.extra_args) + self.spec.qemu_args + extra_args)
 
+    def machine_spec(self, run_dir: Path, *, incoming: str | None = None) -> MachineSpec:
+        """This VM's QEMU machine with its files in ``run_dir`` (e.g. the destination of a migration
+        that another process drives), its live components attached as they are now."""
+        return self._machine_spec([c.attachment for c in self.components.values() if c.live], run_dir,
+                                  incoming=incoming)
+
     def _create_file_disks(self) -> None:
         for d in self.spec.disks:
             if d.kind != "file":

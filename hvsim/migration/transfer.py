@@ -349,7 +349,7 @@ class QemuLiveTransfer(TransferStrategy):
             await asyncio.sleep(0.1)
         raise MigrationFailedError(f"migration {self.id}: source still {status!r} 15 s after migrate_cancel")
 
-    async def finish(self) -> QemuProcess:
+    async def finish(self) -> QemuProcess | None:
         proc = self.dest_proc
         assert proc is not None and proc.qmp is not None and self.lease is not None
         deadline = time.monotonic() + 30
