@@ -141,7 +141,8 @@ class QemuInfo:
 @dataclass(config=CFG)
 class QemuList:
     items: list[QemuInfo]
-    lost: list[Name] = Field(default_factory=list)   # VMs whose QEMU was gone when the agent came up
+    # VMs that ended here on their own (crashed, powered off, gone while the agent was down) -> why
+    lost: dict[Name, Text] = Field(default_factory=dict)
 
 
 @dataclass(config=CFG)

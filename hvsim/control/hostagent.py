@@ -430,7 +430,7 @@ class HostAgent:
         for n in names:
             with contextlib.suppress(NotFoundError):
                 items.append(await self.qemu_info(n))
-        return QemuList(items=items, lost=sorted(self.lost))
+        return QemuList(items=items, lost=dict(self.lost))
 
     def migration_info(self, name: str) -> MigrationInfo:
         out = self.outgoing.get(name)

@@ -69,7 +69,7 @@ async def reap(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(sig)
         deadline = time.monotonic() + timeout
-        while proc.poll() is None and time.monotonic() < deadline:
+        while proc.poll() is None and time.monotonic() < deadline:  # noqa: ASYNC110 (a Popen: no event to wait on)
             await asyncio.sleep(0.05)
         if proc.poll() is None:
             proc.kill()
@@ -187,8 +187,9 @@ class EmulatedHost:
         with open(self.log_path, "ab") as logf:
             logf.write(f"--- start {self.starts + 1} at {time.strftime('%H:%M:%S')}\n".encode())
             logf.flush()
-            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                         preexec_fn=preexec, close_fds=True)
+            # Popen on the loop's thread on purpose: PDEATHSIG fires when the *thread* that forked exits
+            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL,  # noqa: ASYNC220
+                                         stdout=logf, stderr=subprocess.STDOUT, preexec_fn=preexec, close_fds=True)
         self.starts += 1
         await wait_ready(self.proc, ready, self.log_path, f"host agent of {self.name}", timeout)
 
@@ -299,8 +300,9 @@ class ManagerProcess:
         with open(self.log_path, "ab") as logf:
             logf.write(f"--- start {self.starts + 1} at {time.strftime('%H:%M:%S')}\n".encode())
             logf.flush()
-            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                         preexec_fn=die_with_parent(), close_fds=True)
+            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL,  # noqa: ASYNC220 (see EmulatedHost)
+                                         stdout=logf, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
+                                         close_fds=True)
         self.starts += 1
         await wait_ready(self.proc, ready, self.log_path, "manager", timeout)
 
