@@ -214,6 +214,16 @@ class EmulatedHost:
             await reap(self.proc, signal.SIGKILL)
         return killed
 
+    async def power_cycle(self) -> None:
+        """Power off (every process dies), then on again with a new agent; its disk (state dir)
+        stays, so the agent finds its records and reports the guests it lost."""
+        await self.power_off()
+        if self.domain is not None:
+            await asyncio.to_thread(self.domain.remove)
+            self.domain = None
+        self.domain = PowerDomain.create(self.name)
+        await self.start_agent()
+
     async def close(self, keep_dir: bool = False) -> None:
         """Power off (nothing of the host survives) and remove its files."""
         try:
