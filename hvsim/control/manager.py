@@ -128,6 +128,8 @@ class Manager:
                                                             log=log)
         self.lead: Leadership | None = None
         self.placer = Placer()
+        self._place_lock = asyncio.Lock()
+        self._placing: dict[str, VMRecord] = {}               # defines decided, being written
         self.progress: dict[str, MigrationInfo] = {}          # op id -> latest progress of a migration
         self.resolutions: list[dict[str, Any]] = []           # what the resolver decided (for /v1/health, tests)
         self._agents: dict[str, AgentClient] = {}
@@ -299,28 +301,41 @@ class Manager:
 
     # -- VMs: define (placement) ------------------------------------------------------------------------
     async def define_vm(self, vm: VMRecord) -> tuple[VMRecord, OperationRecord]:
+        """Place (unless pinned) and record a VM. Placement decisions are taken one at a time
+        (``_place_lock``) and a decided VM is in ``_placing`` until its write ended, so a placement
+        state rebuilt meanwhile (another request's reload) still counts it: concurrent defines never
+        break a required rule between them."""
         inv = self.inventory
-        if vm.host is None:
-            await self._ensure_placer()
-            host = self.placer.place(vm)
-            vm = VMRecord(**{**{k: getattr(vm, k) for k in vm.__dataclass_fields__}, "host": host})
-            try:
-                return await inv.define_vm(vm)
-            except BaseException:
-                self.placer.invalidate()
-                raise
-        out = await inv.define_vm(vm)
-        self.placer.note_defined(out[0])
+        async with self._place_lock:
+            if vm.host is None:
+                await self._ensure_placer()
+                host = self.placer.place(vm)
+                vm = VMRecord(**{**{k: getattr(vm, k) for k in vm.__dataclass_fields__}, "host": host})
+            else:
+                self.placer.note_defined(vm)
+            self._placing[vm.name] = vm
+        try:
+            out = await inv.define_vm(vm)
+        except BaseException:
+            self._placing.pop(vm.name, None)
+            self.placer.invalidate()
+            raise
+        self._placing.pop(vm.name, None)
         return out
 
     async def _ensure_placer(self) -> None:
+        """(Under ``_place_lock``.) Build the placement state from the store, plus the VMs whose
+        define is being written (taken before the store is read: a write that ends meanwhile is in
+        what the store answers)."""
         if self.placer.ready:
             return
+        placing = dict(self._placing)
         inv = self.reader
         hosts = await inv.list_all(HostRecord, HOSTS)
         vms = await inv.list_all(VMRecord, VMS)
         rules = await inv.list_all(RuleRecord, RULES)
-        self.placer.load(hosts, vms, rules)
+        known = {v.name for v in vms}
+        self.placer.load(hosts, vms + [v for n, v in placing.items() if n not in known], rules)
 
     def placement_changed(self) -> None:
         self.placer.invalidate()
