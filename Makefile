@@ -40,7 +40,7 @@ lint: venv
 	$(VPY) -m ruff check hvbase qmp_bridge hvsim tests bench
 	$(VPY) -m mypy
 
-test: setup images
+test: setup images lint
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 test-unit: setup

@@ -1,5 +1,6 @@
 """NBD server comparison: `qemu-img bench` 4 KiB reads at queue depth 1 and 64 on one file served by
-the hvsim shim (no emulated latency), qemu-nbd and nbdkit's file plugin.
+the hvsim shim (no emulated latency) on its default loop (uvloop) and on asyncio's own
+(``shim-asyncio``: ``HVSIM_SHIM_LOOP=asyncio``, the fallback), qemu-nbd and nbdkit's file plugin.
 
 Every (server, depth) runs ``repeats`` times (full 3, quick 2), interleaved (bench/_common.py): each
 round starts the servers in a shuffled order, each one afresh and warmed up, and runs its depths
@@ -9,8 +10,10 @@ Writes bench/results/nbd_shim.json: {"runs": [{"server", "depth", "iops" (median
 "iops_samples", every round), "requests"}], "ratios" (shim/peer, ratio of medians per depth),
 "comparisons" (the same with their range and verdict), "target_shim_ge_half_qemu_nbd" (on the
 medians), "target_verdict" ("met" when the whole ratio range is >= 0.5, "missed" when none of it is,
-"within noise" otherwise), "context", "schedule"}. Target: shim IOPS >= 50% of qemu-nbd's at both
-depths.
+"within noise" otherwise), "target_shim_ge_0.8_nbdkit" and "moonshot_shim_ge_nbdkit" (verdicts on
+the shim/nbdkit range), "context", "schedule"}. Targets: shim IOPS >= 50% of qemu-nbd's at both
+depths; issue 16: >= 0.8x nbdkit's at both depths (moonshot >= 1x). Comparisons also give
+shim-asyncio/nbdkit and shim/shim-asyncio (what uvloop brings).
 """
 from __future__ import annotations
 
@@ -44,7 +47,9 @@ from hvsim.drivers.shim.process import ShimProcess
 NAME = "nbd_shim"
 EXPORT = "bench"
 _RUN_RE = re.compile(r"Run completed in ([0-9.]+) seconds")
-SERVERS = ("shim", "qemu-nbd", "nbdkit")
+SERVERS = ("shim", "shim-asyncio", "qemu-nbd", "nbdkit")
+# the shim on its default loop (uvloop) and on asyncio's own (HVSIM_SHIM_LOOP=asyncio, the fallback)
+SHIM_LOOPS = {"shim": "auto", "shim-asyncio": "asyncio"}
 DEPTHS = (1, 64)
 Config = tuple[str, int]   # (server, queue depth)
 
@@ -100,9 +105,17 @@ async def serve(server: str, work: Path, img: Path) -> AsyncIterator[Path]:
     shim: ShimProcess | None = None
     proc: asyncio.subprocess.Process | None = None
     try:
-        if server == "shim":
-            shim = ShimProcess(sock, img, export_name=EXPORT, log_path=work / "shim.log")
-            await shim.start()
+        if server in SHIM_LOOPS:
+            saved = os.environ.get("HVSIM_SHIM_LOOP")
+            os.environ["HVSIM_SHIM_LOOP"] = SHIM_LOOPS[server]   # the child inherits it
+            try:
+                shim = ShimProcess(sock, img, export_name=EXPORT, log_path=work / f"{server}.log")
+                await shim.start()
+            finally:
+                if saved is None:
+                    os.environ.pop("HVSIM_SHIM_LOOP", None)
+                else:
+                    os.environ["HVSIM_SHIM_LOOP"] = saved
         elif server == "qemu-nbd":
             proc = await _external(["qemu-nbd", "-f", "raw", "-k", str(sock), "-x", EXPORT, "-t", str(img)], sock)
         else:
@@ -143,14 +156,19 @@ async def _run(quick: bool) -> tuple[dict[str, Any], Samples[Config, float]]:
         runs.append({"server": server, "depth": depth, "iops": statistics.median(s), "iops_samples": s,
                      "samples": s, "requests": counts[depth]})
     iops = {(server, depth): samples.of((server, depth)) for server, depth in configs}
-    cmps = {f"shim/{peer}": {str(d): compare(iops[("shim", d)], iops[(peer, d)], better="higher") for d in DEPTHS}
-            for peer in ("qemu-nbd", "nbdkit")}
+    pairs = [("shim", "qemu-nbd"), ("shim", "nbdkit"), ("shim-asyncio", "nbdkit"), ("shim", "shim-asyncio")]
+    cmps = {f"{a}/{b}": {str(d): compare(iops[(a, d)], iops[(b, d)], better="higher") for d in DEPTHS}
+            for a, b in pairs}
     ratios = {k: {d: c.ratio for d, c in v.items()} for k, v in cmps.items()}
     target = {d: meets(c, at_least=0.5) for d, c in cmps["shim/qemu-nbd"].items()}
+    # issue 16: shim >= 0.8x nbdkit at both depths (moonshot >= 1x)
+    target_nbdkit = {d: meets(c, at_least=0.8) for d, c in cmps["shim/nbdkit"].items()}
+    moonshot_nbdkit = {d: meets(c, at_least=1.0) for d, c in cmps["shim/nbdkit"].items()}
     return {"block_size": 4096, "file_bytes": size, "repeats": n, "quick": quick, "runs": runs,
             "ratios": ratios, "comparisons": {k: {d: c.to_json() for d, c in v.items()} for k, v in cmps.items()},
             "target_shim_ge_half_qemu_nbd": {d: (r or 0.0) >= 0.5 for d, r in ratios["shim/qemu-nbd"].items()},
-            "target_verdict": target, "cpus": os.cpu_count()}, samples
+            "target_verdict": target, "target_shim_ge_0.8_nbdkit": target_nbdkit,
+            "moonshot_shim_ge_nbdkit": moonshot_nbdkit, "cpus": os.cpu_count()}, samples
 
 
 def main(quick: bool) -> None:
@@ -170,3 +188,9 @@ def main(quick: bool) -> None:
     print_table(["server", "depth", "IOPS (4 KiB read)", "/qemu-nbd", "verdict", "target >= 0.5"], rows)
     print("IOPS: median (min-max) of the rounds; /qemu-nbd: ratio of medians (range); verdict 'win' = more IOPS"
           " than qemu-nbd with non-overlapping ranges")
+    print()
+    rows = [[k, d, c["ratio"], f"{c['lo']:.2f}-{c['hi']:.2f}" if c["lo"] is not None else "", c["verdict"]]
+            for k, v in result["comparisons"].items() if k != "shim/qemu-nbd" for d, c in v.items()]
+    print_table(["pair", "depth", "ratio of medians", "range", "verdict"], rows)
+    print("target shim >= 0.8x nbdkit:", result["target_shim_ge_0.8_nbdkit"],
+          "moonshot >= 1x:", result["moonshot_shim_ge_nbdkit"])

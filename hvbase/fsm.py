@@ -50,7 +50,8 @@ class StateMachine(Generic[S]):
 
     def __init__(self, obj: str, initial: S, table: Mapping[S, Collection[S]], *,
                  error: type[StateError] = StateError, log: logging.Logger | None = None,
-                 on_change: Callable[[Transition[S]], None] | None = None, history: int = 200) -> None:
+                 on_change: Callable[[Transition[S]], None] | None = None, history: int = 200,
+                 level: int = logging.INFO) -> None:
         members = set(type(initial))
         missing = members - set(table)
         if missing:
@@ -65,6 +66,7 @@ class StateMachine(Generic[S]):
         self._error = error
         self._log = log or _log
         self._on_change = on_change
+        self._level = level
         self.history: deque[Transition[S]] = deque(maxlen=history)
 
     @property
@@ -93,7 +95,7 @@ class StateMachine(Generic[S]):
         self._state = new
         change = Transition(self.obj, old, new, reason)
         self.history.append(change)
-        self._log.info("%s: %s -> %s%s", self.obj, old.value, new.value, f" ({reason})" if reason else "")
+        self._log.log(self._level, "%s: %s -> %s%s", self.obj, old.value, new.value, f" ({reason})" if reason else "")
         if self._on_change is not None:
             try:
                 self._on_change(change)

@@ -10,7 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..migration import Migration, MigrationError, MigrationResult, policy_names, start_migration
+from ..migration import (Contract, Migration, MigrationError, MigrationInputError, MigrationResult, Plan,
+                         plan_migration, policy_names, start_migration)
 from .common import cli_command
 
 MIB = 2**20
@@ -62,6 +63,34 @@ def result_table(results: list[MigrationResult], title: str = "migration") -> Ta
     return t
 
 
+def plan_table(plan: Plan | dict[str, Any], title: str | None = None) -> Table:
+    """The plan: every strategy's predicted total time, bytes, downtime; the chosen one marked."""
+    d = plan.to_dict() if isinstance(plan, Plan) else plan
+    c, meas = d["contract"], d["measurement"]
+    wss = "-" if meas["wss_bytes"] is None else f"{meas['wss_bytes'] / MIB:.0f}"
+    t = Table(title=title or (
+        f"plan: budget {c['downtime_budget_ms']:.0f} ms downtime, {c['time_budget_s'] or '-'} s, postcopy window "
+        f"{c['postcopy_window_s']:g} s | measured: {meas['touched_bytes'] / MIB:.0f} MiB to send, dirty "
+        f"{meas['dirty_rate'] / MIB:.1f} MiB/s, link {meas['bandwidth'] / MIB:.1f} MiB/s, working set {wss} MiB"),
+        caption=d["reason"])
+    for col in ("strategy", "total s", "sent MiB", "downtime ms", "passes", "postcopy s", "verdict"):
+        t.add_column(col, justify="left" if col in ("strategy", "verdict") else "right")
+    chosen = d["chosen"]
+    for p in d["predictions"]:
+        is_chosen = p["label"] == chosen["label"]
+        verdict = ["chosen"] if is_chosen else []
+        if not p["allowed"]:
+            verdict.append("not allowed")
+        if not p["meets_downtime"]:
+            verdict.append("over downtime budget")
+        if not p["meets_time"]:
+            verdict.append("over time budget")
+        t.add_row(p["label"], f"{p['total_s']:.1f}", f"{p['bytes'] / MIB:.0f}", f"{p['downtime_ms']:.0f}",
+                  str(p["passes"]), f"{p['degradation_s']:.1f}" if p["strategy"] == "postcopy" else "-",
+                  ", ".join(verdict) or "ok", style="bold" if is_chosen else None)
+    return t
+
+
 def decisions_table(r: MigrationResult) -> Table:
     t = Table(title=f"decisions of {r.policy}")
     for col in ("t s", "pass", "action", "value", "reason"):
@@ -78,10 +107,17 @@ def migrate_cmd(policy: str = typer.Option("hvsim-predictive", "--policy", help=
                 wss_mib: int = typer.Option(64, "--wss", help="working set the guest keeps dirty (MiB)"),
                 rate: float = typer.Option(8.0, "--rate", help="dirty rate in MiB/s (0 = flat out)"),
                 link_mbit: float = typer.Option(200.0, "--link-mbit", help="underlay link bandwidth"),
-                timeout: float = typer.Option(120.0, "--timeout", help="migration timeout in seconds")) -> None:
-    """Boot a guest running `dirty` on host-a, live-migrate it to host-b over a shaped link.
+                timeout: float = typer.Option(120.0, "--timeout", help="migration timeout in seconds"),
+                plan_only: bool = typer.Option(False, "--plan", help="measure and print the plan; migrate nothing"),
+                budget_ms: float = typer.Option(300.0, "--budget-ms", help="guest-observed downtime budget"),
+                postcopy_window: float = typer.Option(
+                    0.0, "--postcopy-window", help="seconds the guest may run on the destination while its pages "
+                    "still arrive (0: no postcopy)")) -> None:
+    """Boot a guest running `dirty` on host-a, live-migrate it to host-b over a shaped link
+    (with --plan: print what each strategy would give, migrate nothing).
 
-    Exits 0 when the migration completed, 1 when it (or anything before it) failed, 2 for a bad option."""
+    Exits 0 when the migration completed (or the plan was printed), 1 when it (or anything before it)
+    failed, 2 for a bad option."""
     from ..core.cluster import Cluster
     from ..core.model import HostSpec, VMSpec
     from ..network import Underlay
@@ -91,6 +127,10 @@ def migrate_cmd(policy: str = typer.Option("hvsim-predictive", "--policy", help=
     if policy not in policy_names():
         raise typer.BadParameter(f"unknown policy {policy!r}; one of: {', '.join(policy_names())}",
                                  param_hint="--policy")
+    try:
+        Contract(downtime_budget_ms=budget_ms, postcopy_window_s=postcopy_window)
+    except MigrationInputError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--budget-ms/--postcopy-window") from exc
     spec = VMSpec("guest", memory_mib=memory_mib)
     if wss_mib <= 0 or wss_mib >= memory_mib:
         raise typer.BadParameter(f"must be within 1..{memory_mib - 1} MiB, got {wss_mib}", param_hint="--wss")
@@ -114,10 +154,19 @@ def migrate_cmd(policy: str = typer.Option("hvsim-predictive", "--policy", help=
                 await vm.start(wait_ready=True, ready_timeout=120)
                 await vm.exec(f"dirty {wss_mib} {rate:g} >/dev/null 2>&1 &", check=True)
                 await asyncio.sleep(min(20.0, wss_mib / rate + 1) if rate > 0 else 2.0)
-                m = start_migration(vm, "host-b", policy=policy, timeout=timeout)
+                contract = {"downtime_budget_ms": budget_ms, "postcopy_window_s": postcopy_window,
+                            "time_budget_s": timeout}
+                if plan_only:
+                    console.print(plan_table(await plan_migration(vm, "host-b", **contract)))
+                    console.print("--plan: nothing was migrated")
+                    console.print(f"vm {vm.name}: {vm.state.value} on {vm.host.name}")
+                    return 0
+                m = start_migration(vm, "host-b", policy=policy, timeout=timeout, **contract)
                 res = await follow(m, console)
                 r = res or m.result
                 if r is not None:
+                    if r.plan:
+                        console.print(plan_table(r.plan))
                     console.print(result_table([r]))
                     console.print(decisions_table(r))
                 console.print(f"vm {vm.name}: {vm.state.value} on {vm.host.name}")

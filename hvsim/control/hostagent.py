@@ -556,9 +556,10 @@ class HostAgent:
         peer = self._peer(req.destination_agent)
         holder: dict[str, Any] = {}
 
-        def factory(mid: str, opts: TransferOptions, uses_postcopy: bool) -> Any:
+        def factory(mid: str, opts: TransferOptions, uses_postcopy: bool, components: Any = None) -> Any:
             from .remote_transfer import RemoteTransfer
-            t = RemoteTransfer(mid, opts, uses_postcopy, peer=peer, token=token, spec=g, source=self.host.name)
+            t = RemoteTransfer(mid, opts, uses_postcopy, peer=peer, token=token, spec=g, source=self.host.name,
+                               components=components)
             holder["t"] = t
             return t
         m = start_migration(vm, dest, policy=req.policy, timeout=req.timeout, transfer_factory=factory)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from hvsim.core.lifecycle import VMState
 from hvsim.core.vm import MigrationLease
-from hvsim.migration import DestinationStartError, MigrationFailedError, QemuLiveTransfer
+from hvsim.migration import DestinationStartError, MigrationFailedError, MigrationInputError, QemuLiveTransfer
+from hvsim.migration.components import ComponentMigration
 from hvsim.migration.transfer import TransferOptions
 
 from .agent_client import AgentClient
@@ -34,7 +35,11 @@ class RemoteTransfer(QemuLiveTransfer):
     name = "qemu-live-remote"
 
     def __init__(self, migration_id: str, options: TransferOptions, uses_postcopy: bool, *, peer: AgentClient,
-                 token: int, spec: GuestSpec, source: str) -> None:
+                 token: int, spec: GuestSpec, source: str, components: ComponentMigration | None = None) -> None:
+        if components is not None:
+            # the destination's user-level drivers would have to be started by the destination agent
+            raise MigrationInputError(f"migration {migration_id}: a VM with user-level drivers cannot migrate "
+                                      "between host agents yet")
         super().__init__(migration_id, options, uses_postcopy)
         self.peer = peer
         self.token = token

@@ -24,14 +24,30 @@ earlier one) and restored; migration code moves checkpoints without knowing what
 Implementing one: subclass :class:`Component`, set ``kind``, implement the ``_do_*`` hooks; the public
 methods guard the state and do the bookkeeping. Call :meth:`Component.report_failure` when the
 component dies on its own.
+
+Two optional capabilities, both generic (the migration and the VM know no driver):
+
+- :class:`MigratableComponent` (multi-process VM migration): the component can make a *peer* for
+  the same device on another host (its own process, sockets and logs in the destination's run
+  directory, the backing store shared), report how big its state is, and be retired once the peer
+  took over. Its state moves as :class:`Checkpoint` s: a full one, then deltas since the last one
+  delivered (``checkpoint(since=seq)``) while the VM runs, the final one after :meth:`Component.quiesce`.
+- Supervision (:meth:`Component.supervise` with a :class:`RestartPolicy`): a component that dies on
+  its own is restarted through ``prepare`` on the same host (the component restores what it can from
+  its backing store and its last saved state), at most ``max_restarts`` times per ``window_s``; each
+  attempt is published as :class:`~hvsim.core.events.ComponentRestarted`.
 """
 from __future__ import annotations
 
 import abc
+import asyncio
 import enum
 import hashlib
 import json
+import logging
 import struct
+import time
+from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +57,13 @@ from hvbase.fsm import StateMachine, Transition
 from qmp_bridge import Drive, Nic
 
 from .errors import CheckpointError, ComponentError, ComponentStateError
-from .events import ClusterEvent, ComponentFailed, ComponentStateChanged
+from .events import ClusterEvent, ComponentFailed, ComponentRestarted, ComponentStateChanged
 
 if TYPE_CHECKING:
     from .host import Host
     from .model import DiskSpec, NicSpec
+
+log = logging.getLogger("hvsim.core.components")
 
 
 class ComponentState(enum.Enum):
@@ -99,6 +117,22 @@ class ComponentContext:
     vm_dir: Path                         # the VM's persistent directory (backing files live here)
     publish: Callable[[ClusterEvent], None]
     track_process: Callable[[int, str], None]   # every process a component starts is recorded
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """Bounded automatic restart of a component that died on its own: at most ``max_restarts``
+    restarts within any ``window_s`` seconds, each ``delay_s`` after the failure."""
+    max_restarts: int = 3
+    window_s: float = 60.0
+    delay_s: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_restarts, int) or self.max_restarts < 0:
+            raise ComponentError(f"restart policy: max_restarts must be an integer >= 0, got {self.max_restarts!r}")
+        if not 0 < self.window_s < 1e6 or not 0 <= self.delay_s < 3600:
+            raise ComponentError(f"restart policy: need 0 < window_s < 1e6 and 0 <= delay_s < 3600, got "
+                                 f"{self.window_s!r}, {self.delay_s!r}")
 
 
 _MAGIC = b"HVCP"
@@ -179,6 +213,9 @@ class Component(abc.ABC):
         self.failures: list[tuple[float, str]] = []
         self._attachment: Attachment | None = None
         self.host: Host | None = None
+        self.restart_policy: RestartPolicy | None = None
+        self._restart_times: deque[float] = deque()
+        self._restart_task: asyncio.Task[None] | None = None
         self.fsm: StateMachine[ComponentState] = StateMachine(
             f"component {ctx.vm}/{self.id}", C.CREATED, TRANSITIONS, error=ComponentStateError,
             on_change=self._published)
@@ -275,6 +312,7 @@ class Component(abc.ABC):
 
     async def stop(self) -> None:
         """Stop its processes (files stay). Idempotent; a no-op when nothing runs."""
+        await self._cancel_restart()
         if self.state in (C.CREATED, C.STOPPED, C.REMOVED):
             return
         self.fsm.set(C.STOPPING, "stop")
@@ -290,15 +328,77 @@ class Component(abc.ABC):
         await self._do_remove()
         self.fsm.set(C.REMOVED, "removed")
 
+    async def retire(self) -> None:
+        """This instance is done for good (its peer on another host took over after a migration):
+        stop it and delete what belongs to this instance only (sockets, logs, never the shared
+        backing store: :meth:`_do_retire`); REMOVED afterwards."""
+        await self.stop()
+        if self.state is C.REMOVED:
+            return
+        self.fsm.require("retire", C.CREATED, C.STOPPED, C.FAILED)
+        await self._do_retire()
+        self.fsm.set(C.REMOVED, "retired (taken over by its peer)")
+
     def report_failure(self, error: BaseException | str) -> None:
-        """The component died on its own: FAILED, recorded, published as ComponentFailed."""
-        import time as _t
+        """The component died on its own: FAILED, recorded, published as ComponentFailed; restarted
+        if it is supervised (:meth:`supervise`) and the restart rate allows it."""
         text = str(error)
-        self.failures.append((_t.time(), text))
+        self.failures.append((time.time(), text))
         if self.fsm.can(C.FAILED):
             self.fsm.set(C.FAILED, text.splitlines()[0] if text else "failed")
         self.ctx.publish(ComponentFailed(vm=self.ctx.vm, component=self.id, error=text,
                                          exc=error if isinstance(error, BaseException) else None))
+        if self.restart_policy is not None and self.state is C.FAILED and self.host is not None:
+            self._schedule_restart(self.restart_policy)
+
+    # -- supervision ------------------------------------------------------------------------------
+    def supervise(self, policy: RestartPolicy | None = RestartPolicy()) -> None:
+        """Restart this component automatically when it dies on its own (None: stop supervising)."""
+        if policy is not None and not isinstance(policy, RestartPolicy):
+            raise ComponentError(f"{self.fsm.obj}: supervise needs a RestartPolicy, got {type(policy).__name__}")
+        self.restart_policy = policy
+
+    def _schedule_restart(self, policy: RestartPolicy) -> None:
+        if self._restart_task is not None and not self._restart_task.done():
+            return
+        now = time.monotonic()
+        while self._restart_times and now - self._restart_times[0] > policy.window_s:
+            self._restart_times.popleft()
+        attempt = len(self._restart_times) + 1
+        if len(self._restart_times) >= policy.max_restarts:
+            why = (f"restart limit reached: {len(self._restart_times)} restart(s) within {policy.window_s:g} s "
+                   f"(max {policy.max_restarts}); left failed")
+            log.error("%s: %s", self.fsm.obj, why)
+            self.ctx.publish(ComponentRestarted(vm=self.ctx.vm, component=self.id, attempt=attempt, ok=False,
+                                                error=why))
+            return
+        self._restart_times.append(now)
+        self._restart_task = asyncio.get_running_loop().create_task(
+            self._supervised_restart(policy, attempt), name=f"restart-{self.ctx.vm}-{self.id}")
+
+    async def _supervised_restart(self, policy: RestartPolicy, attempt: int) -> None:
+        t0 = time.monotonic()
+        await asyncio.sleep(policy.delay_s)
+        if self.state is not C.FAILED or self.host is None:
+            return
+        try:
+            await self.prepare(self.host)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # reported, not raised: nobody awaits a supervision task
+            log.error("%s: restart %d failed: %s", self.fsm.obj, attempt, exc)
+            self.ctx.publish(ComponentRestarted(vm=self.ctx.vm, component=self.id, attempt=attempt, ok=False,
+                                                seconds=time.monotonic() - t0, error=f"restart failed: {exc}"))
+            return
+        log.warning("%s: restarted (attempt %d) in %.2f s", self.fsm.obj, attempt, time.monotonic() - t0)
+        self.ctx.publish(ComponentRestarted(vm=self.ctx.vm, component=self.id, attempt=attempt, ok=True,
+                                            seconds=time.monotonic() - t0))
+
+    async def _cancel_restart(self) -> None:
+        task, self._restart_task = self._restart_task, None
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.wait([task])
 
     def health(self) -> Health:
         pids = self.pids()
@@ -338,6 +438,10 @@ class Component(abc.ABC):
         for p in self.files():
             p.unlink(missing_ok=True)
 
+    async def _do_retire(self) -> None:
+        """Delete this instance's own files (not the shared backing store); default: nothing."""
+        return None
+
     def pids(self) -> list[int]:
         """Processes of this component that are alive now."""
         return []
@@ -353,7 +457,10 @@ class Component(abc.ABC):
     def to_dict(self) -> dict[str, Any]:
         return {"id": self.id, "kind": self.kind, "name": self.name, "state": self.state.value,
                 "host": self.host.name if self.host else None, "restarts": self.restarts,
-                "failures": [f for _, f in self.failures]}
+                "failures": [f for _, f in self.failures],
+                "restart_policy": None if self.restart_policy is None else {
+                    "max_restarts": self.restart_policy.max_restarts, "window_s": self.restart_policy.window_s,
+                    "delay_s": self.restart_policy.delay_s}}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.ctx.vm}/{self.id} {self.state.value}>"
@@ -384,3 +491,23 @@ class SwapBackend(Protocol):
     (memory consolidation uses it when memory is given back)."""
 
     async def prefetch(self, budget_bytes: int, skip_recent_pages: int = 0) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class MigratableComponent(Protocol):
+    """A component whose device state moves with its VM to another host (a multi-process VM
+    migration): the migration makes a peer on the destination, moves checkpoints into it (full, then
+    deltas since the last one delivered while the guest runs, the final one after ``quiesce``), the
+    destination QEMU attaches to the peer, and the source instance is retired once the peer took over
+    (or resumed if the migration failed). Uses Component's ``quiesce``/``resume``/``checkpoint``/
+    ``restore``/``stop``/``remove``/``retire`` besides these two methods."""
+
+    def migration_peer(self, run_dir: Path) -> Component:
+        """A new, unprepared component for the same device (same kind, name and context) whose
+        sockets and logs live under ``run_dir`` and which shares this one's backing store (a
+        datastore both hosts reach); the migration prepares it on the destination host."""
+        ...
+
+    async def state_size(self, since: int | None = None) -> int:
+        """About how many bytes ``checkpoint(since)`` would be now (for downtime predictions)."""
+        ...

@@ -69,3 +69,15 @@ class ComponentFailed(ClusterEvent):
     component: str
     error: str
     exc: BaseException | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComponentRestarted(ClusterEvent):
+    """A component that failed on its own was restarted by its supervision (``ok``), or was not
+    (``ok`` False: the restart failed, or the restart rate limit was reached; ``error`` says which)."""
+    vm: str
+    component: str
+    attempt: int
+    ok: bool
+    seconds: float = 0.0
+    error: str = ""

@@ -19,7 +19,7 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -615,6 +615,11 @@ class MigrationLease:
         return p is not None and p.qmp is not None and not p.exited.done() and self._vm.has_process
 
     @property
+    def source_pid(self) -> int | None:
+        """The source QEMU's pid (a migration reads the guest's memory through it before the start)."""
+        return self._vm.pid
+
+    @property
     def source_heartbeat_socket(self) -> Path:
         return self._vm.heartbeat_socket
 
@@ -622,10 +627,17 @@ class MigrationLease:
     def components(self) -> list[Component]:
         return list(self._vm.components.values())
 
-    def destination_spec(self, extra_args: tuple[str, ...] = ()) -> MachineSpec:
+    def destination_spec(self, extra_args: tuple[str, ...] = (),
+                         attachments: Mapping[str, Attachment] | None = None) -> MachineSpec:
         """The destination QEMU's machine: identical devices, files in :attr:`dir`, ``-incoming defer``.
-        Components are attached as they are attached now (they serve both QEMUs)."""
-        atts = [c.attachment for c in self._vm.components.values()]
+        A component named in ``attachments`` (component id -> attachment of its peer on the
+        destination) is attached to that peer; every other component is attached as it is attached
+        now (it serves both QEMUs: today's shared-socket behaviour)."""
+        given = dict(attachments or {})
+        unknown = sorted(set(given) - set(self._vm.components))
+        if unknown:
+            raise SpecError(f"vm {self.vm_name!r} has no component(s) {unknown}; it has {sorted(self._vm.components)}")
+        atts = [given.get(cid) or c.attachment for cid, c in self._vm.components.items()]
         return self._vm._machine_spec(atts, self.dir, incoming="defer", extra_args=extra_args)  # noqa: SLF001
 
     def track_process(self, pid: int, what: str) -> None:
@@ -644,12 +656,18 @@ class MigrationLease:
         if self.state is LeaseState.HELD and self.on_preempt is not None:
             self.on_preempt(reason)
 
-    async def commit(self, process: QemuProcess) -> None:
+    async def commit(self, process: QemuProcess, components: Mapping[str, Component] | None = None) -> None:
         """The migration completed: ``process`` (running on the destination, files in :attr:`dir`)
         becomes the VM's QEMU; the source QEMU is stopped, its files removed, the capacity moved, and
-        VMMoved published."""
+        VMMoved published. ``components`` (component id -> its peer on the destination, serving the
+        destination QEMU) replace the VM's components of those ids; the source instances are retired
+        (stopped, their own files deleted, the shared backing store kept)."""
         self.fsm.require("commit", LeaseState.HELD)
         vm = self._vm
+        peers = dict(components or {})
+        unknown = sorted(set(peers) - set(vm.components))
+        if unknown:
+            raise SpecError(f"vm {self.vm_name!r} has no component(s) {unknown}; it has {sorted(vm.components)}")
         old_proc, old_dir, old_host = vm.process, vm.instance_dir, vm.host
         await vm.agent.close()
         vm.host = self.destination
@@ -657,9 +675,16 @@ class MigrationLease:
         vm.agent = GuestAgent(vm.name, vm.agent_socket, vm._guard)  # noqa: SLF001 (the lease is the VM's own, same module)
         vm._adopt(process)  # noqa: SLF001 (the lease is the VM's own, same module)
         old_host.release(vm.name)
+        retired = [vm.components[cid] for cid in peers]
+        vm.components.update(peers)
         try:
             if old_proc is not None:
                 await old_proc.stop()
+            for c in retired:
+                try:
+                    await c.retire()
+                except ComponentError as exc:
+                    log.error("vm %s: retiring the source instance of %s failed: %s", vm.name, c.id, exc)
         finally:
             if old_dir != vm.run_dir and old_dir.name.startswith("mig"):
                 shutil.rmtree(old_dir, ignore_errors=True)

@@ -9,6 +9,11 @@
      +-- MigrationAbortedError    the policy aborted it (e.g. Nova's completion timeout)
      +-- MigrationTimeoutError    the caller's timeout expired (source kept running)
      +-- MigrationCancelledError  cancel() was called (source kept running)
+     +-- MigrationPlanError       the plan cannot meet the contract and the caller asked to refuse then
+     |                            (nothing migrated; also a MigrationRefusedError)
+     +-- PostcopyPausedError      the stream broke during postcopy and did not come back within the bound:
+                                  the guest waits on the destination, its pages are kept on the source;
+                                  ``exc.migration.recover()`` resumes it once the link is back
 """
 from __future__ import annotations
 
@@ -53,4 +58,13 @@ class MigrationTimeoutError(MigrationError):
 
 
 class MigrationCancelledError(MigrationError):
+    pass
+
+
+class MigrationPlanError(MigrationRefusedError):
+    """The predicted plan cannot meet the contract (``if_infeasible="refuse"``); ``.plan`` holds it."""
+    plan: Any = None
+
+
+class PostcopyPausedError(MigrationError):
     pass

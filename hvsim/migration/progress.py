@@ -28,6 +28,8 @@ class Observation:
     postcopy_requests: int = 0
     bandwidth: float | None = None    # bytes/s measured by the engine over the last samples (None until known)
     predicted_downtime_ms: float | None = None  # the engine/policy's own prediction, filled by the engine
+    uld_pending_bytes: int = 0        # user-level-driver state the destination does not hold yet (engine)
+    uld_fixed_ms: float = 0.0         # estimated quiesce + checkpoint + restore cost of the ULDs (engine)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,6 +17,8 @@ class MigrationState(enum.Enum):
     ACTIVE = "active"                  # precopy passes running
     SWITCHING_OVER = "switching-over"  # the policy decided; QEMU stops the source and copies the rest
     POSTCOPY = "postcopy"              # guest runs on the destination, pages pulled on demand
+    POSTCOPY_PAUSED = "postcopy-paused"  # the stream broke in postcopy: the guest waits on the destination
+                                       # for pages only the source has; both QEMUs kept (recover() resumes)
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -36,7 +38,8 @@ TRANSITIONS: dict[MigrationState, frozenset[MigrationState]] = {
     M.ACTIVE: frozenset({M.SWITCHING_OVER, M.POSTCOPY, M.COMPLETED, M.FAILED, M.CANCELLED, M.TIMED_OUT}),
     # QEMU may still fail the final phase (then the source resumes): FAILED/TIMED_OUT stay possible
     M.SWITCHING_OVER: frozenset({M.ACTIVE, M.POSTCOPY, M.COMPLETED, M.FAILED, M.CANCELLED, M.TIMED_OUT}),
-    M.POSTCOPY: frozenset({M.COMPLETED, M.FAILED}),  # no way back: the guest already runs on the destination
+    M.POSTCOPY: frozenset({M.COMPLETED, M.FAILED, M.POSTCOPY_PAUSED}),  # no way back: the guest runs on the destination
+    M.POSTCOPY_PAUSED: frozenset({M.POSTCOPY, M.FAILED}),  # recovered, or abandoned by the VM's owner (destroy)
     M.COMPLETED: frozenset(),
     M.FAILED: frozenset(),
     M.CANCELLED: frozenset(),

@@ -351,6 +351,18 @@ class Underlay:
         h.shaping = HostShaping(egress=egress, ingress=ingress)
         self.log.info("bandwidth of %s (%s) set to %g Mbit/s", host, direction.value, rate)
 
+    async def set_link(self, host: str, up: bool) -> None:
+        """Cut (``up=False``) or restore a host's link: its veth end (``ul0`` in the host's namespace)
+        goes administratively down or up. While it is down the host's route to the underlay is gone
+        (its connects fail at once, established streams stall); addresses and shaping are kept and
+        come back with it."""
+        h = self._host(host)
+        if not isinstance(up, bool):
+            raise TopologyError(f"up must be a bool, got {up!r}")
+        self._require("set_link", UnderlayState.UP)
+        await nsutil.ip(netns=h.ns, batch=[f"link set {HOST_IFACE} {'up' if up else 'down'}"])
+        self.log.warning("link of %s %s", host, "restored" if up else "cut")
+
     async def stats(self, host: str) -> LinkStats:
         h = self._host(host)
         self._require("read stats", UnderlayState.UP)

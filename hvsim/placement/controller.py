@@ -18,46 +18,60 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 from collections.abc import Iterable, Mapping
+from typing import Any
 
-from .check import check
+from .check import CheckReport, check
 from .cpsat import SolverOptions
-from .model import (HOST_LEVEL, Group, Host, MovePolicy, Objective, Problem, ProblemError, Rule, find_conflicts,
-                    validate_base, validate_rule)
+from .errors import PlacementRefused, ProblemError, RuleConflictError, show
+from .model import (HOST_LEVEL, Group, Host, MovePolicy, Objective, Problem, ReserveAmount, ReserveHosts, Rule,
+                    check_model_size, check_sizes, find_conflicts, validate_base, validate_group, validate_rule)
 from .schema import group_from_dict, rule_from_dict
 from .solver import PlacementResult, solve
 
 log = logging.getLogger(__name__)
 
-
-class PlacementRefused(Exception):
-    """Raised by ``place_group(..., raise_on_refusal=True)``; ``result`` says why."""
-
-    def __init__(self, result: PlacementResult):
-        self.result = result
-        super().__init__(result.message or result.status)
+__all__ = ["PlacementController", "PlacementRefused", "host_from_spec"]
 
 
 def host_from_spec(spec: Host | Mapping[str, Any]) -> Host:
     """A Host from ``{"name", "vcpus", "memory_mib", "overcommit", "domain"}`` (flat) or from
-    ``{"name", "capacity", "overcommit", "domain"}``. A scalar overcommit applies to vCPUs."""
+    ``{"name", "capacity", "overcommit", "domain"}``. A scalar overcommit applies to vCPUs.
+    Raises ProblemError for a spec that is not one of those shapes (values are checked by the
+    problem's validation)."""
     if isinstance(spec, Host):
         return spec
+    if not isinstance(spec, Mapping):
+        raise ProblemError([("host", f"must be a mapping or a Host, got {show(spec)}")])
     s = dict(spec)
+    name = s.get("name")
+    where = f"host {show(name)}"
+    if not isinstance(name, str):
+        raise ProblemError([(f"{where}.name", f"must be a string, got {show(name)}")])
+    oc = s.get("overcommit", {} if "capacity" in s else 1.0)
+    if isinstance(oc, (int, float)) and not isinstance(oc, bool):
+        oc = {"vcpus": oc}
+    if not isinstance(oc, Mapping) or not isinstance(s.get("domain", {}), Mapping):
+        raise ProblemError([(f"{where}.overcommit/domain", f"must be mappings, got {show(oc)}, "
+                                                           f"{show(s.get('domain'))}")])
+    domain = dict(s.get("domain") or {})
     if "capacity" in s:
-        oc = s.get("overcommit", {})
-        oc = {"vcpus": float(oc)} if isinstance(oc, (int, float)) else dict(oc)
-        return Host(s["name"], dict(s["capacity"]), oc, dict(s.get("domain", {})))
+        cap = s["capacity"]
+        if not isinstance(cap, Mapping):
+            raise ProblemError([(f"{where}.capacity", f"must be a mapping, got {show(cap)}")])
+        return Host(name, dict(cap), dict(oc), domain)
+    missing = [k for k in ("vcpus", "memory_mib") if k not in s]
+    if missing:
+        raise ProblemError([(where, f"missing {', '.join(missing)}")])
     extra = {k: v for k, v in s.items() if k not in ("name", "vcpus", "memory_mib", "overcommit", "domain")}
-    return Host.make(s["name"], s["vcpus"], s["memory_mib"], s.get("overcommit", 1.0), s.get("domain"), **extra)
+    return Host(name, {"vcpus": s["vcpus"], "memory_mib": s["memory_mib"], **extra}, dict(oc), domain)
 
 
 class PlacementController:
     def __init__(self, hosts: Iterable[Host | Mapping[str, Any]], *, levels: Iterable[str] | None = None,
                  rules: Iterable[Rule | Mapping[str, Any]] = (), objective: Objective | None = None,
                  solver: str = "cpsat", options: SolverOptions | None = None, explain_time_s: float = 2.0,
-                 max_attempts: int = 3):
+                 max_attempts: int = 3) -> None:
         hs = [host_from_spec(h) for h in hosts]
         if levels is None:
             levels = [lv for lv in (hs[0].domain if hs else {})] + [HOST_LEVEL]
@@ -73,6 +87,15 @@ class PlacementController:
         self.explain_time_s = explain_time_s
         self.max_attempts = max_attempts
         self._lock = asyncio.Lock()
+        # penalty (weight x violations) of preferred rules on groups that are all placed: the
+        # solver's constant term, kept between placements (a new group does not change them);
+        # any other change of the placement, the rules or the hosts drops them all
+        self._constants: dict[str, int] = {}
+        self._generation = 0
+
+    def _changed(self) -> None:
+        self._constants.clear()
+        self._generation += 1
 
     @classmethod
     def from_problem(cls, problem: Problem, placement: Mapping[str, str] | None = None,
@@ -114,7 +137,7 @@ class PlacementController:
         """A snapshot of the cluster as a placement problem (current placement fixed)."""
         return self._snapshot()
 
-    def check(self):
+    def check(self) -> CheckReport:
         """Independent check of the whole current placement."""
         p = self._problem
         return check(p, p.current)
@@ -134,7 +157,7 @@ class PlacementController:
             groups.append(group)
         snap = Problem(p.hosts, groups, list(p.rules) + list(rules), p.levels, dict(p.current), MovePolicy(False),
                        p.objective)
-        snap._topo = p.topology
+        snap.share_topology(p)
         return snap
 
     def _validate_additions(self, snap: Problem, group: Group | None, rules: list[Rule]) -> None:
@@ -149,22 +172,21 @@ class PlacementController:
             for j, vm in enumerate(group.vms):
                 if vm.name in known:
                     errors.append((f"group.vms[{j}].name", f"VM {vm.name!r} already exists"))
-                for r, a in vm.demand.items():
-                    if isinstance(a, bool) or not isinstance(a, int) or a < 0:
-                        errors.append((f"group.vms[{j}].demand.{r}", f"must be a non-negative integer, got {a!r}"))
+            errors.extend(validate_group(group, "group", set(), set()))
+        errors.extend(check_sizes(snap))  # the totals (documented limits) with the additions
         have = {r.name for r in self._problem.rules}
-        for i, r in enumerate(rules):
-            w = f"rules[{i}] ({r.name})"
-            if r.name in have:
-                errors.append((f"{w}.name", f"rule {r.name!r} already exists"))
-            have.add(r.name)
-            errors.extend(validate_rule(r, w, gnames, snap.topology))
+        for i, rule in enumerate(rules):
+            w = f"rules[{i}] ({rule.name})"
+            if rule.name in have:
+                errors.append((f"{w}.name", f"rule {rule.name!r} already exists"))
+            have.add(rule.name)
+            errors.extend(validate_rule(rule, w, gnames, snap.topology))
         if errors:
             raise ProblemError(errors)
+        check_model_size(snap)
         new_groups = {group.name} if group is not None else set()
         conflicts = find_conflicts(snap, only=[r.name for r in rules], groups=new_groups)
         if conflicts:
-            from .model import RuleConflictError
             raise RuleConflictError([(f"rules ({', '.join(n)})", m) for n, m in conflicts], [n for n, _ in conflicts])
 
     async def place_group(self, group: Group | Mapping[str, Any], rules: Iterable[Rule | Mapping[str, Any]] = (), *,
@@ -179,34 +201,48 @@ class PlacementController:
             for attempt in range(self.max_attempts):
                 snap = self._snapshot(g, new_rules)
                 self._validate_additions(snap, g, new_rules)
-                touched = [r.name for r in snap.rules if g.name in getattr(r, "groups", ())
-                           or r.kind in ("reserve_hosts", "reserve_amount")]
+                touched = [r.name for r in snap.rules if g.name in r.groups_named
+                           or isinstance(r, (ReserveHosts, ReserveAmount))]
+                constants, generation = dict(self._constants), self._generation  # (the solve fills its copy)
                 result = await asyncio.to_thread(
                     solve, snap, solver or self.solver, options=self.options, explain_time_s=self.explain_time_s,
-                    check_rules=touched, check_hosts=[])
+                    check_rules=touched, check_hosts=[], constants=constants)
                 if not result.ok:
                     break
                 if self._commit(g, new_rules, result):
+                    if generation == self._generation:
+                        self._keep_constants(constants, new_rules)
                     break
                 log.info("placement of %s went stale during the solve (attempt %d); solving again", g.name, attempt + 1)
             else:
-                result = PlacementResult("failed", result.solver if result else "", message="placement kept going stale")
+                result = PlacementResult("failed", result.solver if result else "",
+                                         message="placement kept going stale")
         assert result is not None
         if not result.ok and raise_on_refusal:
             raise PlacementRefused(result)
         return result
+
+    def _keep_constants(self, constants: dict[str, int], new_rules: list[Rule]) -> None:
+        """Keep what the solve computed, except for rules on groups the new rules name (a new
+        required domain rule changes which domains a spread counts) or after a new reservation."""
+        if any(isinstance(r, (ReserveHosts, ReserveAmount)) for r in new_rules):
+            return
+        named = {g for r in new_rules for g in r.groups_named}
+        by_name = {r.name: r for r in self._problem.rules}
+        self._constants = {n: v for n, v in constants.items()
+                           if n in by_name and not named.intersection(by_name[n].groups_named)}
 
     def _commit(self, g: Group, rules: list[Rule], result: PlacementResult) -> bool:
         """Check the new VMs against the live state (releases may have happened) and commit."""
         mine = {v.name: result.assignment[v.name] for v in g.vms}
         merged = self._snapshot(g, rules)
         merged.current.update(mine)
-        touched = [r.name for r in merged.rules if g.name in getattr(r, "groups", ())
-                   or r.kind in ("reserve_hosts", "reserve_amount")]
+        touched = [r.name for r in merged.rules if g.name in r.groups_named
+                   or isinstance(r, (ReserveHosts, ReserveAmount))]
         rep = check(merged, merged.current, rules=touched, hosts=set(mine.values()))
         if not rep.ok:
             return False
-        merged._topo = self._problem.topology
+        merged.share_topology(self._problem)
         self._problem = merged
         result.assignment = mine
         return True
@@ -224,10 +260,12 @@ class PlacementController:
                     raise ProblemError([(f"rule ({r.name})", f"the current placement breaks it "
                                                              f"({rep.required_violations} violations)")])
             self._problem = snap
+            self._changed()
 
     def remove_rule(self, name: str) -> None:
         p = self._problem
         p.rules = [r for r in p.rules if r.name != name]
+        self._changed()
 
     async def add_host(self, host: Host | Mapping[str, Any]) -> None:
         h = host_from_spec(host)
@@ -238,6 +276,7 @@ class PlacementController:
             if errors:
                 raise ProblemError(errors)
             self._problem = np
+            self._changed()
 
     def release(self, vm_name: str) -> list[str]:
         """Forget a VM (it was destroyed). When it was the last of its group, the group goes too,
@@ -246,6 +285,7 @@ class PlacementController:
         if vm_name not in p.current:
             raise KeyError(f"unknown VM {vm_name!r}")
         del p.current[vm_name]
+        self._changed()
         for i, g in enumerate(p.groups):
             if any(v.name == vm_name for v in g.vms):
                 rest = [v for v in g.vms if v.name != vm_name]
@@ -265,6 +305,7 @@ class PlacementController:
         if host not in {h.name for h in p.hosts}:
             raise ProblemError([("host", f"VM {vm_name!r} moved to unknown host {host!r}")])
         p.current[vm_name] = host
+        self._changed()
         rep = check(p, p.current)
         if not rep.ok:
             log.warning("VM %s moved to %s: the placement now breaks required rules: %s", vm_name, host,
@@ -277,13 +318,15 @@ class PlacementController:
         g = p.group(name)
         for v in g.vms:
             p.current.pop(v.name, None)
+        self._changed()
         return self._drop_group(name)
 
     def _drop_group(self, name: str) -> list[str]:
         p = self._problem
         p.groups = [g for g in p.groups if g.name != name]
-        dropped = [r.name for r in p.rules if name in getattr(r, "groups", ())]
-        p.rules = [r for r in p.rules if name not in getattr(r, "groups", ())]
+        dropped = [r.name for r in p.rules if name in r.groups_named]
+        p.rules = [r for r in p.rules if name not in r.groups_named]
+        self._changed()
         if dropped:
             log.info("group %s released; dropped its rules %s", name, ", ".join(dropped))
         return dropped

@@ -7,8 +7,9 @@ VMs that may move on their current host where the count allows.
 
 Two ways to build:
 
-- normal: VMs that may not move are constants; rules that touch no variable VM are skipped
-  (callers check them with the independent checker); required domain rules and host
+- normal: VMs that may not move are constants; rules that touch no variable VM are not encoded
+  (a preferred one adds its violations, counted on the fixed VMs, as a constant to the penalty;
+  callers check required ones with the independent checker); required domain rules and host
   reservations prune the hosts a class may use. This is the fast, incremental path: placing one
   new group into a cluster builds variables for that group only.
 - explain: every VM is a variable and every required rule (plus ``keep:GROUP`` for VMs that may
@@ -18,23 +19,43 @@ Two ways to build:
 Objective (lexicographic, as one weighted sum with multipliers that keep the levels apart):
 preferred penalty, then moves, then balance (total load above the cluster average, per-mille
 of each host's capacity, summed over hosts and resources) or packing (hosts used).
+
+Building honours a deadline (``ModelTimeout``); every CP-SAT call is given the time left minus
+an estimate of its own loading time (which it does not count), so a solve ends by its deadline.
 """
 from __future__ import annotations
 
 import math
+import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 
 from ortools.sat.python import cp_model as cp
 
-from .model import (HOST_LEVEL, Affinity, AntiAffinity, DomainAffinity, DomainAntiAffinity, MaxPerDomain, Problem,
-                    ReserveAmount, ReserveHosts, Rule, Spread, eligible_hosts)
+from .check import check
+from .errors import PlacementError
+from .model import (HOST_LEVEL, Affinity, AntiAffinity, DomainAntiAffinity, DomainRule, MaxPerDomain, Problem,
+                    ReserveAmount, ReserveHosts, Rule, Spread, eligible_map)
 
 KEEP_PREFIX = "keep:"
 MOVE_LIMIT = "move-limit"
 SCALE = 1000  # balance weights: one unit of load weighs its per-mille share of an average host
 SMALL_MODEL_VARS = 5000
+BALANCE_STEPS = 2 ** 20  # balance counts at most this many units per host (coarser units beyond)
+# CP-SAT loads and checks a model before its time limit starts to count: about this much per
+# variable and constraint on the development machine (2 shared cores), with a 2x margin
+LOAD_S_PER_ITEM = 3e-6
+INT_SAFE = 2 ** 62
+
+Expr = cp.LinearExpr | int  # (an IntVar is a LinearExpr)
+Presence = cp.IntVar | int
+CountKey = tuple[tuple[str, ...], str]
+
+
+class ModelTimeout(PlacementError):
+    """The deadline passed while the model was being built (caught by the solver: status
+    unknown, the time limit reached)."""
 
 
 @dataclass
@@ -60,42 +81,72 @@ class _Class:
 
 @dataclass
 class _Count:
-    vars: list
+    vars: list[cp.IntVar]
     const: int
     ub: int
-    ubs: list = field(default_factory=list)  # per variable
+    ubs: list[int] = field(default_factory=list)  # per variable
     cap: int | None = None  # a bound the required rules imply (for big-M only, never to skip a rule)
-    parts: list = field(default_factory=list)  # per class: (its variables here, its bound here)
+    parts: list[tuple[list[cp.IntVar], int]] = field(default_factory=list)  # per class: (its variables, bound)
 
-    def expr(self):
+    def expr(self) -> Expr:
         return cp.LinearExpr.sum(self.vars) + self.const if self.vars else self.const
 
 
+def _no_solution(m: cp.CpModel) -> cp.Constraint:
+    """A constraint that cannot hold (an empty clause)."""
+    return m.add_bool_or([])
+
+
 class PlacementModel:
-    def __init__(self, problem: Problem, *, explain: bool = False, hint: Mapping[str, str] | None = None):
+    def __init__(self, problem: Problem, *, explain: bool = False, hint: Mapping[str, str] | None = None,
+                 deadline: float | None = None, constants: dict[str, int] | None = None) -> None:
+        """``constants``: rule name -> penalty already counted for a preferred rule whose groups
+        are all fixed (as here); missing ones are counted and added (the controller keeps them
+        between placements)."""
         self.p = problem
+        self._constants = constants
         self.topo = problem.topology
         self.explain = explain
+        self.deadline = deadline
         self.m = cp.CpModel()
         self.lits: dict[str, cp.IntVar] = {}      # explain: rule name -> assumption literal
-        self.penalty: list[tuple[int, object]] = []
+        self.penalty: list[tuple[int, cp.IntVar]] = []
+        self.penalty_ub = 0                       # most the penalty variables can add up to
         self.penalty_const = 0
         self.skipped: list[str] = []              # normal mode: rules touching no variable VM
-        self._cache: dict[tuple, dict[str, _Count]] = {}
-        self._pres: dict[tuple, object] = {}
-        self._caps: dict[tuple, int] = {}
+        self._cache: dict[CountKey, dict[str, _Count]] = {}
+        self._pres: dict[tuple[tuple[str, ...], str, str], Presence] = {}
+        self._caps: dict[CountKey, int] = {}
+        self._elig: dict[str, set[int]] = {}
         self._build_vms()
         if not explain:
+            self._elig = {g: hs for g, (hs, _) in eligible_map(problem).items()}
             self._caps = self._required_caps()
         self._build_vars()
         self._build_capacity()
         self._build_moves()
         for r in problem.rules:
+            self._tick()
             self._rule(r)
         if not explain:
+            self._skipped_penalty()
             self._build_objective()
             if hint:
                 self._hint(hint)
+
+    def _tick(self) -> None:
+        if self.deadline is not None and time.perf_counter() > self.deadline:
+            raise ModelTimeout("the time limit was reached while the model was being built")
+
+    @property
+    def size(self) -> int:
+        """Variables + constraints."""
+        return len(self.m.proto.variables) + len(self.m.proto.constraints)
+
+    @property
+    def load_s(self) -> float:
+        """Estimated seconds CP-SAT takes to load this model before its time limit counts."""
+        return LOAD_S_PER_ITEM * self.size
 
     # ------------------------------------------------------------------ VMs and classes
     def _build_vms(self) -> None:
@@ -104,15 +155,16 @@ class PlacementModel:
         H = len(p.hosts)
         self.fixed: dict[str, int] = {}                        # vm -> host (normal mode)
         self.fixed_count: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
-        self.fixed_load = [defaultdict(int) for _ in range(H)]
+        self.fixed_load: list[dict[str, int]] = [defaultdict(int) for _ in range(H)]
         self.classes: list[_Class] = []
         self.classes_of: dict[str, list[_Class]] = defaultdict(list)
         self.group_size: dict[str, int] = {}
         self.total_demand: dict[str, int] = defaultdict(int)
         may_move = p.moves.allowed
         for g in p.groups:
+            self._tick()
             self.group_size[g.name] = len(g.vms)
-            by_key: dict[tuple, _Class] = {}
+            by_key: dict[tuple[tuple[str, int], ...], _Class] = {}
             for vm in g.vms:
                 for r, a in vm.demand.items():
                     self.total_demand[r] += a
@@ -142,27 +194,25 @@ class PlacementModel:
     def _allowed(self, group: str) -> set[int]:
         if self.explain:
             return set(range(len(self.p.hosts)))
-        return eligible_hosts(self.p, group)[0]
+        return self._elig[group]
 
     def _build_vars(self) -> None:
-        topo = self.topo
         m = self.m
-        eff = topo.effective
-        self.host_terms: list[list[tuple[_Class, object, int]]] = [[] for _ in self.p.hosts]
-        allowed_cache: dict[str, set[int]] = {}
+        eff = self.topo.effective
+        self.host_terms: list[list[tuple[_Class, cp.IntVar, int]]] = [[] for _ in self.p.hosts]
         per_host: dict[str, int] = {}  # normal mode: required per-host caps tighten the bounds
         if not self.explain:
-            for r in self.p.rules:
-                if r.required and getattr(r, "level", None) == HOST_LEVEL:
-                    if r.kind == "anti_affinity" and len(r.groups) == 1:
-                        per_host[r.groups[0]] = 1
-                    elif r.kind == "max_per_domain":
-                        for g in r.groups:
-                            per_host[g] = min(per_host.get(g, r.max), r.max)
+            for rule in self.p.rules:
+                if not rule.required or rule.level_named != HOST_LEVEL:
+                    continue
+                if isinstance(rule, AntiAffinity) and len(rule.groups) == 1:
+                    per_host[rule.groups[0]] = 1
+                elif isinstance(rule, MaxPerDomain):
+                    for g in rule.groups:
+                        per_host[g] = min(per_host.get(g, rule.max), rule.max)
         for ci, c in enumerate(self.classes):
-            allowed = allowed_cache.get(c.group)
-            if allowed is None:
-                allowed = allowed_cache[c.group] = self._allowed(c.group)
+            self._tick()
+            allowed = self._allowed(c.group)
             n = len(c.vms)
             cap_g = per_host.get(c.group)  # a required per-host cap on the whole group, if any
             dem = [(r, a) for r, a in c.demand.items() if a > 0]
@@ -183,9 +233,12 @@ class PlacementModel:
                 c.ubs.append(ub)
                 c.at[h] = v
                 self.host_terms[h].append((c, v, ub))
-            m.add(cp.LinearExpr.sum(c.vars) == n) if c.vars else m.add_bool_or([])  # no host at all: infeasible
+            if c.vars:
+                m.add(cp.LinearExpr.sum(c.vars) == n)
+            else:
+                _no_solution(m)  # no host at all: infeasible
 
-    def _enf(self, ct, rule: Rule | str) -> None:
+    def _enf(self, ct: cp.Constraint, rule: Rule | str) -> None:
         name = rule if isinstance(rule, str) else rule.name
         if self.explain and (isinstance(rule, str) or rule.required):
             lit = self.lits.get(name)
@@ -201,19 +254,19 @@ class PlacementModel:
             for r in {r for c, _, _ in terms for r, a in c.demand.items() if a > 0}:
                 rhs = eff[h].get(r, 0) - self.fixed_load[h].get(r, 0)
                 coeffs = [c.demand.get(r, 0) for c, _, _ in terms]
-                if sum(a * u for a, (_, _, u) in zip(coeffs, terms)) <= rhs:
+                if sum(a * u for a, (_, _, u) in zip(coeffs, terms, strict=True)) <= rhs:
                     continue
                 self.m.add(cp.LinearExpr.weighted_sum([v for _, v, _ in terms], coeffs) <= rhs)
 
     def _build_moves(self) -> None:
         m = self.m
         self.moves_ub = 0
-        stays = []
+        stays: list[cp.IntVar] = []
         total_cur = 0
         for c in self.classes:
             if c.keep:
                 for h, k in c.keep.items():
-                    ct = m.add(c.at[h] >= k) if h in c.at else m.add_bool_or([])
+                    ct = m.add(c.at[h] >= k) if h in c.at else _no_solution(m)
                     self._enf(ct, KEEP_PREFIX + c.group)
             for h, k in c.cur.items():
                 total_cur += k
@@ -223,7 +276,7 @@ class PlacementModel:
                 m.add(s <= c.at[h])
                 stays.append(s)
         self.moves_ub = total_cur
-        self.moves_expr = total_cur - cp.LinearExpr.sum(stays) if stays else total_cur
+        self.moves_expr: Expr = total_cur - cp.LinearExpr.sum(stays) if stays else total_cur
         if self.p.moves.allowed and self.p.moves.max is not None and total_cur:
             self._enf(m.add(self.moves_expr <= self.p.moves.max), MOVE_LIMIT)
 
@@ -234,17 +287,17 @@ class PlacementModel:
         if got is not None:
             return got
         dom_of = self.topo.domain_of[level]
-        vs: dict[str, list] = defaultdict(list)
-        vub: dict[str, list] = defaultdict(list)
+        vs: dict[str, list[cp.IntVar]] = defaultdict(list)
+        vub: dict[str, list[int]] = defaultdict(list)
         ub: dict[str, int] = defaultdict(int)
         const: dict[str, int] = defaultdict(int)
-        parts: dict[str, list] = defaultdict(list)
+        parts: dict[str, list[tuple[list[cp.IntVar], int]]] = defaultdict(list)
         total = 0
         for g in groups:
             for c in self.classes_of.get(g, ()):
                 total += len(c.vms)
-                mine: dict[str, list] = defaultdict(list)
-                for h, v, u in zip(c.hosts, c.vars, c.ubs):
+                mine: dict[str, list[tuple[cp.IntVar, int]]] = defaultdict(list)
+                for h, v, u in zip(c.hosts, c.vars, c.ubs, strict=True):
                     d = dom_of[h]
                     vs[d].append(v)
                     vub[d].append(u)
@@ -261,45 +314,48 @@ class PlacementModel:
         self._cache[key] = out
         return out
 
-    def _spread_domains(self, r: Spread) -> list[str]:
-        """The domains a spread counts over: those with a host its groups may use (and any
-        holding their VMs)."""
+    def _group_hosts(self, groups: Iterable[str]) -> set[int]:
+        """Hosts any of ``groups`` may use (required domain rules and host reservations)."""
         hosts: set[int] = set()
-        for g in r.groups:
-            hosts |= eligible_hosts(self.p, g)[0]
-        dom_of = self.topo.domain_of[r.level]
-        return sorted({dom_of[h] for h in hosts} | set(self._counts(tuple(r.groups), r.level)))
+        for g in groups:
+            got = self._elig.get(g)
+            if got is None:
+                got = self._elig[g] = eligible_map(self.p, [g])[g][0]
+            hosts |= got
+        return hosts
 
-    def _required_caps(self) -> dict[tuple, int]:
+    def _required_caps(self) -> dict[CountKey, int]:
         """(groups, level) -> most VMs of the groups any one domain may hold under the required
         rules: 1 for a one-group anti-affinity, ``max`` for max_per_domain, average + max_skew for
         a spread. Used to tighten big-M terms only."""
-        caps: dict[tuple, int] = {}
+        caps: dict[CountKey, int] = {}
 
-        def put(key: tuple, v: int) -> None:
+        def put(key: CountKey, v: int) -> None:
             caps[key] = min(caps.get(key, v), v)
 
         for r in self.p.rules:
-            if not r.required or not self.variable_groups.intersection(getattr(r, "groups", ())):
+            if not r.required or not self.variable_groups.intersection(r.groups_named):
                 continue  # (caps only matter for counts over variables)
-            if r.kind == "anti_affinity" and len(r.groups) == 1:
+            if isinstance(r, AntiAffinity) and len(r.groups) == 1:
                 put((tuple(r.groups), r.level), 1)
-            elif r.kind == "max_per_domain":
+            elif isinstance(r, MaxPerDomain):
                 put((tuple(r.groups), r.level), r.max)
-            elif r.kind == "spread":
+            elif isinstance(r, Spread):
                 total = sum(len(self.p.group(g).vms) for g in r.groups)
-                n_dom = len({self.topo.domain_of[r.level][h] for g in r.groups for h in eligible_hosts(self.p, g)[0]})
+                dom_of = self.topo.domain_of[r.level]
+                n_dom = len({dom_of[h] for h in self._group_hosts(r.groups)})
                 if n_dom:
                     put((tuple(r.groups), r.level), total // n_dom + r.max_skew)
         return caps
 
     def _touches_vars(self, rule: Rule) -> bool:
-        groups = getattr(rule, "groups", None)
-        if groups is None:  # reservations apply to every VM
+        groups = rule.groups_named
+        if not groups:  # reservations apply to every VM
             return bool(self.classes)
         return any(g in self.variable_groups for g in groups)
 
-    def _presence(self, c: _Count, lit=None, key: tuple | None = None):
+    def _presence(self, c: _Count, lit: cp.IntVar | None = None,
+                  key: tuple[tuple[str, ...], str, str] | None = None) -> Presence:
         """1 if the count is surely positive, else a boolean that is 1 exactly when it is
         (``lit``: use that boolean). One big-M per variable plus one over the sum (with the
         domain's own bound): a tighter LP than either alone. With ``key`` (groups, level,
@@ -315,7 +371,7 @@ class PlacementModel:
             self.m.add(b == 1)
         else:
             cap = c.ub if c.cap is None else min(c.ub, c.cap)
-            for v, u in zip(c.vars, c.ubs):
+            for v, u in zip(c.vars, c.ubs, strict=True):
                 u = min(u, cap)
                 if u > 1:
                     self.m.add(v <= u * b)
@@ -336,9 +392,13 @@ class PlacementModel:
             self._pres[key] = b
         return b
 
+    def _pen(self, weight: int, v: cp.IntVar, ub: int) -> None:
+        self.penalty.append((weight, v))
+        self.penalty_ub += weight * max(ub, 0)
+
     def _soft(self, rule: Rule, ub: int) -> cp.IntVar:
         v = self.m.new_int_var(0, max(ub, 0), "") if ub > 1 else self.m.new_bool_var("")
-        self.penalty.append((rule.weight, v))
+        self._pen(rule.weight, v, max(ub, 1))
         return v
 
     # ------------------------------------------------------------------ rules
@@ -346,12 +406,45 @@ class PlacementModel:
         if not self.explain and not self._touches_vars(r):
             self.skipped.append(r.name)
             return
-        getattr(self, "_r_" + r.kind)(r)
+        if isinstance(r, AntiAffinity):
+            self._r_anti_affinity(r)
+        elif isinstance(r, Affinity):
+            self._r_affinity(r)
+        elif isinstance(r, DomainRule):
+            self._domain_rule(r, not isinstance(r, DomainAntiAffinity))
+        elif isinstance(r, Spread):
+            self._r_spread(r)
+        elif isinstance(r, MaxPerDomain):
+            self._r_max_per_domain(r)
+        elif isinstance(r, ReserveHosts):
+            self._r_reserve_hosts(r)
+        elif isinstance(r, ReserveAmount):
+            self._r_reserve_amount(r)
+        else:
+            raise TypeError(f"no encoding for rule kind {r.kind!r}")
+
+    def _skipped_penalty(self) -> None:
+        """Preferred rules that touch only VMs that cannot move are not in the model, but their
+        violations (a constant, counted by the rule definitions on the fixed VMs) are part of
+        the penalty: without them the reported objective would be below what the placement
+        costs, and below the proven optimum."""
+        by_name = {r.name: r for r in self.p.rules}
+        soft = [n for n in self.skipped if not by_name[n].required]
+        known = self._constants if self._constants is not None else {}
+        missing = [n for n in soft if n not in known]
+        if missing:
+            names = [h.name for h in self.p.hosts]
+            fixed = {vm: names[h] for vm, h in self.fixed.items()}
+            counted = {rc.name: rc.penalty for rc in check(self.p, fixed, rules=missing, hosts=()).rules}
+            if self._constants is not None:
+                self._constants.update(counted)
+            known = {**known, **counted}
+        self.penalty_const += sum(known[n] for n in soft)
 
     def _r_anti_affinity(self, r: AntiAffinity) -> None:
         m = self.m
         if len(r.groups) == 1:
-            for d, c in self._counts(tuple(r.groups), r.level).items():
+            for c in self._counts(tuple(r.groups), r.level).values():
                 if c.ub <= 1:
                     continue
                 if r.required:
@@ -361,13 +454,16 @@ class PlacementModel:
                     m.add(e >= c.expr() - 1)
             return
         per = [(g, self._counts((g,), r.level)) for g in r.groups]
-        for d in set().union(*(cg for _, cg in per)):
-            pres = []
+        domains: set[str] = set()
+        for _, cg in per:
+            domains.update(cg)
+        for d in domains:
+            pres: list[Presence] = []
             for g, cg in per:
-                c = cg.get(d)
-                if c is None or c.ub == 0:
+                cnt = cg.get(d)
+                if cnt is None or cnt.ub == 0:
                     continue
-                pres.append(self._presence(c, key=((g,), r.level, d)))
+                pres.append(self._presence(cnt, key=((g,), r.level, d)))
             if len(pres) < 2:
                 continue
             if r.required:
@@ -379,8 +475,9 @@ class PlacementModel:
     def _r_affinity(self, r: Affinity) -> None:
         m = self.m
         cs = {d: c for d, c in self._counts(tuple(r.groups), r.level).items() if c.ub > 0}
-        sel = []
+        sel: list[Presence] = []
         for d, c in sorted(cs.items()):
+            b: Presence
             if r.required and self.explain:
                 b = m.new_bool_var("")
                 self._enf(m.add(c.expr() <= c.ub * b), r)
@@ -390,44 +487,39 @@ class PlacementModel:
                     if isinstance(b, int):
                         self.penalty_const += r.weight * b
                     else:
-                        self.penalty.append((r.weight, b))
+                        self._pen(r.weight, b, 1)
             sel.append(b)
         if r.required:
             self._enf(m.add(cp.LinearExpr.sum(sel) <= 1), r)
         else:
             self.penalty_const -= r.weight
 
-    def _domain_rule(self, r: DomainAffinity, inside_ok: bool) -> None:
+    def _domain_rule(self, r: DomainRule, inside_ok: bool) -> None:
         m = self.m
         inside = self.topo.hosts_in(r.domains)
-        bad = lambda h: (h in inside) != inside_ok  # noqa: E731
+
+        def bad(h: int) -> bool:
+            return (h in inside) != inside_ok
+
         if r.required and not self.explain:
             return  # pruned from the hosts the classes may use
         for g in r.groups:
             for c in self.classes_of.get(g, ()):
-                vs = [v for h, v in zip(c.hosts, c.vars) if bad(h)]
+                vs = [(v, u) for h, v, u in zip(c.hosts, c.vars, c.ubs, strict=True) if bad(h)]
                 if not vs:
                     continue
                 if r.required:
-                    self._enf(m.add(cp.LinearExpr.sum(vs) == 0), r)
+                    self._enf(m.add(cp.LinearExpr.sum([v for v, _ in vs]) == 0), r)
                 else:
-                    for v in vs:
-                        self.penalty.append((r.weight, v))
+                    for v, u in vs:
+                        self._pen(r.weight, v, u)
             if not r.required:
                 self.penalty_const += r.weight * sum(k for h, k in self.fixed_count.get(g, {}).items() if bad(h))
-
-    def _r_domain_affinity(self, r: DomainAffinity) -> None:
-        self._domain_rule(r, True)
-
-    def _r_domain_anti_affinity(self, r: DomainAntiAffinity) -> None:
-        self._domain_rule(r, False)
 
     def _r_spread(self, r: Spread) -> None:
         m = self.m
         cs = self._counts(tuple(r.groups), r.level)
-        hosts: set[int] = set()
-        for g in r.groups:
-            hosts |= eligible_hosts(self.p, g)[0]
+        hosts = self._group_hosts(r.groups)  # (the rule's domains: docs/placement.md)
         dom_of = self.topo.domain_of[r.level]
         domains = sorted({dom_of[h] for h in hosts} | set(cs))
         total = sum(self.group_size.get(g, 0) for g in r.groups)
@@ -448,7 +540,7 @@ class PlacementModel:
                     # a domain left empty forces min = 0, so every used one holds <= max_skew:
                     # count <= max_skew * present + min, and min >= 1 makes every domain present.
                     # Same solutions, a much tighter LP where other rules push domains empty.
-                    for d, c in zip(domains, counts):
+                    for d, c in zip(domains, counts, strict=True):
                         if c.const > 0 or not c.vars:
                             continue
                         pb = self._presence(c, key=(tuple(r.groups), r.level, d))
@@ -459,21 +551,23 @@ class PlacementModel:
                 s = self._soft(r, total)
                 m.add(s >= mx - mn - r.max_skew)
         if r.min_domains > 1:
-            used = []
-            for d, c in zip(domains, counts):
+            used: list[Presence] = []
+            for d, c in zip(domains, counts, strict=True):
                 if c.const > 0:
                     used.append(1)
                 elif c.ub > 0:
                     used.append(self._presence(c, key=(tuple(r.groups), r.level, d)))
             if r.required:
-                self._enf(m.add(cp.LinearExpr.sum(used) >= r.min_domains) if used
-                          else m.add_bool_or([]), r)
+                self._enf(m.add(cp.LinearExpr.sum(used) >= r.min_domains) if used else _no_solution(m), r)
             else:
                 t = self._soft(r, r.min_domains)
-                m.add(t >= r.min_domains - cp.LinearExpr.sum(used)) if used else m.add(t >= r.min_domains)
+                if used:
+                    m.add(t >= r.min_domains - cp.LinearExpr.sum(used))
+                else:
+                    m.add(t >= r.min_domains)
 
     def _r_max_per_domain(self, r: MaxPerDomain) -> None:
-        for d, c in self._counts(tuple(r.groups), r.level).items():
+        for c in self._counts(tuple(r.groups), r.level).values():
             if c.ub <= r.max:
                 continue
             if r.required:
@@ -508,7 +602,9 @@ class PlacementModel:
             for res, amt in r.amount.items():
                 cap = sum(eff[h].get(res, 0) for h in hs)
                 fixed = sum(self.fixed_load[h].get(res, 0) for h in hs)
-                vs, co, mx = [], [], fixed
+                vs: list[cp.IntVar] = []
+                co: list[int] = []
+                mx = fixed
                 for h in hs:
                     for c, v, u in self.host_terms[h]:
                         a = c.demand.get(res, 0)
@@ -531,7 +627,8 @@ class PlacementModel:
         m = self.m
         eff = self.topo.effective
         obj = self.p.objective
-        bal_terms = []
+        bal_vars: list[cp.IntVar] = []
+        bal_weights: list[int] = []
         bal_ub = 0
         if obj.mode == "pack":
             for h, terms in enumerate(self.host_terms):
@@ -539,62 +636,82 @@ class PlacementModel:
                     continue
                 u = m.new_bool_var("")
                 m.add(cp.LinearExpr.sum([v for _, v, _ in terms]) <= sum(ub for _, _, ub in terms) * u)
-                bal_terms.append(u)
-            bal_ub = len(bal_terms)
+                bal_vars.append(u)
+                bal_weights.append(1)
+            bal_ub = len(bal_vars)
         else:
             # load above the cluster-average utilisation, host by host; counted in units of the
             # gcd of the demands (small coefficients keep CP-SAT's propagation and LP sharp) and
-            # weighted so that one unit weighs its share of an average host
+            # weighted so that one unit weighs its share of an average host. Units are coarser
+            # where a host holds more than BALANCE_STEPS of them (huge capacities), so that the
+            # objective's multipliers stay far from integer overflow.
             res = obj.resources or tuple(sorted(r for r, a in self.total_demand.items() if a > 0))
             H = len(eff)
             for r in res:
+                self._tick()
                 total_cap = sum(e.get(r, 0) for e in eff)
                 unit = 0
                 for c in self.classes:
                     unit = math.gcd(unit, c.demand.get(r, 0))
                 if total_cap <= 0 or unit <= 0:
                     continue
-                weight = max(1, round(SCALE * unit * H / total_cap))
+                max_cap = max(e.get(r, 0) for e in eff)
+                coarse = max_cap // unit > BALANCE_STEPS
+                step = -(-max_cap // BALANCE_STEPS) if coarse else unit
+                weight = max(1, round(SCALE * step * H / total_cap))
                 frac = self.total_demand.get(r, 0) / total_cap
                 for h, terms in enumerate(self.host_terms):
                     cap = eff[h].get(r, 0)
-                    vs = [(v, c.demand.get(r, 0) // unit) for c, v, _ in terms if c.demand.get(r, 0)]
+                    vs = [(v, c.demand.get(r, 0)) for c, v, _ in terms if c.demand.get(r, 0)]
                     if cap <= 0 or not vs:
                         continue
-                    target = int(frac * cap) - self.fixed_load[h].get(r, 0)
-                    ub = max(0, (cap - self.fixed_load[h].get(r, 0)) // unit - target // unit)
+                    fixed = self.fixed_load[h].get(r, 0)
+                    target = int(frac * cap) - fixed
+                    if coarse:  # step * e >= load - target
+                        ub = max(0, -(-(cap - fixed - target) // step))
+                    else:
+                        ub = max(0, (cap - fixed) // unit - target // unit)
                     if ub == 0:
                         continue
                     e = m.new_int_var(0, ub, "")
-                    m.add(e >= cp.LinearExpr.weighted_sum([v for v, _ in vs], [k for _, k in vs]) - target // unit)
-                    bal_terms.append((e, weight))
+                    if coarse:
+                        m.add(step * e >= cp.LinearExpr.weighted_sum([v for v, _ in vs], [a for _, a in vs]) - target)
+                    else:
+                        m.add(e >= cp.LinearExpr.weighted_sum([v for v, _ in vs], [a // unit for _, a in vs])
+                              - target // unit)
+                    bal_vars.append(e)
+                    bal_weights.append(weight)
                     bal_ub += weight * ub
-        if obj.mode == "pack":
-            self.balance_expr = cp.LinearExpr.sum(bal_terms) if bal_terms else 0
-        else:
-            self.balance_expr = cp.LinearExpr.weighted_sum([e for e, _ in bal_terms], [w for _, w in bal_terms]) \
-                if bal_terms else 0
+        self.balance_expr: Expr = cp.LinearExpr.weighted_sum(bal_vars, bal_weights) if bal_vars else 0
         w2 = bal_ub + 1
         self.weights = (w2 * (self.moves_ub + 1), w2)
-        self.penalty_expr = cp.LinearExpr.weighted_sum([v for _, v in self.penalty], [w for w, _ in self.penalty]) \
-            if self.penalty else 0
+        self.secondary_ub = w2 * self.moves_ub + bal_ub
+        self.penalty_expr: Expr = cp.LinearExpr.weighted_sum([v for _, v in self.penalty],
+                                                             [w for w, _ in self.penalty]) if self.penalty else 0
         # stage 2 objective: moves above balance, kept apart by the multiplier
         has_moves = not isinstance(self.moves_expr, int)
         has_bal = not isinstance(self.balance_expr, int)
-        self.secondary_expr = (w2 * self.moves_expr if has_moves else 0) + (self.balance_expr if has_bal else 0) \
-            if has_moves or has_bal else 0
+        self.secondary_expr: Expr = (w2 * self.moves_expr if has_moves else 0) + \
+            (self.balance_expr if has_bal else 0) if has_moves or has_bal else 0
         # stage 1 first (also the objective the hint is completed under)
         if self.penalty:
             m.minimize(self.penalty_expr)
         elif not isinstance(self.secondary_expr, int):
             m.minimize(self.secondary_expr)
 
+    @property
+    def combinable(self) -> bool:
+        """Whether the one-solve weighted sum of both objective levels stays clear of integer
+        overflow (its multiplier grows with the balance and moves bounds)."""
+        w1, _ = self.weights
+        return w1 * self.penalty_ub + self.secondary_ub < INT_SAFE
+
     def _hint(self, hint: Mapping[str, str]) -> None:
         """Warm start from a placement. The auxiliary variables (penalties, presence, balance)
         are completed by solving a copy with the counts fixed, so the hint is a whole solution
         CP-SAT can start improving at once; a hint that breaks a rule is given as counts only."""
         hidx = self.topo.host_index
-        pairs = []
+        pairs: list[tuple[cp.IntVar, int]] = []
         complete = True
         for c in self.classes:
             want: dict[int, int] = defaultdict(int)
@@ -604,13 +721,14 @@ class PlacementModel:
                     want[h] += 1
                 else:
                     complete = False
-            for h, v in zip(c.hosts, c.vars):
+            for h, v in zip(c.hosts, c.vars, strict=True):
                 pairs.append((v, want.get(h, 0)))
-        if not complete:
+        left = 2.0 if self.deadline is None else min(2.0, self.deadline - time.perf_counter() - self.load_s)
+        if not complete or left < 0.05:
             # a partial placement (greedy got stuck): hint where it put VMs, leave the rest to
             # the solver (hinting zeros there would steer it away from completing the placement)
             for v, k in pairs:
-                if k > 0:
+                if k > 0 or complete:
                     self.m.add_hint(v, k)
             return
         fixed = self.m.clone()
@@ -618,7 +736,7 @@ class PlacementModel:
             fixed.add(fixed.get_int_var_from_proto_index(v.index) == k)
         s = cp.CpSolver()
         s.parameters.num_workers = 1
-        s.parameters.max_time_in_seconds = 2.0
+        s.parameters.max_time_in_seconds = left
         if s.solve(fixed) in (cp.OPTIMAL, cp.FEASIBLE):
             sol = s.response_proto.solution
             hp = self.m.proto.solution_hint
@@ -646,11 +764,15 @@ class PlacementModel:
         prm.log_search_progress = opts.log
         return s
 
+    def invalid_reason(self) -> str:
+        """Why CP-SAT calls the model invalid (an internal error: limits keep numbers in range)."""
+        return self.m.validate() or "model invalid"
+
     def assignment(self, s: cp.CpSolver) -> dict[str, str]:
         names = [h.name for h in self.p.hosts]
         out = {vm: names[h] for vm, h in self.fixed.items()}
         for c in self.classes:
-            left = {h: s.value(v) for h, v in zip(c.hosts, c.vars)}
+            left = {h: int(s.value(v)) for h, v in zip(c.hosts, c.vars, strict=True)}
             rest = []
             cur = {vm: self.topo.host_index[self.p.current[vm]] for vm in c.vms
                    if self.p.current.get(vm) in self.topo.host_index}
@@ -662,16 +784,18 @@ class PlacementModel:
                 else:
                     rest.append(vm)
             slots = (h for h in c.hosts for _ in range(left[h]))
-            for vm, h in zip(rest, slots):
+            for vm, h in zip(rest, slots, strict=False):
                 out[vm] = names[h]
         return out
 
     def components(self, s: cp.CpSolver) -> dict[str, int]:
-        return {"preferred_penalty": int(s.value(self.penalty_expr)) + self.penalty_const if self.penalty else
-                self.penalty_const,
-                "moves": int(s.value(self.moves_expr)) if not isinstance(self.moves_expr, int) else self.moves_expr,
-                ("hosts_used" if self.p.objective.mode == "pack" else "balance"):
-                    int(s.value(self.balance_expr)) if not isinstance(self.balance_expr, int) else 0}
+        """The objective's parts for the solver's placement; the penalty includes the constant
+        part (preferred rules broken by VMs that cannot move)."""
+        def value(e: Expr) -> int:
+            return e if isinstance(e, int) else int(s.value(e))
+        return {"preferred_penalty": value(self.penalty_expr) + self.penalty_const,
+                "moves": value(self.moves_expr),
+                ("hosts_used" if self.p.objective.mode == "pack" else "balance"): value(self.balance_expr)}
 
     def assume(self, names: Iterable[str]) -> None:
         self.m.clear_assumptions()
@@ -682,12 +806,14 @@ class PlacementModel:
 class Staged:
     """Outcome of ``solve_staged``: ``solver`` holds the placement (when status is optimal or
     feasible). ``gaps``: relative gap per stage that ran; ``gap``: the gap of the most important
-    stage whose optimum is not proven (0.0 when every stage is proven optimal)."""
+    stage whose optimum is not proven (0.0 when every stage is proven optimal). ``limit_hit``:
+    a stage stopped at the time limit (or had no time left to start)."""
     status: str
     solver: cp.CpSolver | None
     gap: float | None = None
     gaps: dict[str, float] = field(default_factory=dict)
     stage_s: dict[str, float] = field(default_factory=dict)
+    limit_hit: bool = False
 
 
 def _stage_gap(s: cp.CpSolver, status: str, offset: int = 0) -> float:
@@ -705,50 +831,63 @@ def solve_staged(pm: PlacementModel, opts: SolverOptions, deadline: float, *,
     solution. Stage 1 may use the time up to ``deadline`` minus ``stage2_share`` of what is left
     (all of it when stage 2 has nothing to do); stage 2 gets the rest. When stage 2 finds
     nothing better in time, stage 1's placement stands. ``combined_share`` > 0: first try both
-    levels in one weighted solve for that share of the time, at most ``combined_max_s``."""
-    import time
+    levels in one weighted solve for that share of the time, at most ``combined_max_s``.
+
+    The penalty's gap counts its constant part (``pm.penalty_const``). Every CP-SAT call gets
+    its share minus the model's estimated loading time (``pm.load_s``), so the last one ends by
+    ``deadline``; a stage with no time left is not started (status unknown, ``limit_hit``)."""
     out = Staged("unknown", None)
     m = pm.m
     has_pen = bool(pm.penalty)
     has_sec = not isinstance(pm.secondary_expr, int)
+    load = pm.load_s
 
-    def run(limit: float, second: bool = False) -> tuple[str, cp.CpSolver, float]:
+    def run(budget: float, second: bool = False) -> tuple[str, cp.CpSolver | None, float]:
+        """One CP-SAT call within ``budget`` seconds, its loading time included."""
         t = time.perf_counter()
-        sv = pm.solver(SolverOptions(max(0.01, limit), opts.seed, opts.workers, opts.log))
+        limit = min(budget, deadline - t) - load
+        if limit < 0.01:
+            out.limit_hit = True
+            return "unknown", None, 0.0
+        sv = pm.solver(SolverOptions(limit, opts.seed, opts.workers, opts.log))
         if second and sv.parameters.num_workers > 1:
             # big model, complete hint from stage 1: a second presolve would eat the short
             # stage-2 budget before the hint is even loaded
             sv.parameters.cp_model_presolve = False
         st = STATUS[sv.solve(m)]
+        if st in ("feasible", "unknown"):
+            out.limit_hit = True
         return st, sv, time.perf_counter() - t
 
-    first = None
-    if has_pen and has_sec and combined_share > 0:
+    first: cp.CpSolver | None = None
+    if has_pen and has_sec and combined_share > 0 and pm.combinable:
         # small models: one solve of both levels as a weighted sum (the multiplier makes its
         # optimum the lexicographic one); proven optimal at once in the usual case, and one
         # CP-SAT call is cheaper than two. Otherwise its placement starts the stages.
         w1, _ = pm.weights
         m.minimize(w1 * pm.penalty_expr + pm.secondary_expr)
-        st, sv, dt = run(min((deadline - time.perf_counter()) * combined_share, combined_max_s))
+        st, sv, dt = run(min((deadline - time.perf_counter()) * combined_share, combined_max_s + load))
         out.stage_s["combined"] = dt
-        if st == "optimal":
+        if st == "optimal" and sv is not None:
             out.status, out.solver, out.gap = "optimal", sv, 0.0
             out.gaps = {"preferred_penalty": 0.0, "secondary": 0.0}
+            out.limit_hit = False
             return out
-        if st == "infeasible":
+        if st in ("infeasible", "invalid"):
             out.status = st
             return out
+        out.limit_hit = False  # (a short first try: only the stages' limits count)
         m.minimize(pm.penalty_expr)
-        if st == "feasible":
+        if st == "feasible" and sv is not None:
             sol = list(sv.response_proto.solution)
             m.clear_hints()
             m.proto.solution_hint.vars.extend(range(len(sol)))
             m.proto.solution_hint.values.extend(sol)
     if has_pen:
         left = deadline - time.perf_counter()
-        st, sv, dt = run(left * (1 - stage2_share) if has_sec else left)
+        st, sv, dt = run(load + max(0.0, left - 2 * load) * (1 - stage2_share) if has_sec else left)
         out.stage_s["preferred_penalty"] = dt
-        if st not in ("optimal", "feasible"):
+        if st not in ("optimal", "feasible") or sv is None:
             out.status = st
             return out
         first = sv
@@ -768,7 +907,7 @@ def solve_staged(pm: PlacementModel, opts: SolverOptions, deadline: float, *,
     if has_sec:
         st, sv, dt = run(deadline - time.perf_counter(), second=first is not None)
         out.stage_s["secondary"] = dt
-        if st in ("optimal", "feasible"):
+        if st in ("optimal", "feasible") and sv is not None:
             out.gaps["secondary"] = _stage_gap(sv, st)
             out.solver = sv
             out.status = "optimal" if st == "optimal" and (first is None or out.gaps["preferred_penalty"] == 0) \
@@ -790,7 +929,7 @@ def solve_staged(pm: PlacementModel, opts: SolverOptions, deadline: float, *,
 
 
 STATUS = {cp.OPTIMAL: "optimal", cp.FEASIBLE: "feasible", cp.INFEASIBLE: "infeasible",
-          cp.UNKNOWN: "unknown", cp.MODEL_INVALID: "unknown"}
+          cp.UNKNOWN: "unknown", cp.MODEL_INVALID: "invalid"}
 
 
 def gap(s: cp.CpSolver) -> float:
@@ -798,4 +937,5 @@ def gap(s: cp.CpSolver) -> float:
     return 0.0 if math.isclose(obj, bound) else max(0.0, (obj - bound) / max(1.0, abs(obj)))
 
 
-__all__ = ["PlacementModel", "SolverOptions", "Staged", "solve_staged", "STATUS", "KEEP_PREFIX", "MOVE_LIMIT", "gap", "HOST_LEVEL"]
+__all__ = ["PlacementModel", "SolverOptions", "Staged", "solve_staged", "STATUS", "KEEP_PREFIX", "MOVE_LIMIT",
+           "ModelTimeout", "gap", "HOST_LEVEL"]

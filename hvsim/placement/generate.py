@@ -14,13 +14,19 @@ from __future__ import annotations
 
 import random
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .model import (Affinity, AntiAffinity, DomainAffinity, DomainAntiAffinity, Group, Host, MaxPerDomain,
                     MovePolicy, Problem, ReserveAmount, ReserveHosts, Rule, Spread)
 
 LEVELS = ("datacenter", "zone", "rack", "host")
 FLAVOURS = [(1, 2048), (2, 4096), (2, 8192), (4, 8192), (4, 16384), (8, 32768)]
+
+
+@dataclass
+class GeneratedProblem(Problem):
+    """A generated problem with the hidden placement it was derived from (VM -> host)."""
+    planted: dict[str, str] = field(default_factory=dict)
 
 
 def topology(n_hosts: int, rng: random.Random, rack_size: int = 10, racks_per_zone: int = 5,
@@ -41,7 +47,7 @@ def topology(n_hosts: int, rng: random.Random, rack_size: int = 10, racks_per_zo
 
 
 def generate(n_hosts: int = 50, n_vms: int = 500, n_rules: int = 120, seed: int = 0,
-             required_share: float = 0.6, conflicting_share: float = 0.2) -> Problem:
+             required_share: float = 0.6, conflicting_share: float = 0.2) -> GeneratedProblem:
     rng = random.Random(seed)
     # 200 hosts: 2 datacenters x 2 zones x 5 racks x 10 hosts; small clusters get smaller racks
     shape = (10, 5, 2) if n_hosts >= 100 else (5, 2, 2)
@@ -80,9 +86,9 @@ def generate(n_hosts: int = 50, n_vms: int = 500, n_rules: int = 120, seed: int 
         left -= size
         gi += 1
     rules = _rules(probe, groups, planted, free, eff, spare, n_rules, rng, required_share, conflicting_share)
-    p = Problem(hosts, groups, rules, LEVELS)
+    p = GeneratedProblem(hosts, groups, rules, LEVELS)
     p.validate()
-    p.planted = {vm: hosts[h].name for vm, h in planted.items()}  # type: ignore[attr-defined]
+    p.planted = {vm: hosts[h].name for vm, h in planted.items()}
     return p
 
 
@@ -105,7 +111,7 @@ def _plant(g: Group, pool: list[int], free: list[dict], rng: random.Random) -> d
                     order.remove(h)
                 break
         else:
-            for vm2, h2 in out.items():
+            for h2 in out.values():  # undo (the group's VMs all have this demand)
                 for r, a in vm.demand.items():
                     free[h2][r] += a
             return None
@@ -198,11 +204,11 @@ def _rules(p: Problem, groups: list[Group], planted: dict[str, int], free: list[
     # reservations the hidden placement satisfies
     if spare:
         rules.append(ReserveHosts(nm("spare"), hosts=tuple(p.hosts[h].name for h in sorted(spare))))
-    zfree = defaultdict(lambda: defaultdict(int))
+    zfree: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     for h in range(len(p.hosts)):
-        for r in ("vcpus", "memory_mib"):
-            zfree[topo.domain_of["zone"][h]][r] += free[h].get(r, 0)
-    amt = {r: max(0, min(z[r] for z in zfree.values()) // 2) for r in ("vcpus", "memory_mib")}
+        for res in ("vcpus", "memory_mib"):
+            zfree[topo.domain_of["zone"][h]][res] += free[h].get(res, 0)
+    amt = {res: max(0, min(z[res] for z in zfree.values()) // 2) for res in ("vcpus", "memory_mib")}
     rules.append(ReserveAmount(nm("failover"), level="zone", amount=amt))
     rules.append(ReserveAmount(nm("headroom"), level="rack", amount={"vcpus": 4}, required=False, weight=3))
     # spread rules derived from the hidden placement may be too tight once other domains are
@@ -212,11 +218,11 @@ def _rules(p: Problem, groups: list[Group], planted: dict[str, int], free: list[
     trial = Problem(p.hosts, groups, rules, LEVELS)
     rep = check(trial, asg)
     bad = {r.name for r in rep.rules if r.required and r.violations}
-    out = []
-    for r in rules:
-        if r.name in bad:
-            r.required, r.weight = False, 1
-        out.append(r)
+    out: list[Rule] = []
+    for rule in rules:
+        if rule.name in bad:
+            rule.required, rule.weight = False, 1
+        out.append(rule)
     return out
 
 

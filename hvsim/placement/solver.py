@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from collections.abc import Iterable, Mapping
-
-from ortools.sat.python import cp_model as cp
 
 from . import greedy
 from .check import CheckReport, check
-from .cpsat import KEEP_PREFIX, MOVE_LIMIT, SMALL_MODEL_VARS, STATUS, PlacementModel, SolverOptions, solve_staged
+from .cpsat import (KEEP_PREFIX, MOVE_LIMIT, SMALL_MODEL_VARS, STATUS, ModelTimeout, PlacementModel, SolverOptions,
+                    solve_staged)
+from .errors import ProblemError, show
 from .model import RESOURCE_LABELS, Problem
 
 SOLVERS = ("cpsat", "greedy")
@@ -44,6 +44,7 @@ class Explanation:
     hosts: list[greedy.HostReport] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
     details: dict[str, str] = field(default_factory=dict)  # core rule -> what it says
+    limit_reached: bool = False      # the time limit cut the search for a core (or the replay) short
 
     def text(self) -> str:
         lines = list(self.messages)
@@ -57,7 +58,7 @@ class Explanation:
     def to_dict(self) -> dict[str, Any]:
         return {"core": self.core, "minimal": self.minimal, "solve_s": round(self.solve_s, 4),
                 "details": dict(self.details), "hosts": [h.to_dict() for h in self.hosts],
-                "messages": list(self.messages)}
+                "messages": list(self.messages), "limit_reached": self.limit_reached}
 
 
 @dataclass
@@ -72,13 +73,16 @@ class PlacementResult:
     explanation: Explanation | None = None
     message: str = ""
     gaps: dict[str, float] = field(default_factory=dict)  # per solver stage (see docs/placement.md)
+    limit_reached: bool = False      # a stage stopped at the time limit: optimum not proven / nothing found
+    time_limit_s: float | None = None
 
     @property
     def ok(self) -> bool:
         return self.status in ("optimal", "feasible")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "solver": self.solver, "solve_s": round(self.solve_s, 4), "gap": self.gap,
+        return {"status": self.status, "solver": self.solver, "solve_s": round(self.solve_s, 4),
+                "time_limit_s": self.time_limit_s, "limit_reached": self.limit_reached, "gap": self.gap,
                 "gaps": dict(self.gaps),
                 "objective": dict(self.objective), "message": self.message,
                 "assignment": dict(sorted(self.assignment.items())),
@@ -89,27 +93,46 @@ class PlacementResult:
 def solve(problem: Problem, solver: str = "cpsat", *, explain: bool = True, options: SolverOptions | None = None,
           hint: Mapping[str, str] | None = None, explain_time_s: float = 2.0,
           check_rules: Iterable[str] | None = None, check_hosts: Iterable[str] | None = None,
-          warm_start: bool = False) -> PlacementResult:
+          warm_start: bool = False, started: float | None = None,
+          constants: dict[str, int] | None = None) -> PlacementResult:
     """Place every VM of ``problem``.
 
+    The time limit (``options.time_limit_s``) counts from ``started`` (a ``time.perf_counter()``
+    value; default: now), so a caller that read and validated the problem first passes when it
+    began: building the model, solving, naming the VMs, the independent check and the
+    explanation all end within it. When the limit cuts a stage short the result says so
+    (``limit_reached``).
+
     ``warm_start``: for big problems (>= WARM_START_VMS VMs to place) start CP-SAT from the greedy
-    placement (its time counts in the limit). ``explain``: on refusal, compute the minimal conflicting rule set (within ``explain_time_s``);
-    the per-host elimination counts are always given. ``check_rules``/``check_hosts`` narrow the
-    final independent check to what could have changed (the controller's incremental path)."""
+    placement (its time counts in the limit). ``explain``: on refusal, compute the minimal
+    conflicting rule set (within ``explain_time_s`` and the limit); the per-host elimination
+    counts are always given. ``check_rules``/``check_hosts`` narrow the final independent check
+    to what could have changed (the controller's incremental path); ``constants`` carries the
+    penalty of preferred rules on fixed groups between such solves (see ``PlacementModel``)."""
     if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r} (known: {', '.join(SOLVERS)})")
+        raise ProblemError([("solver", f"unknown solver {show(solver)} (known: {', '.join(SOLVERS)})")])
     opts = options or SolverOptions()
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if started is None else started
+    limit_at = t0 + opts.time_limit_s
+    # leave room for naming the VMs and the independent check within the limit
+    deadline = limit_at - min(0.25, 0.02 * opts.time_limit_s)
+
+    def result(status: str, **kw: Any) -> PlacementResult:
+        return PlacementResult(status, solver, solve_s=time.perf_counter() - t0, time_limit_s=opts.time_limit_s, **kw)
+
     if solver == "greedy":
-        return _greedy(problem, t0, check_rules, check_hosts)
+        return _greedy(problem, result, deadline, check_rules, check_hosts)
 
     if hint is None and warm_start and _variable_vms(problem) >= WARM_START_VMS:
         # a first solution for a big model (or as much as greedy places in its share of the time)
-        out = greedy.schedule(problem, deadline=t0 + WARM_START_SHARE * opts.time_limit_s)
+        out = greedy.schedule(problem, deadline=min(deadline, t0 + WARM_START_SHARE * opts.time_limit_s))
         hint = out.assignment
-    pm = PlacementModel(problem, hint=hint)
-    # leave room for naming the VMs and the independent check within the limit
-    deadline = max(t0 + opts.time_limit_s - min(0.25, 0.02 * opts.time_limit_s), time.perf_counter() + 0.05)
+    try:
+        pm = PlacementModel(problem, hint=hint, deadline=deadline, constants=constants)
+    except ModelTimeout:
+        return result("unknown", limit_reached=True,
+                      message=f"no placement within {opts.time_limit_s:g} s: the time limit was reached while "
+                              f"the model was being built")
     # big models: stage 2 (balance) starts from stage 1's complete solution without presolve;
     # most of the time goes to the preferred penalty, the objective that ranks first
     big = len(pm.m.proto.variables) >= SMALL_MODEL_VARS
@@ -121,19 +144,19 @@ def solve(problem: Problem, solver: str = "cpsat", *, explain: bool = True, opti
         asg = pm.assignment(s)
         rep = check(problem, asg, rules=check_rules, hosts=check_hosts)
         if rep.ok:
-            return PlacementResult(status, "cpsat", asg, time.perf_counter() - t0, staged.gap, pm.components(s), rep,
-                                   gaps={k: round(v, 6) for k, v in staged.gaps.items()})
+            return result(status, assignment=asg, gap=staged.gap, objective=pm.components(s), check=rep,
+                          limit_reached=staged.limit_hit, gaps={k: round(v, 6) for k, v in staged.gaps.items()})
         # a rule the fast model skipped (it touches only VMs that may not move) is broken
     elif status == "unknown":
-        return PlacementResult("unknown", "cpsat", solve_s=time.perf_counter() - t0,
-                               message=f"no placement found within {opts.time_limit_s:g} s")
-    expl = explain_infeasible(problem, opts, minimise=explain, budget_s=explain_time_s)
+        return result("unknown", limit_reached=True, message=f"no placement found within {opts.time_limit_s:g} s")
+    elif status == "invalid":
+        return result("failed", message=f"internal error: CP-SAT refused the model ({pm.invalid_reason()})")
+    expl = explain_infeasible(problem, opts, minimise=explain, budget_s=explain_time_s,
+                              deadline=limit_at - min(0.1, 0.01 * opts.time_limit_s))
     if expl is None:
-        return PlacementResult("failed", "cpsat", solve_s=time.perf_counter() - t0,
-                               message="internal error: the solver's placement breaks a required rule "
-                                       "but the problem is feasible")
-    return PlacementResult("infeasible", "cpsat", solve_s=time.perf_counter() - t0, explanation=expl,
-                           message=_headline(expl))
+        return result("failed", message="internal error: the solver's placement breaks a required rule "
+                                        "but the problem is feasible")
+    return result("infeasible", explanation=expl, message=_headline(expl), limit_reached=expl.limit_reached)
 
 
 async def solve_async(problem: Problem, solver: str = "cpsat", **kw: Any) -> PlacementResult:
@@ -141,21 +164,26 @@ async def solve_async(problem: Problem, solver: str = "cpsat", **kw: Any) -> Pla
     return await asyncio.to_thread(solve, problem, solver, **kw)
 
 
-def _greedy(problem: Problem, t0: float, check_rules, check_hosts) -> PlacementResult:
-    out = greedy.schedule(problem)
+def _greedy(problem: Problem, result: Callable[..., PlacementResult], deadline: float,
+            check_rules: Iterable[str] | None, check_hosts: Iterable[str] | None) -> PlacementResult:
+    out = greedy.schedule(problem, deadline=deadline)
+    if out.timed_out:
+        n = sum(len(g.vms) for g in problem.groups)
+        return result("unknown", assignment=out.assignment, limit_reached=True,
+                      message=f"greedy stopped at the time limit with {len(out.assignment)} of {n} VMs placed")
     if not out.placed_all:
         assert out.failure is not None
         ex = Explanation(None, False, 0.0, [out.failure],
                          [f"greedy found no host for {out.failure.vm}; a placement may still exist "
                           f"(the cpsat solver decides)"])
-        return PlacementResult("failed", "greedy", out.assignment, time.perf_counter() - t0, explanation=ex,
-                               message=f"no host for {out.failure.vm}: {out.failure.text}")
+        return result("failed", assignment=out.assignment, explanation=ex,
+                      message=f"no host for {out.failure.vm}: {out.failure.text}")
     rep = check(problem, out.assignment, rules=check_rules, hosts=check_hosts)
     if not rep.ok:
-        return PlacementResult("failed", "greedy", out.assignment, time.perf_counter() - t0, check=rep,
-                               message=f"greedy placed every VM but breaks {', '.join(rep.violated()) or rep.problems}")
-    return PlacementResult("feasible", "greedy", out.assignment, time.perf_counter() - t0,
-                           objective={"preferred_penalty": rep.preferred_penalty, "moves": rep.moves}, check=rep)
+        return result("failed", assignment=out.assignment, check=rep,
+                      message=f"greedy placed every VM but breaks {', '.join(rep.violated()) or rep.problems}")
+    return result("feasible", assignment=out.assignment,
+                  objective={"preferred_penalty": rep.preferred_penalty, "moves": rep.moves}, check=rep)
 
 
 # ------------------------------------------------------------------------------------------ explanations
@@ -180,22 +208,38 @@ def _headline(ex: Explanation) -> str:
 
 
 def explain_infeasible(problem: Problem, opts: SolverOptions | None = None, *, minimise: bool = True,
-                       budget_s: float = 2.0) -> Explanation | None:
-    """Why ``problem`` has no placement. None when it turns out to have one."""
+                       budget_s: float = 2.0, deadline: float | None = None) -> Explanation | None:
+    """Why ``problem`` has no placement. None when it turns out to have one.
+
+    The search for a minimal core gets ``budget_s``; everything (the greedy replay included)
+    ends by ``deadline`` (a ``time.perf_counter()`` value) when given."""
     t0 = time.perf_counter()
     opts = opts or SolverOptions()
-    em = PlacementModel(problem, explain=True)
+    end = t0 + budget_s if deadline is None else min(t0 + budget_s, deadline)
+    try:
+        em = PlacementModel(problem, explain=True, deadline=deadline)
+    except ModelTimeout:
+        return Explanation(None, False, time.perf_counter() - t0,
+                           messages=["the time limit was reached before the conflicting rules could be named"],
+                           limit_reached=True)
     by_index = {lit.index: name for name, lit in em.lits.items()}
     names = sorted(em.lits)
+    cut = False
 
     def run(assumed: list[str]) -> tuple[str, list[str]]:
-        left = budget_s - (time.perf_counter() - t0)
+        nonlocal cut
+        left = end - time.perf_counter() - em.load_s
+        if left < 0.01:
+            cut = True
+            return "unknown", []
         em.assume(assumed)
-        s = em.solver(SolverOptions(max(0.05, left), opts.seed, opts.workers))
+        s = em.solver(SolverOptions(left, opts.seed, opts.workers))
         # the LP over enforced constraints settles counting arguments (more VMs than domains
         # allow) at once, which clause learning alone takes exponentially long to refute
         s.parameters.linearization_level = 2
         st = STATUS[s.solve(em.m)]
+        if st == "unknown":
+            cut = True
         core = [by_index[i] for i in s.sufficient_assumptions_for_infeasibility()] if st == "infeasible" else []
         return st, core
 
@@ -211,8 +255,9 @@ def explain_infeasible(problem: Problem, opts: SolverOptions | None = None, *, m
         if minimise:
             i = 0
             while i < len(core):
-                if time.perf_counter() - t0 > budget_s:
+                if time.perf_counter() > end:
                     minimal = False
+                    cut = True
                     break
                 trial = core[:i] + core[i + 1:]
                 st2, sub = run(trial)
@@ -232,14 +277,17 @@ def explain_infeasible(problem: Problem, opts: SolverOptions | None = None, *, m
         messages.append("the solver could not name the conflicting rules within the time budget")
     if result_core == []:
         messages.extend(_capacity_messages(problem))
-    gr = greedy.schedule(problem)
+    gr = greedy.schedule(problem, deadline=deadline)
     hosts = [gr.failure] if gr.failure else []
-    if gr.placed_all:
+    if gr.timed_out:
+        cut = True
+        messages.append("the one-at-a-time replay (which filter eliminated which hosts) stopped at the time limit")
+    elif gr.placed_all:
         rep = check(problem, gr.assignment)
         messages.append(f"one-at-a-time placement fits every VM but breaks {', '.join(rep.violated())}")
     details = {n: _describe(problem, n) for n in (result_core or [])}
     return Explanation(result_core, minimal if result_core is not None else False, time.perf_counter() - t0,
-                       hosts, messages, details)
+                       hosts, messages, details, limit_reached=cut)
 
 
 def _capacity_messages(problem: Problem) -> list[str]:
@@ -260,4 +308,4 @@ def _capacity_messages(problem: Problem) -> list[str]:
     return out
 
 
-__all__ = ["solve", "solve_async", "explain_infeasible", "PlacementResult", "Explanation", "SolverOptions", "cp"]
+__all__ = ["solve", "solve_async", "explain_infeasible", "PlacementResult", "Explanation", "SolverOptions"]

@@ -16,6 +16,11 @@ most recent write they contain. ``skip_recent`` leaves out the newest pages when
 the guest still holds that many swapped pages in memory (its swap cache: the last pages written
 before reclaim stopped were often not freed yet); the export fetches them after all, with their
 neighbours, as soon as the guest reads one of them.
+
+Change tracking (for checkpoint deltas, :mod:`.devstate`): while ``changes`` is a dict (off, None,
+by default: no cost on the data path), every page whose entry is set, updated or removed is recorded
+with the current ``epoch`` (the seq of the next checkpoint), so the pages changed since any earlier
+checkpoint can be listed.
 """
 from __future__ import annotations
 
@@ -52,6 +57,8 @@ class SwapTracker:
     def __init__(self) -> None:
         self.pages: dict[int, int] = {}
         self.seq = 0
+        self.changes: dict[int, int] | None = None   # page -> epoch of its last change (tracking on)
+        self.epoch = 0
         self.swap_header = False
         self.swap_version: int | None = None
         self.swap_last_page: int | None = None
@@ -62,7 +69,7 @@ class SwapTracker:
     def __contains__(self, page: int) -> bool:
         return page in self.pages
 
-    def _check_header(self, offset: int, data: bytes | memoryview) -> None:
+    def _check_header(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         end = offset + len(data)
         if offset <= SWAP_MAGIC_OFFSET and end >= PAGE:
             magic = bytes(data[SWAP_MAGIC_OFFSET - offset:PAGE - offset])
@@ -72,20 +79,25 @@ class SwapTracker:
                 self.swap_version, self.swap_last_page = _SWAP_INFO.unpack(bytes(data[1024 - offset:1032 - offset]))
             if self.swap_header and not was:
                 self.pages.pop(0, None)
+                if self.changes is not None:
+                    self.changes[0] = self.epoch
             if not self.swap_header:
                 self.swap_version = self.swap_last_page = None
 
-    def record_write(self, offset: int, data: bytes | memoryview) -> None:
+    def record_write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if offset < PAGE:
             self._check_header(offset, data)
         self.seq += 1
         seq = self.seq
         pages = self.pages
+        changes = self.changes
         for p in page_span(offset, len(data)):
             if p == 0 and self.swap_header:
                 continue
             pages.pop(p, None)  # re-insert so dict order follows recency too
             pages[p] = seq
+            if changes is not None:
+                changes[p] = self.epoch
 
     def forget(self, offset: int, length: int) -> int:
         """Forget pages fully covered by a discard/zeroing; returns how many were dropped."""
@@ -96,6 +108,9 @@ class SwapTracker:
             doomed = [p for p in span if p in self.pages]
         for p in doomed:
             del self.pages[p]
+        if self.changes is not None:
+            for p in doomed:
+                self.changes[p] = self.epoch
         n = len(doomed)
         if offset == 0 and length >= PAGE and self.swap_header:
             self.swap_header = False
@@ -172,6 +187,8 @@ class PageCache:
         self.pages: OrderedDict[int, bytearray] = OrderedDict()
         self.reserved = 0
         self.budget_pages = 0
+        self.changes: dict[int, int] | None = None   # page -> epoch of its last change (tracking on)
+        self.epoch = 0
         self.set_budget(budget_bytes)
 
     @property
@@ -195,7 +212,9 @@ class PageCache:
         self.budget_pages = budget_bytes // PAGE
         evicted = 0
         while self.pages and len(self.pages) + self.reserved > self.budget_pages:
-            self.pages.popitem(last=False)
+            page, _ = self.pages.popitem(last=False)
+            if self.changes is not None:
+                self.changes[page] = self.epoch
             evicted += 1
         return evicted
 
@@ -211,7 +230,7 @@ class PageCache:
     def release(self, n: int) -> None:
         self.reserved = max(0, self.reserved - n)
 
-    def insert_reserved(self, page: int, data: bytes | memoryview) -> None:
+    def insert_reserved(self, page: int, data: bytes | bytearray | memoryview) -> None:
         """Insert a page whose space was reserved (the reservation is consumed either way)."""
         self.release(1)
         if page in self.pages:
@@ -222,6 +241,8 @@ class PageCache:
         if len(buf) < PAGE:
             buf.extend(bytes(PAGE - len(buf)))
         self.pages[page] = buf
+        if self.changes is not None:
+            self.changes[page] = self.epoch
 
     def get(self, page: int) -> bytearray | None:
         return self.pages.get(page)
@@ -246,7 +267,34 @@ class PageCache:
         start = offset - first * PAGE
         return bytes(out[start:start + length])
 
-    def patch(self, offset: int, data: bytes | memoryview) -> int:
+    def read_into(self, view: memoryview, offset: int, length: int) -> bool:
+        """Copy bytes [offset, offset+length) into ``view`` if every page is cached; False (``view``
+        untouched) otherwise."""
+        first = offset // PAGE
+        last = (offset + length - 1) // PAGE
+        pages = self.pages
+        start = offset - first * PAGE
+        if first == last:
+            buf = pages.get(first)
+            if buf is None:
+                return False
+            view[:length] = memoryview(buf)[start:start + length]
+            return True
+        bufs = []
+        for p in range(first, last + 1):
+            buf = pages.get(p)
+            if buf is None:
+                return False
+            bufs.append(buf)
+        pos = 0
+        for i, buf in enumerate(bufs):
+            lo = start if i == 0 else 0
+            hi = min(PAGE, lo + length - pos)
+            view[pos:pos + hi - lo] = memoryview(buf)[lo:hi]
+            pos += hi - lo
+        return True
+
+    def patch(self, offset: int, data: bytes | bytearray | memoryview) -> int:
         """Apply a write to every cached page it touches; returns pages patched."""
         if not self.pages:
             return 0
@@ -260,6 +308,8 @@ class PageCache:
             lo = max(offset, p * PAGE)
             hi = min(end, (p + 1) * PAGE)
             buf[lo - p * PAGE:hi - p * PAGE] = view[lo - offset:hi - offset]
+            if self.changes is not None:
+                self.changes[p] = self.epoch
             n += 1
         return n
 
@@ -271,7 +321,13 @@ class PageCache:
             [p for p in span if p in self.pages]
         for p in doomed:
             del self.pages[p]
+        if self.changes is not None:
+            for p in doomed:
+                self.changes[p] = self.epoch
         return len(doomed)
 
     def clear(self) -> None:
+        if self.changes is not None:
+            for p in self.pages:
+                self.changes[p] = self.epoch
         self.pages.clear()

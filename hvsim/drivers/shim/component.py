@@ -18,13 +18,19 @@ the VM (``ComponentFailed`` on the cluster bus; the component is FAILED) and can
 :meth:`ShimComponent.restart`. Stopping the VM stops the shim; undefining it deletes the backing file.
 
 The component implements the core's :class:`~hvsim.core.components.SwapBackend` (prefetch for memory
-restore) and checkpoints (the shim's swap map and counters, format version 1: the control socket's
-JSON ``checkpoint``).
+restore) and :class:`~hvsim.core.components.MigratableComponent`: checkpoints in the shim's format
+version 2 (:mod:`hvsim.drivers.shim.checkpoint`: swap map, cache index and cached pages, counters,
+in-flight prefetch; full or the delta since an earlier one), quiesce (writes held, flushed) and
+resume, a peer in another run directory sharing the backing file, retire. With
+``ShimOptions(restart=RestartPolicy(...))`` the component is supervised: a shim that dies is
+restarted on the same sockets (QEMU reconnects within ``reconnect_delay``) from the backing file and
+its state file (an index-only checkpoint the shim saves every second: the cache is refetched from
+the backing file, so it never serves stale data).
 """
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -33,8 +39,8 @@ from typing import Any
 
 from qmp_bridge import Drive
 
-from ...core.components import Attachment, Checkpoint, Component, ComponentContext, ComponentState
-from ...core.errors import ComponentError
+from ...core.components import Attachment, Checkpoint, Component, ComponentContext, ComponentState, RestartPolicy
+from ...core.errors import CheckpointError, ComponentError
 from ...core.host import Host
 from ...core.model import DiskSpec
 from .control import ShimControlClient
@@ -55,6 +61,7 @@ class ShimOptions:
     prefetch_concurrency: int = 4
     reconnect_delay: int = 10
     verbose: bool = False
+    restart: RestartPolicy | None = None       # supervision (with a state file) when set
 
     def __post_init__(self) -> None:
         if self.latency_ms < 0:
@@ -65,6 +72,8 @@ class ShimOptions:
             raise ShimConfigError(f"prefetch_concurrency must be >= 1, got {self.prefetch_concurrency}")
         if not isinstance(self.reconnect_delay, int) or self.reconnect_delay < 0:
             raise ShimConfigError(f"reconnect_delay must be an integer >= 0 s, got {self.reconnect_delay!r}")
+        if self.restart is not None and not isinstance(self.restart, RestartPolicy):
+            raise ShimConfigError(f"restart must be a RestartPolicy, got {type(self.restart).__name__}")
 
 
 DEFAULT_OPTIONS = ShimOptions()
@@ -100,7 +109,10 @@ class ShimDriver:
             raise ShimConfigError(f"disk {disk.name!r} of vm {ctx.vm!r} is kind {disk.kind!r}, not 'shim'")
         if disk.format != "raw":
             raise ShimConfigError(f"shim disk {disk.name!r} of vm {ctx.vm!r} must be raw, not {disk.format}")
-        return ShimComponent(disk, ctx, self.options_for(ctx.vm, disk.name))
+        comp = ShimComponent(disk, ctx, self.options_for(ctx.vm, disk.name))
+        if comp.options.restart is not None:
+            comp.supervise(comp.options.restart)
+        return comp
 
 
 def _private_dir(path: Path) -> Path:
@@ -123,21 +135,22 @@ class ShimComponent(Component):
     """One shim process serving one swap disk of one VM."""
 
     kind = "shim"
-    CHECKPOINT_VERSIONS = frozenset({1})
+    CHECKPOINT_VERSIONS = frozenset({2})
 
-    def __init__(self, disk: DiskSpec, ctx: ComponentContext, options: ShimOptions) -> None:
+    def __init__(self, disk: DiskSpec, ctx: ComponentContext, options: ShimOptions,
+                 run_dir: Path | None = None) -> None:
         super().__init__(disk.name, ctx)
         self.disk = disk
         self.options = options
         self.size = disk.size_mib * 1024 * 1024
         self.backing = Path(disk.path) if disk.path else ctx.vm_dir / f"{disk.name}.img"
-        self.dir = ctx.vm_dir / "shim"
+        self.dir = (run_dir or ctx.vm_dir) / "shim"
         self.socket_path = self.dir / f"{disk.name}.sock"
         self.control_path = self.dir / f"{disk.name}.ctl"
         self.log_path = self.dir / f"{disk.name}.shim.log"
+        self.state_path = self.dir / f"{disk.name}.state"
         self.process: ShimProcess | None = None
         self._watcher: asyncio.Task[None] | None = None
-        self._seq = 0
 
     @property
     def control(self) -> ShimControlClient:
@@ -162,7 +175,7 @@ class ShimComponent(Component):
                                        bandwidth_mib_s=o.bandwidth_mib_s, control_path=self.control_path,
                                        export_name=SHIM_EXPORT, log_path=self.log_path,
                                        prefetch_concurrency=o.prefetch_concurrency, verbose=o.verbose,
-                                       netns=host.netns)
+                                       netns=host.netns, extra_args=self._state_args())
         await self.process.start()
         if self.process.pid is not None:
             self.ctx.track_process(self.process.pid, f"shim {self.ctx.vm}/{self.name}")
@@ -171,6 +184,9 @@ class ShimComponent(Component):
                  self.socket_path, o.latency_ms)
         return Attachment(drives=(Drive(id=f"disk-{self.name}", path=str(self.socket_path), kind="nbd",
                                         export=SHIM_EXPORT, reconnect_delay=o.reconnect_delay),))
+
+    def _state_args(self) -> tuple[str, ...]:
+        return ("--state-file", str(self.state_path)) if self.restart_policy is not None else ()
 
     async def _watch(self, proc: ShimProcess) -> None:
         err = await proc.wait_crash()
@@ -196,20 +212,55 @@ class ShimComponent(Component):
 
     async def _do_checkpoint(self, since: int | None) -> Checkpoint:
         try:
-            state = await self.control.call("checkpoint")
+            info, data = await self.control.call_bin("checkpoint_bin", since=since)
         except ShimError as exc:
             raise ComponentError(f"{self.fsm.obj}: checkpoint failed: {exc}") from exc
-        self._seq += 1
-        return Checkpoint(component=self.id, kind=self.kind, version=1, seq=self._seq,
-                          payload=json.dumps(state).encode(), base_seq=None)
+        assert data is not None
+        return Checkpoint(component=self.id, kind=self.kind, version=2, seq=int(info["seq"]), payload=data,
+                          base_seq=info["base_seq"],
+                          meta={k: info[k] for k in ("quiesced", "tracker", "tracker_del", "cache_pages", "cache_del",
+                                                     "planned")})
 
     async def _do_restore(self, checkpoint: Checkpoint) -> None:
-        if checkpoint.is_delta:
-            raise ComponentError(f"{self.fsm.obj}: format version 1 has no deltas")
         try:
-            await self.control.call("restore", state=json.loads(checkpoint.payload))
-        except (ShimError, ValueError) as exc:
-            raise ComponentError(f"{self.fsm.obj}: restore failed: {exc}") from exc
+            await self.control.call_bin("restore_bin", checkpoint.payload, final=bool(checkpoint.meta.get("quiesced")))
+        except ShimError as exc:
+            why = str(exc).split("refused 'restore_bin': ", 1)[-1]
+            raise CheckpointError(f"{self.fsm.obj}: checkpoint {checkpoint.seq} refused: {why}") from exc
+
+    async def _do_quiesce(self) -> None:
+        try:
+            await self.control.call("quiesce")
+        except ShimError as exc:
+            raise ComponentError(f"{self.fsm.obj}: quiesce failed: {exc}") from exc
+
+    async def _do_resume(self) -> None:
+        try:
+            await self.control.call("resume")
+        except ShimError as exc:
+            raise ComponentError(f"{self.fsm.obj}: resume failed: {exc}") from exc
+
+    # -- MigratableComponent ----------------------------------------------------------------------
+    def migration_peer(self, run_dir: Path) -> ShimComponent:
+        """A shim for the same disk with its sockets and logs under ``run_dir``, on the same
+        backing file (the shared datastore); supervised like this one."""
+        peer = ShimComponent(self.disk, self.ctx, self.options, run_dir=run_dir)
+        peer.backing = self.backing
+        peer.supervise(self.restart_policy)
+        return peer
+
+    async def state_size(self, since: int | None = None) -> int:
+        try:
+            return int((await self.control.call("state_size", since=since))["bytes"])
+        except ShimError as exc:
+            raise ComponentError(f"{self.fsm.obj}: state_size failed: {exc}") from exc
+
+    async def _do_retire(self) -> None:
+        for p in (self.log_path, self.socket_path, self.control_path, self.state_path):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                p.unlink()
+        if self.dir.is_dir() and not any(self.dir.iterdir()):
+            self.dir.rmdir()
 
     def pids(self) -> list[int]:
         p = self.process
@@ -221,7 +272,7 @@ class ShimComponent(Component):
 
     async def _do_remove(self) -> None:
         await super()._do_remove()
-        for p in (self.socket_path, self.control_path):
+        for p in (self.socket_path, self.control_path, self.state_path):
             p.unlink(missing_ok=True)
         if self.dir.exists() and not any(self.dir.iterdir()):
             self.dir.rmdir()

@@ -4,6 +4,13 @@ Request ``{"cmd": NAME, ...args}``; answer ``{"ok": true, "result": ...}`` or
 ``{"ok": false, "error": "..."}``. Commands: ``ping``, ``stats``, ``reset_stats``,
 ``prefetch {budget_bytes, wait?, skip_recent_pages?}``, ``wait_prefetch``, ``drop_cache``, ``checkpoint``,
 ``restore {state}``, ``shutdown``. Every command but ping/shutdown takes an optional ``export``.
+
+Device state (format version 2, :mod:`.checkpoint`; binary, so not inside the JSON):
+``checkpoint_bin {since?, index_only?}`` answers the JSON line ``{"ok": true, "result": {"length": N,
+...}}`` followed by N bytes of checkpoint; ``restore_bin {length, final?, refill?}`` is followed by
+``length`` bytes of checkpoint (at most :data:`MAX_CHECKPOINT_FACTOR` x the export size + 16 MiB,
+else refused before anything is read into memory beyond that); ``state_size {since?}``;
+``quiesce``, ``resume``, ``stop_tracking``.
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from .checkpoint import decode, encode
+from .devstate import DeviceState
 from .errors import ControlError, ShimConfigError, ShimError
 from .export import Export
 from .sockets import prepare_socket_path, secure_socket
@@ -34,10 +43,14 @@ class ControlTarget(Protocol):
 
     def export(self, name: str | None) -> Export: ...
 
+    def device(self, name: str | None) -> DeviceState: ...
+
     def request_stop(self) -> None: ...
 
 log = logging.getLogger(__name__)
 MAX_LINE = 64 * 1024 * 1024  # a checkpoint of a large swap disk is a long line
+MAX_CHECKPOINT_FACTOR = 1.01  # a checkpoint holds at most the whole export in its cache, plus its index
+_BIN = frozenset({"checkpoint_bin", "restore_bin"})
 
 
 class ControlServer:
@@ -70,14 +83,53 @@ class ControlServer:
         self._tasks.add(task)
         try:
             while line := await reader.readline():
-                answer = await self._answer(line)
+                answer, payload = await self._answer_any(line, reader)
                 writer.write(json.dumps(answer).encode() + b"\n")
+                if payload is not None:
+                    writer.write(payload)
                 await writer.drain()
+                if answer.get("drop"):
+                    break   # a payload of unknown length may follow: the stream cannot be trusted
         except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
             log.info("control client dropped: %s", exc)
         finally:
             self._tasks.discard(task)
             writer.close()
+
+    async def _answer_any(self, line: bytes, reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes | None]:
+        try:
+            req = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return {"ok": False, "error": f"invalid JSON: {exc}"}, None
+        if not isinstance(req, dict) or req.get("cmd") not in _BIN:
+            return await self._answer(line), None
+        try:
+            return await self._binary(req, reader)
+        except ShimError as exc:
+            return {"ok": False, "error": str(exc)}, None
+        except (TypeError, ValueError, KeyError) as exc:
+            return {"ok": False, "error": f"bad arguments: {exc!r}"}, None
+
+    async def _binary(self, req: dict[str, Any], reader: asyncio.StreamReader) -> tuple[dict[str, Any], bytes | None]:
+        export = self.daemon.export(req.get("export"))
+        dev = self.daemon.device(req.get("export"))
+        if req["cmd"] == "checkpoint_bin":
+            since = req.get("since")
+            if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+                raise ShimConfigError(f"since must be an integer >= 0, got {since!r}")
+            ck = dev.capture(since, index_only=bool(req.get("index_only")))
+            data = encode(ck)
+            return {"ok": True, "result": {"length": len(data), "quiesced": dev.quiesced, **ck.summary()}}, data
+        length = req.get("length")
+        limit = int(export.size * MAX_CHECKPOINT_FACTOR) + (16 << 20)
+        if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= limit:
+            # the payload cannot be skipped safely: answer, then drop the connection
+            return {"ok": False, "drop": True,
+                    "error": f"restore_bin: length must be within 1..{limit} bytes, got {length!r}"}, None
+        data = await reader.readexactly(length)
+        ck = decode(data, max_bytes=limit)
+        result = await dev.apply(ck, final=bool(req.get("final")), refill=bool(req.get("refill")))
+        return {"ok": True, "result": result}, None
 
     async def _answer(self, line: bytes) -> dict[str, Any]:
         try:
@@ -124,6 +176,20 @@ class ControlServer:
         if cmd == "restore":
             await export.restore(req["state"])
             return {}
+        dev = d.device(req.get("export"))
+        if cmd == "state_size":
+            since = req.get("since")
+            if since is not None and (isinstance(since, bool) or not isinstance(since, int) or since < 0):
+                raise ShimConfigError(f"since must be an integer >= 0, got {since!r}")
+            return {"bytes": dev.state_size(since), "seq": dev.seq, "chain": dev.chain}
+        if cmd == "quiesce":
+            return await dev.quiesce()
+        if cmd == "resume":
+            await dev.resume()
+            return {}
+        if cmd == "stop_tracking":
+            dev.stop_tracking()
+            return {}
         raise ShimConfigError(f"unknown control command {cmd!r}")
 
 
@@ -156,6 +222,39 @@ class ShimControlClient:
         if not answer.get("ok"):
             raise ControlError(f"shim refused {cmd!r}: {answer.get('error')}")
         return answer.get("result")
+
+    async def call_bin(self, cmd: str, payload: bytes | None = None, *, timeout: float = 120.0,
+                       **args: Any) -> tuple[Any, bytes | None]:
+        """A device-state command: ``payload`` is sent after the request line (restore_bin); an
+        answer with a ``length`` is followed by that many bytes (checkpoint_bin)."""
+        req = {"cmd": cmd, **{k: v for k, v in args.items() if v is not None}}
+        if payload is not None:
+            req["length"] = len(payload)
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_unix_connection(str(self.path), limit=MAX_LINE)
+                try:
+                    writer.write(json.dumps(req).encode() + b"\n")
+                    if payload is not None:
+                        writer.write(payload)
+                    await writer.drain()
+                    line = await reader.readline()
+                    answer = json.loads(line) if line else None
+                    data = None
+                    if isinstance(answer, dict) and answer.get("ok") and cmd == "checkpoint_bin":
+                        n = int(answer["result"]["length"])
+                        data = await reader.readexactly(n)
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            raise ControlError(f"control call {cmd!r} on {self.path} failed: {exc!r}") from exc
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ControlError(f"shim answered {cmd!r} with an invalid reply: {exc!r}") from exc
+        if not answer:
+            raise ControlError(f"shim closed the control socket {self.path} without answering {cmd!r}")
+        if not answer.get("ok"):
+            raise ControlError(f"shim refused {cmd!r}: {answer.get('error')}")
+        return answer.get("result"), data
 
     async def ping(self) -> dict[str, Any]:
         return await self.call("ping")

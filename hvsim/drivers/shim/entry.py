@@ -54,6 +54,9 @@ def build_parser(prog: str = "python -m hvsim.drivers.shim") -> argparse.Argumen
     s.add_argument("--name", default=DEFAULT_EXPORT, help="export name (also served as the default export)")
     s.add_argument("--prefetch-concurrency", type=int, default=4,
                    help=f"parallel prefetch reads, 1..{MAX_PREFETCH_CONCURRENCY}")
+    s.add_argument("--state-file", type=Path, default=None,
+                   help="keep an index-only checkpoint here (every --state-interval s); restore it at start")
+    s.add_argument("--state-interval", type=float, default=1.0, help="seconds between state-file saves, 0.05..3600")
     s.add_argument("--verbose", "-v", action="store_true")
     return ap
 
@@ -68,7 +71,8 @@ def run_cli(argv: Sequence[str], prog: str = "python -m hvsim.drivers.shim") -> 
     try:
         cfg = ShimConfig(socket=args.socket, backing=args.backing, size=args.size, latency_ms=args.latency_ms,
                          bandwidth_mib_s=args.bandwidth_mib_s, control=args.control, export_name=args.name,
-                         prefetch_concurrency=args.prefetch_concurrency).validate()
+                         prefetch_concurrency=args.prefetch_concurrency, state_file=args.state_file,
+                         state_interval=args.state_interval).validate()
         return main(cfg, args.verbose)
     except ShimConfigError as exc:
         print(f"{where}: error: {_one_line(str(exc))}", file=sys.stderr)

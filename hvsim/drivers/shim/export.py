@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from enum import Enum
+from collections.abc import Iterable
+from enum import StrEnum
 from typing import Any
 
 from . import protocol as P
 from .cache import PAGE, PageCache, SwapTracker, page_span
+from hvbase.fsm import StateMachine
+
 from .errors import ShimConfigError, ShimStateError, StoreError
 from .store import BackingStore
 
@@ -28,18 +31,27 @@ _COUNTERS = (
 )
 
 
-class ExportState(str, Enum):
+class ExportState(StrEnum):
     CREATED = "created"
     OPEN = "open"
     CLOSING = "closing"
     CLOSED = "closed"
 
 
-class PrefetchState(str, Enum):
+class PrefetchState(StrEnum):
     IDLE = "idle"
     RUNNING = "running"
     DONE = "done"
     CANCELLED = "cancelled"
+
+
+E, F = ExportState, PrefetchState
+EXPORT_TRANSITIONS = {E.CREATED: {E.OPEN, E.CLOSED}, E.OPEN: {E.CLOSING}, E.CLOSING: {E.CLOSED}, E.CLOSED: set()}
+# a new plan may start from any state (a deeper consolidation re-plans); a restored checkpoint resets it
+# a paused prefetch (a device checkpoint quiesces the shim) reads as the state it had before the pause
+PREFETCH_TRANSITIONS = {F.IDLE: {F.RUNNING, F.DONE, F.IDLE}, F.RUNNING: {F.RUNNING, F.DONE, F.CANCELLED, F.IDLE},
+                        F.DONE: {F.RUNNING, F.DONE, F.IDLE},
+                        F.CANCELLED: {F.RUNNING, F.DONE, F.IDLE, F.CANCELLED}}
 
 
 class Export:
@@ -56,11 +68,13 @@ class Export:
         self.store = store
         self.prefetch_concurrency = prefetch_concurrency
         self.max_run_pages = max_run_pages
-        self.state = ExportState.CREATED
+        self.fsm: StateMachine[ExportState] = StateMachine(f"export {name!r}", E.CREATED, EXPORT_TRANSITIONS,
+                                                           error=ShimStateError, log=log)
+        self.prefetch_fsm: StateMachine[PrefetchState] = StateMachine(
+            f"prefetch of export {name!r}", F.IDLE, PREFETCH_TRANSITIONS, error=ShimStateError, log=log)
         self.tracker = SwapTracker()
         self.cache = PageCache(0)
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
-        self.prefetch_state = PrefetchState.IDLE
         self._prefetch_task: asyncio.Task[None] | None = None
         self._queue: deque[tuple[int, int]] = deque()
         self._urgent: deque[tuple[int, int]] = deque()
@@ -73,29 +87,39 @@ class Export:
         self._epoch_planned = 0
         self._epoch_tracked = 0
         self._epoch_prefetched = 0
+        self._writes_open: asyncio.Event | None = None   # set while quiesced: writes wait for it
+        self._paused_plan: tuple[set[int], set[int]] | None = None
+        self._writes_idle: asyncio.Event | None = None
+
+    @property
+    def state(self) -> ExportState:
+        return self.fsm.state
+
+    @property
+    def prefetch_state(self) -> PrefetchState:
+        return self.prefetch_fsm.state
 
     # lifecycle -------------------------------------------------------------------------------
     def open(self) -> Export:
-        if self.state is not ExportState.CREATED:
-            raise ShimStateError(f"export {self.name!r} cannot open from state {self.state.value}")
+        self.fsm.require("open", E.CREATED)
         self.store.open()
-        self.state = ExportState.OPEN
+        self.fsm.set(E.OPEN, "opened")
         return self
 
     async def close(self) -> None:
-        if self.state in (ExportState.CLOSING, ExportState.CLOSED):
+        if self.state in (E.CLOSING, E.CLOSED):
             return
-        if self.state is ExportState.CREATED:
-            self.state = ExportState.CLOSED
+        if self.state is E.CREATED:
+            self.fsm.set(E.CLOSED, "closed before open")
             return
-        self.state = ExportState.CLOSING
+        self.fsm.set(E.CLOSING, "close")
+        self.release_writes()          # held writes now see the export closing (ESHUTDOWN)
         await self._cancel_prefetch()
         await asyncio.to_thread(self.store.close)
-        self.state = ExportState.CLOSED
+        self.fsm.set(E.CLOSED, "closed")
 
     def _require_open(self) -> None:
-        if self.state is not ExportState.OPEN:
-            raise ShimStateError(f"export {self.name!r} is {self.state.value}, not open")
+        self.fsm.require("serve", E.OPEN)
 
     @property
     def size(self) -> int:
@@ -164,37 +188,54 @@ class Export:
         self.counters["prefetch_woken_pages"] += len(woken)
         self._urgent.append((lo, hi - lo))
         if self._prefetch_task is None or self._prefetch_task.done():
-            self.prefetch_state = PrefetchState.RUNNING
+            self.prefetch_fsm.set(F.RUNNING, "a miss woke skipped pages")
             self._prefetch_task = asyncio.get_running_loop().create_task(
                 self._prefetch_main(), name=f"shim-prefetch-{self.name}")
 
     # data path -------------------------------------------------------------------------------
     def read_nowait(self, offset: int, length: int) -> bytes | None:
         """Serve a read without awaiting (cache hit or OS page-cache hit), or None."""
+        buf = bytearray(length)
+        return bytes(buf) if self.read_into_nowait(memoryview(buf), offset, length) else None
+
+    def read_into_nowait(self, view: memoryview, offset: int, length: int) -> bool:
+        """Fill ``view`` (``length`` bytes) without awaiting: from the shim cache, or from the OS page
+        cache when no emulated link is in the way. False (``view`` content undefined) when the read
+        has to wait: a page missing, a prefetch of one of its pages in flight, or the export not open."""
         if self.state is not ExportState.OPEN:
-            return None
-        if self.cache.pages:
-            data = self.cache.read(offset, length)
-            if data is not None:
-                self.counters["reads"] += 1
-                self.counters["read_bytes"] += length
+            return False
+        cache = self.cache
+        pages = cache.pages
+        if pages:
+            if cache.read_into(view, offset, length):
+                c = self.counters
+                c["reads"] += 1
+                c["read_bytes"] += length
                 self._account(page_span(offset, length), True)
-                return data
+                return True
             span = page_span(offset, length)
-            if any(p in self.cache.pages for p in span):
-                return None
+            for p in span:
+                if p in pages:
+                    return False
         else:
             span = page_span(offset, length)
-        if self._inflight and any(p in self._inflight for p in span):
-            return None
-        data = self.store.try_read_nowait(offset, length)
-        if data is not None:
-            self.counters["reads"] += 1
-            self.counters["read_bytes"] += length
+        inflight = self._inflight
+        if inflight:
+            for p in span:
+                if p in inflight:
+                    return False
+        if not self.store.try_read_into_nowait(view, offset, length):
+            return False
+        c = self.counters
+        c["reads"] += 1
+        c["read_bytes"] += length
+        if self._planned or self._skipped:
             self._account(span, False)
-        return data
+        else:  # nothing to learn from this miss: count it
+            c["misses"] += len(span)
+        return True
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
         self._require_open()
         span = page_span(offset, length)
         late: set[int] = set()
@@ -237,7 +278,7 @@ class Export:
                 parts.append(None)
         fetch = [(i, lo, hi) for i, (hit, lo, hi) in enumerate(segments) if parts[i] is None]
         results = await asyncio.gather(*(self.store.read(lo, hi - lo) for _, lo, hi in fetch))
-        for (i, _, _), data_i in zip(fetch, results):
+        for (i, _, _), data_i in zip(fetch, results, strict=True):
             parts[i] = data_i
         return b"".join(parts)
 
@@ -257,9 +298,15 @@ class Export:
                 writing[p] = n
             else:
                 del writing[p]
+        if not writing and self._writes_idle is not None:
+            self._writes_idle.set()
+            self._writes_idle = None
 
-    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self._require_open()
+        if self._writes_open is not None:
+            await self._writes_open.wait()   # quiesced (a final checkpoint): held, not acknowledged
+            self._require_open()
         span = page_span(offset, len(data))
         self._writes_begin(span)
         try:
@@ -276,6 +323,9 @@ class Export:
 
     async def _discard(self, offset: int, length: int, op: str, fua: bool, may_punch: bool) -> None:
         self._require_open()
+        if self._writes_open is not None:
+            await self._writes_open.wait()
+            self._require_open()
         span = page_span(offset, length)
         self._writes_begin(span)
         try:
@@ -325,11 +375,11 @@ class Export:
         self._epoch_tracked = len(self.tracker)
         self._epoch_prefetched = 0
         if runs:
-            self.prefetch_state = PrefetchState.RUNNING
+            self.prefetch_fsm.set(F.RUNNING, f"{len(runs)} runs planned")
             self._prefetch_task = asyncio.get_running_loop().create_task(
                 self._prefetch_main(), name=f"shim-prefetch-{self.name}")
         else:
-            self.prefetch_state = PrefetchState.DONE
+            self.prefetch_fsm.set(F.DONE, "nothing to prefetch")
         return {"budget_bytes": self.cache.budget_bytes, "planned_pages": self._epoch_planned,
                 "runs": len(runs), "cached_pages": len(self.cache), "tracked_pages": self._epoch_tracked,
                 "skipped_recent_pages": len(self._skipped)}
@@ -353,7 +403,8 @@ class Export:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.wait([task])  # waits without swallowing a cancellation aimed at us
-            self.prefetch_state = PrefetchState.CANCELLED
+            if self.prefetch_state is F.RUNNING:
+                self.prefetch_fsm.set(F.CANCELLED, "cancelled")
 
     async def _prefetch_main(self) -> None:
         try:
@@ -363,7 +414,7 @@ class Export:
                     break
         finally:
             self._planned.clear()
-        self.prefetch_state = PrefetchState.DONE
+        self.prefetch_fsm.set(F.DONE, f"{len(self.cache)} pages in cache")
         log.info("prefetch %s done: %d pages in cache", self.name, len(self.cache))
 
     def _next_run(self) -> tuple[int, int] | None:
@@ -427,6 +478,88 @@ class Export:
                 self._inflight.pop(p, None)
                 self._poisoned.discard(p)
             fut.set_result(None)
+
+    # device state (checkpoints, quiesce: used by .devstate) -----------------------------------------
+    @property
+    def quiesced(self) -> bool:
+        return self._writes_open is not None
+
+    def hold_writes(self) -> None:
+        """From now on writes, trims and zeroings wait (they are not acknowledged) until
+        :meth:`release_writes`; reads and flushes go on."""
+        if self._writes_open is None:
+            self._writes_open = asyncio.Event()
+
+    def release_writes(self) -> None:
+        ev, self._writes_open = self._writes_open, None
+        if ev is not None:
+            ev.set()
+
+    async def wait_writes_idle(self, timeout: float = 30.0) -> None:
+        """Wait until no write is in flight (one that began before :meth:`hold_writes`)."""
+        if not self._writing:
+            return
+        if self._writes_idle is None:
+            self._writes_idle = asyncio.Event()
+        async with asyncio.timeout(timeout):
+            await self._writes_idle.wait()
+
+    def prefetch_plan(self) -> tuple[set[int], set[int], set[int]]:
+        """(pages the prefetch still has to fetch, in-flight reads included; pages it skipped as
+        guest-resident; prefetched pages not used yet)."""
+        if self._paused_plan is not None:
+            planned, skipped = self._paused_plan
+            return set(planned), set(skipped), set(self._unused_prefetched)
+        return (set(self._planned) | set(self._inflight), set(self._skipped), set(self._unused_prefetched))
+
+    async def pause_prefetch(self) -> None:
+        """Stop the prefetcher after its reads in flight, keeping what it still had to do and the
+        pages it skipped (a later miss still wakes them once resumed)."""
+        if self._paused_plan is not None:
+            return
+        running = self._prefetch_task is not None and not self._prefetch_task.done()
+        state = self.prefetch_state
+        planned, skipped, _ = self.prefetch_plan()
+        await self._cancel_prefetch()
+        self._paused_plan = (planned - set(self.cache.pages) if running else set(), skipped)
+        self.prefetch_fsm.set(F.RUNNING if running else state, "paused (kept for resume)")
+
+    def resume_prefetch(self, planned: Iterable[int] | None = None, skipped: Iterable[int] = ()) -> int:
+        """Prefetch ``planned`` pages (default: what :meth:`pause_prefetch` kept) into the cache's free
+        budget, most recently written first; returns how many pages were planned."""
+        if planned is None:
+            if self._paused_plan is None:
+                return 0
+            planned, skipped = self._paused_plan
+        self._paused_plan = None
+        self._require_open()
+        want = {p for p in planned if p in self.tracker and p not in self.cache.pages}
+        self._skipped = set(skipped).difference(self.cache.pages)
+        order = sorted(want, key=lambda p: self.tracker.pages[p], reverse=True)[:self.cache.free_pages()]
+        runs: list[tuple[int, int]] = []
+        for p in sorted(order):
+            if runs and runs[-1][0] + runs[-1][1] == p and runs[-1][1] < self.max_run_pages:
+                runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+            else:
+                runs.append((p, 1))
+        rank = {p: i for i, p in enumerate(order)}
+        runs.sort(key=lambda r: min(rank[q] for q in range(r[0], r[0] + r[1])))
+        self._queue = deque(runs)
+        self._urgent = deque()
+        self._planned = set(order)
+        if runs:
+            self.prefetch_fsm.set(F.RUNNING, f"{len(runs)} runs resumed")
+            self._prefetch_task = asyncio.get_running_loop().create_task(
+                self._prefetch_main(), name=f"shim-prefetch-{self.name}")
+        return len(order)
+
+    def restore_prefetch_state(self, state: PrefetchState, reason: str = "restored") -> None:
+        """Take over the prefetch state of a restored device checkpoint."""
+        self.prefetch_fsm.set(state, reason)
+
+    def set_unused_prefetched(self, pages: Iterable[int]) -> None:
+        """Restore the accuracy accounting: prefetched pages not read yet."""
+        self._unused_prefetched = set(pages)
 
     # stats and state ---------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -493,4 +626,4 @@ class Export:
         self.cache.set_budget(int(state.get("budget_bytes", 0)))
         counters = state.get("counters", {})
         self.counters = {k: int(counters.get(k, 0)) for k in _COUNTERS}
-        self.prefetch_state = PrefetchState.IDLE
+        self.prefetch_fsm.set(F.IDLE, "restored")

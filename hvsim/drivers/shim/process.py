@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,8 @@ class ShimProcess:
                  size: int | None = None, latency_ms: float = 0.0, bandwidth_mib_s: float | None = None,
                  control_path: str | os.PathLike[str] | None = None, export_name: str = DEFAULT_EXPORT,
                  log_path: str | os.PathLike[str] | None = None, prefetch_concurrency: int = 4,
-                 verbose: bool = False, python: str = sys.executable, netns: str | None = None) -> None:
+                 verbose: bool = False, python: str = sys.executable, netns: str | None = None,
+                 extra_args: Sequence[str] = ()) -> None:
         self.socket_path = Path(socket_path).absolute()
         self.backing = Path(backing).absolute()
         self.control_path = Path(control_path).absolute() if control_path else Path(f"{self.socket_path}.ctl")
@@ -75,6 +77,7 @@ class ShimProcess:
             self.argv += ["--bandwidth-mib-s", repr(float(bandwidth_mib_s))]
         if verbose:
             self.argv.append("--verbose")
+        self.argv += list(extra_args)
         self.fsm: StateMachine[ProcState] = StateMachine(f"shim process {self.socket_path.name}", P.CREATED,
                                                          TRANSITIONS, error=ShimStateError, log=log)
         self.control = ShimControlClient(self.control_path)

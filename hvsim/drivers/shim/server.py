@@ -1,10 +1,13 @@
 """Asyncio NBD server: fixed newstyle negotiation, simple replies, concurrent out-of-order requests.
 
-One ``NbdConnection`` (an ``asyncio.Protocol``) per client. Negotiation is a coroutine reading from
-the connection's buffer; transmission is parsed straight from ``data_received``: a read the export
-can answer without waiting (page-cache or shim-cache hit) is answered inline, everything else runs
-as a task whose reply goes out when it completes (out of order). Replies produced in one loop
-iteration are written to the transport in one batch.
+One ``NbdConnection`` (an ``asyncio.BufferedProtocol``) per client. The transport reads straight
+into the connection's preallocated receive buffer (``recv_into``, no allocation per read); a write
+payload that did not arrive with its header is received directly into its own buffer. Negotiation
+is a coroutine reading from that buffer; transmission is parsed in ``buffer_updated``: a read the
+export can answer without waiting (shim-cache or OS page-cache hit) is answered inline, the reply
+header and data built in one buffer, everything else runs as a task whose reply goes out when it
+completes (out of order). Replies produced in one loop iteration are written to the transport in
+one call (``writelines``: one ``writev`` under uvloop).
 
 Error policy (proto.md): unknown command or flag -> EINVAL; read or trim past the end -> EINVAL;
 write or write-zeroes past the end -> ENOSPC; offset+length overflowing 64 bits -> EINVAL; read or
@@ -19,10 +22,12 @@ import asyncio
 import itertools
 import logging
 import os
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
 from collections.abc import Iterable
+from typing import Any, cast
+
+from hvbase.fsm import StateMachine
 
 from . import protocol as P
 from .errors import NbdProtocolError, ShimConfigError, ShimStateError, StoreError
@@ -34,37 +39,96 @@ log = logging.getLogger(__name__)
 _KNOWN_CMDS = frozenset({P.Cmd.READ, P.Cmd.WRITE, P.Cmd.DISC, P.Cmd.FLUSH, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES})
 _WRITE_LIKE = frozenset({P.Cmd.WRITE, P.Cmd.TRIM, P.Cmd.WRITE_ZEROES})
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024  # per connection: stop parsing past this much pending I/O
+RECV_BUFFER = 256 * 1024  # per connection receive buffer (grows only for a long negotiation backlog)
+RECV_MIN_FREE = 64 * 1024  # compact (or grow) the buffer when less than this is free at its end
+_REPLY_MAGIC = P.SIMPLE_REPLY_MAGIC
 
 
-class ServerState(str, Enum):
+class ServerState(StrEnum):
     CREATED = "created"
     SERVING = "serving"
     SHUTTING_DOWN = "shutting_down"
     STOPPED = "stopped"
 
 
-class ConnPhase(str, Enum):
+class ConnPhase(StrEnum):
     NEGOTIATING = "negotiating"
     TRANSMISSION = "transmission"
     CLOSING = "closing"
     CLOSED = "closed"
 
 
-class NbdConnection(asyncio.Protocol):
+_S, _C = ServerState, ConnPhase
+SERVER_TRANSITIONS = {_S.CREATED: {_S.SERVING, _S.STOPPED}, _S.SERVING: {_S.SHUTTING_DOWN},
+                      _S.SHUTTING_DOWN: {_S.STOPPED}, _S.STOPPED: set()}
+CONN_TRANSITIONS = {_C.NEGOTIATING: {_C.TRANSMISSION, _C.CLOSING, _C.CLOSED},
+                    _C.TRANSMISSION: {_C.CLOSING, _C.CLOSED}, _C.CLOSING: {_C.CLOSED}, _C.CLOSED: {_C.CLOSED}}
+
+
+class RecvBuffer:
+    """A linear receive buffer the transport reads into: bytes ``[start, end)`` are unparsed.
+
+    ``free()`` hands out the space after ``end`` (compacting first when little is left, growing
+    only when the unparsed backlog itself is that large); the parser consumes by moving ``start``.
+    """
+
+    __slots__ = ("data", "view", "start", "end")
+
+    def __init__(self, size: int = RECV_BUFFER) -> None:
+        self.data = bytearray(size)
+        self.view = memoryview(self.data)
+        self.start = 0
+        self.end = 0
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def free(self) -> memoryview:
+        if self.start == self.end:
+            self.start = self.end = 0
+            if len(self.data) > RECV_BUFFER:  # a backlog grew it: give the memory back
+                self.data = bytearray(RECV_BUFFER)
+                self.view = memoryview(self.data)
+        elif len(self.data) - self.end < RECV_MIN_FREE:
+            pending = bytes(self.view[self.start:self.end])
+            if len(self.data) - len(pending) < RECV_MIN_FREE:
+                self.data = bytearray(max(2 * len(self.data), len(pending) + RECV_MIN_FREE))
+                self.view = memoryview(self.data)
+            self.data[:len(pending)] = pending
+            self.start, self.end = 0, len(pending)
+        return self.view[self.end:]
+
+    def take(self, n: int) -> bytes:
+        data = bytes(self.view[self.start:self.start + n])
+        self.start += n
+        return data
+
+    def clear(self) -> None:
+        self.start = self.end = 0
+
+
+class NbdConnection(asyncio.BufferedProtocol):
     def __init__(self, server: NbdServer, conn_id: int) -> None:
         self.server = server
         self.id = conn_id
         self.log = log.getChild(f"conn{conn_id}")
-        self.phase = ConnPhase.NEGOTIATING
+        self.fsm: StateMachine[ConnPhase] = StateMachine(f"NBD connection {conn_id}", _C.NEGOTIATING,
+                                                         CONN_TRANSITIONS, error=ShimStateError, log=self.log,
+                                                         history=8, level=logging.DEBUG)
         self.export: Export | None = None
         self.transport: asyncio.Transport | None = None
-        self._buf = bytearray()
+        self._rx = RecvBuffer()
+        # a write whose payload did not arrive with its header: received straight into _payload
+        self._payload: bytearray | None = None
+        self._payload_view: memoryview | None = None
+        self._payload_got = 0
+        self._payload_req: tuple[int, int, int] = (0, 0, 0)  # flags, cookie, offset
         self._waiter: asyncio.Future[None] | None = None
         self._eof = False
         self._lost = False
         self._tasks: dict[asyncio.Task[None], int] = {}
         self._inflight_bytes = 0
-        self._out: list[bytes] = []
+        self._out: list[bytes | bytearray] = []
         self._flush_scheduled = False
         self._read_paused = False
         self._write_paused = False
@@ -78,23 +142,41 @@ class NbdConnection(asyncio.Protocol):
         self.requests = 0
 
     # asyncio.Protocol ------------------------------------------------------------------------
+
+    @property
+    def phase(self) -> ConnPhase:
+        return self.fsm.state
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's are not asyncio.Transport subclasses, so no isinstance check)
+        self.transport = cast(asyncio.Transport, transport)
         self._negotiation = asyncio.get_running_loop().create_task(self._negotiate(), name=f"nbd-negotiate-{self.id}")
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        pv = self._payload_view
+        if pv is not None:
+            return pv[self._payload_got:]
+        return self._rx.free()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._payload_view is not None:
+            self._payload_got += nbytes
+            if self._payload_got < len(self._payload_view):
+                return
+            self._payload_complete()
+            if self._lost:
+                return
+        else:
+            self._rx.end += nbytes
         if self.phase is ConnPhase.TRANSMISSION:
-            self._buf += data
             self._process()
         elif self.phase is ConnPhase.NEGOTIATING:
-            self._buf += data
-            if len(self._buf) > 4 * P.MAX_OPTION_LENGTH:
-                self.log.warning("client floods negotiation with %d unread bytes; dropping it", len(self._buf))
-                self._abort()
+            if len(self._rx) > 4 * P.MAX_OPTION_LENGTH:
+                self.log.warning("client floods negotiation with %d unread bytes; dropping it", len(self._rx))
+                self.abort()
                 return
             self._wake()
-        # CLOSING/CLOSED: input after NBD_CMD_DISC is ignored
+        else:  # CLOSING/CLOSED: input after NBD_CMD_DISC is ignored
+            self._rx.clear()
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -107,9 +189,11 @@ class NbdConnection(asyncio.Protocol):
         self._wake()
         if self._negotiation is not None and not self._negotiation.done():
             self._negotiation.cancel()
-        if self._discard_left or (self.phase is ConnPhase.TRANSMISSION and self._buf):
-            self.log.info("client went away with %d bytes of an incomplete request", len(self._buf) + self._discard_left)
-        self.phase = ConnPhase.CLOSED
+        partial = len(self._rx) + self._discard_left + self._payload_got
+        if self._discard_left or self._payload_view is not None or (self.phase is ConnPhase.TRANSMISSION and partial):
+            self.log.info("client went away with %d bytes of an incomplete request", partial)
+            self._payload = self._payload_view = None
+        self.fsm.set(_C.CLOSED, "connection lost")
         self._maybe_done()
 
     def pause_writing(self) -> None:
@@ -128,14 +212,20 @@ class NbdConnection(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Drop the connection now (protocol violation, or the server's shutdown grace ran out)."""
         if self.transport is not None and not self._lost:
             self.transport.abort()
 
     def _maybe_done(self) -> None:
         if self._lost and not self._tasks and not self._closed.done():
             self._closed.set_result(None)
-            self.server._forget(self)
+            self.server.forget(self)
+
+    @property
+    def closed(self) -> bool:
+        """The connection is gone and every request it made has finished."""
+        return self._closed.done()
 
     async def wait_closed(self) -> None:
         await asyncio.shield(self._closed)
@@ -146,7 +236,7 @@ class NbdConnection(asyncio.Protocol):
             self._process()
         self._wake()
 
-    def _send(self, *chunks: bytes) -> None:
+    def _send(self, *chunks: bytes | bytearray) -> None:
         if self._lost:
             return
         self._out.extend(chunks)
@@ -158,7 +248,10 @@ class NbdConnection(asyncio.Protocol):
         self._flush_scheduled = False
         if self._out and not self._lost and self.transport is not None:
             out, self._out = self._out, []
-            self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+            if len(out) == 1:
+                self.transport.write(out[0])
+            else:
+                self.transport.writelines(out)
         if self._disc and not self._tasks and self.transport is not None and not self._lost:
             self.transport.close()
 
@@ -177,17 +270,15 @@ class NbdConnection(asyncio.Protocol):
     # negotiation -----------------------------------------------------------------------------
     async def _read_exact(self, n: int) -> bytes:
         loop = asyncio.get_running_loop()
-        while len(self._buf) < n:
+        while len(self._rx) < n:
             if self._eof:
-                raise NbdProtocolError(f"client closed during negotiation ({len(self._buf)} of {n} bytes)")
+                raise NbdProtocolError(f"client closed during negotiation ({len(self._rx)} of {n} bytes)")
             self._waiter = loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        data = bytes(self._buf[:n])
-        del self._buf[:n]
-        return data
+        return self._rx.take(n)
 
     def _opt_reply(self, opt: int, rep: int, data: bytes = b"") -> None:
         assert self.transport is not None
@@ -204,14 +295,14 @@ class NbdConnection(asyncio.Protocol):
                 await self._negotiate_inner()
         except asyncio.CancelledError:
             if not self._lost:
-                self._abort()
+                self.abort()
             raise
         except (NbdProtocolError, TimeoutError, ConnectionError) as exc:
             self.log.info("negotiation ended: %s", exc or type(exc).__name__)
-            self._abort()
+            self.abort()
         except Exception:  # never let one client take the server down
             self.log.exception("negotiation failed")
-            self._abort()
+            self.abort()
 
     async def _negotiate_inner(self) -> None:
         assert self.transport is not None
@@ -303,9 +394,9 @@ class NbdConnection(asyncio.Protocol):
 
     def _enter_transmission(self, export: Export) -> None:
         self.export = export
-        self.phase = ConnPhase.TRANSMISSION
+        self.fsm.set(_C.TRANSMISSION, f"export {export.name}")
         self.log.debug("transmission on export %r", export.name)
-        if self._buf:
+        if len(self._rx):
             asyncio.get_running_loop().call_soon(self._process)
 
     # transmission ----------------------------------------------------------------------------
@@ -336,75 +427,106 @@ class NbdConnection(asyncio.Protocol):
         """Parse and dispatch every complete request in the buffer (bounded by max_inflight)."""
         if self.phase is not ConnPhase.TRANSMISSION or self._lost:
             return
-        buf = self._buf
-        export = self.export
-        assert export is not None
-        pos = 0
-        n_buf = len(buf)
-        out = self._out
+        rx = self._rx
+        if self._disc:  # input after NBD_CMD_DISC is ignored
+            rx.clear()
+            return
+        view = rx.view
+        pos = rx.start
+        end = rx.end
         max_inflight = self.server.max_inflight
         tasks = self._tasks
         unpack = P.REQUEST.unpack_from
         hdr = P.REQUEST_SIZE
         while True:
             if self._discard_left:
-                take = min(self._discard_left, n_buf - pos)
+                take = min(self._discard_left, end - pos)
                 pos += take
                 self._discard_left -= take
                 if self._discard_left:
                     break
-                out.append(P.simple_reply(self._discard_cookie, P.EOVERFLOW))
+                self._out.append(P.simple_reply(self._discard_cookie, P.EOVERFLOW))
                 continue
-            if (n_buf - pos < hdr or len(tasks) >= max_inflight or self._write_paused
+            if (end - pos < hdr or len(tasks) >= max_inflight or self._write_paused
                     or self._inflight_bytes >= MAX_INFLIGHT_BYTES):
                 break
-            magic, flags, cmd, cookie, offset, length = unpack(buf, pos)
+            magic, flags, cmd, cookie, offset, length = unpack(view, pos)
             if magic != P.REQUEST_MAGIC:
                 self.log.warning("bad request magic %#x: dropping the connection", magic)
-                del buf[:]
+                rx.clear()
                 self._flush()
-                self._abort()
+                self.abort()
                 return
-            payload: bytes | None = None
+            pos += hdr
             if cmd == P.Cmd.WRITE:
                 if length > P.MAX_BLOCK:
-                    pos += hdr
                     self._discard_left = length
                     self._discard_cookie = cookie
-                    self.log.info("write of %d bytes exceeds the %d-byte maximum: discarding payload", length, P.MAX_BLOCK)
+                    self.log.info("write of %d bytes exceeds the %d-byte maximum: discarding payload",
+                                  length, P.MAX_BLOCK)
                     continue
-                if n_buf - pos < hdr + length:
-                    break
-                payload = bytes(buf[pos + hdr:pos + hdr + length])
-                pos += hdr + length
-            else:
-                pos += hdr
+                if end - pos < length:
+                    # receive the rest of the payload straight into its own buffer
+                    payload = bytearray(length)
+                    have = end - pos
+                    payload[:have] = view[pos:end]
+                    rx.clear()
+                    self._payload = payload
+                    self._payload_view = memoryview(payload)
+                    self._payload_got = have
+                    self._payload_req = (flags, cookie, offset)
+                    self._set_reading()
+                    self._flush()
+                    return
+                self.requests += 1
+                self._dispatch(flags, cmd, cookie, offset, length, bytes(view[pos:pos + length]))
+                pos += length
+                continue
             self.requests += 1
             if cmd == P.Cmd.DISC:
                 self._disc = True
-                pos = n_buf
+                pos = end
                 break
-            err = self._validate(flags, cmd, offset, length)
-            if err:
-                out.append(P.simple_reply(cookie, err))
-                continue
-            if self._shutting_down:
-                out.append(P.simple_reply(cookie, P.ESHUTDOWN))
-                continue
-            if cmd == P.Cmd.READ:
-                data = export.read_nowait(offset, length)
-                if data is not None:
-                    out.append(P.simple_reply(cookie, 0))
-                    out.append(data)
-                    continue
-            task = asyncio.get_running_loop().create_task(self._handle(cmd, flags, cookie, offset, length, payload))
-            tasks[task] = length
-            self._inflight_bytes += length
-            task.add_done_callback(self._task_done)
-        if pos:
-            del buf[:pos]
+            self._dispatch(flags, cmd, cookie, offset, length, None)
+        rx.start = pos
+        if pos == end:
+            rx.clear()
         self._set_reading()
         self._flush()
+
+    def _payload_complete(self) -> None:
+        payload = self._payload
+        assert payload is not None
+        self._payload = self._payload_view = None
+        self._payload_got = 0
+        flags, cookie, offset = self._payload_req
+        if self._lost or self.phase is not ConnPhase.TRANSMISSION:
+            return
+        self.requests += 1
+        self._dispatch(flags, P.Cmd.WRITE, cookie, offset, len(payload), payload)
+
+    def _dispatch(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
+                  payload: bytes | bytearray | None) -> None:
+        """Answer one parsed request: an error or a hit inline, anything else in a task."""
+        err = self._validate(flags, cmd, offset, length)
+        if err:
+            self._out.append(P.simple_reply(cookie, err))
+            return
+        if self._shutting_down:
+            self._out.append(P.simple_reply(cookie, P.ESHUTDOWN))
+            return
+        export = self.export
+        assert export is not None
+        if cmd == P.Cmd.READ:
+            reply = bytearray(16 + length)
+            P.SIMPLE_REPLY.pack_into(reply, 0, _REPLY_MAGIC, 0, cookie)
+            if export.read_into_nowait(memoryview(reply)[16:], offset, length):
+                self._out.append(reply)
+                return
+        task = asyncio.get_running_loop().create_task(self._handle(cmd, flags, cookie, offset, length, payload))
+        self._tasks[task] = length
+        self._inflight_bytes += length
+        task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._inflight_bytes -= self._tasks.pop(task, 0)
@@ -414,17 +536,18 @@ class NbdConnection(asyncio.Protocol):
             self._maybe_done()
             return
         self._set_reading()
-        if self._buf and len(self._tasks) < self.server.max_inflight and self._inflight_bytes < MAX_INFLIGHT_BYTES:
+        if len(self._rx) and len(self._tasks) < self.server.max_inflight and self._inflight_bytes < MAX_INFLIGHT_BYTES:
             self._process()
         elif self._disc and not self._tasks:
             self._flush()
 
-    async def _handle(self, cmd: int, flags: int, cookie: int, offset: int, length: int, payload: bytes | None) -> None:
+    async def _handle(self, cmd: int, flags: int, cookie: int, offset: int, length: int,
+                      payload: bytes | bytearray | None) -> None:
         export = self.export
         assert export is not None
         fua = bool(flags & P.CMD_FLAG_FUA)
         err = 0
-        data = b""
+        data: bytes | bytearray = b""
         try:
             if cmd == P.Cmd.READ:
                 data = await export.read(offset, length)
@@ -457,7 +580,8 @@ class NbdServer:
     def __init__(self, socket_path: str | os.PathLike[str], exports: Iterable[Export] = (), *,
                  default_export: str | None = None, handshake_timeout: float = 30.0, max_inflight: int = 128) -> None:
         self.socket_path = Path(socket_path)
-        self.state = ServerState.CREATED
+        self.fsm: StateMachine[ServerState] = StateMachine("NBD server", _S.CREATED, SERVER_TRANSITIONS,
+                                                           error=ShimStateError, log=log)
         self.exports: dict[str, Export] = {}
         for e in exports:
             self.add_export(e)
@@ -469,6 +593,10 @@ class NbdServer:
         self._ids = itertools.count(1)
         self.connections_total = 0
 
+
+    @property
+    def state(self) -> ServerState:
+        return self.fsm.state
     def add_export(self, export: Export) -> None:
         if self.state in (ServerState.SHUTTING_DOWN, ServerState.STOPPED):
             raise ShimStateError(f"cannot add export {export.name!r}: server is {self.state.value}")
@@ -491,12 +619,12 @@ class NbdServer:
             conn.begin_shutdown()
         return conn
 
-    def _forget(self, conn: NbdConnection) -> None:
+    def forget(self, conn: NbdConnection) -> None:
+        """A connection is closed and its requests are done: stop tracking it."""
         self._conns.discard(conn)
 
     async def start(self) -> None:
-        if self.state is not ServerState.CREATED:
-            raise ShimStateError(f"server cannot start from state {self.state.value}")
+        self.fsm.require("start", _S.CREATED)
         if not self.exports:
             raise ShimConfigError("server has no exports")
         path = prepare_socket_path(self.socket_path)
@@ -506,7 +634,7 @@ class NbdServer:
         except OSError as exc:
             raise ShimConfigError(f"cannot listen on {path}: {exc.strerror}") from exc
         secure_socket(path)
-        self.state = ServerState.SERVING
+        self.fsm.set(_S.SERVING, f"listening on {self.socket_path}")
         log.info("NBD server on %s with exports %s", path, ", ".join(repr(n) for n in self.exports))
 
     def stats(self) -> dict[str, Any]:
@@ -518,9 +646,9 @@ class NbdServer:
         if self.state in (ServerState.SHUTTING_DOWN, ServerState.STOPPED):
             return
         if self.state is ServerState.CREATED:
-            self.state = ServerState.STOPPED
+            self.fsm.set(_S.STOPPED, "stopped before serving")
             return
-        self.state = ServerState.SHUTTING_DOWN
+        self.fsm.set(_S.SHUTTING_DOWN, "shutdown")
         assert self._server is not None
         self._server.close()
         conns = list(self._conns)
@@ -529,10 +657,10 @@ class NbdServer:
         if conns:
             done, pending = await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in conns], timeout=grace)
             for c in list(self._conns):
-                c._abort()
+                c.abort()
             for p in pending:
                 p.cancel()
-            still = [c for c in conns if not c._closed.done()]
+            still = [c for c in conns if not c.closed]
             if still:
                 await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in still], timeout=grace)
         try:
@@ -543,5 +671,5 @@ class NbdServer:
             self.socket_path.unlink()
         except FileNotFoundError:
             pass
-        self.state = ServerState.STOPPED
+        self.fsm.set(_S.STOPPED, "stopped")
         log.info("NBD server on %s stopped", self.socket_path)

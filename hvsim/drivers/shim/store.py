@@ -3,9 +3,10 @@
 Every request to the backing file pays a fixed per-request latency and shares a bandwidth limit
 (a single link: transfers are serialised on it, latencies overlap), standing in for a networked
 datastore. The data path is ``os.pread``/``os.pwrite`` on one file descriptor, run in a small
-thread pool when it may block. With no emulated delay, reads first try ``preadv(RWF_NOWAIT)`` in
-the event loop: a page-cache hit is served without a thread hop, anything else falls back to the
-pool. Never aiofiles: positional I/O on a shared descriptor is what makes concurrent requests safe.
+thread pool when it may block. Reads of up to 1 MiB first try ``preadv(RWF_NOWAIT)`` in the event
+loop (after the emulated delay, if any): a page-cache hit is served without a thread hop, anything
+else falls back to the pool. Never aiofiles: positional I/O on a shared descriptor is what makes
+concurrent requests safe.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import stat
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import protocol as P
 from .errors import ShimConfigError, StoreError
@@ -29,7 +31,9 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _ZERO_CHUNK = 1024 * 1024
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+INLINE_READ_MAX = 1024 * 1024  # longer reads always go to the thread pool (a big copy would stall the loop)
 
+_fallocate: Any
 try:
     _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     _fallocate = _libc.fallocate
@@ -169,22 +173,30 @@ class BackingStore:
     # data path ------------------------------------------------------------------------------
     def try_read_nowait(self, offset: int, length: int) -> bytes | None:
         """Read from the OS page cache without blocking, or None (data not resident / emulated link)."""
-        if not self.nowait_ok or self.link.emulated:
-            return None
         buf = bytearray(length)
+        return bytes(buf) if self.try_read_into_nowait(memoryview(buf), offset, length) else None
+
+    def try_read_into_nowait(self, view: memoryview, offset: int, length: int) -> bool:
+        """Fill ``view`` from the OS page cache without blocking (``preadv(RWF_NOWAIT)`` straight into
+        the caller's buffer). False when the data is not all resident, or an emulated link must be paid."""
+        if length > INLINE_READ_MAX or self.link.emulated or not self._preadv_nowait(view, offset, length):
+            return False
+        self.backing_reads += 1
+        self.backing_read_bytes += length
+        return True
+
+    def _preadv_nowait(self, view: memoryview, offset: int, length: int) -> bool:
+        if not self.nowait_ok:
+            return False
         try:
-            n = os.preadv(self.fd, [buf], offset, _NOWAIT)
+            n = os.preadv(self.fd, [view[:length]], offset, _NOWAIT)
         except BlockingIOError:
-            return None
+            return False
         except OSError as exc:
             if exc.errno in (_errno.EOPNOTSUPP, _errno.EINVAL):
                 self.nowait_ok = False
-            return None
-        if n != length:
-            return None
-        self.backing_reads += 1
-        self.backing_read_bytes += length
-        return bytes(buf)
+            return False
+        return n == length
 
     def _pread_full(self, offset: int, length: int) -> bytes:
         fd = self.fd
@@ -199,7 +211,7 @@ class BackingStore:
             got += len(data)
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _pwrite_full(self, offset: int, data: bytes | memoryview, fua: bool) -> None:
+    def _pwrite_full(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         fd = self.fd
         view = memoryview(data)
         done = 0
@@ -208,14 +220,22 @@ class BackingStore:
         if fua:
             os.fdatasync(fd)
 
-    async def read(self, offset: int, length: int) -> bytes:
+    async def read(self, offset: int, length: int) -> bytes | bytearray:
+        """Pay the emulated link, then read: inline when the OS page cache holds it all (no thread
+        hop), else in the thread pool."""
         await self._link_delay(length)
+        if length <= INLINE_READ_MAX and self.nowait_ok:
+            buf = bytearray(length)
+            if self._preadv_nowait(memoryview(buf), offset, length):
+                self.backing_reads += 1
+                self.backing_read_bytes += length
+                return buf
         data = await self._run(self._pread_full, offset, length)
         self.backing_reads += 1
         self.backing_read_bytes += length
         return data
 
-    async def write(self, offset: int, data: bytes | memoryview, fua: bool = False) -> None:
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         if self.read_only:
             raise StoreError(f"backing {self.path} is read-only", P.EPERM)
         await self._link_delay(len(data))

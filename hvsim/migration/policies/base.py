@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 from ..costs import MigrationCosts
 from ..errors import MigrationInputError, MigrationStateError
+from ..planner import Contract, Plan
 from ..progress import Observation
 
 
@@ -48,6 +49,12 @@ class MigrationContext:
     dirty_rate_estimate: float | None = None   # bytes/s sampled before the start (calc-dirty-rate), if any
     link_bandwidth_hint: float | None = None   # bytes/s, only if the caller supplies one
     costs: MigrationCosts = field(default_factory=MigrationCosts)  # what earlier migrations learnt (the cluster's)
+    contract: Contract = field(default_factory=Contract)   # the caller's downtime/time budgets
+    plan: Plan | None = None            # the plan predicted before the start (policies that ask for one)
+
+    @property
+    def guest_mib(self) -> int:
+        return self.guest_ram_bytes // 2**20
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,14 @@ class Policy(ABC):
     @property
     def initial_downtime_limit_ms(self) -> float:
         return 300.0
+
+    #: the engine measures the guest and the link and predicts a plan before the start (ctx.plan)
+    wants_plan: ClassVar[bool] = False
+
+    def wants_postcopy(self, contract: Contract) -> bool:
+        """Whether the postcopy-ram capability must be on for this migration (decided before the
+        destination starts)."""
+        return self.uses_postcopy
 
     def setup(self, ctx: MigrationContext) -> PolicySetup:
         """Capabilities and parameters to set before ``migrate``. Called before ``start``."""

@@ -9,8 +9,12 @@ Pass by pass it estimates
 - the writable working set W (the dirty bytes found at each bitmap sync; the largest recent one).
 
 Prediction of stopping now: pending = min(remaining + D x (time since the last sync), max(W,
-remaining)); downtime = pending / C + device state / B + fixed cost (learnt from earlier switch-
-overs, see ``hvsim.migration.costs``: owned by the cluster, passed in the context). QEMU's own
+remaining)); downtime = pending / C + device state / B + ULD state / B + ULD cost + fixed cost
+(learnt from earlier switch-overs, see ``hvsim.migration.costs``: owned by the cluster, passed in
+the context). ULD state is what the destination's user-level drivers do not hold yet (the
+remaining delta while ULD pre-copy runs, their whole state in stop-copy), ULD cost their measured
+quiesce + checkpoint + restore time (``Observation.uld_pending_bytes`` / ``uld_fixed_ms``, filled by
+the engine); both count against the budget like the RAM. QEMU's own
 downtime-limit is set by us at every pass so that QEMU's threshold (its wire bandwidth x limit)
 admits exactly the pending bytes our prediction allows within the budget, never below
 ``floor_limit_ms`` (100 ms): a tiny limit makes QEMU 7.2 resync the dirty bitmap in a tight loop,
@@ -29,6 +33,16 @@ the smallest achievable downtime if it is under ``hard_max_ms``), ``postcopy``
 (``migrate-start-postcopy``), ``auto-converge`` (lower QEMU's throttle trigger so it throttles the
 guest). After ``max_passes`` it switches at whatever the prediction is: it never iterates forever.
 
+**With a plan** (the engine measures the guest and the link before the start and predicts every
+strategy, :mod:`hvsim.migration.planner`; ``ctx.plan``), the policy carries out the strategy the
+plan chose by the caller's contract: ``precopy`` (the budget is the contract's downtime budget; as
+many passes as the plan predicted, plus slack), ``auto-converge`` (QEMU's throttle pinned at the
+planned percentage from the start), or ``postcopy`` after the planned pass (only when the contract
+allows a postcopy window). If precopy then deviates from the plan (its dirty set stops shrinking)
+it escalates: ``accept`` the smallest downtime it reaches, then postcopy only if the contract
+allows it. ``strategy`` forces one strategy of the plan (tests, benchmarks). Without a plan (a
+context without one, e.g. the recorded-sequence tests) the ladder above decides.
+
 ``xbzrle`` (off by default) turns on QEMU's XBZRLE delta encoding of resent pages (``"auto"``: when
 the guest was seen dirtying memory before the start). Off: its two trials here broke the guest,
 but they ran with the 1 ms limit of the first version (see the floor above); not re-tested since.
@@ -45,9 +59,11 @@ from collections.abc import Sequence
 from ..errors import MigrationInputError
 from ..progress import Observation
 from ..costs import MigrationCosts
+from ..planner import Contract, Prediction
 from .base import Action, ActionKind, MigrationContext, Policy, PolicySetup
 
 LADDER_STEPS = ("accept", "postcopy", "auto-converge")
+STRATEGIES = ("precopy", "auto-converge", "postcopy")
 MIB = 2**20
 
 
@@ -62,7 +78,9 @@ class Predictive(Policy):
     name = "hvsim-predictive"
     uses_postcopy = True
 
-    def __init__(self, budget_ms: float = 300.0, hard_max_ms: float = 1000.0, margin_factor: float = 1.2,
+    wants_plan = True
+
+    def __init__(self, budget_ms: float | None = None, hard_max_ms: float = 1000.0, margin_factor: float = 1.2,
                  floor_limit_ms: float = 100.0, fixed_cost_ms: float | None = None,
                  device_state_bytes: int = 256 * 1024, converge_within: int = 5,
                  diverge_rho: float = 0.95, ladder: Sequence[str] = LADDER_STEPS,
@@ -70,9 +88,15 @@ class Predictive(Policy):
                  xbzrle_cache_bytes: int | None = None,
                  early_postcopy_rho: float | None = None, early_min_s: float = 0.8,
                  auto_converge_initial: int = 30, max_passes: int = 30, postcopy_headroom: float = 0.0,
-                 **params: Any) -> None:
+                 strategy: str | None = None, **params: Any) -> None:
         super().__init__(**params)
-        if budget_ms <= 0 or hard_max_ms < budget_ms:
+        self._budget_given = budget_ms is not None
+        budget_ms = 300.0 if budget_ms is None else budget_ms
+        if strategy not in (None, *STRATEGIES):
+            raise MigrationInputError(f"hvsim-predictive: strategy must be one of {STRATEGIES} or None, "
+                                      f"got {strategy!r}")
+        self.strategy_forced = strategy
+        if not isinstance(budget_ms, (int, float)) or budget_ms <= 0 or hard_max_ms < budget_ms:
             raise MigrationInputError("hvsim-predictive: need 0 < budget_ms <= hard_max_ms")
         bad = [s for s in ladder if s not in LADDER_STEPS]
         if bad:
@@ -113,12 +137,52 @@ class Predictive(Policy):
         self.last_escalation: int | None = None
         self.projection: dict[str, Any] = {}
         self.limit: float | None = None
+        # plan mode
+        self.planned: Prediction | None = None
+        self.postcopy_allowed = True
+
+    def wants_postcopy(self, contract: Contract) -> bool:
+        return "postcopy" in self.ladder and (contract.postcopy_allowed or self.strategy_forced == "postcopy")
+
+    def _pick(self, ctx: MigrationContext) -> Prediction | None:
+        """The plan's strategy (or the forced one's best prediction in the plan)."""
+        p = ctx.plan
+        if p is None:
+            return None
+        if self.strategy_forced is None or self.strategy_forced == p.chosen.strategy:
+            return p.chosen
+        same = [q for q in p.predictions if q.strategy == self.strategy_forced]
+        return min(same, key=lambda q: (not q.meets, q.downtime_ms, q.total_s)) if same else p.chosen
+
+    def _adopt_plan(self, ctx: MigrationContext) -> None:
+        chosen = self._pick(ctx)
+        if not self._budget_given:
+            self.budget_ms = float(ctx.contract.downtime_budget_ms)
+            self.hard_max_ms = max(self.hard_max_ms, self.budget_ms)
+        self.postcopy_allowed = self.wants_postcopy(ctx.contract) and ctx.postcopy_available
+        if chosen is None:
+            return
+        self.planned = chosen
+        self.converge_within = max(self.converge_within, chosen.passes + 2)
+        self.max_passes = max(self.max_passes, 2 + self.converge_within + 4)
+        self.hard_max_ms = max(self.hard_max_ms, chosen.downtime_ms * 1.3)
+        self.ladder = ("accept", "postcopy") if self.postcopy_allowed else ("accept",)
 
     @property
     def initial_downtime_limit_ms(self) -> float:
         return self.floor
 
     def setup(self, ctx: MigrationContext) -> PolicySetup:
+        self._adopt_plan(ctx)
+        if self.planned is not None and self.planned.strategy == "auto-converge":
+            pct = int(self.planned.throttle_pct)
+            # the throttle pinned at the planned level: QEMU starts it at its second qualifying bitmap
+            # sync (>= 1 s apart) once the guest dirties more than 1 % of what was sent
+            return PolicySetup(source_capabilities=("auto-converge",), parameters={
+                "throttle-trigger-threshold": 1, "cpu-throttle-initial": pct, "max-cpu-throttle": pct,
+                "cpu-throttle-increment": 1})
+        if self.planned is not None:
+            return PolicySetup()
         d = ctx.dirty_rate_estimate
         self.xbzrle = self.xbzrle_mode is True or (
             self.xbzrle_mode == "auto" and (d is None or d >= self.xbzrle_min_rate))
@@ -130,17 +194,28 @@ class Predictive(Policy):
 
     def start(self, ctx: MigrationContext) -> list[Action]:
         super().start(ctx)
+        if self.planned is None and ctx.plan is not None:
+            self._adopt_plan(ctx)
         self.dirty_rate = ctx.dirty_rate_estimate
+        if ctx.plan is not None:
+            self.dirty_rate = ctx.plan.measurement.dirty_rate or self.dirty_rate
+        inputs: dict[str, Any] = {"budget_ms": self.budget_ms, "sampled_dirty_rate_Bps": self.dirty_rate,
+                                  "xbzrle": self.xbzrle}
+        if self.planned is not None:
+            inputs |= {"strategy": self.planned.label, "planned_passes": self.planned.passes,
+                       "planned_downtime_ms": round(self.planned.downtime_ms, 1),
+                       "planned_total_s": round(self.planned.total_s, 2)}
         return [Action(ActionKind.SET_DOWNTIME_LIMIT, self.floor,
-                       "QEMU's limit starts at the floor; it tracks our budget from the first pass on",
-                       {"budget_ms": self.budget_ms, "sampled_dirty_rate_Bps": ctx.dirty_rate_estimate,
-                        "xbzrle": self.xbzrle})]
+                       "QEMU's limit starts at the floor; it tracks our budget from the first pass on", inputs)]
 
     # -- estimators ------------------------------------------------------------------------------
     def fixed_cost(self) -> float:
         if self.fixed_cost_ms is not None:
             return self.fixed_cost_ms
-        return self.ctx.costs.fixed.get() if self.started else MigrationCosts().fixed.get()
+        return self.ctx.costs.fixed_for(self.ctx.guest_mib) if self.started else MigrationCosts().fixed.get()
+
+    def _stall(self) -> float:
+        return self.ctx.costs.postcopy_stall_for(self.ctx.guest_mib)
 
     def _bw(self, obs: Observation) -> float | None:
         if obs.bandwidth:
@@ -159,11 +234,18 @@ class Predictive(Policy):
         grown = obs.remaining + d * max(0.0, obs.t - self.t_sync)
         return float(min(grown, max(self.wss, obs.remaining)))
 
+    @staticmethod
+    def uld_ms(obs: Observation, bw: float) -> float:
+        """What the user-level drivers add to a switch-over now: their pending state over the link
+        plus their measured quiesce/checkpoint/restore cost."""
+        return obs.uld_pending_bytes / bw * 1000.0 + obs.uld_fixed_ms
+
     def _predict(self, obs: Observation, factor: float = 1.0) -> float | None:
         bw, clear = self._bw(obs), self._clear(obs)
         if not bw or not clear:
             return None
-        return (self.pending_now(obs) * factor / clear + self.device_state / bw) * 1000.0 + self.fixed_cost()
+        return ((self.pending_now(obs) * factor / clear + self.device_state / bw) * 1000.0 + self.fixed_cost()
+                + self.uld_ms(obs, bw))
 
     def predicted_downtime_ms(self, obs: Observation) -> float | None:
         return self._predict(obs)
@@ -175,6 +257,8 @@ class Predictive(Policy):
                 "clear_rate_Bps": int(clear) if clear else None,
                 "dirty_rate_Bps": int(self.dirty_rate) if self.dirty_rate else None,
                 "wss_est": self.wss, "fixed_cost_ms": round(self.fixed_cost(), 1),
+                "uld_pending_bytes": obs.uld_pending_bytes,
+                "uld_ms": round(self.uld_ms(obs, bw), 1) if bw else None,
                 "predicted_ms": round(pred, 1) if pred is not None else None, "budget_ms": self.budget_ms,
                 **self.projection}
 
@@ -199,7 +283,7 @@ class Predictive(Policy):
 
     # -- decisions -------------------------------------------------------------------------------
     def observe(self, obs: Observation) -> list[Action]:
-        if self.done or obs.status.startswith("postcopy") or obs.status in ("device", "completed"):
+        if self.done or obs.status.startswith("postcopy") or obs.status in ("device", "completed", "pre-switchover"):
             return []
         new_pass = self._update(obs)
         pred = self._predict(obs)
@@ -219,7 +303,18 @@ class Predictive(Policy):
                            f"sampled dirty rate is {self.dirty_rate / bw:.2f} of the link (>= {self.early_rho}): "
                            "resending the working set would cost more than pulling it",
                            self._inputs(obs, pred) | {
-                               "predicted_postcopy_ms": round(self.ctx.costs.postcopy_stall.get(), 1)})]
+                               "predicted_postcopy_ms": round(self._stall(), 1)})]
+
+        # 1b. the plan says postcopy after pass N: go once pass N has ended
+        pl = self.planned
+        if (pl is not None and pl.strategy == "postcopy" and pl.postcopy_after_pass is not None
+                and self.postcopy_allowed and self.pass_no > pl.postcopy_after_pass):
+            self.done = True
+            return [Action(ActionKind.START_POSTCOPY, self._postcopy_bw(bw),
+                           f"the plan: {pl.label} ({pl.downtime_ms:.0f} ms stall predicted, "
+                           f"{pl.degradation_s:.1f} s of postcopy)",
+                           self._inputs(obs, pred) | {"predicted_postcopy_ms": round(pl.downtime_ms, 1),
+                                                      "strategy": pl.label})]
 
         if self.switch_at is not None:
             sp, st = self.switch_at
@@ -257,6 +352,18 @@ class Predictive(Policy):
             rho = self.shrink_ratio(clear)
             k = self.passes_to_budget(obs, rho, clear, bw)
             self.projection = {"rho": round(rho, 3), "passes_to_budget": k}
+            if pl is not None:
+                # with a plan: escalate only when precopy deviates from it (stuck once the planned
+                # throttle works, or well past the planned passes)
+                settled = self.pass_no >= (4 if pl.strategy == "auto-converge" else 3)
+                deviates = (math.isinf(k) and settled and pl.converges) or self.pass_no >= 2 + self.converge_within \
+                    or (not pl.converges and self.pass_no >= max(3, pl.passes))
+                if deviates:
+                    act = self._escalate(obs, pred, rho, k)
+                    if act is not None:
+                        self.last_escalation = self.pass_no
+                        return acts + [act]
+                return acts
             if k > self.converge_within or self.pass_no >= 2 + self.converge_within:
                 act = self._escalate(obs, pred, rho, k)
                 if act is not None:
@@ -269,7 +376,7 @@ class Predictive(Policy):
         bytes our prediction allows within the budget; at least ``floor_limit_ms``."""
         clear = self._clear(obs) or bw
         qemu_bw = obs.mbps * 1e6 / 8 if obs.mbps > 0 else bw
-        room_s = (self.budget_ms - self.fixed_cost()) / 1000.0 - self.device_state / bw
+        room_s = (self.budget_ms - self.fixed_cost() - self.uld_ms(obs, bw)) / 1000.0 - self.device_state / bw
         admit = max(0.0, room_s * clear / self.margin_factor)
         return max(self.floor, admit / qemu_bw * 1000.0)
 
@@ -283,7 +390,7 @@ class Predictive(Policy):
 
     def passes_to_budget(self, obs: Observation, rho: float, clear: float, bw: float) -> float:
         """Passes of precopy needed until the dirty set fits the budget (inf if it never will)."""
-        room_s = (self.budget_ms - self.fixed_cost()) / 1000.0 - self.device_state / bw
+        room_s = (self.budget_ms - self.fixed_cost() - self.uld_ms(obs, bw)) / 1000.0 - self.device_state / bw
         target = room_s * clear / self.margin_factor
         r = float(self.dirty_at_sync.get(self.pass_no, obs.remaining))
         if r <= target:
@@ -314,7 +421,9 @@ class Predictive(Policy):
             self.rung += 1
             if step == "accept":
                 best = self.best_pred if self.best_pred is not None else pred
-                if best <= self.hard_max_ms:
+                # with a plan, accepting is the last resort: the time budget binds, not a hard max
+                last = self.planned is not None and all(st != "postcopy" for st in self.ladder[self.rung:])
+                if best <= self.hard_max_ms or last:
                     return self._switch(obs, pred, f"{why}; accept the smallest achievable downtime "
                                         f"({best:.0f} ms <= hard max {self.hard_max_ms:.0f})")
             elif step == "postcopy":
@@ -322,7 +431,7 @@ class Predictive(Policy):
                     self.done = True
                     return Action(ActionKind.START_POSTCOPY, self._postcopy_bw(self._bw(obs) or 0.0),
                                   f"{why}; postcopy", self._inputs(obs, pred) | {
-                                      "predicted_postcopy_ms": round(self.ctx.costs.postcopy_stall.get(), 1),
+                                      "predicted_postcopy_ms": round(self._stall(), 1),
                                       "postcopy_headroom": self.headroom})
             elif step == "auto-converge":
                 return Action(ActionKind.AUTO_CONVERGE, float(self.ac_initial), f"{why}; throttle the guest",
@@ -336,6 +445,7 @@ class Predictive(Policy):
 
     def params(self) -> dict[str, Any]:
         return {"budget_ms": self.budget_ms, "hard_max_ms": self.hard_max_ms, "ladder": list(self.ladder),
+                "strategy": self.planned.label if self.planned is not None else self.strategy_forced,
                 "xbzrle": self.xbzrle, "early_postcopy_rho": self.early_rho, "postcopy_headroom": self.headroom,
                 "converge_within": self.converge_within, "max_passes": self.max_passes,
                 "fixed_cost_ms": round(self.fixed_cost(), 1)}

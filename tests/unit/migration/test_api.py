@@ -43,6 +43,13 @@ async def running_vm(cl: Cluster, memory_mib: int = 256):  # type: ignore[no-unt
     ({"colour": "red"}, "unknown migration option"),
     ({"port": 80}, "port must be"),
     ({"policy_params": {"budget_ms": -5}}, "budget_ms"),
+    ({"downtime_budget_ms": 20}, "downtime_budget_ms must be >= 100 ms"),
+    ({"time_budget_s": -3}, "time_budget_s must be a positive"),
+    ({"postcopy_window_s": "long"}, "postcopy_window_s must be a number"),
+    ({"if_infeasible": "shrug"}, "if_infeasible must be one of"),
+    ({"contract": {"downtime_budget_ms": 300}}, "contract must be a hvsim.migration.Contract"),
+    ({"recover_within_s": 0}, "recover_within_s must be a number"),
+    ({"policy_params": {"strategy": "teleport"}}, "strategy must be one of"),
 ])
 async def test_bad_input_is_refused_with_a_clear_error(cl: Cluster, kwargs: dict, match: str) -> None:
     vm = await running_vm(cl)

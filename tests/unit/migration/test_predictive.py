@@ -143,3 +143,43 @@ def test_qemu_default_only_sets_its_limit() -> None:
     p = make_policy("qemu-default")
     assert [a.kind for a in p.start(ctx(rec))] == [ActionKind.SET_DOWNTIME_LIMIT]
     assert all(not p.observe(o) for o in samples)
+
+
+def _planned(name: str, contract, **params):  # type: ignore[no-untyped-def]
+    """hvsim-predictive following a plan made from the recorded sequence's own measurements."""
+    from dataclasses import replace as dc_replace
+
+    from hvsim.migration.planner import plan as make_plan
+
+    from .test_planner import measured_from
+    rec, samples = load(name)
+    m, _ = measured_from(name, 64 if name == "diverging" else None)
+    pl = make_plan(m, contract)
+    p = make_policy("hvsim-predictive", fixed_cost_ms=60, **params)
+    c = dc_replace(ctx(rec, postcopy=p.wants_postcopy(contract)), contract=contract, plan=pl)
+    return p, pl, replay(p, c, samples)
+
+
+def test_without_a_postcopy_window_the_planned_policy_never_asks_for_postcopy() -> None:
+    from hvsim.migration.planner import Contract
+    p, pl, acts = _planned("diverging", Contract(time_budget_s=60))
+    assert not p.wants_postcopy(Contract())
+    assert all(a.kind is not ActionKind.START_POSTCOPY for _, a in acts)
+
+
+def test_a_plan_of_postcopy_after_pass_one_starts_it_at_the_first_sync() -> None:
+    from hvsim.migration.planner import Contract
+    c = Contract(time_budget_s=60, postcopy_window_s=30, downtime_budget_ms=1000)
+    p, pl, acts = _planned("diverging", c)
+    assert pl.chosen.strategy == "postcopy" and pl.chosen.postcopy_after_pass == 1
+    obs, act = acts[-1]
+    assert act.kind is ActionKind.START_POSTCOPY and obs.passes == 2 and "the plan" in act.reason
+
+
+def test_a_planned_precopy_takes_the_planned_passes_before_escalating() -> None:
+    from hvsim.migration.planner import Contract
+    # stalling: ~0.7 per pass, about ten passes to 300 ms; the ladder alone escalated at pass 3
+    p, pl, acts = _planned("stalling", Contract(time_budget_s=60))
+    assert pl.chosen.strategy == "precopy" and pl.chosen.passes >= 8
+    assert not any(a.kind in (ActionKind.START_POSTCOPY, ActionKind.SWITCHOVER) for _, a in acts)
+    assert p.converge_within >= pl.chosen.passes

@@ -170,7 +170,8 @@ async def test_option_with_lying_inner_length_is_invalid_and_session_continues(
     c.send_option(P.Opt.GO, lying)
     rep = await c.read_opt_reply()
     assert rep.reply == P.Rep.ERR_INVALID
-    c.send_option(P.Opt.INFO, P.U32.pack(4) + name + P.U16.pack(3) + P.U16.pack(P.Info.BLOCK_SIZE))  # 3 requests, 1 sent
+    # 3 requests announced, 1 sent
+    c.send_option(P.Opt.INFO, P.U32.pack(4) + name + P.U16.pack(3) + P.U16.pack(P.Info.BLOCK_SIZE))
     assert (await c.read_opt_reply()).reply == P.Rep.ERR_INVALID
     replies = await c.go("shim")
     assert replies[-1].reply == P.Rep.ACK
