@@ -169,7 +169,9 @@ class EmulatedHost:
             a += ["--images", str(self.images)]
         if self.accel is not None:
             a += ["--accel", self.accel]
-        return (["ip", "netns", "exec", self.netns] if self.netns else []) + a
+        # nsenter, not `ip netns exec`: the latter remounts /sys, which hides the cgroup v2 tree the
+        # host's power domain (and its QEMUs' cgroup) lives in
+        return (["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []) + a
 
     async def start_agent(self, timeout: float = 120.0) -> None:
         """Start the host agent (inside the power domain and namespace); it re-adopts every guest."""
