@@ -77,6 +77,7 @@ async def run(console: Console, out_dir: Path) -> None:
                 out = await c.exec_vm("web", ExecRequest(command="echo \"$(hostname) $(uname -r)\""))
                 console.print(f"  guest says: {out.stdout.strip()}")
                 await c.exec_vm("web", ExecRequest(command="memfill 16 --seed 11 --sock /run/mf.sock", timeout=90))
+                await c.exec_vm("web", ExecRequest(command="dirty 8 2 >/dev/null 2>&1 &"))   # it writes the heartbeat
 
                 async with AgentClient(hosts[src].address, tls=None, timeout=60) as agent:
                     before = await agent.vm("web")
