@@ -136,6 +136,7 @@ class QemuInfo:
     agent_socket: Text | None = None
     heartbeat_socket: Text | None = None
     console_log: Text | None = None
+    boot_s: float | None = None     # its QEMU's launch to the guest agent's first answer (this host's view)
 
 
 @dataclass(config=CFG)

@@ -422,7 +422,8 @@ class HostAgent:
                         state=vm.state.value, busy_with=vm.busy_with,
                         migration=out.info() if out is not None and not out.migration.state.terminal else None,
                         generation=vm.generation, agent_socket=str(vm.agent_socket),
-                        heartbeat_socket=str(vm.heartbeat_socket), console_log=str(vm.console_log))
+                        heartbeat_socket=str(vm.heartbeat_socket), console_log=str(vm.console_log),
+                        boot_s=vm.boot_time_s)
 
     async def qemus(self) -> QemuList:
         names = sorted(self.cl.vms)
