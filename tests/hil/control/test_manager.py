@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import pytest
 
@@ -23,7 +24,7 @@ from .conftest import ControlPlane
 pytestmark = pytest.mark.hil
 
 
-async def two_hosts(cp: ControlPlane, **kw: object) -> ManagerClient:
+async def two_hosts(cp: ControlPlane, **kw: Any) -> ManagerClient:
     for name in ("h1", "h2"):
         await cp.host(name, memory_mib=1024)
     m = await cp.manager(lease_ttl=3, **kw)
@@ -116,6 +117,7 @@ async def test_manager_killed_mid_migration_is_resolved_by_the_next_one(cp: Cont
     rec = await c.get_vm("busy")
     on = await where(cp, "busy")
     # exactly one copy runs, on the host the record names, whatever the outcome was
+    assert rec.host is not None
     assert list(on) == [rec.host] and len(on[rec.host].items) == 1, (done, on)
     assert on[rec.host].items[0].qemu_status == "running" and on[rec.host].items[0].role == "vm"
     assert rec.power is VMPower.RUNNING

@@ -93,8 +93,8 @@ def test_refusals_are_exit_1_and_change_nothing(capsys: pytest.CaptureFixture[st
     wrong = tmp_path / "tok"
     wrong.write_text("wrong\n")
     rc = run(["--manager", manager.address, "--token-file", str(wrong), "vm", "list"])
-    err = capsys.readouterr().err
-    assert rc == 1 and ("401" in err or "token" in err.lower()), err
+    out = capsys.readouterr().err
+    assert rc == 1 and ("401" in out or "token" in out.lower()), out
     assert vms(capsys, manager) == []
 
 
