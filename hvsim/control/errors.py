@@ -139,7 +139,7 @@ class ApiError(ControlError):
         self.detail = detail
         self.field = field
         self.body = body
-        super().__init__(f"HTTP {status}: {detail}")
+        super().__init__(f"HTTP {status}: {detail}" if status else detail)   # 0: no answer at all
 
 
 class ApiInputError(ApiError, InputError):
