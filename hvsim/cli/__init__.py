@@ -10,7 +10,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -33,7 +33,10 @@ _loaded = False
 
 @app.callback()
 def _root(ctx: typer.Context,
-          debug: bool = typer.Option(False, "--debug", help="print tracebacks and full error details")) -> None:
+          debug: bool = typer.Option(False, "--debug", help="print tracebacks and full error details"),
+          manager: Optional[str] = typer.Option(None, "--manager", metavar="ADDR",
+                                                help="run against a manager: `hvsim --manager ADDR --help`")) \
+        -> None:
     ctx.obj = {"debug": debug}
     # --debug logs everything; otherwise only hvsim's own errors (one line each), not those of the
     # libraries under it (qemu.qmp logs a failed QEMU start that hvsim reports itself)
@@ -57,11 +60,40 @@ def _usage_line(exc: Any) -> str:
     return f"hvsim: error: {one_line(exc.format_message())} (see '{where} --help')"
 
 
+#: commands that are whole processes of the control plane (their own argparse: ``hvsim manager --help``)
+PROCESSES = {"manager": "hvsim.control.api", "host-agent": "hvsim.control.agent_app"}
+#: command groups that exist only against a manager
+MANAGER_ONLY = {"host", "op"}
+
+
+def _wants_manager(argv: Sequence[str]) -> bool:
+    """``hvsim [--debug] --manager ADDR ...`` or ``hvsim host|op ...`` run the CLI against a manager
+    (:mod:`hvsim.cli.manager`); ``$HVSIM_MANAGER`` alone does not change what ``hvsim vm ...`` means."""
+    for a in argv:
+        if a == "--manager" or a.startswith("--manager="):
+            return True
+        if not a.startswith("-"):
+            return a in MANAGER_ONLY
+    return False
+
+
 def run(argv: Sequence[str], prog: str = "hvsim") -> int:
     """Run the command line ``argv`` (without the program name); return the exit code."""
-    _load()
+    argv = list(argv)
+    if argv and argv[0] in PROCESSES:
+        rc: int = importlib.import_module(PROCESSES[argv[0]]).main(argv[1:], prog=f"{prog} {argv[0]}")
+        return rc
+    if _wants_manager(argv):
+        from .manager import app as target
+    else:
+        _load()
+        target = app
+    return _run(target, argv, prog)
+
+
+def _run(target: typer.Typer, argv: list[str], prog: str) -> int:
     try:
-        rv = app(list(argv), prog_name=prog, standalone_mode=False)
+        rv = target(argv, prog_name=prog, standalone_mode=False)
     except UsageError as exc:
         if NoArgsIsHelpError is not None and isinstance(exc, NoArgsIsHelpError):   # `hvsim vm`: the help
             exc.show()  # type: ignore[attr-defined]

@@ -6,11 +6,13 @@ when asked. The OpenAPI description is ``/openapi.json`` (public: it holds no st
 Every malformed, out-of-range or conflicting request gets a 4xx whose JSON body names the
 field (``{"detail": "...", "field": "body.memory_mib"}``), never a 5xx, and a rejected request
 changes nothing (each change is one store transaction that either commits whole or not at all).
-``start``, ``stop``, ``destroy``, ``migrate`` and ``exec`` are defined and validated but answer
-501 until the host agent exists. A store that cannot be reached answers 503 with Retry-After.
+``start``, ``stop``, ``destroy``, ``migrate`` and ``exec`` are carried out by the VM's host agent
+(:mod:`hvsim.control.manager`): a refusal answers 409, a failure 502 naming the recorded operation.
+A store that cannot be reached, or a manager that is not the leader, answers 503 with Retry-After.
 
-Run it: ``python -m hvsim.control.api --store sqlite:///PATH --token-file PATH [--socket PATH |
---tcp 127.0.0.1:PORT]``.
+Run it: ``python -m hvsim.control.api`` (or ``hvsim manager``) ``--store sqlite:///PATH --token-file
+PATH [--socket PATH | --tcp 127.0.0.1:PORT] [--agent-tls CA CERT KEY --agent-networks CIDR,...]``; it
+serves once it holds the manager lease.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import stat
 import sys
 from collections.abc import AsyncIterator
@@ -39,26 +42,27 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from hvsim.core.model import NAME_RE
 
+from .agent_client import ClientTLS
 from .errors import (
-    ConflictError, ControlError, ControlInputError, FencedError, NotFoundError, StoreUnavailableError,
+    ConflictError, ControlError, ControlInputError, FencedError, NotFoundError, NotLeaderError, OperationFailedError,
+    StoreUnavailableError,
 )
-from .inventory import Inventory, Listing
+from .inventory import Listing
+from .manager import Manager, ManagerState
 from .ops import OperationRecord
 from .schema import (
-    Defined, Done, ErrorBody, ExecRequest, GroupPage, Health, HostCreate, HostPage, MigrateRequest, OperationPage,
-    ReservationPage, RuleCreate, RulePage, VMDefine, VMPage,
+    Defined, Done, ErrorBody, ExecRequest, ExecResult, GroupPage, Health, HostCreate, HostPage, MigrateRequest,
+    OperationPage, PlacementCheck, Progress, ReservationPage, RuleCreate, RulePage, StopBody, VMDefine, VMPage,
 )
 from .state import (
     GROUPS, HOSTS, OPS, RESERVATIONS, RULES, VMS, GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord,
     as_dict, dump, parse,
 )
-from .store import Store, TLSFiles, make_store
+from .store import TLSFiles, make_store
 
 log = logging.getLogger("hvsim.control.api")
 
 MAX_BODY = 256 * 1024
-NOT_YET = ("the host agent does not exist yet: {what} is defined in the API but not implemented "
-           "(VM definitions, hosts, placement groups and rules, and operations work)")
 NameParam = Annotated[str, PathParam(pattern=NAME_RE.pattern, max_length=32, description="a record name")]
 OpIdParam = Annotated[str, PathParam(pattern=r"^[0-9a-f]{16}-[0-9a-f]{8}$", description="an operation id")]
 Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
@@ -92,11 +96,12 @@ def _page(listing: Listing[bytes]) -> Response:
                 + b',"remaining":' + str(listing.remaining).encode() + b"}")
 
 
-def create_app(store: Store, token: str, *, manager: str = "manager") -> FastAPI:
-    """The API over an opened ``store``; requests must carry ``Authorization: Bearer <token>``."""
+def create_app(manager: Manager, token: str) -> FastAPI:
+    """The API over a started ``manager``; requests must carry ``Authorization: Bearer <token>``."""
     if not token or len(token) < 16:
         raise ControlInputError("token", "must be at least 16 characters")
-    inv = Inventory(store, manager=manager)
+    store = manager.store
+    rd = manager.reader
     bearer = HTTPBearer(auto_error=False, description="the token in the manager's 0600 token file")
 
     async def auth(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
@@ -105,9 +110,9 @@ def create_app(store: Store, token: str, *, manager: str = "manager") -> FastAPI
 
     app = FastAPI(title="hvsim manager", version="1", docs_url=None, redoc_url=None,
                   description=__doc__.split("\n\n")[0] if __doc__ else "")
-    app.state.inventory = inv
+    app.state.manager = manager
 
-    app.add_middleware(_BodyLimit)
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -127,135 +132,169 @@ def create_app(store: Store, token: str, *, manager: str = "manager") -> FastAPI
             return _err(404, str(e))
         if isinstance(e, ConflictError):
             return _err(409, str(e))
-        if isinstance(e, FencedError):
+        if isinstance(e, OperationFailedError):
+            return JSONResponse({"detail": str(e)[:2000], "field": None, "operation": e.operation}, status_code=502)
+        if isinstance(e, NotLeaderError | FencedError):
             return _err(503, f"not leader: {e}", headers={"Retry-After": "1"})
         if isinstance(e, StoreUnavailableError):
             return _err(503, f"store unavailable: {e}", headers={"Retry-After": "1"})
         log.exception("internal error", exc_info=e)
         return _err(500, f"internal error: {type(e).__name__}")
 
-    v1: dict[str, Any] = {"dependencies": [Depends(auth), Depends(_no_unknown_query)], "responses": ERRORS}
+    v1: dict[str, Any] = {"dependencies": [Depends(auth), Depends(no_unknown_query)], "responses": ERRORS}
+    ops: dict[str, Any] = {**v1, "responses": {**ERRORS, 502: {"model": ErrorBody,
+                                                              "description": "the operation ran and failed"}}}
 
     # -- health ---------------------------------------------------------------------------------
     @app.get("/v1/health", tags=["manager"], response_model=Health, **v1)
     async def health() -> dict[str, Any]:
-        """The manager answers; the store's backend and current revision."""
-        return {"status": "ok", "store": store.backend, "revision": await store.revision()}
+        """The manager answers; the store's backend and current revision, leadership."""
+        return {"status": "ok", "store": store.backend, "revision": await store.revision(),
+                "manager": manager.name, "leader": manager.state is ManagerState.LEADING, "token": manager.token,
+                "resolved": len(manager.resolutions)}
 
     # -- hosts ----------------------------------------------------------------------------------
     @app.get("/v1/hosts", tags=["hosts"], response_model=HostPage, **v1)
     async def list_hosts(limit: Limit = 100, after: After = None) -> Response:
-        return _page(await inv.raw_page(HOSTS, limit, after))
+        return _page(await rd.raw_page(HOSTS, limit, after))
 
     @app.post("/v1/hosts", status_code=201, tags=["hosts"], response_model=HostRecord, **v1)
     async def add_host(body: HostCreate) -> Response:
-        return _raw(dump(await inv.add_host(parse(HostRecord, as_dict(body), "body."))), 201)
+        return _raw(dump(await manager.add_host(body)), 201)
 
     @app.get("/v1/hosts/{name}", tags=["hosts"], response_model=HostRecord, **v1)
     async def get_host(name: NameParam) -> Response:
-        return _raw(await inv.raw(HOSTS, name, "host"))
+        return _raw(await rd.raw(HOSTS, name, "host"))
 
     @app.delete("/v1/hosts/{name}", status_code=204, tags=["hosts"], **v1)
     async def remove_host(name: NameParam) -> Response:
-        await inv.remove_host(name)
+        await manager.inventory.remove_host(name)
+        manager.placement_changed()
         return Response(status_code=204)
 
     # -- VMs ------------------------------------------------------------------------------------
     @app.get("/v1/vms", tags=["vms"], response_model=VMPage, **v1)
     async def list_vms(limit: Limit = 100, after: After = None) -> Response:
-        return _page(await inv.raw_page(VMS, limit, after))
+        return _page(await rd.raw_page(VMS, limit, after))
 
     @app.post("/v1/vms", status_code=201, tags=["vms"], response_model=Defined, **v1)
     async def define_vm(body: VMDefine) -> Response:
-        vm, op = await inv.define_vm(parse(VMRecord, as_dict(body), "body."))
+        """Define a VM (shut off). Without ``host`` the placement controller chooses one under the
+        stored rules (409 naming what eliminated the hosts if none can take it)."""
+        vm, op = await manager.define_vm(parse(VMRecord, as_dict(body), "body."))
         return _raw(b'{"vm":' + dump(vm) + b',"operation":' + dump(op) + b"}", 201)
 
     @app.get("/v1/vms/{name}", tags=["vms"], response_model=VMRecord, **v1)
     async def get_vm(name: NameParam) -> Response:
-        return _raw(await inv.raw(VMS, name, "vm"))
+        return _raw(await rd.raw(VMS, name, "vm"))
 
     @app.delete("/v1/vms/{name}", tags=["vms"], response_model=Done, **v1)
     async def undefine_vm(name: NameParam) -> Response:
-        return _raw(b'{"operation":' + dump(await inv.undefine_vm(name)) + b"}")
+        op = await manager.inventory.undefine_vm(name)
+        manager.placement_changed()
+        return _raw(b'{"operation":' + dump(op) + b"}")
 
-    not_yet: dict[str, Any] = {**v1, "responses": {**ERRORS, 501: {"model": ErrorBody,
-                                                                    "description": "not implemented yet"}}}
+    @app.post("/v1/vms/{name}/start", tags=["vms"], response_model=Done, **ops)
+    async def start_vm(name: NameParam) -> Response:
+        """Start the VM on its host (through its host agent); answers once it runs (its guest agent
+        answers) with the succeeded operation, or 409/502 naming the operation."""
+        return _raw(b'{"operation":' + dump(await manager.start_vm(name)) + b"}")
 
-    async def _501(name: str, what: str) -> JSONResponse:
-        await inv.get_vm(name)          # an unknown VM is still a 404
-        return _err(501, NOT_YET.format(what=what))
+    @app.post("/v1/vms/{name}/stop", tags=["vms"], response_model=Done, **ops)
+    async def stop_vm(name: NameParam, body: StopBody | None = None) -> Response:
+        """ACPI shutdown; answers once the guest powered off."""
+        b = body or StopBody()
+        return _raw(b'{"operation":' + dump(await manager.stop_vm(name, timeout=b.timeout)) + b"}")
 
-    @app.post("/v1/vms/{name}/start", tags=["vms"], **not_yet)
-    async def start_vm(name: NameParam) -> JSONResponse:
-        return await _501(name, "start")
+    @app.post("/v1/vms/{name}/destroy", tags=["vms"], response_model=Done, **ops)
+    async def destroy_vm(name: NameParam) -> Response:
+        """Hard stop."""
+        return _raw(b'{"operation":' + dump(await manager.stop_vm(name, hard=True)) + b"}")
 
-    @app.post("/v1/vms/{name}/stop", tags=["vms"], **not_yet)
-    async def stop_vm(name: NameParam) -> JSONResponse:
-        return await _501(name, "stop")
+    @app.post("/v1/vms/{name}/migrate", status_code=202, tags=["vms"], response_model=Done, **ops)
+    async def migrate_vm(name: NameParam, body: MigrateRequest) -> Response:
+        """Live-migrate to ``destination``: answers 202 with the running operation at once; follow
+        it with ``GET /v1/operations/{id}`` and ``.../progress``."""
+        return _raw(b'{"operation":' + dump(await manager.migrate_vm(name, body)) + b"}", 202)
 
-    @app.post("/v1/vms/{name}/destroy", tags=["vms"], **not_yet)
-    async def destroy_vm(name: NameParam) -> JSONResponse:
-        return await _501(name, "destroy")
-
-    @app.post("/v1/vms/{name}/migrate", tags=["vms"], **not_yet)
-    async def migrate_vm(name: NameParam, body: MigrateRequest) -> JSONResponse:
-        return await _501(name, "migrate")
-
-    @app.post("/v1/vms/{name}/exec", tags=["vms"], **not_yet)
-    async def exec_vm(name: NameParam, body: ExecRequest) -> JSONResponse:
-        return await _501(name, "exec")
+    @app.post("/v1/vms/{name}/exec", tags=["vms"], response_model=ExecResult, **ops)
+    async def exec_vm(name: NameParam, body: ExecRequest) -> ExecResult:
+        """Run a command in the guest through its agent (not recorded as an operation)."""
+        out = await manager.exec_vm(name, body)
+        return ExecResult(exit_code=out.exit_code, stdout=out.stdout, stderr=out.stderr, signal=out.signal,
+                          timed_out=out.timed_out, truncated=out.truncated)
 
     # -- placement groups, rules, reservations ----------------------------------------------------
     @app.get("/v1/groups", tags=["placement"], response_model=GroupPage, **v1)
     async def list_groups(limit: Limit = 100, after: After = None) -> Response:
-        return _page(await inv.raw_page(GROUPS, limit, after))
+        return _page(await rd.raw_page(GROUPS, limit, after))
 
     @app.post("/v1/groups", status_code=201, tags=["placement"], response_model=GroupRecord, **v1)
     async def add_group(body: GroupRecord) -> Response:
-        return _raw(dump(await inv.add_group(body)), 201)
+        return _raw(dump(await manager.inventory.add_group(body)), 201)
 
     @app.get("/v1/groups/{name}", tags=["placement"], response_model=GroupRecord, **v1)
     async def get_group(name: NameParam) -> Response:
-        return _raw(await inv.raw(GROUPS, name, "placement group"))
+        return _raw(await rd.raw(GROUPS, name, "placement group"))
 
     @app.delete("/v1/groups/{name}", status_code=204, tags=["placement"], **v1)
     async def remove_group(name: NameParam) -> Response:
-        await inv.remove_group(name)
+        await manager.inventory.remove_group(name)
         return Response(status_code=204)
 
     @app.get("/v1/rules", tags=["placement"], response_model=RulePage, **v1)
     async def list_rules(limit: Limit = 100, after: After = None) -> Response:
-        return _page(await inv.raw_page(RULES, limit, after))
+        return _page(await rd.raw_page(RULES, limit, after))
 
     @app.post("/v1/rules", status_code=201, tags=["placement"], response_model=RuleRecord, **v1)
     async def add_rule(body: RuleCreate) -> Response:
-        return _raw(dump(await inv.add_rule(parse(RuleRecord, as_dict(body), "body."))), 201)
+        rule = await manager.inventory.add_rule(parse(RuleRecord, as_dict(body), "body."))
+        manager.placement_changed()
+        return _raw(dump(rule), 201)
 
     @app.get("/v1/rules/{name}", tags=["placement"], response_model=RuleRecord, **v1)
     async def get_rule(name: NameParam) -> Response:
-        return _raw(await inv.raw(RULES, name, "rule"))
+        return _raw(await rd.raw(RULES, name, "rule"))
 
     @app.delete("/v1/rules/{name}", status_code=204, tags=["placement"], **v1)
     async def remove_rule(name: NameParam) -> Response:
-        await inv.remove_rule(name)
+        await manager.inventory.remove_rule(name)
+        manager.placement_changed()
         return Response(status_code=204)
 
     @app.get("/v1/reservations", tags=["placement"], response_model=ReservationPage, **v1)
     async def list_reservations(limit: Limit = 100, after: After = None) -> Response:
-        return _page(await inv.raw_page(RESERVATIONS, limit, after))
+        return _page(await rd.raw_page(RESERVATIONS, limit, after))
 
     @app.post("/v1/reservations", status_code=201, tags=["placement"], response_model=ReservationRecord, **v1)
     async def add_reservation(body: ReservationRecord) -> Response:
-        return _raw(dump(await inv.add_reservation(body)), 201)
+        return _raw(dump(await manager.inventory.add_reservation(body)), 201)
+
+    @app.get("/v1/placement", tags=["placement"], response_model=PlacementCheck, **v1)
+    async def check_placement() -> dict[str, Any]:
+        """The independent check of every stored VM's host against the hosts' capacity and the
+        rules: ``required_violations`` (0 unless something was forced)."""
+        return await manager.check_placement()
 
     # -- operations -----------------------------------------------------------------------------
     @app.get("/v1/operations", tags=["operations"], response_model=OperationPage, **v1)
     async def list_ops(limit: Limit = 100, after: OpAfter = None) -> Response:
-        return _page(await inv.raw_page(OPS, limit, after))
+        return _page(await rd.raw_page(OPS, limit, after))
 
     @app.get("/v1/operations/{op_id}", tags=["operations"], response_model=OperationRecord, **v1)
     async def get_op(op_id: OpIdParam) -> Response:
-        return _raw(await inv.raw(OPS, op_id, "operation"))
+        return _raw(await rd.raw(OPS, op_id, "operation"))
+
+    @app.get("/v1/operations/{op_id}/progress", tags=["operations"], response_model=Progress, **v1)
+    async def op_progress(op_id: OpIdParam) -> Progress:
+        """A migration's latest progress, as its source agent reports it (404 for other operations
+        or once this manager forgot it)."""
+        await rd.get_op(op_id)
+        mi = manager.migration_progress(op_id)
+        if mi is None:
+            raise NotFoundError(f"no progress known for operation {op_id}")
+        return Progress(state=mi.state, elapsed_s=mi.elapsed_s, passes=mi.passes, transferred=mi.transferred,
+                        remaining=mi.remaining, total=mi.total, mbps=mi.mbps, error=mi.error)
 
     return app
 
@@ -264,7 +303,7 @@ class _Unauthorized(Exception):
     pass
 
 
-class _BodyLimit:
+class BodyLimit:
     """Pure ASGI middleware (no per-request task like BaseHTTPMiddleware): a declared body
     larger than MAX_BODY is answered 413 before it is read."""
 
@@ -280,7 +319,7 @@ class _BodyLimit:
         await self.app(scope, receive, send)
 
 
-async def _no_unknown_query(request: Request) -> None:
+async def no_unknown_query(request: Request) -> None:
     """A query parameter the route does not take is a malformed request, not something to ignore."""
     route = request.scope.get("route")
     dependant = getattr(route, "dependant", None)
@@ -362,12 +401,17 @@ def tcp_listener(addr: str, allow_any: bool = False) -> socket.socket:
 
 
 @asynccontextmanager
-async def serving(app: FastAPI, sock: socket.socket) -> AsyncIterator[uvicorn.Server]:
-    """Serve ``app`` on ``sock`` in this event loop until the block ends."""
+async def serving(app: FastAPI, sock: socket.socket, tls: TLSFiles | None = None) -> AsyncIterator[uvicorn.Server]:
+    """Serve ``app`` on ``sock`` in this event loop until the block ends; with ``tls`` (CA, server
+    certificate, key) as HTTPS that requires a client certificate signed by that CA (mutual TLS)."""
     # idle keep-alive connections live 75 s here, longer than the client keeps them (30 s): a
     # client never reuses a connection the server is closing at that moment (a ReadError on a POST)
+    extra: dict[str, Any] = {}
+    if tls is not None:
+        extra = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key), "ssl_ca_certs": str(tls.ca),
+                 "ssl_cert_reqs": ssl.CERT_REQUIRED}
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                           http="httptools", timeout_keep_alive=75))
+                                           http="httptools", timeout_keep_alive=75, **extra))
     task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
     try:
         while not server.started:
@@ -383,21 +427,34 @@ async def serving(app: FastAPI, sock: socket.socket) -> AsyncIterator[uvicorn.Se
 
 
 async def run(store_url: str, token: str, sock: socket.socket, ready: Path | None = None,
-              tls: TLSFiles | None = None) -> None:
+              tls: TLSFiles | None = None, *, lease_ttl: float = 5.0, agent_tls: ClientTLS | None = None,
+              agent_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"), name: str | None = None) -> None:
     async with make_store(store_url, tls=tls) as store:
-        app = create_app(store, token)
+        manager = Manager(store, name=name, lease_ttl=lease_ttl, agent_tls=agent_tls, agent_networks=agent_networks)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        async with serving(app, sock):
-            if ready is not None:
-                ready.write_text(f"{os.getpid()}\n")  # noqa: ASYNC240 (once, tiny)
-            await stop.wait()
+        campaign = asyncio.ensure_future(manager.start())
+        waiter = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({campaign, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if not campaign.done():          # stopped while waiting for the lease
+                campaign.cancel()
+                await asyncio.gather(campaign, return_exceptions=True)
+                return
+            campaign.result()
+            async with serving(create_app(manager, token), sock):
+                if ready is not None:
+                    ready.write_text(f"{os.getpid()}\n")  # noqa: ASYNC240 (once, tiny)
+                await waiter
+        finally:
+            waiter.cancel()
+            await manager.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hvsim.control.api", description="the hvsim manager API")
+def main(argv: list[str] | None = None, prog: str = "python -m hvsim.control.api") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="the hvsim manager: its API, driving host agents")
     ap.add_argument("--store", required=True, help="sqlite:///PATH or etcd://HOST:PORT[,HOST:PORT...]")
     ap.add_argument("--token-file", required=True, type=Path, help="bearer token (created 0600 if missing)")
     where = ap.add_mutually_exclusive_group(required=True)
@@ -407,21 +464,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ready-file", type=Path, help="written (with the pid) once serving")
     ap.add_argument("--store-tls", nargs=3, type=Path, metavar=("CA", "CERT", "KEY"),
                     help="PEM files for an etcds:// store (mutual TLS)")
+    ap.add_argument("--agent-tls", nargs=3, type=Path, metavar=("CA", "CERT", "KEY"),
+                    help="PEM files to reach host agents over https (mutual TLS)")
+    ap.add_argument("--agent-networks", default="127.0.0.0/8,::1/128",
+                    help="comma-separated networks https agents may be on (nothing else is dialed)")
+    ap.add_argument("--lease-ttl", type=float, default=5.0, help="the manager lease's TTL in seconds (1-600)")
+    ap.add_argument("--name", help="this manager's identity in the lease (default manager@HOST:PID)")
+    ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         tls = TLSFiles(*args.store_tls) if args.store_tls else None
         make_store(args.store, tls=tls)         # a bad store URL is refused before anything is made
         if args.tcp:
             tcp_listener_check(args.tcp, args.allow_non_loopback)
+        if not 1 <= args.lease_ttl <= 600:
+            raise ControlInputError("lease_ttl", f"must be 1..600 seconds, got {args.lease_ttl}")
+        nets = tuple(n.strip() for n in args.agent_networks.split(",") if n.strip())
+        for n in nets:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError as e:
+                raise ControlInputError("agent_networks", str(e)) from e
+        agent_tls = ClientTLS(*args.agent_tls) if args.agent_tls else None
         token = ensure_token(args.token_file)
         sock = unix_listener(args.socket) if args.socket else tcp_listener(args.tcp, args.allow_non_loopback)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(run(args.store, token, sock, args.ready_file, tls))
+            runner.run(run(args.store, token, sock, args.ready_file, tls, lease_ttl=args.lease_ttl,
+                           agent_tls=agent_tls, agent_networks=nets, name=args.name))
     except ControlInputError as e:
         print(f"hvsim manager: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except (ControlError, OSError) as e:
         print(f"hvsim manager: {e}", file=sys.stderr)
         return 1
     return 0

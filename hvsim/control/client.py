@@ -7,26 +7,29 @@
 
 4xx answers raise :class:`ApiInputError` (400/413/422, also an ``InputError``; ``field`` names the
 field), :class:`ApiAuthError` (401/403), :class:`ApiNotFoundError`, :class:`ApiConflictError`,
-:class:`ApiNotImplementedError` (501); an unreachable manager or a 5xx raises
+:class:`ApiNotImplementedError` (501), :class:`ApiFailedError` (502: an operation ran and failed; its
+``operation`` names it); an unreachable manager, one that is not the leader, or another 5xx raises
 :class:`ApiUnavailableError`. The cause is kept.
 """
 from __future__ import annotations
 
+import asyncio
 import json as jsonlib
 import ssl
+import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import httpx
 
 from .errors import (
-    ApiAuthError, ApiConflictError, ApiError, ApiInputError, ApiNotFoundError, ApiNotImplementedError,
-    ApiUnavailableError, ControlInputError,
+    ApiAuthError, ApiConflictError, ApiError, ApiFailedError, ApiInputError, ApiNotFoundError,
+    ApiNotImplementedError, ApiUnavailableError, ControlInputError,
 )
 from .ops import OperationRecord
 from .schema import (
-    Defined, Done, ExecRequest, GroupPage, HostCreate, HostPage, MigrateRequest, OperationPage, RuleCreate, RulePage,
-    VMDefine, VMPage,
+    Defined, Done, ExecRequest, ExecResult, GroupPage, HostCreate, HostPage, MigrateRequest, OperationPage,
+    PlacementCheck, Progress, RuleCreate, RulePage, VMDefine, VMPage,
 )
 from .state import GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord, as_dict, parse
 
@@ -36,7 +39,8 @@ _LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepali
 Page = tuple[list[T], str | None, int]
 
 
-def _error(status: int, body: Any) -> ApiError:
+def api_error(status: int, body: Any) -> ApiError:
+    """The ApiError subclass for an HTTP error ``status`` with JSON ``body`` (``detail``, ``field``)."""
     detail = body.get("detail") if isinstance(body, dict) else None
     field = body.get("field") if isinstance(body, dict) else None
     msg = str(detail) if detail is not None else str(body)[:200]
@@ -51,6 +55,8 @@ def _error(status: int, body: Any) -> ApiError:
         cls = ApiConflictError
     elif status == 501:
         cls = ApiNotImplementedError
+    elif status == 502:
+        cls = ApiFailedError
     elif status >= 500:
         cls = ApiUnavailableError
     else:
@@ -102,7 +108,7 @@ class ManagerClient:
                 body: Any = r.json()
             except ValueError:
                 body = r.text
-            raise _error(r.status_code, body)
+            raise api_error(r.status_code, body)
         return r.content
 
     async def request(self, method: str, path: str, *, json: Any = None,
@@ -166,17 +172,39 @@ class ManagerClient:
         return parse(Done, await self.raw("DELETE", f"/v1/vms/{name}")).operation
 
     async def start_vm(self, name: str) -> OperationRecord:
-        return parse(OperationRecord, await self.request("POST", f"/v1/vms/{name}/start"))
+        """Start the VM on its host; returns the succeeded operation (ApiConflictError when refused,
+        ApiFailedError naming the operation when it failed)."""
+        return parse(Done, await self.raw("POST", f"/v1/vms/{name}/start")).operation
 
-    async def stop_vm(self, name: str) -> OperationRecord:
-        return parse(OperationRecord, await self.request("POST", f"/v1/vms/{name}/stop"))
+    async def stop_vm(self, name: str, timeout: float = 60.0) -> OperationRecord:
+        return parse(Done, await self.raw("POST", f"/v1/vms/{name}/stop", json={"timeout": timeout})).operation
+
+    async def destroy_vm(self, name: str) -> OperationRecord:
+        return parse(Done, await self.raw("POST", f"/v1/vms/{name}/destroy")).operation
 
     async def migrate_vm(self, name: str, req: MigrateRequest) -> OperationRecord:
-        return parse(OperationRecord, await self.request("POST", f"/v1/vms/{name}/migrate", json=as_dict(req)))
+        """Start a live migration; returns the running operation (follow it with get_op/progress)."""
+        return parse(Done, await self.raw("POST", f"/v1/vms/{name}/migrate", json=as_dict(req))).operation
 
-    async def exec_vm(self, name: str, req: ExecRequest) -> dict[str, Any]:
-        out: dict[str, Any] = await self.request("POST", f"/v1/vms/{name}/exec", json=as_dict(req))
-        return out
+    async def exec_vm(self, name: str, req: ExecRequest) -> ExecResult:
+        return parse(ExecResult, await self.raw("POST", f"/v1/vms/{name}/exec", json=as_dict(req)))
+
+    async def progress(self, op_id: str) -> Progress:
+        return parse(Progress, await self.raw("GET", f"/v1/operations/{op_id}/progress"))
+
+    async def wait_op(self, op_id: str, timeout: float = 600.0, poll: float = 0.25) -> OperationRecord:
+        """Poll an operation until it is terminal (TimeoutError after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            op = await self.get_op(op_id)
+            if op.terminal:
+                return op
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"operation {op_id} still {op.state.value} after {timeout:g} s")
+            await asyncio.sleep(poll)
+
+    async def placement(self) -> PlacementCheck:
+        return parse(PlacementCheck, await self.raw("GET", "/v1/placement"))
 
     # -- placement ----------------------------------------------------------------------------
     async def add_group(self, g: GroupRecord) -> GroupRecord:

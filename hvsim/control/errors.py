@@ -14,11 +14,15 @@ as ``__cause__``::
      |    +-- PKIError                   certificate or key could not be made or loaded
      |    +-- NotFoundError              no such host / VM / group / operation (API: 404)
      |    +-- ConflictError              exists already, still referenced, wrong state (API: 409)
+     |    |    +-- StaleTokenError       a host agent refused a fencing token older than one it saw
+     |    +-- NotLeaderError             this manager does not hold the manager lease (API: 503)
+     |    +-- OperationFailedError       an operation was carried out and failed (API: 502)
      |    +-- ApiError                   the manager API answered an error (client side)
      |         +-- ApiAuthError          401/403: missing or wrong token
      |         +-- ApiNotFoundError      404
      |         +-- ApiConflictError      409
-     |         +-- ApiNotImplementedError 501 (start/stop/migrate/exec before the host agent exists)
+     |         +-- ApiNotImplementedError 501
+     |         +-- ApiFailedError        502: the operation ran and failed (on a host), ``operation`` names it
      |         +-- ApiUnavailableError   the manager could not be reached, or answered 5xx
      +-- InputError
      |    +-- ControlInputError          a malformed field (key, record, request); names the field
@@ -97,6 +101,32 @@ class ConflictError(ControlError):
     pass
 
 
+class StaleTokenError(ConflictError):
+    """A host agent refused a mutating call: its fencing token is older than the newest it saw."""
+
+    def __init__(self, token: int, newest: int) -> None:
+        self.token = token
+        self.newest = newest
+        super().__init__(f"stale fencing token {token}: this host agent has seen {newest} (a newer manager)")
+
+
+class NotLeaderError(ControlError):
+    """This manager does not hold the manager lease: it changes nothing (``leader``: who does)."""
+
+    def __init__(self, message: str, leader: str | None = None) -> None:
+        self.leader = leader
+        super().__init__(message)
+
+
+class OperationFailedError(ControlError):
+    """An operation was carried out and failed (a guest that did not boot, a migration that failed);
+    ``operation`` is its id when it was recorded."""
+
+    def __init__(self, message: str, operation: str | None = None) -> None:
+        self.operation = operation
+        super().__init__(message)
+
+
 class OperationStateError(StateError):
     pass
 
@@ -109,7 +139,7 @@ class ApiError(ControlError):
         self.detail = detail
         self.field = field
         self.body = body
-        super().__init__(f"HTTP {status}: {detail}")
+        super().__init__(f"HTTP {status}: {detail}" if status else detail)   # 0: no answer at all
 
 
 class ApiInputError(ApiError, InputError):
@@ -130,6 +160,15 @@ class ApiConflictError(ApiError):
 
 class ApiNotImplementedError(ApiError):
     pass
+
+
+class ApiFailedError(ApiError):
+    """502: the operation was carried out and failed; ``operation`` is its id (if recorded)."""
+
+    @property
+    def operation(self) -> str | None:
+        op = self.body.get("operation") if isinstance(self.body, dict) else None
+        return str(op) if op else None
 
 
 class ApiUnavailableError(ApiError):

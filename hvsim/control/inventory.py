@@ -18,7 +18,7 @@ from .errors import ConflictError, ControlInputError, NotFoundError
 from .ops import IN_FLIGHT, Operation, OperationRecord, OpKind, OpState, Resolution
 from .state import (
     GROUP_VMS, GROUPS, HOST_VMS, HOSTS, INFLIGHT, OPS, RESERVATIONS, RULES, VM_OP, VMS, GroupRecord, HostRecord,
-    HostStatus, ReservationRecord, RuleRecord, VMPower, VMRecord, dump, key_of, parse,
+    HostStatus, ReservationRecord, RuleRecord, VMPower, VMRecord, as_dict, dump, key_of, parse,
 )
 from .store import Compare, Delete, Fence, Get, KeyValue, Op, Put, Store, TxnResult
 
@@ -95,6 +95,36 @@ class Inventory:
 
     async def list_hosts(self, limit: int = 100, after: str | None = None) -> Listing[HostRecord]:
         return await self._list(HostRecord, HOSTS, limit, after)
+
+    async def update_host(self, name: str, **fields: object) -> HostRecord:
+        """Change fields of a host record (compare-and-set, retried on a concurrent change)."""
+        for _ in range(MAX_RETRIES):
+            got = await self._get(HostRecord, HOSTS + name)
+            if got is None:
+                raise NotFoundError(f"no host {name!r}")
+            host, kv = got
+            new = parse(HostRecord, {**as_dict(host), **{k: (v.value if isinstance(v, HostStatus) else v)
+                                                         for k, v in fields.items()}}, "host.")
+            if new == host:
+                return host
+            if (await self._txn([Compare.mod_revision(kv.key, kv.mod_revision)], [Put(kv.key, dump(new))])).succeeded:
+                return new
+        raise ConflictError(f"host {name!r} kept changing, try again")
+
+    async def set_vm_power(self, name: str, power: VMPower, *, host: str | None = None) -> VMRecord | None:
+        """Record what a host agent reports about a VM no operation holds (it crashed, or powered
+        itself off); changes nothing (None) while an operation is in flight on it or when ``host``
+        is given and the record names another host."""
+        got = await self._get(VMRecord, VMS + name)
+        if got is None:
+            return None
+        vm, kv = got
+        if vm.power is power or (host is not None and vm.host != host):
+            return None
+        new = VMRecord(**{**{k: getattr(vm, k) for k in vm.__dataclass_fields__}, "power": power})
+        res = await self._txn([Compare.mod_revision(kv.key, kv.mod_revision), Compare.absent(VM_OP + name)],
+                              [Put(kv.key, dump(new))])
+        return new if res.succeeded else None
 
     async def remove_host(self, name: str) -> None:
         """Remove a host that no VM names. A define onto this host touches the host record, so a

@@ -8,7 +8,7 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from .ops import OperationRecord
-from .state import CFG, GroupRecord, HostRecord, Name, ReservationRecord, RuleRecord, Text, VMRecord
+from .state import CFG, GroupRecord, HostRecord, Name, ReservationRecord, RuleRecord, VMRecord
 
 
 @dataclass(config=CFG)
@@ -53,9 +53,15 @@ class ExecRequest:
 
 
 @dataclass(config=CFG)
+class StopBody:
+    timeout: Annotated[float, Field(gt=0, le=600, description="seconds for the guest to power off")] = 60.0
+
+
+@dataclass(config=CFG)
 class ErrorBody:
-    detail: Text
+    detail: Annotated[str, Field(max_length=4096)]
     field: str | None = None
+    operation: str | None = None        # 502: the operation that ran and failed
 
 
 
@@ -65,6 +71,45 @@ class Health:
     status: str
     store: str
     revision: int
+    manager: str = ""
+    leader: bool = False
+    token: int = 0
+    resolved: int = 0
+
+
+@dataclass(config=CFG)
+class ExecResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+    signal: int = 0
+    timed_out: bool = False
+    truncated: bool = False
+
+
+@dataclass(config=CFG)
+class Progress:
+    """A migration's progress as its source host agent reports it."""
+    state: str
+    elapsed_s: float = 0.0
+    passes: int = 0
+    transferred: int = 0
+    remaining: int = 0
+    total: int = 0
+    mbps: float = 0.0
+    error: str | None = None
+
+
+@dataclass(config=CFG)
+class PlacementCheck:
+    required_violations: int
+    preferred_penalty: int
+    moves: int
+    problems: list[str]
+    rules: list[dict[str, Any]]
+    vms: int
+    hosts: int
+    rules_checked: int
 
 
 @dataclass(config=CFG)

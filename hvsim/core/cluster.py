@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hvbase.events import EventBus
+from qmp_bridge import QemuProcess
 from qmp_bridge.accel import choose_accel
 
 from . import procfs
@@ -35,6 +36,7 @@ from .errors import NotFoundError, SpecError
 from .events import ClusterEvent, VMDefined, VMUndefined
 from .host import Host, HostNetwork
 from .model import CloudSpec, DatacenterSpec, HostSpec, VMSpec, check_name
+from .power import PowerDomain
 from .vm import VM
 
 log = logging.getLogger("hvsim.core.cluster")
@@ -232,9 +234,11 @@ class Cluster:
         self.datacenters[name] = spec
         return spec
 
-    def add_host(self, spec: HostSpec | None = None, network: HostNetwork | None = None, **kwargs: Any) -> Host:
+    def add_host(self, spec: HostSpec | None = None, network: HostNetwork | None = None,
+                 power: PowerDomain | None = None, **kwargs: Any) -> Host:
         """Add an emulated host; ``network`` puts its processes in a namespace with an address (e.g.
-        ``underlay.host_network("a")``), None keeps them in ours, on loopback."""
+        ``underlay.host_network("a")``), None keeps them in ours, on loopback. ``power``: the host's
+        power domain; its QEMUs then run detached in it and outlive this process (a host agent)."""
         spec = spec or HostSpec(**kwargs)
         if spec.name in self.hosts:
             raise SpecError(f"duplicate host name {spec.name!r}")
@@ -242,7 +246,9 @@ class Cluster:
             raise SpecError(f"host {spec.name!r}: network must be a HostNetwork, got {type(network).__name__}")
         if spec.datacenter not in self.datacenters:
             self.add_datacenter(spec.datacenter)
-        host = Host(spec, network=network)
+        if power is not None and not isinstance(power, PowerDomain):
+            raise SpecError(f"host {spec.name!r}: power must be a PowerDomain, got {type(power).__name__}")
+        host = Host(spec, network=network, power=power)
         self.hosts[spec.name] = host
         return host
 
@@ -273,6 +279,35 @@ class Cluster:
         self.vms[spec.name] = vm
         self.events.publish(VMDefined(vm=spec.name, host=h.name))
         return vm
+
+    async def adopt_vm(self, spec: VMSpec, host: str | Host, process: QemuProcess, *,
+                       instance_dir: Path | None = None, paused: bool = False, generation: int | None = None,
+                       components: dict[str, dict[str, Any]] | None = None) -> VM:
+        """Define ``spec`` on ``host`` and adopt its QEMU that runs already (see
+        :meth:`VM.attach_running`): a host agent re-adopting its guests after a restart, or taking
+        over the destination of a migration. If adopting fails, the VM is not defined (the QEMU is
+        left as it was)."""
+        vm = await self.define_vm(spec, host)
+        try:
+            await vm.attach_running(process, instance_dir=instance_dir, paused=paused, generation=generation,
+                                    components=components)
+        except BaseException:
+            self.vms.pop(spec.name, None)
+            vm.close_subscriptions()
+            raise
+        return vm
+
+    async def detach_vm(self, name: str) -> dict[str, dict[str, Any]]:
+        """Let go of a VM's QEMU and components without stopping them and forget the VM (its
+        files stay: a later owner adopts it with :meth:`adopt_vm`). Returns its components'
+        records for re-attaching."""
+        vm = self.vm(name)
+        pids = {vm.pid, *(p for c in vm.components.values() for p in c.pids())}
+        records = await vm.detach()
+        self.processes = [p for p in self.processes if p[0] not in pids]   # they are meant to outlive us
+        del self.vms[name]
+        vm.close_subscriptions()
+        return records
 
     async def undefine_vm(self, name: str) -> None:
         """Remove a shut-off VM and its files; refused while a process holds any of them."""

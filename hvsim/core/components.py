@@ -9,12 +9,12 @@ stopped when it shuts down, is destroyed or crashes, removed (files deleted) whe
 Lifecycle (one :class:`~hvbase.fsm.StateMachine`, changes published on the cluster bus as
 :class:`~hvsim.core.events.ComponentStateChanged`)::
 
-    CREATED --prepare--> PREPARING --> READY <--resume-- QUIESCED
+    CREATED --prepare/reattach--> PREPARING --> READY <--resume-- QUIESCED
        |                     |           |  --quiesce-->    |
        |                     v           v                  v
        |                   FAILED <---(dies on its own)-----+      FAILED --prepare--> PREPARING (restart)
        |                     |           |
-       |                     +--stop--> STOPPING --> STOPPED --prepare--> PREPARING
+       |                     +--stop/detach--> STOPPING --> STOPPED --prepare--> PREPARING
        +--remove--> REMOVED <--remove-- STOPPED / FAILED
 
 Like Cloud Hypervisor's ``Pausable``/``Snapshottable``/``Transportable``, a component can be
@@ -205,6 +205,14 @@ class Component(abc.ABC):
 
     kind: ClassVar[str]
     CHECKPOINT_VERSIONS: ClassVar[frozenset[int]] = frozenset({1})
+    #: A migratable component whose device has no state to carry (an ENI: its peer is a staged binding
+    #: on the destination) sets this False: the migration makes its peer, quiesces the source at the
+    #: switch-over (its final step) and retires one of the two, but moves no checkpoint.
+    migrates_state: ClassVar[bool] = True
+    #: A device tied to the host it is served on (a NIC's port on that host's network) cannot be shared
+    #: with a QEMU on another host: it moves with its VM even when the migration shares the user-level
+    #: drivers (``uld="shared"``).
+    host_bound: ClassVar[bool] = False
 
     def __init__(self, name: str, ctx: ComponentContext) -> None:
         self.name = name
@@ -256,6 +264,35 @@ class Component(abc.ABC):
             self.restarts += 1
         self.fsm.set(C.READY, "serving")
         return att
+
+    async def reattach(self, host: Host, record: dict[str, Any]) -> Attachment:
+        """Take over this component's processes that run already, started by an earlier owner of
+        the VM (a host agent before its restart): ``record`` is what :meth:`detach` returned then.
+        From CREATED; READY afterwards, with the same attachment QEMU has. A component that cannot
+        (the default) raises ComponentError and is FAILED."""
+        self.fsm.require("reattach", C.CREATED)
+        self.fsm.set(C.PREPARING, f"re-attach on host {host.name}")
+        try:
+            att = await self._do_reattach(host, record)
+        except BaseException as exc:
+            self.fsm.set(C.FAILED, f"re-attach failed: {type(exc).__name__}: {exc}".splitlines()[0])
+            raise
+        self.host, self._attachment = host, att
+        self.fsm.set(C.READY, "re-attached")
+        return att
+
+    async def detach(self) -> dict[str, Any]:
+        """Let go of this component's processes without stopping them (the VM's owner is going
+        away); returns the record :meth:`reattach` needs (pids, socket paths). STOPPED afterwards
+        (nothing of it is ours any more). A component with nothing running returns ``{}``."""
+        if not self.live:
+            return {}
+        self.fsm.set(C.STOPPING, "detach")
+        try:
+            return await self._do_detach()
+        finally:
+            self._attachment = None
+            self.fsm.set(C.STOPPED, "detached")
 
     async def quiesce(self) -> None:
         """Stop accepting new work and finish what is in flight (before a final checkpoint)."""
@@ -387,6 +424,12 @@ class Component(abc.ABC):
     @abc.abstractmethod
     async def _do_stop(self) -> None: ...
 
+    async def _do_reattach(self, host: Host, record: dict[str, Any]) -> Attachment:
+        raise ComponentError(f"{self.fsm.obj}: {self.kind} components cannot re-attach to running processes")
+
+    async def _do_detach(self) -> dict[str, Any]:
+        raise ComponentError(f"{self.fsm.obj}: {self.kind} components cannot let their processes go")
+
     async def _do_quiesce(self) -> None:
         raise ComponentError(f"{self.fsm.obj}: quiesce is not supported by {self.kind}")
 
@@ -465,7 +508,9 @@ class MigratableComponent(Protocol):
     deltas since the last one delivered while the guest runs, the final one after ``quiesce``), the
     destination QEMU attaches to the peer, and the source instance is retired once the peer took over
     (or resumed if the migration failed). Uses Component's ``quiesce``/``resume``/``checkpoint``/
-    ``restore``/``stop``/``remove``/``retire`` besides these two methods."""
+    ``restore``/``stop``/``remove``/``retire`` besides these two methods. A component without device
+    state (``Component.migrates_state`` False) needs only ``quiesce`` (its final step, at the
+    switch-over), ``resume`` (undo it) and ``retire``."""
 
     def migration_peer(self, run_dir: Path) -> Component:
         """A new, unprepared component for the same device (same kind, name and context) whose

@@ -1,12 +1,24 @@
 """Emulated hypervisor hosts: capacity accounting (with overcommit) and the VMs placed there; and
-the physical machine's own memory, which every guest of every emulated host really uses."""
+the physical machine's own memory, which every guest of every emulated host really uses.
+
+A host may have a *power domain* (:class:`~hvsim.core.power.PowerDomain`, a cgroup): then its QEMUs
+start detached in it, with QMP on a socket path, so they outlive the process that manages them (a
+host agent that restarts re-attaches to them) but never the host (powering the domain off kills
+them all). Without one, QEMUs die with the process that started them (the embedded library mode).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from qmp_bridge import MachineSpec, QemuProcess
 
 from .errors import CapacityError
 from .model import HostSpec, VMSpec
+from .power import PowerDomain
+
+QMP_SOCKET = "qmp.sock"        # a detached QEMU's QMP socket, in its instance directory
 
 QEMU_OVERHEAD_MIB = 64        # what one TCG QEMU takes beyond guest RAM (measured: 40-60 MiB)
 
@@ -43,6 +55,21 @@ class Host:
     spec: HostSpec
     network: HostNetwork | None = None         # None: the hvsim process's own namespace, loopback
     allocations: dict[str, tuple[int, int]] = field(default_factory=dict)  # vm -> (vcpus, MiB)
+    power: PowerDomain | None = None           # None: QEMUs die with us; else detached in this cgroup
+
+    @property
+    def detached(self) -> bool:
+        """Whether this host's QEMUs outlive the process that starts them (they run in its power domain)."""
+        return self.power is not None
+
+    def qemu_process(self, spec: MachineSpec, run_dir: Path) -> QemuProcess:
+        """A (not yet launched) QEMU for this host, files in ``run_dir``: in its namespace; embedded
+        (dies with us) without a power domain, else detached in the domain with QMP on
+        ``run_dir/qmp.sock`` (see :meth:`QemuProcess.reattach`)."""
+        if self.power is None:
+            return QemuProcess(spec, run_dir, netns=self.netns)
+        return QemuProcess(spec, run_dir, netns=self.netns, qmp_socket=Path(run_dir) / QMP_SOCKET, detached=True,
+                           cgroup=self.power.path)
 
     @property
     def netns(self) -> str | None:
@@ -98,4 +125,5 @@ class Host:
 
     def to_dict(self) -> dict[str, Any]:
         return {"spec": self.spec.to_dict(), "netns": self.netns, "address": self.address,
-                "allocations": {k: list(v) for k, v in self.allocations.items()}}
+                "allocations": {k: list(v) for k, v in self.allocations.items()},
+                "power_domain": str(self.power.path) if self.power else None}

@@ -35,13 +35,14 @@ ALLOWED: dict[str, frozenset[VMState]] = {
     "destroy": frozenset({S.STARTING, S.RUNNING, S.PAUSED, S.SHUTTING_DOWN, S.CRASHED, S.MIGRATING}),
     "migrate": frozenset({S.RUNNING, S.PAUSED}),
     "undefine": frozenset({S.SHUTOFF, S.CRASHED}),
+    "attach": frozenset({S.SHUTOFF, S.CRASHED}),   # adopt a QEMU that runs already (VM.attach_running)
     "agent": frozenset({S.RUNNING, S.PAUSED, S.MIGRATING}),  # paused: queued until resume
 }
 
 # state -> states it may move to (by actions or by events such as a crash)
 TRANSITIONS: dict[VMState, frozenset[VMState]] = {
     S.SHUTOFF: frozenset({S.STARTING}),
-    S.STARTING: frozenset({S.RUNNING, S.SHUTOFF, S.CRASHED}),
+    S.STARTING: frozenset({S.RUNNING, S.PAUSED, S.SHUTOFF, S.CRASHED}),   # PAUSED: a paused QEMU re-attached
     S.RUNNING: frozenset({S.PAUSED, S.SHUTTING_DOWN, S.SHUTOFF, S.CRASHED, S.MIGRATING, S.RUNNING}),
     S.PAUSED: frozenset({S.RUNNING, S.SHUTOFF, S.CRASHED, S.MIGRATING}),
     S.SHUTTING_DOWN: frozenset({S.SHUTOFF, S.CRASHED, S.RUNNING}),

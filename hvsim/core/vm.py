@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 
 from hvbase.events import Subscription
 from hvbase.fsm import StateMachine, Transition
-from qmp_bridge import (Drive, LaunchError, MachineSpec, Nic, QEMUBridgeError, QEMUExitedError, QemuProcess,
-                        QMPSession, SerialPort)
+from qmp_bridge import (Drive, LaunchError, MachineSpec, Nic, ProcState, QEMUBridgeError, QEMUExitedError,
+                        QemuProcess, QMPSession, SerialPort)
 
 from . import procfs
 from .agent import ExecResult, GuestAgent
@@ -174,6 +174,10 @@ class VM:
         self.component_failures.append(event)
         log.error("vm %s: component %s failed: %s", self.name, event.component, event.error.splitlines()[0])
 
+    def close_subscriptions(self) -> None:
+        """Stop listening on the cluster's bus (the VM is being forgotten: undefined or detached)."""
+        self._failures.close()
+
     def subscribe(self, name: str, kinds: Iterable[type] = (VMStateChanged,),
                   callback: Callable[[ClusterEvent], None] | None = None) -> Subscription[ClusterEvent]:
         """Events about this VM (default: its state changes) as a subscription; use ``with``."""
@@ -216,6 +220,12 @@ class VM:
             incoming=incoming,
             extra_args=tuple(a for att in atts for a in att.extra_args) + self.spec.qemu_args + extra_args)
 
+    def machine_spec(self, run_dir: Path, *, incoming: str | None = None) -> MachineSpec:
+        """This VM's QEMU machine with its files in ``run_dir`` (e.g. the destination of a migration
+        that another process drives), its live components attached as they are now."""
+        return self._machine_spec([c.attachment for c in self.components.values() if c.live], run_dir,
+                                  incoming=incoming)
+
     def _create_file_disks(self) -> None:
         for d in self.spec.disks:
             if d.kind != "file":
@@ -251,8 +261,7 @@ class VM:
                 self.fsm.set(VMState.STARTING, "booting")
                 self._create_file_disks()
                 attachments = await self._prepare_components()
-                proc = QemuProcess(self._machine_spec(attachments, self.instance_dir), self.instance_dir,
-                                   netns=self.host.netns)
+                proc = self.host.qemu_process(self._machine_spec(attachments, self.instance_dir), self.instance_dir)
                 self.started_at = time.monotonic()
                 try:
                     await proc.launch()
@@ -271,6 +280,68 @@ class VM:
             self.fsm.set(VMState.RUNNING, "booted")
         if wait_ready:
             await self.wait_ready(ready_timeout)
+
+    async def attach_running(self, process: QemuProcess, *, instance_dir: Path | None = None, paused: bool = False,
+                             generation: int | None = None,
+                             components: dict[str, dict[str, Any]] | None = None) -> None:
+        """Adopt a QEMU of this VM that runs already, without restarting the guest: one an earlier
+        owner started detached (a host agent before its restart) and that was re-attached
+        (:meth:`QemuProcess.reattach`), or the destination of a migration driven by another process.
+        ``instance_dir`` holds its sockets and logs; ``components`` the records their
+        :meth:`Component.detach` returned (each component re-attaches to its running processes).
+        SHUTOFF -> STARTING -> RUNNING (or PAUSED), reasons "re-attaching"/"re-attached"; capacity is
+        reserved first (CapacityError, and nothing is adopted, if the host cannot take it)."""
+        async with self._op("attach"):
+            if process.state is not ProcState.RUNNING or process.qmp is None:
+                raise VMError(f"vm {self.name!r}: cannot adopt QEMU pid {process.pid}: it is {process.state.value}")
+            self.host.reserve(self.spec)
+            try:
+                self.fsm.set(VMState.STARTING, "re-attaching")
+                if instance_dir is not None:
+                    self.instance_dir = Path(instance_dir)
+                    self.agent = GuestAgent(self.name, self.agent_socket, self._guard)
+                records = components or {}
+                for cid, c in self.components.items():
+                    await c.reattach(self.host, records.get(cid, {}))
+            except BaseException:
+                await self._stop_components()
+                self.host.release(self.name)
+                if self.state is VMState.STARTING:
+                    self.fsm.set(VMState.SHUTOFF, "re-attach failed")
+                raise
+            if process.pid is not None:
+                self.env.track_process(process.pid, f"QEMU of vm {self.name} (re-attached)")
+            self._adopt(process)
+            if generation is not None:
+                self.generation = generation
+            self.fsm.set(VMState.PAUSED if paused else VMState.RUNNING, "re-attached")
+
+    async def detach(self) -> dict[str, dict[str, Any]]:
+        """Let go of this VM's QEMU and components without stopping them (the process managing
+        them is going away; a later one adopts them with :meth:`attach_running`). Waits for the
+        operation in progress. The VM is SHUTOFF ("detached") afterwards; its owner drops it
+        (:meth:`Cluster.detach_vm`). Returns the components' records for re-attaching."""
+        async with self._lock.hold("detach"):
+            proc = self.process
+            if not self.has_process or proc is None:
+                raise IllegalTransitionError(
+                    f"vm {self.name!r}", self.state, (), action="detach",
+                    message=f"vm {self.name!r} has no QEMU to let go (it is {self.state.value})")
+            if not proc.detached:
+                raise VMError(f"vm {self.name!r}: its QEMU dies with this process (no power domain): it cannot be "
+                              "let go")
+            self._expect_exit = proc
+            await self.agent.close()
+            if self._watch is not None:
+                self._watch.cancel()
+                await asyncio.gather(self._watch, return_exceptions=True)
+            await proc.detach()
+            records = {cid: await c.detach() for cid, c in self.components.items()}
+            self.host.release(self.name)
+            self.process = None
+            self._expect_exit = None
+            self.fsm.set(VMState.SHUTOFF, "detached")
+            return records
 
     @contextlib.asynccontextmanager
     async def _op(self, action: str) -> AsyncIterator[None]:
@@ -459,7 +530,7 @@ class VM:
             for c in self.components.values():
                 if c.state is not ComponentState.REMOVED:
                     await c.remove()
-            self._failures.close()
+            self.close_subscriptions()
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # -- migration ------------------------------------------------------------------------------------
@@ -628,6 +699,35 @@ class MigrationLease:
             vm._lock.release()  # noqa: SLF001 (the lease is the VM's own, same module)
             vm.env.events.publish(VMMoved(vm=vm.name, source=old_host.name, destination=self.destination.name,
                                           reason="migrated"))
+
+    async def hand_off(self) -> None:
+        """The migration completed to a host this process does not run (the destination QEMU was
+        started and adopted by another process, e.g. the destination's host agent): the source QEMU
+        is stopped and its files removed, capacity released, the VM is SHUTOFF ("migrated to DEST")
+        and VMMoved is published. The VM no longer runs here: its owner undefines it."""
+        self.fsm.require("hand off", LeaseState.HELD)
+        vm = self._vm
+        old_proc, old_host = vm.process, vm.host
+        vm._expect_exit = old_proc  # noqa: SLF001 (the lease is the VM's own, same module)
+        try:
+            await vm.agent.close()
+            if old_proc is not None:
+                await old_proc.stop()
+            await vm._watch_done()  # noqa: SLF001 (the lease is the VM's own, same module)
+            await vm._cleanup_after_exit()  # noqa: SLF001 (the lease is the VM's own, same module)
+            await vm._stop_components()  # noqa: SLF001 (the lease is the VM's own, same module)
+        finally:
+            self.destination.release(vm.name)
+            old_host.release(vm.name)
+            vm._expect_exit = None  # noqa: SLF001 (the lease is the VM's own, same module)
+            vm.process = None
+            if vm.state is VMState.MIGRATING:
+                vm.fsm.set(VMState.SHUTOFF, f"migrated to {self.destination.name}")
+            self.fsm.set(LeaseState.COMMITTED, f"handed off to {self.destination.name}")
+            vm._lease = None  # noqa: SLF001 (the lease is the VM's own, same module)
+            vm._lock.release()  # noqa: SLF001 (the lease is the VM's own, same module)
+            vm.env.events.publish(VMMoved(vm=vm.name, source=old_host.name, destination=self.destination.name,
+                                          reason="migrated (handed off)"))
 
     def abort(self, reason: str) -> None:
         """The migration did not complete: the VM stays on its source in its prior state, the

@@ -25,9 +25,9 @@ from .policies import make_policy
 from .transfer import QemuLiveTransfer, TransferOptions
 
 _OPTIONS = {"policy_params", "port", "poll_interval", "heartbeat", "dest_extra_args", "sample_dirty_rate",
-            "link_mbit", "postcopy_preempt", "uld", "uld_hooks", "uld_precopy_interval", "uld_stall_timeout",
-            "uld_final_timeout", "contract", "downtime_budget_ms", "time_budget_s", "postcopy_window_s",
-            "if_infeasible", "recover_within_s", "postcopy_stall_s"}
+            "link_mbit", "postcopy_preempt", "transfer_factory", "uld", "uld_hooks", "uld_precopy_interval",
+            "uld_stall_timeout", "uld_final_timeout", "contract", "downtime_budget_ms", "time_budget_s",
+            "postcopy_window_s", "if_infeasible", "recover_within_s", "postcopy_stall_s"}
 _CONTRACT_KEYS = ("downtime_budget_ms", "time_budget_s", "postcopy_window_s", "if_infeasible")
 
 
@@ -61,7 +61,9 @@ def start_migration(vm: VM, dest_host: Host | str, policy: Any = "hvsim-predicti
     socket; it is attached to the destination too and left open), ``dest_extra_args`` (extra QEMU
     args for the destination, e.g. for fault injection), ``sample_dirty_rate`` (bool, default off:
     QMP calc-dirty-rate before the start), ``link_mbit`` (a bandwidth hint for the policy),
-    ``postcopy_preempt`` (bool, default off). Both are off because with them destination guests of
+    ``postcopy_preempt`` (bool, default off), ``transfer_factory`` (``(migration_id, TransferOptions,
+    uses_postcopy=, components=) -> QemuLiveTransfer``: another way to reach the destination, e.g. a destination
+    run by another host agent). Both dirty-rate sampling and preemption are off because with them destination guests of
     concurrent migrations logged kernel BUGs (memory corruption) here; see docs/migration.md.
 
     User-level drivers (components implementing the core's ``MigratableComponent``, e.g. the swap
@@ -102,6 +104,9 @@ def start_migration(vm: VM, dest_host: Host | str, policy: Any = "hvsim-predicti
     if not isinstance(params, dict):
         raise MigrationInputError(f"policy_params must be a dict, got {type(params).__name__}")
     pol = make_policy(policy, **params)
+    factory = options.get("transfer_factory") or QemuLiveTransfer
+    if not callable(factory):
+        raise MigrationInputError(f"transfer_factory must be callable, got {type(factory).__name__}")
     uld_mode = UldMode.parse(options.get("uld", "precopy"))
     hooks = options.get("uld_hooks")
     if hooks is not None and not isinstance(hooks, UldHooks):
@@ -141,7 +146,7 @@ def start_migration(vm: VM, dest_host: Host | str, policy: Any = "hvsim-predicti
         comps = ComponentMigration(mid, lease, uld_mode, precopy_interval=uld_interval, stall_timeout=uld_stall,
                                    final_timeout=uld_final, hooks=hooks)
         comps_or_none = comps if comps.active else None
-        transfer = QemuLiveTransfer(mid, TransferOptions(
+        transfer = factory(mid, TransferOptions(
             port=port, dest_extra_args=tuple(options.get("dest_extra_args") or ()),
             sample_dirty_rate=bool(options.get("sample_dirty_rate")),
             postcopy_preempt=bool(options.get("postcopy_preempt"))), uses_postcopy=pol.wants_postcopy(contract),

@@ -152,7 +152,8 @@ class UldBreakdown:
     transfer_ms: float | None = None         # final checkpoints across the link
     restore_ms: float | None = None          # restored into the peers
     resume_ms: float | None = None           # migrate-continue -> destination RESUME (device state, last RAM)
-    uld_ms: float | None = None              # quiesce + transfer + restore
+    uld_ms: float | None = None              # quiesce + transfer + restore + final step
+    final_step_ms: float | None = None       # the stateless ULDs' final step (an ENI's activation)
     total_ms: float | None = None            # STOP -> RESUME
     final_bytes: int = 0
 
@@ -187,11 +188,11 @@ class ComponentMigration:
         self.final_timeout = final_timeout
         self.hooks = hooks or UldHooks()
         self.ulds: list[_Uld] = []
-        if self.mode is not UldMode.SHARED:
-            for c in lease.components:
-                if isinstance(c, MigratableComponent):
-                    self.ulds.append(_Uld(c, StateMachine(f"ULD {lease.vm_name}/{c.id} migration", U.NEW,
-                                                          TRANSITIONS, error=UldStateError, log=log)))
+        for c in lease.components:
+            # a host-bound device (an ENI's port) moves even when the drivers are shared
+            if isinstance(c, MigratableComponent) and (self.mode is not UldMode.SHARED or c.host_bound):
+                self.ulds.append(_Uld(c, StateMachine(f"ULD {lease.vm_name}/{c.id} migration", U.NEW,
+                                                      TRANSITIONS, error=UldStateError, log=log)))
         self.link: StateLink | None = None
         self.error: BaseException | None = None
         self.breakdown = UldBreakdown()
@@ -201,6 +202,13 @@ class ComponentMigration:
         self._costs: list[tuple[int, float]] = []   # (bytes, checkpoint + restore seconds) per round
 
     # -- queries ---------------------------------------------------------------------------------------
+    @property
+    def stateful(self) -> list[_Uld]:
+        """The ULDs whose device state moves as checkpoints (none when the drivers are shared)."""
+        if self.mode is UldMode.SHARED:
+            return []
+        return [u for u in self.ulds if u.source.migrates_state]
+
     @property
     def active(self) -> bool:
         """Does this migration move ULDs at all?"""
@@ -223,12 +231,13 @@ class ComponentMigration:
         beyond moving those bytes."""
         if not self.active:
             return 0, 0.0
-        pend = sum(u.pending_bytes for u in self.ulds) if self.mode is not UldMode.COLD else 0
+        stateful = self.stateful
+        pend = sum(u.pending_bytes for u in stateful) if self.mode is not UldMode.COLD else 0
         big = [(b, s) for b, s in self._costs if b >= MIB]
         per_byte = sum(s for _, s in big) / sum(b for b, _ in big) if big else 15e-3 / MIB
         small = sorted(s for b, s in self._costs if b < MIB)
         fixed = small[len(small) // 2] if small else 0.02
-        return pend, (len(self.ulds) * fixed + pend * per_byte) * 1000.0
+        return pend, (len(stateful) * fixed + pend * per_byte) * 1000.0
 
     # -- phases ------------------------------------------------------------------------------------
     async def _hook(self, phase: str, u: _Uld, comp: Component) -> None:
@@ -266,28 +275,29 @@ class ComponentMigration:
                 await self._hook("peer-starting", u, u.peer)
                 atts[u.id] = await u.peer.prepare(dest)
                 await self._hook("peer-ready", u, u.peer)
-                u.pending_bytes = await src.state_size(None) if self.mode is not UldMode.COLD else 0
+                u.pending_bytes = await src.state_size(None) \
+                    if self.mode is not UldMode.COLD and u in self.stateful else 0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 raise self._fail(u, "peer-starting", exc) from exc
             u.fsm.set(U.PEER_READY, f"peer pid(s) {u.peer.pids()}")
-        if self.mode in (UldMode.PRECOPY, UldMode.STOP_COPY):
+        if self.mode in (UldMode.PRECOPY, UldMode.STOP_COPY) and self.stateful:
             self.link = StateLink(self.id, self.lease.source, dest, track_process=self.lease.track_process,
                                   stall_timeout=self.stall_timeout)
             try:
                 await self.link.open()
             except StateLinkError as exc:
-                raise self._fail(self.ulds[0], "peer-starting", exc) from exc
+                raise self._fail(self.stateful[0], "peer-starting", exc) from exc
         return atts
 
     async def head_start(self) -> float:
         """``precopy``: move every ULD's full checkpoint into its peer before the RAM stream starts;
         returns the seconds it took (0 in other modes)."""
-        if self.mode is not UldMode.PRECOPY or not self.active:
+        if self.mode is not UldMode.PRECOPY or not self.stateful:
             return 0.0
         t0 = time.monotonic()
-        for u in self.ulds:
+        for u in self.stateful:
             u.fsm.set(U.PRECOPY, "full checkpoint ahead of the RAM")
             await self._move(u, final=False)
             assert isinstance(u.source, MigratableComponent)
@@ -297,15 +307,15 @@ class ComponentMigration:
 
     def start(self) -> None:
         """The RAM transfer started: begin ULD pre-copy (``precopy``) or size tracking (``stop-copy``)."""
-        if self.mode is UldMode.PRECOPY and self.active:
+        if self.mode is UldMode.PRECOPY and self.stateful:
             self._precopy = asyncio.create_task(self._precopy_loop(), name=f"uld-precopy-{self.id}")
-        elif self.mode is UldMode.STOP_COPY and self.active:
+        elif self.mode is UldMode.STOP_COPY and self.stateful:
             self._sizer = asyncio.create_task(self._size_loop(), name=f"uld-size-{self.id}")
 
     async def _size_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            for u in self.ulds:
+            for u in self.stateful:
                 with contextlib.suppress(HvsimError):
                     assert isinstance(u.source, MigratableComponent)
                     u.pending_bytes = await u.source.state_size(None)
@@ -358,12 +368,13 @@ class ComponentMigration:
 
     async def _precopy_loop(self) -> None:
         try:
-            for u in self.ulds:
+            stateful = self.stateful
+            for u in stateful:
                 if u.fsm.state is not U.PRECOPY:
                     u.fsm.set(U.PRECOPY, "pre-copy with the RAM")
             while True:
                 await asyncio.sleep(self.precopy_interval)
-                for u in self.ulds:
+                for u in stateful:
                     await self._move(u, final=False)
                     assert isinstance(u.source, MigratableComponent)
                     u.pending_bytes = await u.source.state_size(u.delivered)
@@ -392,18 +403,20 @@ class ComponentMigration:
             raise self.error
         try:
             async with asyncio.timeout(self.final_timeout):
-                for u in self.ulds:
-                    await self._hook("quiesce", u, u.source)
-                    try:
-                        await u.source.quiesce()
-                    except HvsimError as exc:
-                        raise self._fail(u, "quiesce", exc) from exc
-                    u.fsm.set(U.QUIESCED, "writes held, flushed")
+                stateful = self.stateful
+                for u in stateful:
+                    await self._quiesce(u, "writes held, flushed")
                 mark["quiesced"] = time.time()
                 if self.mode is not UldMode.COLD:
-                    for u in self.ulds:
+                    for u in stateful:
                         await self._move(u, final=True)
                 mark["restored"] = time.time()
+                # stateless ULDs last: their quiesce is the final step itself (an ENI's activation:
+                # the destination port opens once every driver's state is on the destination)
+                for u in self.ulds:
+                    if u not in stateful:
+                        await self._quiesce(u, "final step done (no state to move)")
+                mark["final_step"] = time.time()
         except TimeoutError as exc:
             raise UldError(f"migration {self.id}: the ULDs' final step took over {self.final_timeout:g} s") from exc
         for u in self.ulds:
@@ -414,8 +427,17 @@ class ComponentMigration:
         b.quiesce_ms = (mark["quiesced"] - mark["paused"] + sum(r.checkpoint_s for r in finals)) * 1000
         b.transfer_ms = sum(r.transfer_s for r in finals) * 1000
         b.restore_ms = sum(r.restore_s for r in finals) * 1000
-        b.uld_ms = (mark["restored"] - mark["paused"]) * 1000
+        b.uld_ms = (mark["final_step"] - mark["paused"]) * 1000
+        b.final_step_ms = (mark["final_step"] - mark["restored"]) * 1000
         return b
+
+    async def _quiesce(self, u: _Uld, why: str) -> None:
+        await self._hook("quiesce", u, u.source)
+        try:
+            await u.source.quiesce()
+        except HvsimError as exc:
+            raise self._fail(u, "quiesce", exc) from exc
+        u.fsm.set(U.QUIESCED, why)
 
     def finish_breakdown(self, stop_ts: float | None, continued_ts: float | None, resume_ts: float | None,
                          pause_ts: float | None = None) -> None:

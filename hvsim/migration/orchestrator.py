@@ -322,7 +322,9 @@ class Migration:
         # beats must be read on both sides: a virtio-serial chardev with no client drops them
         if self._own_heartbeat:
             await self.heartbeat.attach(self.lease.source_heartbeat_socket, timeout=5)
-        await self.heartbeat.attach(self.lease.dir / "hb.sock", timeout=5)
+        dest_hb = self.transfer.destination_heartbeat_socket
+        if dest_hb is not None:
+            await self.heartbeat.attach(dest_hb, timeout=5)
         self._setup_s = self.elapsed_s
 
     async def _start(self) -> None:
@@ -489,12 +491,18 @@ class Migration:
     async def _finish(self) -> MigrationResult:
         proc = await self.transfer.finish()
         t_running = time.monotonic()
+        if any(n.network != "default" for n in self.lease.spec.nics):
+            await self.transfer.announce()     # a NIC on a tenant network: tell the network where it is
         # let a few beats arrive from the destination so the last gap is closed
-        try:
-            await self.heartbeat.wait_beats(5, timeout=1.5)
-        except TimeoutError:
-            self.log.info("fewer than 5 heartbeats from the destination within 1.5 s (no heartbeat writer?)")
-        await self.lease.commit(proc, components=self.components.peers() if self.components else None)
+        if self.transfer.destination_heartbeat_socket is not None:
+            try:
+                await self.heartbeat.wait_beats(5, timeout=1.5)
+            except TimeoutError:
+                self.log.info("fewer than 5 heartbeats from the destination within 1.5 s (no heartbeat writer?)")
+        if proc is None:
+            await self.lease.hand_off()       # the destination's own process adopted it
+        else:
+            await self.lease.commit(proc, components=self.components.peers() if self.components else None)
         if self.components is not None:
             await self.components.committed()
         self._transition(MigrationState.COMPLETED, f"running on {self.dest.name}")

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from qmp_bridge import QEMUBridgeError, QMPSession
+from qmp_bridge import QEMUBridgeError, QMPSession, QMPTimeoutError
 
 log = logging.getLogger("hvsim.migration")
 
@@ -66,29 +66,40 @@ class PostcopyRecovery:
         info = await qmp.execute("query-migrate", timeout=5)
         return str(info.get("status", "none"))
 
-    async def pause(self, timeout: float = 10.0) -> None:
-        """Bring both sides to ``postcopy-paused`` (each side may already be there)."""
+    async def _status_or_none(self, qmp: QMPSession) -> str | None:
+        """The status, or None while the monitor does not answer: a destination in postcopy can block
+        its main loop on a page that was crossing the broken link (it answers again once the link
+        is back or QEMU gives the page request up)."""
+        try:
+            return await self.status(qmp)
+        except QMPTimeoutError:
+            return None
+
+    async def pause(self, timeout: float = 30.0) -> None:
+        """Bring both sides to ``postcopy-paused`` (each side may already be there). A side whose
+        monitor does not answer is asked again until ``timeout``."""
         self._t0 = time.monotonic()
         self.uri = None
+        deadline = time.monotonic() + timeout
         for side, qmp in (("source", self.src), ("destination", self.dst)):
-            st = await self.status(qmp)
+            st = await self._status_or_none(qmp)
             if st == PAUSED:
                 self._note(f"pause-{side}", True, "already paused")
                 continue
             try:
                 await qmp.execute("migrate-pause", timeout=5)
-                self._note(f"pause-{side}", True, f"was {st}")
+                self._note(f"pause-{side}", True, f"was {st or 'unresponsive'}")
             except QEMUBridgeError as exc:
-                self._note(f"pause-{side}", False, f"was {st}: {exc}")
-        deadline = time.monotonic() + timeout
+                self._note(f"pause-{side}", False, f"was {st or 'unresponsive'}: {exc}")
         while True:
-            src, dst = await self.status(self.src), await self.status(self.dst)
+            src, dst = await self._status_or_none(self.src), await self._status_or_none(self.dst)
             if src == PAUSED and dst == PAUSED:
                 return
             if src == "completed":
                 return          # the stream finished just before the pause: nothing to recover
             if time.monotonic() > deadline:
-                raise TimeoutError(f"postcopy did not pause: source {src!r}, destination {dst!r}")
+                raise TimeoutError(f"postcopy did not pause within {timeout:g} s: source "
+                                   f"{src or 'unresponsive'!s}, destination {dst or 'unresponsive'!s}")
             await asyncio.sleep(0.1)
 
     async def _listen(self) -> None:

@@ -20,6 +20,7 @@ import random
 import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from qmp_bridge import LaunchError, QEMUBridgeError, QemuProcess, QMPSession, QMPTimeoutError
@@ -35,6 +36,7 @@ log = logging.getLogger("hvsim.migration")
 
 MAX_BANDWIDTH = 1 << 40          # bytes/s: effectively unlimited, so only the link limits the stream
 DEFAULT_PORT_RANGE = (20000, 60000)
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}   # QEMU's defaults (ms)
 MANAGED_CAPS = ["events", "postcopy-ram", "postcopy-preempt", "auto-converge", "xbzrle", "pause-before-switchover"]
 
 
@@ -105,8 +107,16 @@ class TransferStrategy(abc.ABC):
         strategy paused it; make sure it runs as it did before."""
 
     @abc.abstractmethod
-    async def finish(self) -> QemuProcess:
-        """The transfer completed: wait until the destination runs; return its process."""
+    async def finish(self) -> QemuProcess | None:
+        """The transfer completed: wait until the destination runs; return its process (the VM
+        adopts it), or None when the destination belongs to another process (a host agent), which
+        has adopted it: the VM is then handed off (:meth:`MigrationLease.hand_off`)."""
+
+    @property
+    def destination_heartbeat_socket(self) -> Path | None:
+        """The destination guest's heartbeat socket, when this process can read it (guest-observed
+        downtime is measured on both sides); None otherwise."""
+        return None
 
     @abc.abstractmethod
     async def discard(self) -> None:
@@ -173,7 +183,7 @@ class QemuLiveTransfer(TransferStrategy):
         # the destination's own ULDs first: the destination QEMU attaches to them when it starts
         atts = await self.components.prepare() if self.components is not None else {}
         spec = lease.destination_spec(self.options.dest_extra_args, attachments=atts)
-        proc = QemuProcess(spec, lease.dir, netns=dest.netns)
+        proc = dest.qemu_process(spec, lease.dir)      # detached in the host's power domain, if it has one
         self.dest_proc = proc
         if self.options.notsent_lowat and lease.source.netns and dest.netns:
             for ns in (lease.source.netns, dest.netns):
@@ -225,8 +235,12 @@ class QemuLiveTransfer(TransferStrategy):
         names = list(dict.fromkeys(MANAGED_CAPS + wanted))
         return [{"capability": c, "state": c in wanted} for c in names]
 
+    @property
+    def destination_heartbeat_socket(self) -> Path | None:
+        return self.lease.dir / "hb.sock" if self.lease is not None else None
+
     async def configure(self, setup: PolicySetup, initial_downtime_limit_ms: float) -> list[str]:
-        assert self.lease is not None and self.dest_proc is not None and self.dest_proc.qmp is not None
+        assert self.lease is not None
         both = ["events"]
         if self.uses_postcopy:
             both.append("postcopy-ram")
@@ -236,14 +250,7 @@ class QemuLiveTransfer(TransferStrategy):
         src = both + [c for c in setup.source_capabilities if c not in both]
         if self.components is not None and self.components.needs_pause:
             src.append("pause-before-switchover")   # the ULDs' final step runs while QEMU waits
-        dq = self.dest_proc.qmp
-        try:
-            await dq.execute("migrate-set-capabilities", {"capabilities": self._cap_list(both)})
-            await self._listen(dq, self.lease.destination.address)
-        except QEMUBridgeError as exc:
-            raise DestinationStartError(
-                f"migration {self.id}: destination QEMU on {self.lease.destination.name} could not prepare the "
-                f"incoming migration: {exc}") from exc
+        await self.listen_destination(both)
         await self.src.execute("migrate-set-capabilities", {"capabilities": self._cap_list(src)})
         params: dict[str, Any] = {"max-bandwidth": MAX_BANDWIDTH, "max-postcopy-bandwidth": 0,
                                   "downtime-limit": _ms(initial_downtime_limit_ms),
@@ -255,6 +262,18 @@ class QemuLiveTransfer(TransferStrategy):
         self.capabilities = src
         self.limit_ms = float(params["downtime-limit"])
         return src
+
+    async def listen_destination(self, capabilities: list[str]) -> None:
+        """Set ``capabilities`` on the destination and make it listen (sets :attr:`uri`)."""
+        assert self.lease is not None and self.dest_proc is not None and self.dest_proc.qmp is not None
+        dq = self.dest_proc.qmp
+        try:
+            await dq.execute("migrate-set-capabilities", {"capabilities": self._cap_list(capabilities)})
+            await self._listen(dq, self.lease.destination.address)
+        except QEMUBridgeError as exc:
+            raise DestinationStartError(
+                f"migration {self.id}: destination QEMU on {self.lease.destination.name} could not prepare the "
+                f"incoming migration: {exc}") from exc
 
     async def _listen(self, dq: QMPSession, ip: str) -> None:
         port = self.options.port
@@ -412,7 +431,7 @@ class QemuLiveTransfer(TransferStrategy):
             await asyncio.sleep(0.1)
         raise MigrationFailedError(f"migration {self.id}: source still {status!r} 15 s after migrate_cancel")
 
-    async def finish(self) -> QemuProcess:
+    async def finish(self) -> QemuProcess | None:
         proc = self.dest_proc
         assert proc is not None and proc.qmp is not None and self.lease is not None
         deadline = time.monotonic() + 30
@@ -430,6 +449,19 @@ class QemuLiveTransfer(TransferStrategy):
                                              self._event_time(self._resume_ev), self.pause_event_at)
         self._close_events()
         return proc
+
+    async def announce(self) -> None:
+        """Have the destination QEMU announce the guest's NICs (QMP ``announce-self``: RARP frames
+        from every NIC, QEMU's default timing), on top of the announce QEMU makes by itself after an
+        incoming migration: what teaches a flood-and-learn network where the guest is now. Logged,
+        never raised (the guest runs either way)."""
+        proc = self.dest_proc
+        if proc is None or proc.qmp is None:
+            return
+        try:
+            await proc.qmp.execute("announce-self", dict(ANNOUNCE))
+        except QEMUBridgeError as exc:
+            self.log.warning("announce-self on the destination failed: %s", exc)
 
     def _close_events(self) -> None:
         task, self._pause_task = self._pause_task, None

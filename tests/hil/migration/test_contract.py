@@ -39,7 +39,7 @@ async def test_a_300ms_budget_on_a_rho_07_guest_is_met_as_the_engine_reports(lab
     # the contract the engine reports ...
     assert r.contract == {"downtime_budget_ms": 300, "time_budget_s": 120.0, "postcopy_window_s": 0.0,
                           "if_infeasible": "best-effort"}
-    assert r.contract_met is True and not r.postcopy
+    assert r.contract_met is True and not r.postcopy, f"{r.summary()}; gap {r.gap}"
     assert r.downtime_ms_guest is not None and r.downtime_ms_guest <= 300
     # ... and the heartbeat gap agrees with it: the same gap, split by QEMU's own event timestamps
     # into parts that add up to it; the guest's last beat came within one beat period of the stop

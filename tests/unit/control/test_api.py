@@ -1,6 +1,7 @@
 """The manager API as a real process on a unix socket: real HTTP (httpx through our client, and
-curl), bearer-token auth, pagination, field-naming 4xx answers that change nothing, 501 for what
-needs the host agent; once against SQLite and once against the real etcd cluster."""
+curl), bearer-token auth, pagination, field-naming 4xx answers that change nothing, lifecycle verbs
+refused (409) when no host agent can carry them out; once against SQLite and once against the real
+etcd cluster."""
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,7 @@ import pytest_asyncio
 
 from hvsim.control.client import ManagerClient
 from hvsim.control.errors import (
-    ApiAuthError, ApiConflictError, ApiInputError, ApiNotFoundError, ApiNotImplementedError, ApiUnavailableError,
+    ApiAuthError, ApiConflictError, ApiInputError, ApiNotFoundError, ApiUnavailableError,
 )
 from hvsim.control.etcd_cluster import EtcdCluster
 from hvsim.control.ops import OpKind, OpState
@@ -166,16 +167,30 @@ async def test_client_raises_the_error_tree(client: ManagerClient, tmp_path: Pat
             await gone.list_vms()
 
 
-async def test_start_stop_migrate_exec_are_501_until_the_host_agent(client: ManagerClient) -> None:
-    await client.define_vm(VMDefine(name="vm1"))
+async def test_lifecycle_verbs_refuse_what_cannot_run_and_change_nothing(client: ManagerClient,
+                                                                          tmp_path: Path) -> None:
+    with pytest.raises(ApiConflictError, match="cannot be placed"):      # no host at all
+        await client.define_vm(VMDefine(name="vm0"))
+    await client.add_host(HostCreate(name="h1"))
+    vm, _ = await client.define_vm(VMDefine(name="vm1"))                  # placed by the placement controller
+    assert vm.host == "h1"
     before = await revision(client)
-    for call in (client.start_vm("vm1"), client.stop_vm("vm1"),
-                 client.migrate_vm("vm1", MigrateRequest(destination="h2")),
-                 client.exec_vm("vm1", ExecRequest(command="uname -r"))):
-        with pytest.raises(ApiNotImplementedError, match="host agent"):
+    for call, why in ((client.start_vm("vm1"), "no host agent"), (client.stop_vm("vm1"), "is shutoff"),
+                      (client.destroy_vm("vm1"), "is shutoff"),
+                      (client.migrate_vm("vm1", MigrateRequest(destination="h2")), "is shutoff"),
+                      (client.exec_vm("vm1", ExecRequest(command="uname -r")), "is shutoff")):
+        with pytest.raises(ApiConflictError, match=why):
             await call
     with pytest.raises(ApiNotFoundError):
         await client.start_vm("nope")
+    # an agent that does not answer, or one this manager may not dial, is refused before anything is stored
+    with pytest.raises(ApiConflictError, match="does not answer"):
+        await client.add_host(HostCreate(name="h2", agent=f"unix:{tmp_path / 'no-agent.sock'}"))
+    with pytest.raises(ApiInputError, match="outside the networks") as ei:
+        await client.add_host(HostCreate(name="h2", agent="https://192.0.2.7:7443"))
+    assert ei.value.field == "agent"
+    with pytest.raises(ApiInputError, match="no client certificate"):
+        await client.add_host(HostCreate(name="h2", agent="https://127.0.0.1:7443"))
     assert await revision(client) == before
 
 

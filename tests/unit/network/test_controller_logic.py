@@ -62,7 +62,7 @@ def rec() -> Recorder:
 
 
 async def make(rec: Recorder, mode: str = "hvsim") -> NetworkController:
-    ctl = NetworkController(FakeHosts(), mode=mode, dataplane=rec.make)  # type: ignore[arg-type]
+    ctl = NetworkController(FakeHosts(), mode=mode, dataplane=rec.make)
     await ctl.start()
     await ctl.add_network(NetworkSpec("blue", 100, "10.77.0.0/24"))
     ctl.define_eni(EniSpec("eni-1", "blue", "52:54:00:00:00:01", ("10.77.0.1",)))

@@ -1,0 +1,162 @@
+"""The host agent's RPC: request and response bodies shared by the agent (server,
+:mod:`hvsim.control.hostagent`) and its client (:mod:`hvsim.control.agent_client`, used by the
+manager and by a source agent driving a migration to another agent).
+
+HTTP/JSON (FastAPI on the agent, httpx on the client), like the manager API: over a unix socket
+(0600 in a 0700 directory) on the same machine, over TCP with mutual TLS (certificates from
+:mod:`hvsim.control.pki`) across machines. Every mutating call carries the caller's **fencing
+token** in the ``X-Fencing-Token`` header (the create-revision of the manager's lease key): the agent
+remembers the newest it has seen (on disk, across its restarts) and refuses an older one with 409,
+so a manager that lost its lease cannot change anything on a host, whatever it believes.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from .state import CFG, Name, Text
+
+FENCE_HEADER = "X-Fencing-Token"
+AgentAddress = Annotated[str, Field(max_length=256, pattern=r"^(unix:/[\x21-\x7e]+|https://[\x21-\x7e]+)$",
+                                    description="a host agent: unix:/PATH or https://IP:PORT")]
+MigrationId = Annotated[str, Field(pattern=r"^[a-z0-9:>._-]{1,128}$", description="a migration id")]
+Policy = Annotated[str, Field(pattern=r"^(qemu-default|stepwise|hvsim-predictive)$")]
+Capability = Annotated[str, Field(pattern=r"^[a-z][a-z0-9-]{0,40}$")]
+
+
+@dataclass(config=CFG)
+class GuestSpec:
+    """What the manager knows of a VM, as the agent needs it to start one. A disk (``disk_mib``
+    > 0) lives in the declared datastore directory (shared by every host), created on first start."""
+    name: Name
+    vcpus: Annotated[int, Field(ge=1, le=64)] = 1
+    memory_mib: Annotated[int, Field(ge=64, le=1024 * 1024)] = 256
+    disk_mib: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] = 0
+
+
+@dataclass(config=CFG)
+class StartRequest:
+    vm: GuestSpec
+    wait_ready: bool = True
+    ready_timeout: Annotated[float, Field(gt=0, le=600)] = 120.0
+
+
+@dataclass(config=CFG)
+class StopRequest:
+    timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
+
+
+@dataclass(config=CFG)
+class ExecBody:
+    command: Annotated[str, Field(min_length=1, max_length=4096)]
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+
+@dataclass(config=CFG)
+class MigrateOut:
+    """To the source agent: migrate ``vm`` to ``destination`` (host name), whose agent is at
+    ``destination_agent``. The source agent drives the whole migration (libvirt's peer-to-peer
+    mode): it asks the destination agent to start the incoming QEMU, runs the policy loop on its
+    own QEMU, and hands the VM off once the destination agent adopted it."""
+    destination: Name
+    destination_agent: AgentAddress
+    policy: Policy = "hvsim-predictive"
+    timeout: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    migration_id: MigrationId | None = None
+
+
+@dataclass(config=CFG)
+class IncomingRequest:
+    """To the destination agent: start an incoming QEMU for ``vm`` (``-incoming defer``)."""
+    migration_id: MigrationId
+    vm: GuestSpec
+    source: Name
+
+
+@dataclass(config=CFG)
+class ListenRequest:
+    capabilities: Annotated[list[Capability], Field(max_length=16)]
+
+
+@dataclass(config=CFG)
+class Listening:
+    uri: Text
+
+
+@dataclass(config=CFG)
+class AgentInfo:
+    host: Name
+    datacenter: Name
+    vcpus: int
+    memory_mib: int
+    cpu_overcommit: float
+    memory_overcommit: float
+    used_vcpus: int
+    used_memory_mib: int
+    address: Text
+    pid: int
+    started_at: float
+    token: int                      # the newest fencing token seen
+    vms: int
+    power_domain: Text | None = None
+
+
+@dataclass(config=CFG)
+class MigrationInfo:
+    id: Text
+    vm: Name
+    destination: Name
+    state: Text                     # hvsim.migration's MigrationState value
+    elapsed_s: float = 0.0
+    passes: int = 0
+    transferred: int = 0
+    remaining: int = 0
+    total: int = 0
+    mbps: float = 0.0
+    destination_started: bool = False
+    handed_off: bool = False
+    error: Text | None = None
+    result: dict[str, Any] | None = None
+
+
+@dataclass(config=CFG)
+class QemuInfo:
+    """One QEMU of a VM on this host: an adopted VM's, or an incoming migration's."""
+    vm: Name
+    role: Annotated[str, Field(pattern=r"^(vm|incoming)$")]
+    pid: int | None
+    qemu_status: Text               # QEMU's runstate (running, paused, inmigrate, postmigrate, ...) or "unknown"
+    state: Text                     # the VM's state here (running, paused, migrating, starting, ...)
+    busy_with: Text | None = None   # the operation holding it (start, migration to h2, ...)
+    migration: MigrationInfo | None = None
+    incoming_id: Text | None = None
+    generation: int = 0
+    agent_socket: Text | None = None
+    heartbeat_socket: Text | None = None
+    console_log: Text | None = None
+    boot_s: float | None = None     # its QEMU's launch to the guest agent's first answer (this host's view)
+
+
+@dataclass(config=CFG)
+class QemuList:
+    items: list[QemuInfo]
+    # VMs that ended here on their own (crashed, powered off, gone while the agent was down) -> why
+    lost: dict[Name, Text] = Field(default_factory=dict)
+
+
+@dataclass(config=CFG)
+class ExecOutput:
+    exit_code: int
+    stdout: str
+    stderr: str
+    signal: int = 0
+    timed_out: bool = False
+    truncated: bool = False
+
+
+@dataclass(config=CFG)
+class Ok:
+    ok: bool = True
+    detail: Text = ""

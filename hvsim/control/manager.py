@@ -1,0 +1,664 @@
+"""The manager's logic (the management server of one datacenter): leadership, the host agents it
+drives, operations, their resolution after a restart, the host monitor, placement.
+
+**Leadership and fencing.** The manager holds the ``manager`` lease in the store (a TTL lease kept
+alive by a task); the lease key's create-revision is its **fencing token**. Every store write goes
+through :class:`Inventory` fenced with it (a manager whose lease expired changes nothing in the
+store) and every mutating call to a host agent carries it (agents refuse older tokens). A manager
+that loses its lease stops its drivers and campaigns again (a newer token).
+
+**Operations.** ``start``, ``stop``, ``destroy`` and ``migrate`` are recorded (``Inventory.begin``:
+the VM's operation lock) before anything is sent to an agent, marked running, updated with named
+steps, and settled in one transaction with the VM record. When an agent's answer is definite (done,
+refused, failed and cleaned up) the operation ends with it; when it is not (the agent became
+unreachable mid-call) the operation stays in flight for the resolver. Migrations are driven by the
+source agent (:mod:`.remote_transfer`); the manager follows them (progress, steps
+``destination-started``, ``postcopy``, ``switched-over``) and settles them.
+
+**Resolution** (on start, after each host comes back, and every few seconds): every in-flight
+operation whose VM no agent is busy with is resolved with :func:`hvsim.control.ops.resolve` from
+the facts the agents report (which hosts run a QEMU of the VM, in which run state), its actions are
+carried out (destroy strays, resume an owner), and it is settled. A migration the source agent still
+drives is followed again instead. A host that matters and does not answer defers the decision.
+
+**The host monitor** asks every agent for its state each second: UP/UNREACHABLE in the host record
+(only on a change, and a host that never answered stays REGISTERED), and VMs that ended on their
+own while no operation held them (crashed, powered off) are recorded as such.
+
+**Placement** (:class:`Placer`): a VM defined without a host is placed by hvsim.placement's filters
+and weighers (the greedy scheduler over an incremental state) under the stored rules, so no
+required rule is broken; ``check()`` counts violations with the independent checker.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from hvbase.fsm import StateMachine
+
+from .agent_client import AgentClient, ClientTLS
+from .agentrpc import ExecBody, ExecOutput, GuestSpec, MigrateOut, MigrationInfo, QemuList, StartRequest, StopRequest
+from .errors import (
+    ApiConflictError, ApiError, ApiInputError, ApiNotFoundError, ApiUnavailableError, ConflictError,
+    ControlError, ControlInputError, FencedError, NotFoundError, NotLeaderError, OperationFailedError, StoreError,
+)
+from .inventory import Inventory
+from .ops import (
+    STEP_DEST_STARTED, STEP_POSTCOPY, STEP_QEMU_STARTED, STEP_SWITCHED_OVER, ActionKind, Operation, OperationRecord,
+    OpKind, OpState, Outcome, QemuState, Resolution, VMFacts, resolve,
+)
+from .placer import Placer
+from .schema import ExecRequest, HostCreate, MigrateRequest
+from .state import HOSTS, RULES, VMS, GroupRecord, HostRecord, HostStatus, RuleRecord, VMPower, VMRecord
+from .store import Fence, KeptLease, Store
+
+log = logging.getLogger("hvsim.control.manager")
+T = TypeVar("T")
+LEASE = "manager"
+TERMINAL_MIGRATION = ("completed", "failed", "cancelled", "timed-out")
+QEMU_FACT = {"running": QemuState.RUNNING, "paused": QemuState.PAUSED, "suspended": QemuState.PAUSED,
+             "debug": QemuState.PAUSED, "io-error": QemuState.PAUSED, "watchdog": QemuState.PAUSED,
+             "guest-panicked": QemuState.PAUSED, "internal-error": QemuState.PAUSED, "shutdown": QemuState.PAUSED,
+             "inmigrate": QemuState.INMIGRATE, "prelaunch": QemuState.INMIGRATE,
+             "postmigrate": QemuState.POSTMIGRATE}
+
+
+class ManagerState(enum.Enum):
+    NEW = "new"
+    CAMPAIGNING = "campaigning"     # waiting for the manager lease
+    LEADING = "leading"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+MANAGER_TABLE = {
+    ManagerState.NEW: {ManagerState.CAMPAIGNING, ManagerState.STOPPED},
+    ManagerState.CAMPAIGNING: {ManagerState.LEADING, ManagerState.STOPPING},
+    ManagerState.LEADING: {ManagerState.CAMPAIGNING, ManagerState.STOPPING},
+    ManagerState.STOPPING: {ManagerState.STOPPED},
+    ManagerState.STOPPED: set(),
+}
+
+
+def default_name() -> str:
+    return f"manager@{socket.gethostname()}:{os.getpid()}"
+
+
+def _definite(e: ApiError) -> bool:
+    """Whether an agent's error answer says for sure what happened (it answered: refused, not
+    found, failed and cleaned up) rather than leave the outcome unknown (unreachable, 5xx)."""
+    return not isinstance(e, ApiUnavailableError)
+
+
+@dataclass
+class Leadership:
+    fence: Fence
+    kept: KeptLease
+    inventory: Inventory
+
+
+class Manager:
+    def __init__(self, store: Store, *, name: str | None = None, lease_ttl: float = 5.0,
+                 agent_tls: ClientTLS | None = None,
+                 agent_networks: Iterable[str] = ("127.0.0.0/8", "::1/128"),
+                 monitor_interval: float = 1.0, resolve_interval: float = 2.0) -> None:
+        if not 1 <= lease_ttl <= 600:
+            raise ControlInputError("lease_ttl", f"must be 1..600 seconds, got {lease_ttl!r}")
+        self.store = store
+        self.name = name or default_name()
+        self.lease_ttl = lease_ttl
+        self.agent_tls = agent_tls
+        try:
+            self.agent_networks = [ipaddress.ip_network(n, strict=False) for n in agent_networks]
+        except ValueError as e:
+            raise ControlInputError("agent_networks", str(e)) from e
+        self.monitor_interval = monitor_interval
+        self.resolve_interval = resolve_interval
+        self.reader = Inventory(store, manager=self.name)     # reads (no fence needed)
+        self.fsm: StateMachine[ManagerState] = StateMachine(f"manager {self.name}", ManagerState.NEW, MANAGER_TABLE,
+                                                            log=log)
+        self.lead: Leadership | None = None
+        self.placer = Placer()
+        self._place_lock = asyncio.Lock()
+        self._placing: dict[str, VMRecord] = {}               # defines decided, being written
+        self.progress: dict[str, MigrationInfo] = {}          # op id -> latest progress of a migration
+        self.resolutions: list[dict[str, Any]] = []           # what the resolver decided (for /v1/health, tests)
+        self._agents: dict[str, AgentClient] = {}
+        self._drivers: set[asyncio.Task[Any]] = set()
+        self._followed: dict[str, asyncio.Task[Any]] = {}     # op id -> task following a migration
+        self._background: list[asyncio.Task[None]] = []
+        self._leader_task: asyncio.Task[None] | None = None
+        self._leading = asyncio.Event()
+        self._wake_resolver = asyncio.Event()
+
+    # -- leadership ---------------------------------------------------------------------------------
+    @property
+    def state(self) -> ManagerState:
+        return self.fsm.state
+
+    @property
+    def token(self) -> int:
+        return self.lead.fence.token if self.lead is not None else 0
+
+    @property
+    def inventory(self) -> Inventory:
+        if self.lead is None or self.state is not ManagerState.LEADING or self.lead.kept.lost.is_set():
+            raise NotLeaderError(f"manager {self.name} does not hold the manager lease")
+        return self.lead.inventory
+
+    async def start(self, timeout: float | None = None) -> None:
+        """Campaign for the manager lease (waits while another manager holds it), then lead."""
+        self.fsm.set(ManagerState.CAMPAIGNING, "start")
+        self._leader_task = asyncio.create_task(self._leadership(), name="manager-leadership")
+        waiter = asyncio.ensure_future(self._leading.wait())
+        done, _ = await asyncio.wait({waiter, self._leader_task}, timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            waiter.cancel()
+            if self._leader_task in done:
+                self._leader_task.result()
+            raise NotLeaderError(f"manager {self.name}: no manager lease within {timeout} s")
+
+    async def _acquire(self) -> Leadership:
+        while True:
+            kept = await self.store.keep(self.lease_ttl)
+            try:
+                fence = await self.store.acquire(LEASE, self.name, kept.lease)
+            except BaseException:
+                await kept.stop()
+                raise
+            if fence is not None:
+                return Leadership(fence, kept, Inventory(self.store, fence, manager=self.name))
+            await kept.stop()
+            holder = await self.store.holder(LEASE)
+            log.info("manager lease held by %s; waiting", holder[0] if holder else "?")
+            await asyncio.sleep(max(0.2, self.lease_ttl / 5))
+
+    async def _leadership(self) -> None:
+        while self.state is ManagerState.CAMPAIGNING:
+            try:
+                lead = await self._acquire()
+            except StoreError as e:
+                log.warning("campaign: store error %s; retrying", e)
+                await asyncio.sleep(1.0)
+                continue
+            self.lead = lead
+            self.placer.invalidate()
+            self.fsm.set(ManagerState.LEADING, f"token {lead.fence.token}")
+            log.info("manager %s leads with fencing token %d", self.name, lead.fence.token)
+            self._background = [asyncio.create_task(self._monitor(), name="manager-monitor"),
+                                asyncio.create_task(self._resolver(), name="manager-resolver")]
+            self._leading.set()
+            await lead.kept.lost.wait()
+            if self.state is not ManagerState.LEADING:
+                return
+            log.error("manager %s lost its lease (token %d): stopping every driver", self.name, lead.fence.token)
+            self._leading.clear()
+            self.fsm.set(ManagerState.CAMPAIGNING, "lease lost")
+            await self._stop_tasks()
+            self.lead = None
+
+    async def _stop_tasks(self) -> None:
+        tasks = [*self._background, *self._drivers, *self._followed.values()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._background = []
+        self._drivers.clear()
+        self._followed.clear()
+
+    async def close(self) -> None:
+        if self.state in (ManagerState.STOPPING, ManagerState.STOPPED):
+            return
+        if self.state is ManagerState.NEW:
+            self.fsm.set(ManagerState.STOPPED)
+            return
+        self.fsm.set(ManagerState.STOPPING)
+        try:
+            if self._leader_task is not None:
+                self._leader_task.cancel()
+                await asyncio.gather(self._leader_task, return_exceptions=True)
+            await self._stop_tasks()
+            if self.lead is not None:
+                with contextlib.suppress(StoreError):
+                    await self.store.release(self.lead.fence)
+                await self.lead.kept.stop()
+                self.lead = None
+            for c in self._agents.values():
+                await c.close()
+        finally:
+            self.fsm.set(ManagerState.STOPPED)
+
+    def _spawn(self, coro: Awaitable[T], name: str) -> asyncio.Task[T]:
+        """A driver task owned by the manager (it outlives the HTTP request that started it)."""
+        task: asyncio.Task[T] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._drivers.add(task)
+        task.add_done_callback(self._drivers.discard)
+        return task
+
+    # -- agents -------------------------------------------------------------------------------------
+    def check_agent_address(self, address: str) -> None:
+        """An agent address the manager may dial: a unix socket, or https to an IP literal in one of
+        the allowed networks (no names: nothing is resolved, nothing outside is dialed)."""
+        if address.startswith("unix:/"):
+            return
+        rest = address[len("https://"):] if address.startswith("https://") else None
+        host, _, port = (rest or "").rpartition(":")
+        try:
+            ip = ipaddress.ip_address(host.strip("[]"))
+            port_n = int(port)
+        except ValueError:
+            raise ControlInputError("agent", f"{address!r}: give unix:/PATH or https://IP:PORT (an IP literal)") \
+                from None
+        if not 0 < port_n < 65536:
+            raise ControlInputError("agent", f"{address!r}: port out of range")
+        if not any(ip in n for n in self.agent_networks):
+            raise ControlInputError("agent", f"{ip} is outside the networks this manager may reach agents on "
+                                             f"({', '.join(map(str, self.agent_networks))}; see --agent-networks)")
+        if self.agent_tls is None:
+            raise ControlInputError("agent", f"{address!r}: this manager has no client certificate for https agents "
+                                             "(--agent-tls)")
+
+    def agent(self, host: HostRecord) -> AgentClient:
+        if host.agent is None:
+            raise ConflictError(f"host {host.name!r} has no host agent")
+        c = self._agents.get(host.agent)
+        if c is None:
+            c = self._agents[host.agent] = AgentClient(host.agent, tls=self.agent_tls, timeout=30)
+        return c
+
+    async def add_host(self, body: HostCreate) -> HostRecord:
+        """Register a host; with an agent, its capacity is what the agent reports (it is the host's
+        hardware) and the agent must say it is that host."""
+        inv = self.inventory
+        fields: dict[str, Any] = {k: getattr(body, k) for k in body.__dataclass_fields__}
+        if body.agent is not None:
+            self.check_agent_address(body.agent)
+            try:
+                async with AgentClient(body.agent, tls=self.agent_tls, timeout=5) as c:
+                    info = await c.info(timeout=5)
+            except (ApiError, ControlInputError) as e:
+                raise ConflictError(f"host {body.name!r}: its agent at {body.agent} does not answer: {e} "
+                                    "(field agent)") from e
+            if info.host != body.name:
+                raise ConflictError(f"the agent at {body.agent} is host {info.host!r}, not {body.name!r} (field agent)")
+            fields.update(vcpus=info.vcpus, memory_mib=info.memory_mib, cpu_overcommit=max(1.0, info.cpu_overcommit),
+                          memory_overcommit=max(1.0, info.memory_overcommit), datacenter=info.datacenter,
+                          status=HostStatus.UP)
+        rec = await inv.add_host(HostRecord(**fields))
+        self.placer.invalidate()
+        return rec
+
+    # -- VMs: define (placement) ------------------------------------------------------------------------
+    async def define_vm(self, vm: VMRecord) -> tuple[VMRecord, OperationRecord]:
+        """Place (unless pinned) and record a VM. Placement decisions are taken one at a time
+        (``_place_lock``) and a decided VM is in ``_placing`` until its write ended, so a placement
+        state rebuilt meanwhile (another request's reload) still counts it: concurrent defines never
+        break a required rule between them."""
+        inv = self.inventory
+        async with self._place_lock:
+            if vm.host is None:
+                await self._ensure_placer()
+                host = self.placer.place(vm)
+                vm = VMRecord(**{**{k: getattr(vm, k) for k in vm.__dataclass_fields__}, "host": host})
+            else:
+                self.placer.note_defined(vm)
+            self._placing[vm.name] = vm
+        try:
+            out = await inv.define_vm(vm)
+        except BaseException:
+            self._placing.pop(vm.name, None)
+            self.placer.invalidate()
+            raise
+        self._placing.pop(vm.name, None)
+        return out
+
+    async def _ensure_placer(self) -> None:
+        """(Under ``_place_lock``.) Build the placement state from the store, plus the VMs whose
+        define is being written (taken before the store is read: a write that ends meanwhile is in
+        what the store answers)."""
+        if self.placer.ready:
+            return
+        placing = dict(self._placing)
+        inv = self.reader
+        hosts = await inv.list_all(HostRecord, HOSTS)
+        vms = await inv.list_all(VMRecord, VMS)
+        rules = await inv.list_all(RuleRecord, RULES)
+        known = {v.name for v in vms}
+        self.placer.load(hosts, vms + [v for n, v in placing.items() if n not in known], rules)
+
+    def placement_changed(self) -> None:
+        self.placer.invalidate()
+
+    async def check_placement(self) -> dict[str, Any]:
+        inv = self.reader
+        return Placer.check(await inv.list_all(HostRecord, HOSTS), await inv.list_all(VMRecord, VMS),
+                            await inv.list_all(RuleRecord, RULES), await inv.list_all(GroupRecord, "/hvsim/groups/"))
+
+    # -- VMs: lifecycle -------------------------------------------------------------------------------
+    async def _home(self, name: str, *powers: VMPower) -> tuple[VMRecord, HostRecord]:
+        vm = await self.reader.get_vm(name)
+        if powers and vm.power not in powers:
+            raise ConflictError(f"vm {name!r} is {vm.power.value} (allowed: {', '.join(p.value for p in powers)})")
+        if vm.host is None:
+            raise ConflictError(f"vm {name!r} has no host")
+        host = await self.reader.get_host(vm.host)
+        if host.agent is None:
+            raise ConflictError(f"host {host.name!r} of vm {name!r} has no host agent")
+        if host.status is HostStatus.UNREACHABLE:
+            raise ConflictError(f"host {host.name!r} of vm {name!r} is unreachable")
+        return vm, host
+
+    async def _run(self, kind: OpKind, vm: VMRecord, params: dict[str, str],
+                   body: Callable[[Operation, int], Awaitable[OperationRecord]]) -> OperationRecord:
+        inv = self.inventory
+        op, rev = await inv.begin(kind, vm.name, **params)
+        task = self._spawn(self._drive(op, rev, body), f"{kind.value}-{vm.name}")
+        return await asyncio.shield(task)
+
+    async def _drive(self, op: Operation, rev: int,
+                     body: Callable[[Operation, int], Awaitable[OperationRecord]]) -> OperationRecord:
+        inv = self.inventory
+        op.start()
+        rev = await inv.update(op, rev)
+        return await body(op, rev)
+
+    async def _end(self, op: Operation, rev: int, *, ok: bool, vm: VMRecord | None, note: str) -> OperationRecord:
+        if ok:
+            op.succeed(note)
+        else:
+            op.fail(note)
+        await self.inventory.update(op, rev, vm=vm)
+        return op.record
+
+    @staticmethod
+    def _with(vm: VMRecord, **fields: Any) -> VMRecord:
+        return VMRecord(**{**{k: getattr(vm, k) for k in vm.__dataclass_fields__}, **fields})
+
+    async def start_vm(self, name: str) -> OperationRecord:
+        vm, host = await self._home(name, VMPower.SHUTOFF, VMPower.CRASHED)
+        agent = self.agent(host)
+
+        async def body(op: Operation, rev: int) -> OperationRecord:
+            g = GuestSpec(name=vm.name, vcpus=vm.vcpus, memory_mib=max(64, vm.memory_mib), disk_mib=vm.disk_mib)
+            try:
+                await agent.start(StartRequest(vm=g), self.token)
+            except ApiError as e:
+                if not _definite(e):
+                    raise OperationFailedError(f"start of {name}: host {host.name} did not answer ({e.detail}); the "
+                                               "operation stays in flight until it does", op.record.id) from e
+                rec = await self._end(op, rev, ok=False, vm=self._with(vm, power=VMPower.SHUTOFF), note=e.detail)
+                raise self._failure(e, f"start of vm {name!r} on {host.name}", rec) from e
+            op.step(STEP_QEMU_STARTED)
+            return await self._end(op, rev, ok=True, vm=self._with(vm, power=VMPower.RUNNING), note="running")
+        return await self._run(OpKind.START, vm, {"host": host.name}, body)
+
+    def _failure(self, e: ApiError, what: str, rec: OperationRecord) -> ControlError:
+        if isinstance(e, ApiInputError | ApiConflictError | ApiNotFoundError):
+            return ConflictError(f"{what} refused: {e.detail} (operation {rec.id})")
+        return OperationFailedError(f"{what} failed: {e.detail}", rec.id)
+
+    async def stop_vm(self, name: str, *, hard: bool = False, timeout: float = 60.0) -> OperationRecord:
+        vm, host = await self._home(name, VMPower.RUNNING, VMPower.PAUSED, VMPower.CRASHED)
+        agent = self.agent(host)
+        kind = OpKind.DESTROY if hard else OpKind.STOP
+
+        async def body(op: Operation, rev: int) -> OperationRecord:
+            try:
+                if hard:
+                    await agent.destroy(name, self.token)
+                else:
+                    await agent.stop(name, StopRequest(timeout=timeout), self.token)
+            except ApiNotFoundError:
+                pass                           # nothing of it runs there: it is stopped
+            except ApiError as e:
+                if not _definite(e):
+                    raise OperationFailedError(f"{kind.value} of {name}: host {host.name} did not answer "
+                                               f"({e.detail}); the operation stays in flight", op.record.id) from e
+                rec = await self._end(op, rev, ok=False, vm=None, note=e.detail)
+                raise self._failure(e, f"{kind.value} of vm {name!r} on {host.name}", rec) from e
+            return await self._end(op, rev, ok=True, vm=self._with(vm, power=VMPower.SHUTOFF), note="shut off")
+        return await self._run(kind, vm, {"host": host.name}, body)
+
+    async def exec_vm(self, name: str, req: ExecRequest) -> ExecOutput:
+        self.inventory      # noqa: B018 (only the leader sends commands)
+        vm, host = await self._home(name, VMPower.RUNNING, VMPower.PAUSED, VMPower.MIGRATING)
+        try:
+            return await self.agent(host).exec(name, ExecBody(command=req.command, timeout=req.timeout), self.token)
+        except ApiError as e:
+            if isinstance(e, ApiInputError | ApiConflictError | ApiNotFoundError):
+                raise ConflictError(f"exec in vm {name!r} refused by {host.name}: {e.detail}") from e
+            raise OperationFailedError(f"exec in vm {name!r} on {host.name} failed: {e.detail}") from e
+
+    # -- VMs: migration ---------------------------------------------------------------------------------
+    async def migrate_vm(self, name: str, req: MigrateRequest, timeout: float = 300.0) -> OperationRecord:
+        inv = self.inventory
+        vm, src = await self._home(name, VMPower.RUNNING, VMPower.PAUSED)
+        if req.destination == src.name:
+            raise ControlInputError("body.destination", f"vm {name!r} is on {src.name} already")
+        dst = await self.reader.get_host(req.destination)
+        if dst.agent is None or dst.status is not HostStatus.UP:
+            raise ConflictError(f"destination host {dst.name!r} is {dst.status.value}"
+                                f"{'' if dst.agent else ' and has no agent'}")
+        src_agent = self.agent(src)
+        op, rev = await inv.begin(OpKind.MIGRATE, name, source=src.name, destination=dst.name, policy=req.policy)
+        op.start()
+        rev = await inv.update(op, rev)
+        try:
+            mi = await src_agent.migrate(name, MigrateOut(destination=dst.name, destination_agent=dst.agent,
+                                                          policy=req.policy, timeout=timeout), self.token)
+        except ApiError as e:
+            if not _definite(e):
+                raise OperationFailedError(f"migration of {name}: host {src.name} did not answer ({e.detail}); the "
+                                           "operation stays in flight", op.record.id) from e
+            rec = await self._end(op, rev, ok=False, vm=None, note=e.detail)
+            raise self._failure(e, f"migration of vm {name!r} from {src.name} to {dst.name}", rec) from e
+        self.progress[op.record.id] = mi
+        self._follow(op, rev)
+        return op.record
+
+    def _follow(self, op: Operation, rev: int) -> None:
+        oid = op.record.id
+        if oid in self._followed and not self._followed[oid].done():
+            return
+        task = asyncio.create_task(self._follow_migration(op, rev), name=f"follow-{op.record.vm}")
+        self._followed[oid] = task
+        task.add_done_callback(lambda _t: self._followed.pop(oid, None))
+
+    async def _follow_migration(self, op: Operation, rev: int) -> None:
+        """Follow a migration the source agent drives; record its steps; settle it at the end."""
+        rec = op.record
+        src, dst = rec.params["source"], rec.params["destination"]
+        try:
+            agent = self.agent(await self.reader.get_host(src))
+        except ControlError as e:
+            log.error("migration %s: %s; left to the resolver", rec.id, e)
+            return
+        misses = 0
+        while True:
+            try:
+                mi = await agent.migration(rec.vm)
+                misses = 0
+            except ApiError as e:
+                misses += 1
+                if misses % 20 == 1:
+                    log.warning("migration %s: source agent %s: %s", rec.id, src, e)
+                if isinstance(e, ApiNotFoundError) or misses > 600:
+                    self._wake_resolver.set()
+                    return                        # the agent lost it (restarted): the resolver decides
+                await asyncio.sleep(0.5)
+                continue
+            self.progress[rec.id] = mi
+            want: list[str] = []
+            if mi.destination_started:
+                want.append(STEP_DEST_STARTED)
+            if mi.state == "postcopy" or (mi.result or {}).get("postcopy"):
+                want.append(STEP_POSTCOPY)
+            if mi.handed_off:
+                want.append(STEP_SWITCHED_OVER)
+            for s in want:
+                if s not in op.record.steps:
+                    op.step(s)
+                    rev = await self.inventory.update(op, rev)
+            if mi.state in TERMINAL_MIGRATION and (mi.state != "completed" or mi.handed_off):
+                break
+            await asyncio.sleep(0.5)
+        if mi.state == "completed":
+            res = Resolution(op=rec.id, outcome=Outcome.FINISH, final=OpState.SUCCEEDED, actions=(), vm_host=dst,
+                             vm_power=VMPower.RUNNING, reason=f"migrated to {dst}")
+        else:
+            res = Resolution(op=rec.id, outcome=Outcome.ROLLBACK, final=OpState.FAILED, actions=(), vm_host=src,
+                             vm_power=None, reason=(mi.error or mi.state)[:256])
+        await self.inventory.settle(op.record, rev, res)
+        self.placer.invalidate()
+        log.info("migration %s of %s: %s", rec.id, rec.vm, res.reason)
+
+    def migration_progress(self, op_id: str) -> MigrationInfo | None:
+        return self.progress.get(op_id)
+
+    # -- resolution ------------------------------------------------------------------------------------
+    async def _facts(self) -> tuple[dict[str, QemuList], set[str]]:
+        """What every agent reports (host -> its QEMUs), and the hosts that did not answer."""
+        hosts = [h for h in await self.reader.list_all(HostRecord, HOSTS) if h.agent]
+        out: dict[str, QemuList] = {}
+        unreachable: set[str] = set()
+
+        async def one(h: HostRecord) -> None:
+            try:
+                out[h.name] = await self.agent(h).qemus(timeout=5)
+            except (ApiError, ControlInputError):
+                unreachable.add(h.name)
+        await asyncio.gather(*(one(h) for h in hosts))
+        return out, unreachable
+
+    async def resolve_in_flight(self) -> list[dict[str, Any]]:
+        """One pass over the operations in flight that no driver of ours follows."""
+        inv = self.inventory
+        pending = [(r, v) for r, v in await inv.in_flight()
+                   if r.id not in self._followed and not any(t.get_name().endswith(f"-{r.vm}") for t in self._drivers)]
+        if not pending:
+            return []
+        reports, unreachable = await self._facts()
+        done = []
+        for rec, rev in pending:
+            try:
+                out = await self._resolve_one(rec, rev, reports, unreachable)
+            except (ControlError, ApiError) as e:
+                log.warning("resolving %s (%s %s): %s", rec.id, rec.kind.value, rec.vm, e)
+                continue
+            if out is not None:
+                done.append(out)
+        return done
+
+    async def _resolve_one(self, rec: OperationRecord, rev: int, reports: dict[str, QemuList],
+                           unreachable: set[str]) -> dict[str, Any] | None:
+        qemus: dict[str, QemuState] = {}
+        unknown = set(unreachable)
+        for host, ql in reports.items():
+            for q in ql.items:
+                if q.vm != rec.vm:
+                    continue
+                if q.busy_with or q.state in ("starting", "migrating", "shutting-down"):
+                    return None                   # an agent is still at it: decide once it is done
+                fact = QEMU_FACT.get(q.qemu_status)
+                if fact is None:
+                    unknown.add(host)            # finish-migrate, unknown: ask again later
+                    continue
+                qemus[host] = fact
+        if rec.kind is OpKind.MIGRATE and rec.params.get("source") in reports:
+            # a migration its source agent still drives is followed again, not resolved
+            src_host = await self.reader.get_host(rec.params["source"])
+            with contextlib.suppress(ApiNotFoundError):
+                mi = await self.agent(src_host).migration(rec.vm)
+                if mi.state not in TERMINAL_MIGRATION or (mi.state == "completed" and not mi.handed_off):
+                    self._follow(Operation(rec), rev)
+                    return None
+        try:
+            vm: VMRecord | None = await self.reader.get_vm(rec.vm)
+        except NotFoundError:
+            vm = None
+        facts = VMFacts(vm=rec.vm, qemus=qemus, unreachable=frozenset(unknown))
+        res = resolve(rec, facts, vm.host if vm else None)
+        entry = {"op": rec.id, "kind": rec.kind.value, "vm": rec.vm, "outcome": res.outcome.value,
+                 "reason": res.reason, "facts": {h: s.value for h, s in qemus.items()},
+                 "unreachable": sorted(unknown), "actions": [(a.kind.value, a.host) for a in res.actions]}
+        if res.outcome is Outcome.DEFER:
+            log.info("operation %s deferred: %s", rec.id, res.reason)
+            return None
+        for a in res.actions:
+            agent = self.agent(await self.reader.get_host(a.host))
+            if a.kind is ActionKind.DESTROY:
+                with contextlib.suppress(ApiNotFoundError):
+                    await agent.destroy(rec.vm, self.token)
+            else:
+                await agent.resume(rec.vm, self.token)
+        if rec.kind is OpKind.MIGRATE and res.final is OpState.SUCCEEDED:
+            dst = rec.params.get("destination", "")
+            for q in reports.get(dst, QemuList(items=[])).items:
+                if q.vm == rec.vm and q.role == "incoming":   # it runs but was never adopted: adopt it now
+                    await self.agent(await self.reader.get_host(dst)).incoming_finish(rec.vm, self.token,
+                                                                                      paused_ok=True)
+        await self.inventory.settle(rec, rev, res)
+        self.placer.invalidate()
+        log.warning("operation %s (%s %s) resolved: %s -> %s", rec.id, rec.kind.value, rec.vm, res.outcome.value,
+                    res.reason)
+        self.resolutions.append({**entry, "at": time.time()})
+        del self.resolutions[:-100]
+        return entry
+
+    async def _resolver(self) -> None:
+        while True:
+            try:
+                await self.resolve_in_flight()
+            except (ControlError, ApiError) as e:
+                log.warning("resolver: %s", e)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake_resolver.wait(), self.resolve_interval)
+            self._wake_resolver.clear()
+
+    # -- the host monitor -------------------------------------------------------------------------------
+    async def _monitor(self) -> None:
+        while True:
+            try:
+                await self.monitor_once()
+            except (ControlError, ApiError) as e:
+                log.warning("monitor: %s", e)
+            await asyncio.sleep(self.monitor_interval)
+
+    async def monitor_once(self) -> None:
+        hosts = [h for h in await self.reader.list_all(HostRecord, HOSTS) if h.agent]
+
+        async def one(h: HostRecord) -> None:
+            try:
+                ql = await self.agent(h).qemus(timeout=max(1.0, self.monitor_interval * 2))
+            except (ApiError, ControlInputError):
+                if h.status is HostStatus.UP:
+                    log.warning("host %s: its agent does not answer: unreachable", h.name)
+                    with contextlib.suppress(ConflictError, FencedError):
+                        await self.inventory.update_host(h.name, status=HostStatus.UNREACHABLE)
+                return
+            if h.status is not HostStatus.UP and h.status is not HostStatus.MAINTENANCE:
+                log.warning("host %s: its agent answers again (%d guests)", h.name, len(ql.items))
+                with contextlib.suppress(ConflictError, FencedError):
+                    await self.inventory.update_host(h.name, status=HostStatus.UP)
+                self._wake_resolver.set()
+            running = {q.vm for q in ql.items if q.role == "vm"}
+            for name, why in ql.lost.items():
+                if name in running:
+                    continue
+                power = VMPower.SHUTOFF if why == "shutdown" else VMPower.CRASHED
+                with contextlib.suppress(ConflictError, FencedError, NotFoundError):
+                    if await self.inventory.set_vm_power(name, power, host=h.name):
+                        log.warning("vm %s ended on host %s on its own (%s): recorded %s", name, h.name, why,
+                                    power.value)
+        await asyncio.gather(*(one(h) for h in hosts))
