@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Assemble the initramfs: busybox-static, virtio modules in dependency order, init, agent, workloads.
+# Assemble the initramfs: busybox-static, modules in dependency order (virtio, the provider profiles'
+# virtio-scsi/NVMe/e1000, ext4 for data disks), init, agent, workloads.
 set -euo pipefail
 out=$(realpath "$1") cache=$(realpath "$2")
 here=$(dirname "$(realpath "$0")")
@@ -13,7 +14,8 @@ for app in $("$root/bin/busybox" --list); do
   [ -e "$root/bin/$app" ] || ln -s busybox "$root/bin/$app"
 done
 : > "$root/etc/modules.order"
-for ko in $("$here/resolve_modules.py" "$moddir" virtio_pci virtio_blk virtio_net virtio_balloon virtio_console button evdev); do
+for ko in $("$here/resolve_modules.py" "$moddir" virtio_pci virtio_blk virtio_net virtio_balloon virtio_console button evdev \
+    virtio_scsi sd_mod nvme e1000 crc32c_generic ext4); do
   cp "$moddir/$ko" "$root/lib/modules/"
   echo "$(basename "$ko")" >> "$root/etc/modules.order"
 done

@@ -10,6 +10,12 @@ from hvbase.errors import InputError
 
 _ID = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,31}$")
 
+# The device and machine choices hvsim knows how to build (and whose guest drivers the image has).
+MACHINE_TYPES = ("q35", "pc")                    # pc = i440FX + PIIX3 (no PCIe), q35 = ICH9 + PCIe
+DISK_BUSES = ("virtio-blk", "scsi", "nvme")      # virtio-blk-pci; virtio-scsi-pci + scsi-hd; nvme
+NIC_MODELS = ("virtio-net-pci", "e1000")
+CPU_MODELS = ("qemu64", "Nehalem", "Westmere", "SandyBridge", "max")   # TCG runs these (checked in the HIL test)
+
 
 class MachineSpecError(InputError):
     """A machine description that QEMU could not run."""
@@ -17,7 +23,9 @@ class MachineSpecError(InputError):
 
 @dataclass(frozen=True)
 class Drive:
-    """A block device attached with virtio-blk.
+    """A block device on ``bus``: "virtio-blk" (virtio-blk-pci), "scsi" (a scsi-hd on one
+    virtio-scsi-pci controller shared by the machine's SCSI disks) or "nvme" (one NVMe controller
+    per disk, namespace 1).
 
     kind "file": ``path`` is an image (format ``fmt``); kind "nbd": ``path`` is the unix socket of
     an NBD server, ``export`` its export name, ``reconnect_delay`` seconds QEMU keeps retrying.
@@ -30,16 +38,18 @@ class Drive:
     reconnect_delay: int = 0
     readonly: bool = False
     cache: Literal["none", "writeback", "unsafe", "directsync"] = "writeback"
+    bus: Literal["virtio-blk", "scsi", "nvme"] = "virtio-blk"
 
 
 @dataclass(frozen=True)
 class Nic:
-    """A virtio-net NIC. backend "tap": an existing tap device ``ifname``; "user": SLIRP with
+    """A NIC of ``model`` (virtio-net-pci or e1000). backend "tap": an existing tap device ``ifname``; "user": SLIRP with
     restrict=on (no route outside); "none": a NIC with no backend traffic (for mobility tests)."""
     id: str
     mac: str
     backend: Literal["tap", "user", "none"] = "user"
     ifname: str = ""
+    model: Literal["virtio-net-pci", "e1000"] = "virtio-net-pci"
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,19 @@ class MachineSpec:
         for d in self.drives:
             if d.kind == "nbd" and d.fmt != "raw":
                 raise MachineSpecError(f"machine {self.name}: NBD drive {d.id} must be raw")
+            if d.bus not in DISK_BUSES:
+                raise MachineSpecError(f"machine {self.name}: drive {d.id} has bus {d.bus!r}; known: "
+                                       f"{', '.join(DISK_BUSES)}")
+        for n in self.nics:
+            if n.model not in NIC_MODELS:
+                raise MachineSpecError(f"machine {self.name}: NIC {n.id} has model {n.model!r}; known: "
+                                       f"{', '.join(NIC_MODELS)}")
+        if self.machine_type not in MACHINE_TYPES:
+            raise MachineSpecError(f"machine {self.name}: machine type {self.machine_type!r}; known: "
+                                   f"{', '.join(MACHINE_TYPES)}")
+        if self.cpu_model not in CPU_MODELS:
+            raise MachineSpecError(f"machine {self.name}: CPU model {self.cpu_model!r}; known: "
+                                   f"{', '.join(CPU_MODELS)}")
 
 
 def build_argv(spec: MachineSpec, qemu_binary: str = "qemu-system-x86_64") -> list[str]:
@@ -139,7 +162,14 @@ def build_argv(spec: MachineSpec, qemu_binary: str = "qemu-system-x86_64") -> li
             argv += ["-blockdev",
                      f"driver=nbd,node-name={d.id},server.type=unix,server.path={d.path},"
                      f"export={d.export},reconnect-delay={d.reconnect_delay}{ro}"]
-        argv += ["-device", f"virtio-blk-pci,drive={d.id},id={d.id}-dev,serial={d.id}"]
+        if d.bus == "virtio-blk":
+            argv += ["-device", f"virtio-blk-pci,drive={d.id},id={d.id}-dev,serial={d.id}"]
+        elif d.bus == "scsi":
+            if not any(a.startswith("virtio-scsi-pci,id=scsi0") for a in argv):
+                argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+            argv += ["-device", f"scsi-hd,drive={d.id},id={d.id}-dev,bus=scsi0.0,serial={d.id}"]
+        else:
+            argv += ["-device", f"nvme,drive={d.id},id={d.id}-dev,serial={d.id}"]
     for n in spec.nics:
         if n.backend == "tap":
             argv += ["-netdev", f"tap,id={n.id},ifname={n.ifname},script=no,downscript=no"]
@@ -147,7 +177,7 @@ def build_argv(spec: MachineSpec, qemu_binary: str = "qemu-system-x86_64") -> li
             argv += ["-netdev", f"user,id={n.id},restrict=on"]
         else:
             argv += ["-netdev", f"hubport,id={n.id},hubid=0"]
-        argv += ["-device", f"virtio-net-pci,netdev={n.id},mac={n.mac},id={n.id}-dev"]
+        argv += ["-device", f"{n.model},netdev={n.id},mac={n.mac},id={n.id}-dev"]
     if spec.serial_ports:
         argv += ["-device", "virtio-serial-pci,id=vser0"]
         for s in spec.serial_ports:
@@ -159,3 +189,32 @@ def build_argv(spec: MachineSpec, qemu_binary: str = "qemu-system-x86_64") -> li
         argv += ["-incoming", spec.incoming]
     argv += list(spec.extra_args)
     return argv
+
+
+def live_migration_blockers(src: MachineSpec, dst: MachineSpec) -> list[str]:
+    """Why QEMU cannot live-migrate a guest from machine ``src`` to machine ``dst`` (empty: it can).
+
+    QEMU's migration stream carries device state for the exact device tree of the source; the
+    destination must be started with the same machine type, CPU model and devices on the same
+    buses (docs/devel/migration.rst: "the destination must be started with the same command line").
+    Each entry names one difference, e.g. ``"machine pc vs q35"``, ``"disk bus virtio-blk vs scsi"``."""
+    out: list[str] = []
+    if src.machine_type != dst.machine_type:
+        out.append(f"machine {src.machine_type} vs {dst.machine_type}")
+    if src.cpu_model != dst.cpu_model:
+        out.append(f"cpu {src.cpu_model} vs {dst.cpu_model}")
+    if len(src.drives) != len(dst.drives):
+        out.append(f"{len(src.drives)} vs {len(dst.drives)} drives")
+    for a, b in zip(src.drives, dst.drives):
+        if a.bus != b.bus:
+            out.append(f"disk bus {a.bus} vs {b.bus}" + ("" if len(src.drives) == 1 else f" ({a.id})"))
+    if len(src.nics) != len(dst.nics):
+        out.append(f"{len(src.nics)} vs {len(dst.nics)} NICs")
+    for na, nb in zip(src.nics, dst.nics):
+        if na.model != nb.model:
+            out.append(f"nic model {na.model} vs {nb.model}" + ("" if len(src.nics) == 1 else f" ({na.id})"))
+    if src.memory_mib != dst.memory_mib:
+        out.append(f"memory {src.memory_mib} vs {dst.memory_mib} MiB")
+    if src.vcpus != dst.vcpus:
+        out.append(f"{src.vcpus} vs {dst.vcpus} vCPUs")
+    return out

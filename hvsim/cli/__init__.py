@@ -25,6 +25,7 @@ _SUBCOMMAND_MODULES = [
     "hvsim.cli.place",
     "hvsim.cli.shim",
     "hvsim.cli.migrate",
+    "hvsim.cli.crosscloud",
     "hvsim.cli.cleanup",
 ]
 _loaded = False

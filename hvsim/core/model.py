@@ -7,6 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from qmp_bridge.machine import CPU_MODELS, DISK_BUSES, MACHINE_TYPES, NIC_MODELS
+
 from .errors import SpecError
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
@@ -22,6 +24,11 @@ def check_name(kind: str, name: object) -> str:
 def _positive(kind: str, name: str, fld: str, value: object, minimum: float = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
         raise SpecError(f"{kind} {name!r}: {fld} must be a number >= {minimum:g}, got {value!r}")
+
+
+def _choice(kind: str, name: str, fld: str, value: object, known: tuple[str, ...]) -> None:
+    if value not in known:
+        raise SpecError(f"{kind} {name!r}: {fld} {value!r} is not supported; known: {', '.join(known)}")
 
 
 def check_unique(kind: str, names: list[str]) -> None:
@@ -94,7 +101,7 @@ class HostSpec(_Spec):
 
 @dataclass(frozen=True)
 class DiskSpec(_Spec):
-    """A virtio-blk disk. kind "file": a raw/qcow2 image created in the VM's run dir (or an existing
+    """A disk on ``bus`` ("virtio-blk", "scsi" or "nvme"). kind "file": a raw/qcow2 image created in the VM's run dir (or an existing
     image at ``path``); any other kind is served by a component that the cluster's driver for that
     kind creates, e.g. "shim" (hvsim's NBD swap shim) or "nbdkit"."""
     name: str
@@ -102,9 +109,11 @@ class DiskSpec(_Spec):
     kind: str = "file"
     format: Literal["raw", "qcow2"] = "raw"
     path: str = ""
+    bus: str = "virtio-blk"
 
     def __post_init__(self) -> None:
         check_name("disk", self.name)
+        _choice("disk", self.name, "bus", self.bus, DISK_BUSES)
         _positive("disk", self.name, "size_mib", self.size_mib)
         if not isinstance(self.kind, str) or not NAME_RE.match(self.kind):
             raise SpecError(f"disk {self.name!r}: kind must be 'file' or the name of a driver (e.g. 'shim'), "
@@ -115,14 +124,16 @@ class DiskSpec(_Spec):
 
 @dataclass(frozen=True)
 class NicSpec(_Spec):
-    """A virtio-net NIC; ``mac`` is derived from the VM and NIC names when empty."""
+    """A NIC of ``model`` (virtio-net-pci or e1000); ``mac`` is derived from the VM and NIC names when empty."""
     name: str
     network: str = "default"
     mac: str = ""
     ip: str = ""   # guest address with prefix, e.g. "10.77.0.5/24", set by guest init
+    model: str = "virtio-net-pci"
 
     def __post_init__(self) -> None:
         check_name("nic", self.name)
+        _choice("nic", self.name, "model", self.model, NIC_MODELS)
         if self.mac and not re.match(r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$", self.mac):
             raise SpecError(f"nic {self.name!r}: bad MAC {self.mac!r} (want lowercase aa:bb:cc:dd:ee:ff)")
 
@@ -142,9 +153,13 @@ class VMSpec(_Spec):
     balloon: bool = True
     kernel_args: str = ""
     qemu_args: tuple[str, ...] = ()   # appended to QEMU's argv as given (libvirt's <qemu:commandline>)
+    machine: str = "q35"              # QEMU machine type: "q35" or "pc" (i440FX)
+    cpu_model: str = "qemu64"         # under TCG; KVM guests get -cpu host
 
     def __post_init__(self) -> None:
         check_name("vm", self.name)
+        _choice("vm", self.name, "machine", self.machine, MACHINE_TYPES)
+        _choice("vm", self.name, "cpu_model", self.cpu_model, CPU_MODELS)
         _positive("vm", self.name, "vcpus", self.vcpus)
         _positive("vm", self.name, "memory_mib", self.memory_mib, 64)
         object.__setattr__(self, "disks", tuple(

@@ -199,9 +199,11 @@ class VM:
     def _machine_spec(self, attachments: Iterable[Attachment], run_dir: Path, incoming: str | None = None,
                       extra_args: tuple[str, ...] = ()) -> MachineSpec:
         atts = list(attachments)
-        drives = [Drive(id=f"disk-{d.name}", path=str(self.disk_path(d)), fmt=d.format)
+        drives = [Drive(id=f"disk-{d.name}", path=str(self.disk_path(d)), fmt=d.format,
+                        bus=d.bus)  # type: ignore[arg-type]
                   for d in self.spec.disks if d.kind == "file"] + [d for a in atts for d in a.drives]
-        nics = [Nic(id=f"nic-{n.name}", mac=n.mac or derive_mac(self.name, n.name), backend="user")
+        nics = [Nic(id=f"nic-{n.name}", mac=n.mac or derive_mac(self.name, n.name), backend="user",
+                    model=n.model)  # type: ignore[arg-type]
                 for n in self.spec.nics if n.network == "default"] + [n for a in atts for n in a.nics]
         ip_args = " ".join(f"hvsim.ip={n.ip}" for n in self.spec.nics[:1] if n.ip)
         accel = self.env.accel()
@@ -214,6 +216,7 @@ class VM:
             serial_ports=(SerialPort("agent0", AGENT_PORT, str(run_dir / "agent.sock")),
                           SerialPort("hb0", HEARTBEAT_PORT, str(run_dir / "hb.sock"))),
             balloon=self.spec.balloon, accel=accel,  # type: ignore[arg-type]
+            machine_type=self.spec.machine, cpu_model=self.spec.cpu_model,
             incoming=incoming,
             extra_args=tuple(a for att in atts for a in att.extra_args) + self.spec.qemu_args + extra_args)
 

@@ -17,7 +17,8 @@ from hvsim.network.reclaim import reclaim_stale
 log = logging.getLogger("hvsim.lab")
 
 # In order; modules that are absent in this tree are skipped with a note.
-SCENARIOS = ["foundation", "migration", "swap_prefetch", "multiprocess", "placement", "network", "control_plane"]
+SCENARIOS = ["foundation", "migration", "swap_prefetch", "multiprocess", "placement", "network", "control_plane",
+             "crosscloud"]
 
 
 class UnknownScenarioError(InputError):

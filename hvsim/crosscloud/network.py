@@ -1,0 +1,219 @@
+"""The inter-cloud WAN and the guests' addresses on it.
+
+The clouds' hosts share one :class:`~hvsim.network.underlay.Underlay` (one namespace per host, a
+bridge between them) whose per-host tbf shaping is the WAN link: every byte a cloud's host sends to
+the other cloud crosses its shaped ``ul0``. A third underlay host, ``client``, stands for the users
+who reach the service address. Guests get a routed /30 each (198.19.0.0/16, inside our namespaces
+only: no namespace has a default route)::
+
+    guest eth0 198.19.0.(4k+2) --- tap hvt<id> 198.19.0.(4k+1) [host ns: forwarding] --- ul0 --- WAN ---
+
+Every other host routes the guest's /30 via the guest's host. A clone for a test cutover is
+plugged *isolated*: its tap has no address and no route, so it reaches nobody and nobody reaches it.
+The service address (:attr:`WanNetwork.service_ip`) is a /32 the client routes to the host of the
+active copy, which routes it to the guest; moving it is two route replacements.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import logging
+import sys
+from dataclasses import dataclass
+
+from qmp_bridge import Nic
+
+from ..core.components import NIC_DRIVER, Attachment, Component, ComponentContext
+from ..core.errors import SpecError
+from ..core.host import Host
+from ..core.model import DiskSpec, NicSpec, derive_mac
+from ..network import netns as nsutil
+from ..network.underlay import Underlay
+from .errors import CrossCloudInputError
+
+log = logging.getLogger("hvsim.crosscloud.network")
+
+GUEST_NET = ipaddress.IPv4Network("198.19.0.0/17")
+SERVICE_IP = "198.19.255.10"
+WAN = "wan"
+ISOLATED = "isolated"
+
+
+@dataclass(frozen=True)
+class GuestAddress:
+    vm: str
+    host: str
+    subnet: ipaddress.IPv4Network
+    tap: str
+    isolated: bool
+
+    @property
+    def gateway(self) -> str:
+        return str(self.subnet.network_address + 1)
+
+    @property
+    def ip(self) -> str:
+        return str(self.subnet.network_address + 2)
+
+
+class WanNetwork:
+    """Guest /30s and routes across the hosts of ``underlay`` (which must have a ``client`` host)."""
+
+    def __init__(self, underlay: Underlay, client_host: str = "client") -> None:
+        if client_host not in underlay.hosts:
+            raise CrossCloudInputError(f"the WAN underlay needs a host {client_host!r} for the clients; "
+                                       f"it has {list(underlay.hosts)}")
+        self.underlay = underlay
+        self.client = client_host
+        self.service_ip = SERVICE_IP
+        self._index: dict[str, int] = {}
+        self._plugged: dict[str, GuestAddress] = {}
+        self._service_at: GuestAddress | None = None
+        self._ready = False
+
+    async def setup(self) -> None:
+        """IPv4 forwarding in every host namespace (only there: the root namespace is untouched)."""
+        await asyncio.gather(*(nsutil.run(nsutil.argv_in(self.underlay.host_ns(h),
+                                                         ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
+                               for h in self.underlay.hosts))
+        self._ready = True
+
+    def address(self, vm: str, host: str, isolated: bool = False) -> GuestAddress:
+        if host not in self.underlay.hosts:
+            raise CrossCloudInputError(f"host {host!r} is not on the WAN underlay ({list(self.underlay.hosts)})")
+        key = f"{vm}@{host}"           # two clouds may each have an instance of the same name
+        i = self._index.setdefault(key, len(self._index))
+        if i >= GUEST_NET.num_addresses // 4 - 1:
+            raise CrossCloudInputError("the WAN guest network is full")
+        subnet = ipaddress.IPv4Network((int(GUEST_NET.network_address) + 4 * (i + 1), 30))
+        tap = "hvt" + hashlib.sha256(key.encode()).hexdigest()[:8]
+        return GuestAddress(vm, host, subnet, tap, isolated)
+
+    def kernel_args(self, vm: str, host: str, nic: str = "wan0", isolated: bool = False) -> str:
+        a = self.address(vm, host, isolated)
+        mac = derive_mac(vm, nic)
+        return f"hvsim.nic={mac},{a.ip}/30" + ("" if isolated else f",gw={a.gateway}")
+
+    async def plug(self, a: GuestAddress) -> None:
+        ns = self.underlay.host_ns(a.host)
+        cmds = [f"tuntap add dev {a.tap} mode tap", f"link set {a.tap} up"]
+        if not a.isolated:
+            cmds.insert(1, f"addr add {a.gateway}/30 dev {a.tap}")
+        await nsutil.ip(netns=ns, batch=cmds)
+        if not a.isolated:
+            via = self.underlay.host_ip(a.host)
+            await asyncio.gather(*(nsutil.ip("route", "replace", str(a.subnet), "via", via,
+                                             netns=self.underlay.host_ns(h))
+                                   for h in self.underlay.hosts if h != a.host))
+        self._plugged[a.tap] = a
+
+    async def unplug(self, a: GuestAddress) -> None:
+        if self._service_at is not None and self._service_at.tap == a.tap:
+            await self._drop_service()
+        await nsutil.ip("link", "del", a.tap, netns=self.underlay.host_ns(a.host), check=False)
+        if not a.isolated:
+            await asyncio.gather(*(nsutil.ip("route", "del", str(a.subnet), netns=self.underlay.host_ns(h), check=False)
+                                   for h in self.underlay.hosts if h != a.host))
+        self._plugged.pop(a.tap, None)
+
+    # -- the service address ---------------------------------------------------------------------------
+    async def move_service(self, vm: str, host: str) -> None:
+        """Route the service address to ``vm`` on ``host`` (plugged, not isolated): the client's
+        route first, so there is never a moment with two routes to two copies."""
+        a = next((p for p in self._plugged.values() if p.vm == vm and p.host == host), None)
+        if a is None or a.isolated:
+            raise CrossCloudInputError(f"vm {vm!r} has no WAN address to carry the service address")
+        old = self._service_at
+        await nsutil.ip("route", "replace", f"{self.service_ip}/32", "via", a.ip, "dev", a.tap,
+                        netns=self.underlay.host_ns(a.host))
+        await nsutil.ip("route", "replace", f"{self.service_ip}/32", "via", self.underlay.host_ip(a.host),
+                        netns=self.underlay.host_ns(self.client))
+        if old is not None and old.host != a.host:
+            await nsutil.ip("route", "del", f"{self.service_ip}/32", netns=self.underlay.host_ns(old.host), check=False)
+        self._service_at = a
+        log.info("service address %s -> vm %s on %s", self.service_ip, vm, a.host)
+
+    async def _drop_service(self) -> None:
+        a = self._service_at
+        if a is None:
+            return
+        await nsutil.ip("route", "del", f"{self.service_ip}/32", netns=self.underlay.host_ns(a.host), check=False)
+        await nsutil.ip("route", "del", f"{self.service_ip}/32", netns=self.underlay.host_ns(self.client), check=False)
+        self._service_at = None
+
+    async def set_wan_link(self, host: str, up: bool) -> None:
+        """Cut or restore ``host``'s link to the WAN (fault injection). A link that goes down loses
+        its routes (the kernel flushes them), so restoring it puts back the routes from ``host`` to
+        every guest elsewhere and, if it is the client's, the service route."""
+        await self.underlay.set_link(host, up)
+        if not up:
+            return
+        ns = self.underlay.host_ns(host)
+        for a in list(self._plugged.values()):
+            if not a.isolated and a.host != host:
+                await nsutil.ip("route", "replace", str(a.subnet), "via", self.underlay.host_ip(a.host), netns=ns)
+        at = self._service_at
+        if at is not None and host == self.client:
+            await nsutil.ip("route", "replace", f"{self.service_ip}/32", "via", self.underlay.host_ip(at.host),
+                            netns=ns)
+
+    @property
+    def service_at(self) -> tuple[str, str] | None:
+        """(vm, host) the service address is routed to."""
+        return (self._service_at.vm, self._service_at.host) if self._service_at else None
+
+    async def probe_service(self, port: int, timeout: float = 3.0) -> str:
+        """Connect to the service address from the client host; the first line it sends ('' if none)."""
+        code = ("import socket,sys\n"
+                f"s=socket.create_connection(('{self.service_ip}',{int(port)}),timeout={float(timeout)})\n"
+                "sys.stdout.write(s.makefile().readline())\n")
+        argv = nsutil.argv_in(self.underlay.host_ns(self.client), [sys.executable, "-c", code])
+        try:
+            return (await nsutil.run(argv, timeout=timeout + 5)).strip()
+        except Exception as exc:  # unreachable: an answer in itself
+            log.info("service probe failed: %s", str(exc).splitlines()[0])
+            return ""
+
+
+class WanNicComponent(Component):
+    """A VM's NIC on the WAN (or isolated): the tap in its host's namespace."""
+
+    kind = NIC_DRIVER
+
+    def __init__(self, nic: NicSpec, ctx: ComponentContext, wan: WanNetwork) -> None:
+        super().__init__(nic.name, ctx)
+        self.nic = nic
+        self.wan = wan
+        self.addr: GuestAddress | None = None
+
+    async def _do_prepare(self, host: Host) -> Attachment:
+        a = self.wan.address(self.ctx.vm, host.name, isolated=self.nic.network == ISOLATED)
+        await self.wan.plug(a)
+        self.addr = a
+        mac = self.nic.mac or derive_mac(self.ctx.vm, self.nic.name)
+        return Attachment(nics=(Nic(id=f"nic-{self.nic.name}", mac=mac,
+                                    backend="tap", ifname=a.tap, model=self.nic.model),))  # type: ignore[arg-type]
+
+    async def _do_stop(self) -> None:
+        if self.addr is not None:
+            await self.wan.unplug(self.addr)
+            self.addr = None
+
+
+class WanNicDriver:
+    """NIC driver (kind ``"eni"``) of a cloud's cluster: NICs on network ``wan`` or ``isolated``."""
+
+    kind = NIC_DRIVER
+
+    def __init__(self, wan: WanNetwork) -> None:
+        self.wan = wan
+
+    def create_nic(self, nic: NicSpec, ctx: ComponentContext) -> Component:
+        if nic.network not in (WAN, ISOLATED):
+            raise SpecError(f"vm {ctx.vm!r}: nic {nic.name!r}: network must be {WAN!r} or {ISOLATED!r}, "
+                            f"got {nic.network!r}")
+        return WanNicComponent(nic, ctx, self.wan)
+
+    def create(self, disk: DiskSpec, ctx: ComponentContext) -> Component:
+        raise SpecError(f"vm {ctx.vm!r}: disk {disk.name!r}: the WAN NIC driver serves NICs, not disks")

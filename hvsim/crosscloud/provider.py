@@ -1,0 +1,224 @@
+"""Provider drivers: how the orchestrator reaches a cloud, only through its API (as a migration tool
+reaches EC2 or vSphere). :class:`ProviderDriver` is the interface; :class:`InProcessProvider` is
+the implementation over an in-process :class:`~hvsim.core.cluster.Cluster` (one per cloud, with its
+own credentials and API address ``inproc://<cloud>``). A driver over the hvsim manager's HTTP API
+(one manager per cloud) takes its place once the host agent lands on main.
+
+Every refusal comes before anything is created: an unknown cloud (:class:`UnknownProviderError`),
+bad credentials (:class:`CredentialsError`), no capacity for the profile's instance
+(:class:`NoCapacityError`), a guest whose agent channel does not answer (:class:`NoAgentChannelError`).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import gzip
+import hashlib
+import hmac
+import logging
+import shlex
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..core.agent import ExecResult, ExecStream
+from ..core.cluster import Cluster
+from ..core.errors import AgentError, CapacityError, NotFoundError
+from ..core.model import DiskSpec, NicSpec, VMSpec
+from ..core.vm import VM
+from .errors import CredentialsError, NoAgentChannelError, NoCapacityError, UnknownProviderError
+from .network import ISOLATED, WAN, WanNetwork
+from .profiles import ProviderProfile
+
+log = logging.getLogger("hvsim.crosscloud.provider")
+
+PUSH_CHUNK = 96 * 1024            # base64 bytes per command: sh -c's argument must stay under 128 KiB
+
+
+class ProviderDriver(Protocol):
+    """What the cross-cloud orchestrator needs from a cloud."""
+    cloud: str
+    profile: ProviderProfile
+
+    @property
+    def api(self) -> str: ...
+    async def authenticate(self, credentials: str) -> None: ...
+    def check_capacity(self, spec: VMSpec) -> None: ...
+    async def create_instance(self, spec: VMSpec, *, data_disk: Path | None = None, isolated: bool = False,
+                              data_size_mib: int = 256) -> str: ...
+    async def start(self, name: str) -> None: ...
+    async def pause(self, name: str) -> None: ...
+    async def resume(self, name: str) -> None: ...
+    async def delete(self, name: str) -> None: ...
+    async def exec(self, name: str, command: str, timeout: float = 60.0, check: bool = False) -> ExecResult: ...
+    def exec_stream(self, name: str, command: str, timeout: float | None = None) -> ExecStream: ...
+    async def push_file(self, name: str, local: Path, remote: str, mode: int = 0o600) -> None: ...
+    async def probe_agent(self, name: str) -> None: ...
+    async def clone_for_test(self, name: str, clone: str) -> str: ...
+    async def route_service(self, name: str) -> None: ...
+    def state(self, name: str) -> str: ...
+    def exists(self, name: str) -> bool: ...
+    def guest_ip(self, name: str) -> str: ...
+    def disk_path(self, name: str) -> Path: ...
+
+
+@dataclass
+class InProcessProvider:
+    """A cloud run by an in-process cluster: instances of ``profile`` on ``host``, NICs on the WAN."""
+    cloud: str
+    cluster: Cluster
+    host: str
+    profile: ProviderProfile
+    wan: WanNetwork
+    credentials: str
+    authenticated: bool = False
+
+    @property
+    def api(self) -> str:
+        return f"inproc://{self.cloud}"
+
+    async def authenticate(self, credentials: str) -> None:
+        if not isinstance(credentials, str) or not hmac.compare_digest(credentials.encode(), self.credentials.encode()):
+            raise CredentialsError(f"cloud {self.cloud!r} ({self.api}) refused the credentials")
+        self.authenticated = True
+
+    def _require_auth(self) -> None:
+        if not self.authenticated:
+            raise CredentialsError(f"cloud {self.cloud!r}: not authenticated")
+
+    def _vm(self, name: str) -> VM:
+        self._require_auth()
+        return self.cluster.vm(name)
+
+    def check_capacity(self, spec: VMSpec) -> None:
+        self._require_auth()
+        try:
+            self.cluster.host(self.host).check_fit(spec)
+        except CapacityError as exc:
+            raise NoCapacityError(f"cloud {self.cloud!r} has no capacity for a profile-{self.profile.name} instance "
+                                  f"of vm {spec.name!r}: {exc}") from exc
+
+    def instance_spec(self, spec: VMSpec, name: str | None = None, isolated: bool = False,
+                      data_disk: Path | None = None, data_size_mib: int = 256) -> VMSpec:
+        name = name or spec.name
+        disk = DiskSpec("data", size_mib=data_size_mib, path=str(data_disk) if data_disk else "",
+                        format="qcow2" if data_disk and data_disk.suffix == ".qcow2" else "raw")
+        nic = NicSpec("wan0", network=ISOLATED if isolated else WAN)
+        base = dataclasses.replace(spec, name=name, disks=(disk,), nics=(nic,),
+                                   kernel_args=self.wan.kernel_args(name, self.host, isolated=isolated))
+        return self.profile.apply(base)
+
+    async def create_instance(self, spec: VMSpec, *, data_disk: Path | None = None, isolated: bool = False,
+                              data_size_mib: int = 256) -> str:
+        self.check_capacity(spec)
+        s = self.instance_spec(spec, isolated=isolated, data_disk=data_disk, data_size_mib=data_size_mib)
+        await self.cluster.define_vm(s, self.host)
+        return s.name
+
+    async def start(self, name: str) -> None:
+        vm = self._vm(name)
+        await vm.start(wait_ready=True, ready_timeout=180)
+
+    async def pause(self, name: str) -> None:
+        await self._vm(name).pause()
+
+    async def resume(self, name: str) -> None:
+        await self._vm(name).resume()
+
+    async def delete(self, name: str) -> None:
+        try:
+            vm = self._vm(name)
+        except NotFoundError:
+            return
+        await vm.destroy()
+        await self.cluster.undefine_vm(name)
+
+    async def exec(self, name: str, command: str, timeout: float = 60.0, check: bool = False) -> ExecResult:
+        return await self._vm(name).exec(command, timeout=timeout, check=check)
+
+    def exec_stream(self, name: str, command: str, timeout: float | None = None) -> ExecStream:
+        return self._vm(name).agent.exec_stream(command, timeout=timeout)
+
+    async def probe_agent(self, name: str) -> None:
+        vm = self._vm(name)
+        try:
+            if not vm.agent.connected:
+                await vm.agent.connect()
+            await vm.agent.ping(timeout=5)
+        except (AgentError, OSError) as exc:
+            raise NoAgentChannelError(f"cloud {self.cloud!r}: vm {name!r} has no working guest-agent channel "
+                                      f"({exc}); the migration agents cannot be installed") from exc
+
+    async def push_file(self, name: str, local: Path, remote: str, mode: int = 0o600) -> None:
+        """Copy ``local`` into the guest at ``remote`` through the guest agent (gzip + base64 in
+        commands under sh's argument limit), checked by SHA-256 before it is moved into place."""
+        raw = Path(local).read_bytes()
+        b64 = base64.b64encode(gzip.compress(raw, 6)).decode()
+        tmp = shlex.quote(remote + ".part")
+        vm = self._vm(name)
+        await vm.exec(f"rm -f {tmp} {tmp}.b64", check=True)
+        for i in range(0, len(b64), PUSH_CHUNK):
+            await vm.exec(f"printf %s {b64[i:i + PUSH_CHUNK]} >> {tmp}.b64", timeout=60, check=True)
+        digest = hashlib.sha256(raw).hexdigest()
+        r = await vm.exec(f"base64 -d {tmp}.b64 | gunzip > {tmp} && rm -f {tmp}.b64 && sha256sum {tmp}", timeout=120,
+                          check=True)
+        if r.stdout.split()[:1] != [digest]:
+            raise AgentError(f"vm {name!r}: pushed {remote} has SHA-256 {r.stdout[:64]!r}, expected {digest}")
+        await vm.exec(f"chmod {mode:o} {tmp} && mv {tmp} {shlex.quote(remote)}", check=True)
+
+    async def clone_for_test(self, name: str, clone: str) -> str:
+        """A throw-away clone of instance ``name`` on an isolated network: the instance's data disk is
+        snapshotted (QMP blockdev-snapshot-sync: the instance writes into a new qcow2 overlay from now
+        on, the image under it stops changing) and the clone boots from its own qcow2 overlay on that
+        frozen image (copy-on-write: nothing the clone writes reaches the instance)."""
+        vm = self._vm(name)
+        base = vm.disk_path(vm.spec.disks[0])
+        top = base.with_name(f"{base.stem}-top{len(vm.spec.disks[0].name)}-{vm.generation}.qcow2")
+        await vm.qmp.execute("blockdev-snapshot-sync", {"node-name": "disk-data", "snapshot-file": str(top),
+                                                        "snapshot-node-name": "disk-data-top", "format": "qcow2"})
+        overlay = self.cluster.run_dir / f"{clone}-overlay.qcow2"
+        await asyncio.to_thread(subprocess.run, ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base),
+                                                 "-F", "raw", str(overlay)], check=True)
+        s = self.instance_spec(vm.spec, name=clone, isolated=True, data_disk=overlay,
+                               data_size_mib=vm.spec.disks[0].size_mib)
+        s = dataclasses.replace(s, memory_mib=vm.spec.memory_mib)
+        self.check_capacity(s)
+        await self.cluster.define_vm(s, self.host)
+        return clone
+
+    async def route_service(self, name: str) -> None:
+        """Route the service address to instance ``name`` (the cloud's elastic-IP move)."""
+        self._vm(name)
+        await self.wan.move_service(name, self.host)
+
+    def state(self, name: str) -> str:
+        return self._vm(name).state.value
+
+    def exists(self, name: str) -> bool:
+        return name in self.cluster.vms
+
+    def guest_ip(self, name: str) -> str:
+        return self.wan.address(name, self.host).ip
+
+    def disk_path(self, name: str) -> Path:
+        vm = self._vm(name)
+        return vm.disk_path(vm.spec.disks[0])
+
+
+@dataclass
+class CloudRegistry:
+    """The clouds an orchestrator may use, by name."""
+    providers: Mapping[str, ProviderDriver]
+
+    async def connect(self, cloud: str, credentials: str) -> ProviderDriver:
+        p = self.providers.get(cloud)
+        if p is None:
+            raise UnknownProviderError(f"unknown cloud {cloud!r}; registered: {sorted(self.providers)}")
+        await p.authenticate(credentials)
+        return p
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: {"api": p.api, "profile": p.profile.to_dict()} for k, p in self.providers.items()}
