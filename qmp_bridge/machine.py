@@ -43,8 +43,9 @@ class Drive:
 
 @dataclass(frozen=True)
 class Nic:
-    """A NIC of ``model`` (virtio-net-pci or e1000). backend "tap": an existing tap device ``ifname``; "user": SLIRP with
-    restrict=on (no route outside); "none": a NIC with no backend traffic (for mobility tests)."""
+    """A NIC of ``model`` (virtio-net-pci or e1000). backend "tap": an existing tap device
+    ``ifname``; "user": SLIRP with restrict=on (no route outside); "none": a NIC with no backend
+    traffic (for mobility tests)."""
     id: str
     mac: str
     backend: Literal["tap", "user", "none"] = "user"

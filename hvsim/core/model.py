@@ -101,9 +101,9 @@ class HostSpec(_Spec):
 
 @dataclass(frozen=True)
 class DiskSpec(_Spec):
-    """A disk on ``bus`` ("virtio-blk", "scsi" or "nvme"). kind "file": a raw/qcow2 image created in the VM's run dir (or an existing
-    image at ``path``); any other kind is served by a component that the cluster's driver for that
-    kind creates, e.g. "shim" (hvsim's NBD swap shim) or "nbdkit"."""
+    """A disk on ``bus`` ("virtio-blk", "scsi" or "nvme"). kind "file": a raw/qcow2 image created in
+    the VM's run dir (or an existing image at ``path``); any other kind is served by a component
+    that the cluster's driver for that kind creates, e.g. "shim" (hvsim's NBD swap shim) or "nbdkit"."""
     name: str
     size_mib: int = 64
     kind: str = "file"
