@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Strict, Field
 from pydantic.dataclasses import dataclass
 
 from .state import CFG, Name, Text
@@ -31,27 +31,27 @@ class GuestSpec:
     """What the manager knows of a VM, as the agent needs it to start one. A disk (``disk_mib``
     > 0) lives in the declared datastore directory (shared by every host), created on first start."""
     name: Name
-    vcpus: Annotated[int, Field(ge=1, le=64)] = 1
-    memory_mib: Annotated[int, Field(ge=64, le=1024 * 1024)] = 256
-    disk_mib: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] = 0
+    vcpus: Annotated[int, Strict(), Field(ge=1, le=64)] = 1
+    memory_mib: Annotated[int, Strict(), Field(ge=64, le=1024 * 1024)] = 256
+    disk_mib: Annotated[int, Strict(), Field(ge=0, le=16 * 1024 * 1024)] = 0
 
 
 @dataclass(config=CFG)
 class StartRequest:
     vm: GuestSpec
-    wait_ready: bool = True
-    ready_timeout: Annotated[float, Field(gt=0, le=600)] = 120.0
+    wait_ready: Annotated[bool, Strict()] = True
+    ready_timeout: Annotated[float, Strict(), Field(gt=0, le=600)] = 120.0
 
 
 @dataclass(config=CFG)
 class StopRequest:
-    timeout: Annotated[float, Field(gt=0, le=600)] = 60.0
+    timeout: Annotated[float, Strict(), Field(gt=0, le=600)] = 60.0
 
 
 @dataclass(config=CFG)
 class ExecBody:
     command: Annotated[str, Field(min_length=1, max_length=4096)]
-    timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    timeout: Annotated[float, Strict(), Field(gt=0, le=3600)] = 30.0
 
 
 @dataclass(config=CFG)
@@ -63,7 +63,7 @@ class MigrateOut:
     destination: Name
     destination_agent: AgentAddress
     policy: Policy = "hvsim-predictive"
-    timeout: Annotated[float, Field(gt=0, le=3600)] = 300.0
+    timeout: Annotated[float, Strict(), Field(gt=0, le=3600)] = 300.0
     migration_id: MigrationId | None = None
 
 
@@ -89,17 +89,17 @@ class Listening:
 class AgentInfo:
     host: Name
     datacenter: Name
-    vcpus: int
-    memory_mib: int
+    vcpus: Annotated[int, Strict()]
+    memory_mib: Annotated[int, Strict()]
     cpu_overcommit: float
     memory_overcommit: float
-    used_vcpus: int
-    used_memory_mib: int
+    used_vcpus: Annotated[int, Strict()]
+    used_memory_mib: Annotated[int, Strict()]
     address: Text
-    pid: int
+    pid: Annotated[int, Strict()]
     started_at: float
     token: int                      # the newest fencing token seen
-    vms: int
+    vms: Annotated[int, Strict()]
     power_domain: Text | None = None
 
 
@@ -110,13 +110,13 @@ class MigrationInfo:
     destination: Name
     state: Text                     # hvsim.migration's MigrationState value
     elapsed_s: float = 0.0
-    passes: int = 0
-    transferred: int = 0
-    remaining: int = 0
-    total: int = 0
+    passes: Annotated[int, Strict()] = 0
+    transferred: Annotated[int, Strict()] = 0
+    remaining: Annotated[int, Strict()] = 0
+    total: Annotated[int, Strict()] = 0
     mbps: float = 0.0
-    destination_started: bool = False
-    handed_off: bool = False
+    destination_started: Annotated[bool, Strict()] = False
+    handed_off: Annotated[bool, Strict()] = False
     error: Text | None = None
     result: dict[str, Any] | None = None
 
@@ -132,7 +132,7 @@ class QemuInfo:
     busy_with: Text | None = None   # the operation holding it (start, migration to h2, ...)
     migration: MigrationInfo | None = None
     incoming_id: Text | None = None
-    generation: int = 0
+    generation: Annotated[int, Strict()] = 0
     agent_socket: Text | None = None
     heartbeat_socket: Text | None = None
     console_log: Text | None = None
@@ -148,15 +148,15 @@ class QemuList:
 
 @dataclass(config=CFG)
 class ExecOutput:
-    exit_code: int
+    exit_code: Annotated[int, Strict()]
     stdout: str
     stderr: str
-    signal: int = 0
-    timed_out: bool = False
-    truncated: bool = False
+    signal: Annotated[int, Strict()] = 0
+    timed_out: Annotated[bool, Strict()] = False
+    truncated: Annotated[bool, Strict()] = False
 
 
 @dataclass(config=CFG)
 class Ok:
-    ok: bool = True
+    ok: Annotated[bool, Strict()] = True
     detail: Text = ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Strict, Field
 from pydantic.dataclasses import dataclass
 
 from .ops import OperationRecord
@@ -15,23 +15,23 @@ from .state import CFG, GroupRecord, HostRecord, Name, ReservationRecord, RuleRe
 class HostCreate:
     name: Name
     datacenter: Name = "dc1"
-    vcpus: Annotated[int, Field(ge=1, le=4096)] = 4
-    memory_mib: Annotated[int, Field(ge=64, le=16 * 1024 * 1024)] = 4096
-    cpu_overcommit: Annotated[float, Field(ge=1.0, le=16.0)] = 1.0
-    memory_overcommit: Annotated[float, Field(ge=1.0, le=4.0)] = 1.0
+    vcpus: Annotated[int, Strict(), Field(ge=1, le=4096)] = 4
+    memory_mib: Annotated[int, Strict(), Field(ge=64, le=16 * 1024 * 1024)] = 4096
+    cpu_overcommit: Annotated[float, Strict(), Field(ge=1.0, le=16.0)] = 1.0
+    memory_overcommit: Annotated[float, Strict(), Field(ge=1.0, le=4.0)] = 1.0
     agent: Annotated[str | None, Field(max_length=256, pattern=r"^(unix:/[\x21-\x7e]+|https://[\x21-\x7e]+)$")] = None
 
 
 @dataclass(config=CFG)
 class VMDefine:
     name: Name
-    vcpus: Annotated[int, Field(ge=1, le=64)] = 1
-    memory_mib: Annotated[int, Field(ge=16, le=1024 * 1024)] = 256
-    disk_mib: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] = 0
+    vcpus: Annotated[int, Strict(), Field(ge=1, le=64)] = 1
+    memory_mib: Annotated[int, Strict(), Field(ge=16, le=1024 * 1024)] = 256
+    disk_mib: Annotated[int, Strict(), Field(ge=0, le=16 * 1024 * 1024)] = 0
     host: Name | None = None
     group: Name | None = None
-    protected: bool = False
-    priority: Annotated[int, Field(ge=0, le=1000)] = 0
+    protected: Annotated[bool, Strict()] = False
+    priority: Annotated[int, Strict(), Field(ge=0, le=1000)] = 0
 
 
 @dataclass(config=CFG)
@@ -49,12 +49,12 @@ class MigrateRequest:
 @dataclass(config=CFG)
 class ExecRequest:
     command: Annotated[str, Field(min_length=1, max_length=4096)]
-    timeout: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    timeout: Annotated[float, Strict(), Field(gt=0, le=3600)] = 30.0
 
 
 @dataclass(config=CFG)
 class StopBody:
-    timeout: Annotated[float, Field(gt=0, le=600, description="seconds for the guest to power off")] = 60.0
+    timeout: Annotated[float, Strict(), Field(gt=0, le=600, description="seconds for the guest to power off")] = 60.0
 
 
 @dataclass(config=CFG)
@@ -70,21 +70,21 @@ class ErrorBody:
 class Health:
     status: str
     store: str
-    revision: int
+    revision: Annotated[int, Strict()]
     manager: str = ""
-    leader: bool = False
-    token: int = 0
-    resolved: int = 0
+    leader: Annotated[bool, Strict()] = False
+    token: Annotated[int, Strict()] = 0
+    resolved: Annotated[int, Strict()] = 0
 
 
 @dataclass(config=CFG)
 class ExecResult:
-    exit_code: int
+    exit_code: Annotated[int, Strict()]
     stdout: str
     stderr: str
-    signal: int = 0
-    timed_out: bool = False
-    truncated: bool = False
+    signal: Annotated[int, Strict()] = 0
+    timed_out: Annotated[bool, Strict()] = False
+    truncated: Annotated[bool, Strict()] = False
 
 
 @dataclass(config=CFG)
@@ -92,66 +92,66 @@ class Progress:
     """A migration's progress as its source host agent reports it."""
     state: str
     elapsed_s: float = 0.0
-    passes: int = 0
-    transferred: int = 0
-    remaining: int = 0
-    total: int = 0
+    passes: Annotated[int, Strict()] = 0
+    transferred: Annotated[int, Strict()] = 0
+    remaining: Annotated[int, Strict()] = 0
+    total: Annotated[int, Strict()] = 0
     mbps: float = 0.0
     error: str | None = None
 
 
 @dataclass(config=CFG)
 class PlacementCheck:
-    required_violations: int
-    preferred_penalty: int
-    moves: int
+    required_violations: Annotated[int, Strict()]
+    preferred_penalty: Annotated[int, Strict()]
+    moves: Annotated[int, Strict()]
     problems: list[str]
     rules: list[dict[str, Any]]
-    vms: int
-    hosts: int
-    rules_checked: int
+    vms: Annotated[int, Strict()]
+    hosts: Annotated[int, Strict()]
+    rules_checked: Annotated[int, Strict()]
 
 
 @dataclass(config=CFG)
 class HostPage:
     items: list[HostRecord]
     after: str | None
-    remaining: int
+    remaining: Annotated[int, Strict()]
 
 
 @dataclass(config=CFG)
 class VMPage:
     items: list[VMRecord]
     after: str | None
-    remaining: int
+    remaining: Annotated[int, Strict()]
 
 
 @dataclass(config=CFG)
 class GroupPage:
     items: list[GroupRecord]
     after: str | None
-    remaining: int
+    remaining: Annotated[int, Strict()]
 
 
 @dataclass(config=CFG)
 class RulePage:
     items: list[RuleRecord]
     after: str | None
-    remaining: int
+    remaining: Annotated[int, Strict()]
 
 
 @dataclass(config=CFG)
 class ReservationPage:
     items: list[ReservationRecord]
     after: str | None
-    remaining: int
+    remaining: Annotated[int, Strict()]
 
 
 @dataclass(config=CFG)
 class OperationPage:
     items: list[OperationRecord]
     after: str | None
-    remaining: int
+    remaining: Annotated[int, Strict()]
 
 
 @dataclass(config=CFG)

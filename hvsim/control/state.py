@@ -21,7 +21,7 @@ import enum
 from typing import Annotated, Any, TypeVar
 
 import pydantic
-from pydantic import ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import Strict, ConfigDict, Field, TypeAdapter, field_validator
 from pydantic.dataclasses import dataclass
 
 from hvsim.core.model import NAME_RE
@@ -67,10 +67,10 @@ class VMPower(enum.Enum):
 class HostRecord:
     name: Name
     datacenter: Name = "dc1"
-    vcpus: Annotated[int, Field(ge=1, le=4096)] = 4
-    memory_mib: Annotated[int, Field(ge=64, le=16 * 1024 * 1024)] = 4096
-    cpu_overcommit: Annotated[float, Field(ge=1.0, le=16.0)] = 1.0
-    memory_overcommit: Annotated[float, Field(ge=1.0, le=4.0)] = 1.0
+    vcpus: Annotated[int, Strict(), Field(ge=1, le=4096)] = 4
+    memory_mib: Annotated[int, Strict(), Field(ge=64, le=16 * 1024 * 1024)] = 4096
+    cpu_overcommit: Annotated[float, Strict(), Field(ge=1.0, le=16.0)] = 1.0
+    memory_overcommit: Annotated[float, Strict(), Field(ge=1.0, le=4.0)] = 1.0
     agent: Annotated[str | None, Field(max_length=256, pattern=r"^(unix:/[\x21-\x7e]+|https://[\x21-\x7e]+)$",
                                        description="the host agent: unix:/PATH or https://HOST:PORT")] = None
     status: HostStatus = HostStatus.REGISTERED
@@ -79,14 +79,14 @@ class HostRecord:
 @dataclass(config=CFG)
 class VMRecord:
     name: Name
-    vcpus: Annotated[int, Field(ge=1, le=64)] = 1
-    memory_mib: Annotated[int, Field(ge=16, le=1024 * 1024)] = 256
-    disk_mib: Annotated[int, Field(ge=0, le=16 * 1024 * 1024)] = 0
+    vcpus: Annotated[int, Strict(), Field(ge=1, le=64)] = 1
+    memory_mib: Annotated[int, Strict(), Field(ge=16, le=1024 * 1024)] = 256
+    disk_mib: Annotated[int, Strict(), Field(ge=0, le=16 * 1024 * 1024)] = 0
     host: Name | None = None
     group: Name | None = None
     power: VMPower = VMPower.SHUTOFF
-    protected: bool = False
-    priority: Annotated[int, Field(ge=0, le=1000)] = 0
+    protected: Annotated[bool, Strict()] = False
+    priority: Annotated[int, Strict(), Field(ge=0, le=1000)] = 0
 
 
 @dataclass(config=CFG)
@@ -122,8 +122,8 @@ class ReservationRecord:
     """Capacity held back (e.g. failover capacity in a datacenter): placements never use it."""
     name: Name
     datacenter: Name
-    vcpus: Annotated[int, Field(ge=0, le=1 << 20)] = 0
-    memory_mib: Annotated[int, Field(ge=0, le=1 << 32)] = 0
+    vcpus: Annotated[int, Strict(), Field(ge=0, le=1 << 20)] = 0
+    memory_mib: Annotated[int, Strict(), Field(ge=0, le=1 << 32)] = 0
     hosts: Annotated[tuple[Name, ...], Field(max_length=1000)] = ()
     purpose: Text = ""
 

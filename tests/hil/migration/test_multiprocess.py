@@ -266,15 +266,17 @@ async def test_faults_on_the_source_and_the_destination_driver(mp: Cluster) -> N
     await verify(vm, "rand")
 
 
-@pytest.mark.parametrize("how,why", [("truncate", "truncated"), ("corrupt", "checksum mismatch"),
-                                     ("version", "format version 9 is not supported")])
-async def test_a_bad_checkpoint_is_refused_naming_the_driver(mp: Cluster, how: str, why: str) -> None:
-    vm = await shim_guest(mp, f"bad-{how}")
+async def test_a_bad_checkpoint_is_refused_naming_the_driver(mp: Cluster) -> None:
+    # one guest, three refused migrations: each leaves the source as it was, so the next one starts
+    # from a running source with its shim serving (and the pages still verify after all three)
+    vm = await shim_guest(mp, "bad-ck")
     src = vm.component("shim:swap")
     assert isinstance(src, ShimComponent)
-    err = await attempt(vm, Tamper(how))
-    assert f"bad-{how}/shim:swap" in str(err) and why in str(err), str(err)
-    await assert_rolled_back(vm, src)
+    for how, why in (("truncate", "truncated"), ("corrupt", "checksum mismatch"),
+                     ("version", "format version 9 is not supported")):
+        err = await attempt(vm, Tamper(how))
+        assert "bad-ck/shim:swap" in str(err) and why in str(err), f"{how}: {err}"
+        await assert_rolled_back(vm, src)
     await verify(vm)
 
 

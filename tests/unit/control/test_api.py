@@ -126,6 +126,11 @@ async def test_rejected_requests_name_the_field_and_change_nothing(manager: Mana
         ("POST", "/v1/hosts", {"name": "h1"}, 409, None),
         ("POST", "/v1/hosts", {"name": "h2", "agent": "ftp://x"}, 422, "body.agent"),
         ("POST", "/v1/hosts", {"name": "h2", "cpu_overcommit": 0.5}, 422, "body.cpu_overcommit"),
+        # no coercion: a boolean is not a count, a numeric string is not a number (schemathesis found
+        # {"vcpus": true} accepted as 1 host vCPU)
+        ("POST", "/v1/hosts", {"name": "h2", "vcpus": True}, 422, "body.vcpus"),
+        ("POST", "/v1/hosts", {"name": "h2", "cpu_overcommit": "2.0"}, 422, "body.cpu_overcommit"),
+        ("POST", "/v1/vms", {"name": "vm2", "protected": 1}, 422, "body.protected"),
         ("DELETE", "/v1/hosts/h1", None, 409, None),
         ("DELETE", "/v1/groups/g", None, 409, None),
         ("POST", "/v1/rules", {"name": "r", "spec": {"kind": "anti_affinity", "groups": ["nope"]}}, 404, None),
