@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Strict, Field
+from pydantic import Field, Strict
 from pydantic.dataclasses import dataclass
 
 from .state import CFG, Name, Text

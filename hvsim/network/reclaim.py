@@ -163,3 +163,11 @@ async def reclaim_stale(prefix: str = "hvs-", net_run_dir: str | os.PathLike[str
     report.extend(await reclaim_network(prefix, net_run_dir))
     report.extend(await asyncio.to_thread(reclaim_run_dirs, run_dir_base))
     return report
+
+
+async def cleanup_stale(prefix: str = "hvs-", directory: str | os.PathLike[str] | None = None) -> list[str]:
+    """Remove namespaces left by dead runs: only those named in a record under ``directory``
+    whose names start with ``prefix`` and whose owning pid is no longer alive.
+    Returns the namespace names removed (the whole report: :func:`reclaim_network`)."""
+    report = await reclaim_network(prefix, directory)
+    return [r.name for r in report.removed if r.kind == "namespace"]

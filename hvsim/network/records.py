@@ -3,7 +3,7 @@
 Before an Underlay creates anything it writes ``<run_dir>/<prefix><runid>.json`` naming
 every namespace it is about to create, with its pid and that process's start time. The
 record is removed once teardown has left nothing behind. A run that was killed leaves
-its record; :func:`cleanup_stale` (:mod:`hvsim.network.reclaim`) removes the namespaces of records
+its record; :func:`hvsim.network.reclaim.cleanup_stale` removes the namespaces of records
 whose owner is dead.
 """
 from __future__ import annotations
@@ -77,12 +77,3 @@ def read_record(path: Path) -> Record | None:
     except (OSError, ValueError, TypeError) as exc:
         log.warning("ignoring unreadable underlay record %s: %s", path, exc)
         return None
-
-
-async def cleanup_stale(prefix: str = "hvs-", directory: str | os.PathLike[str] | None = None) -> list[str]:
-    """Remove namespaces left by dead runs: only those named in a record under ``directory``
-    whose names start with ``prefix`` and whose owning pid is no longer alive.
-    Returns the namespace names removed (the whole report: :func:`hvsim.network.reclaim.reclaim_network`)."""
-    from .reclaim import reclaim_network
-    report = await reclaim_network(prefix, directory)
-    return [r.name for r in report.removed if r.kind == "namespace"]

@@ -37,7 +37,7 @@ from hvbase.fsm import StateMachine
 from ..core.aio import run_to_completion as _complete
 from ..core.host import HostNetwork
 from . import netns as nsutil
-from . import records
+from . import reclaim, records
 from .errors import (NetworkError, SetupError, StateError, TeardownError,
                      TopologyError, UnknownHostError)
 from .shaping import (DEFAULT_LATENCY_MS, LinkShape, QdiscStats, check_mbit,
@@ -380,7 +380,7 @@ class Underlay:
     async def cleanup_stale(prefix: str = "hvs-", run_dir: str | os.PathLike[str] | None = None) -> list[str]:
         """Remove namespaces left by killed runs (recorded under ``run_dir``, named with
         ``prefix``, owner pid dead). Returns the names removed."""
-        return await records.cleanup_stale(prefix, run_dir)
+        return await reclaim.cleanup_stale(prefix, run_dir)
 
     def __repr__(self) -> str:
         return f"<Underlay {self.runid} {self.state.name} hosts={list(self._hosts)}>"

@@ -12,7 +12,7 @@ import pytest
 from hvbase.errors import HvsimError, InputError
 from hvbase.errors import StateError as BaseStateError
 
-from hvsim.network import records
+from hvsim.network import reclaim, records
 from hvsim.network.errors import (CommandError, NetworkError, StateError, TopologyError,
                                   UnknownHostError)
 from hvsim.network.netns import run
@@ -188,5 +188,5 @@ async def test_cleanup_stale_drops_dead_record_without_namespaces(tmp_path) -> N
                          namespaces=["hvsu-dead01-sw"])
     path = records.write_record(tmp_path, rec)
     live = records.write_record(tmp_path, records.Record.for_this_process("live01", "hvsu-", ["hvsu-live01-sw"]))
-    assert await records.cleanup_stale("hvsu-", tmp_path) == []
+    assert await reclaim.cleanup_stale("hvsu-", tmp_path) == []
     assert not path.exists() and live.exists()
