@@ -94,7 +94,9 @@ def create_agent_app(agent: HostAgent) -> FastAPI:
 
     rd: dict[str, Any] = {"dependencies": [Depends(no_unknown_query)], "responses": AGENT_ERRORS}
 
-    def fenced(request: Request, token: Token, until: Until = None) -> None:
+    async def fenced(request: Request, token: Token, until: Until = None) -> None:
+        # async on purpose: on the event loop, check, remember and record are one step no other
+        # request interleaves with (a plain def would run in a worker thread, concurrently)
         route = request.scope.get("route")
         name = request.path_params.get("name")
         agent.fence(token, verb=str(getattr(route, "name", "call")), vm=name if isinstance(name, str) else None,
