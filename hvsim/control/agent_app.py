@@ -9,8 +9,11 @@ On a unix socket (0600 in a 0700 directory: only our user can connect) or on TCP
 ``--allow-non-loopback``, meant for a host's namespace address). Run it inside the host's network
 namespace. SIGTERM/SIGINT stop it gracefully: every guest keeps running (the next agent re-adopts
 it). Errors answer with the manager API's conventions (``{"detail", "field"}``): 400/422 bad input,
-404 unknown VM, 409 refused (state, capacity, busy, a stale fencing token), 502 the operation ran and
-failed, 503 not serving (starting or stopping).
+404 unknown VM, 409 refused (state, capacity, busy, a stale fencing token or a passed lease
+deadline: then the body has ``"fenced": {"token", "newest"}``), 502 the operation ran and failed, 503
+not serving (starting or stopping). Every mutating call, accepted or refused, is appended to the
+agent's history (``STATE_DIR/history.jsonl``, ``GET /v1/history?since=SEQ``); ``POST /v1/fence``
+is a manager announcing its (newer) token.
 """
 from __future__ import annotations
 
