@@ -257,3 +257,9 @@ def audit(agent_histories: Mapping[str, Iterable[HistoryEntry | Mapping[str, Any
             if a in last and last[a] > starts[b]:
                 out.overlaps.append(Overlap(older=a, newer=b, start=starts[b], end=last[a]))
     return out
+
+
+async def audit_all(store: Store, state_dirs: Mapping[str, Path | str], name: str = "manager") -> FenceAudit:
+    """:func:`audit` over the histories in host agents' state directories (host -> directory; an
+    emulated host's is ``EmulatedHost.dir / "state"``) and the store's journal of lease ``name``."""
+    return audit({h: read_history(d) for h, d in state_dirs.items()}, await store_terms(store, name))

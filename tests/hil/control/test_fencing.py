@@ -21,7 +21,7 @@ from hvsim.control.agentrpc import StopRequest
 from hvsim.control.client import ManagerClient
 from hvsim.control.errors import ApiFencedError, ApiNotLeaderError, ApiUnavailableError
 from hvsim.control.etcd_cluster import EtcdCluster
-from hvsim.control.fencing import audit, read_history, store_terms
+from hvsim.control.fencing import audit, audit_all, read_history, store_terms
 from hvsim.control.launch import EmulatedHost, ManagerProcess
 from hvsim.control.leader import find_leader
 from hvsim.control.schema import ExecRequest, HostCreate, VMDefine
@@ -149,3 +149,4 @@ async def scenario(cp: ControlPlane, store: EtcdStore, h: EmulatedHost, m1: Mana
     a = audit({"h1": hist}, terms)
     assert a.stale_accepted == 0 and not a.overlaps and a.ok, a.summary()
     assert {old.token, new.token} <= set(a.tokens) and a.refused >= 2 and a.store_writes > len(acked)
+    assert (await audit_all(store, {"h1": h.dir / "state"})).summary() == a.summary()
