@@ -75,7 +75,8 @@ async def test_ha_tries_protected_vms_in_priority_order_and_reports_what_fits_no
         await m.start(timeout=20)
         try:
             for _ in range(200):
-                if all(h.status is HostStatus.UNREACHABLE for h in await m.reader.list_all(HostRecord, "/hvsim/hosts/")):
+                hosts = await m.reader.list_all(HostRecord, "/hvsim/hosts/")
+                if all(h.status is HostStatus.UNREACHABLE for h in hosts):
                     break
                 await asyncio.sleep(0.05)
             for name in ("h2", "h3"):              # the survivors answer again
