@@ -105,7 +105,7 @@ async def test_reservation_is_sized_applied_and_refused_to_ordinary_defines(scen
     with pytest.raises(ApiConflictError, match="ha-reserve-h3"):
         await c.define_vm(VMDefine(name="intruder", memory_mib=512, host="h3"))
     with pytest.raises(ApiConflictError, match="ha-reserve-h3"):
-        await c.define_vm(VMDefine(name="big", memory_mib=700))           # fits only in the reservation
+        await c.define_vm(VMDefine(name="big", memory_mib=900))           # fits only in the reservation
     # boot every guest (concurrently) and write a block to each disk, flushed
     ops = await asyncio.gather(*(c.start_vm(n) for n, *_ in GUESTS))
     assert all(o.state is OpState.SUCCEEDED for o in ops), ops
