@@ -7,10 +7,12 @@ naming why, an event), never touching the unprotected one, never restarting one 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
 
+from hvsim.cli import run
 from hvsim.control.client import ManagerClient
 from hvsim.control.errors import ApiConflictError
 from hvsim.control.inventory import Inventory
@@ -102,3 +104,32 @@ async def test_ha_tries_protected_vms_in_priority_order_and_reports_what_fits_no
             assert len(again) == 3
         finally:
             await m.close()
+
+
+def test_cli_reservation_show_apply_and_ha_show(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with manager_process(tmp_path / "run", f"sqlite://{tmp_path / 'state.db'}") as m:
+        base = ["--manager", m.address, "--token-file", str(m.token_file)]
+
+        async def seed() -> None:
+            async with ManagerClient(m.address, m.token, timeout=60) as c:
+                for name, dc in (("h1", "dc1"), ("r1", "dc2")):
+                    await c.add_host(HostCreate(name=name, datacenter=dc, vcpus=8, memory_mib=8192))
+                await c.define_vm(VMDefine(name="db", vcpus=4, memory_mib=4096, host="h1", protected=True))
+                await c.define_vm(VMDefine(name="web", memory_mib=512, host="h1", protected=True))
+        asyncio.run(seed())
+        assert run([*base, "reservation", "show", "--datacenter", "dc2", "--json"]) == 0
+        rep = json.loads(capsys.readouterr().out)
+        assert rep["plan"]["reserved"] == {"vcpus": 5, "memory_mib": 4608}
+        assert rep["plan"]["slots"]["reserved"] == {"vcpus": 8, "memory_mib": 8192}
+        assert run([*base, "reservation", "show", "--datacenter", "dc2"]) == 0
+        out = capsys.readouterr().out
+        assert "overhead of slots" in out and "r1" in out
+        assert run([*base, "reservation", "apply", "--datacenter", "dc2"]) == 0
+        assert "rule ha-reserve-r1: added" in capsys.readouterr().out
+        rc = run([*base, "vm", "define", "intruder", "--memory", "4000", "--host", "r1"])
+        err = capsys.readouterr().err
+        assert rc == 1 and "ha-reserve-r1" in err, err
+        assert run([*base, "reservation", "apply", "--datacenter", "dc9", "--management-memory-mib", "64"]) == 1
+        assert "does not fit" in capsys.readouterr().err
+        assert run([*base, "ha", "show", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["state"] == "watching"
