@@ -40,6 +40,7 @@ GRACE = 4.0
 # name, host, protected, priority, disk MiB
 GUESTS = [("db", "h1", True, 100, 16), ("app", "h1", True, 10, 16), ("scratch", "h1", False, 0, 0),
           ("solo", "h2", True, 50, 16)]
+READ = "dd if=/dev/vda bs=4096 skip=3 count=1 2>/dev/null | head -c 64 | tr -d '\\000'"   # the block written
 
 
 @dataclass
@@ -146,8 +147,7 @@ async def test_split_brain_agent_dead_guest_alive_nothing_is_restarted(scene: Sc
     await h2.start_agent()                                     # a new agent re-adopts the guest
     await _wait("h2 up", lambda: _status(c, "h2", HostStatus.UP), 60)
     assert (await cp.agent("h2").vm("solo")).pid == pid
-    out = await c.exec_vm("solo", ExecRequest(command="dd if=/dev/vda bs=4096 skip=3 count=1 2>/dev/null | head -c 64",
-                                              timeout=60))
+    out = await c.exec_vm("solo", ExecRequest(command=READ, timeout=60))
     assert scene.marks["solo"] in out.stdout
 
 
@@ -178,7 +178,7 @@ async def test_host_powered_off_its_protected_vms_restart_in_priority_order(scen
         on = [h for h in cp.hosts if h != "h1" and any(q.vm == name for q in (await cp.agent(h).qemus()).items)]
         assert on == [vm.host], (name, on, vm)
         out = await c.exec_vm(name, ExecRequest(
-            command="dd if=/dev/vda bs=4096 skip=3 count=1 2>/dev/null | head -c 64", timeout=60))
+            command=READ, timeout=60))
         assert scene.marks[name] in out.stdout, (name, out)        # data written before the loss is there
     # the unprotected VM: marked crashed, recorded where it was lost, never restarted
     scratch = await c.get_vm("scratch")
