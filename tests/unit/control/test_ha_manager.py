@@ -133,3 +133,31 @@ def test_cli_reservation_show_apply_and_ha_show(capsys: pytest.CaptureFixture[st
         assert "does not fit" in capsys.readouterr().err
         assert run([*base, "ha", "show", "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["state"] == "watching"
+
+
+async def test_lower_tiers_wait_for_a_restart_a_previous_manager_left_in_flight(tmp_path: Path) -> None:
+    async with SQLiteStore(tmp_path / "state.db") as store:
+        seed = Inventory(store)
+        for name in ("h1", "h2"):
+            await seed.add_host(HostRecord(name=name, vcpus=8, memory_mib=4096, agent=f"unix:{tmp_path}/{name}.sock",
+                                           status=HostStatus.UP))
+        for name, prio in (("high", 90), ("low", 10)):
+            await seed.define_vm(VMRecord(name=name, memory_mib=128, disk_mib=16, host="h1", protected=True,
+                                          priority=prio))
+            await seed.set_vm_power(name, VMPower.RUNNING)
+        left, rev = await seed.begin(OpKind.RESTART, "high", source="h1", destination="h2")   # a dead manager's
+        left.start()
+        await seed.update(left, rev)            # running: the resolver defers it while h2 does not answer
+        m = Manager(store, lease_ttl=2, monitor_interval=3600, ha_grace=0)
+        await m.start(timeout=20)
+        try:
+            for _ in range(200):
+                if (await m.reader.get_host("h1")).status is HostStatus.UNREACHABLE:
+                    break
+                await asyncio.sleep(0.05)
+            await m.inventory.update_host("h2", status=HostStatus.UP)
+            assert await m.ha.once() == []
+            ops = [o for o in (await m.reader.list_ops(limit=100)).items if o.kind is OpKind.RESTART]
+            assert [o.id for o in ops] == [left.record.id], "the lower tier went ahead of a restart in flight"
+        finally:
+            await m.close()
