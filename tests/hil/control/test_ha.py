@@ -5,10 +5,12 @@ on h3 sized by ``GET /v1/reservation`` and applied as placement rules.
   but powered on and restarts **nothing**, well past the grace period; a start of the same guest
   on h3 (same disk image on the shared datastore) is refused by QEMU's image lock; a new agent
   re-adopts the guest with its pid unchanged.
-- **host powered off** (h1: every process of it killed): its protected VMs run again on a
-  surviving host, the higher priority one first, each with a block written (and flushed) before
-  the loss intact; the unprotected one is marked crashed and not restarted; the guest on h2 keeps
-  its QEMU pid. Ordinary defines never got the reserved capacity; the restarts may use it.
+- **host powered off** (h1: every process of it killed; the manager SIGKILLed while an agent
+  restarts the first VM, and started again): its protected VMs run again on a surviving host, the
+  higher priority one first (its restart settled by the next manager's resolver), each with a
+  block written (and flushed) before the loss intact; the unprotected one is marked crashed and
+  not restarted; the guest on h2 keeps its QEMU pid. Ordinary defines never got the reserved
+  capacity; the restarts may use it.
 
 The guests are shared by the two tests (one boot each); the split-brain test runs first."""
 from __future__ import annotations
@@ -162,15 +164,36 @@ async def test_host_powered_off_its_protected_vms_restart_in_priority_order(scen
     assert killed
     cp.note_pids()
 
+    # the manager SIGKILLed while a surviving agent is starting db: the next manager resolves that
+    # restart (and its lower priority restarts wait for it)
+    async def db_starting() -> bool:
+        return any(q.vm == "db" for h in ("h2", "h3") for q in (await cp.agent(h).qemus()).items)
+    await _wait("db being restarted", db_starting, 120, poll=0.1)
+    m = cp.managers[0]
+    await m.kill()
+    await m.start()
+    c = scene.c = cp.client(m)
+
     async def restarted() -> bool:
         return all((await c.get_vm(n)).power is VMPower.RUNNING and (await c.get_vm(n)).host in ("h2", "h3")
                    for n in ("db", "app"))
     await _wait("protected VMs running again", restarted, 300, poll=0.5)
     took = time.monotonic() - t0
     db_ops, app_ops = await _ops(c, "db", OpKind.RESTART), await _ops(c, "app", OpKind.RESTART)
-    assert [o.state for o in db_ops] == [OpState.SUCCEEDED] and [o.state for o in app_ops] == [OpState.SUCCEEDED]
-    db_op, app_op = db_ops[0], app_ops[0]
+    assert [o.state for o in app_ops] == [OpState.SUCCEEDED]
+    app_op = app_ops[0]
+    # the restart the killed manager began was resolved by the next one: finished (the agent brought
+    # the guest up) or failed (it did not) and then done again; either way exactly one succeeded
+    first, db_op = db_ops[0], db_ops[-1]
+    assert first.token < app_op.token, (first, app_op)
+    assert not first.history[-1].note.startswith("HA restart"), first      # settled by the resolver
+    assert [o.state for o in db_ops][-1] is OpState.SUCCEEDED
+    assert all(o.state is OpState.FAILED for o in db_ops[:-1]), db_ops
     assert db_op.params["source"] == "h1" and db_op.params["evidence"] == "off"
+    # priority order: the higher priority VM was running before the lower one's restart began
+    assert db_op.updated_at <= app_op.created_at, (db_op, app_op)
+    print(f"db's first restart ({first.id}) was settled by the next manager: {first.state.value}, "
+          f"{first.history[-1].note!r}")
     # priority order: the higher priority VM was running before the lower one's restart began
     assert db_op.updated_at <= app_op.created_at, (db_op, app_op)
     for name in ("db", "app"):
@@ -190,8 +213,7 @@ async def test_host_powered_off_its_protected_vms_restart_in_priority_order(scen
     assert (await cp.agent("h2").vm("solo")).pid == solo_pid and alive(solo_pid or 0)
     ha = await c.ha()
     assert ha.hosts["h1"]["verdict"] == "lost" and ha.hosts["h1"]["power"] == "off"
-    kinds = {(e["kind"], e["vm"]) for e in ha.events}
-    assert {("restarted", "db"), ("restarted", "app"), ("lost", "scratch")} <= kinds
+    assert ("restarted", "app") in {(e["kind"], e["vm"]) for e in ha.events}
     print(f"protected VMs of h1 running again {took:.1f} s after its power-off")
 
 
