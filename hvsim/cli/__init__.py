@@ -63,7 +63,7 @@ def _usage_line(exc: Any) -> str:
 #: commands that are whole processes of the control plane (their own argparse: ``hvsim manager --help``)
 PROCESSES = {"manager": "hvsim.control.api", "host-agent": "hvsim.control.agent_app"}
 #: command groups that exist only against a manager
-MANAGER_ONLY = {"host", "op"}
+MANAGER_ONLY = {"host", "op", "reservation", "ha"}
 
 
 def _wants_manager(argv: Sequence[str]) -> bool:

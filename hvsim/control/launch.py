@@ -254,7 +254,8 @@ class ManagerProcess:
                  lease_ttl: float | None = None, store_tls: tuple[Path, Path, Path] | None = None,
                  log_level: str = "INFO", allow_non_loopback: bool = False,
                  api_tls: bool | tuple[Path, Path, Path] | None = None, advertise: str | None = None,
-                 datacenter: str | None = None, name: str | None = None, token_file: Path | None = None) -> None:
+                 datacenter: str | None = None, name: str | None = None, token_file: Path | None = None,
+                 ha_grace: float | None = None) -> None:
         self.dir = Path(run_dir)
         self._token_file = token_file          # shared by managers that stand in for each other
         self.api_tls = api_tls
@@ -272,6 +273,7 @@ class ManagerProcess:
         self.store_tls = store_tls
         self.log_level = log_level
         self.allow_non_loopback = allow_non_loopback
+        self.ha_grace = ha_grace
         self.proc: subprocess.Popen[bytes] | None = None
         self.client_cert: Issued | None = None
         self.starts = 0
@@ -342,6 +344,8 @@ class ManagerProcess:
             a += ["--lease-ttl", str(self.lease_ttl)]
         if self.store_tls is not None:
             a += ["--store-tls", *map(str, self.store_tls)]
+        if self.ha_grace is not None:
+            a += ["--ha-grace", str(self.ha_grace)]
         files = self._api_tls_files()
         if files is not None:
             a += ["--api-tls", *map(str, files)]
@@ -352,7 +356,9 @@ class ManagerProcess:
         if self.name is not None:
             a += ["--name", self.name]
         a += ["--serving-file", str(self.dir / "serving")]
-        return (["ip", "netns", "exec", self.netns] if self.netns else []) + a
+        # nsenter, not `ip netns exec` (see EmulatedHost.argv): the manager reads the hosts' power
+        # domains (HA's power evidence) in the cgroup v2 tree that `ip netns exec`'s /sys remount hides
+        return (["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []) + a
 
     async def start(self, timeout: float = 90.0, wait: str = "leading") -> None:
         """Start it; return once it leads (``wait="leading"``) or once its API serves (``"serving"``)."""
