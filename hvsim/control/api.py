@@ -51,8 +51,9 @@ from .inventory import Listing
 from .manager import Manager, ManagerState
 from .ops import OperationRecord
 from .schema import (
-    Defined, Done, ErrorBody, ExecRequest, ExecResult, GroupPage, Health, HostCreate, HostPage, MigrateRequest,
-    OperationPage, PlacementCheck, Progress, ReservationPage, RuleCreate, RulePage, StopBody, VMDefine, VMPage,
+    Defined, Done, ErrorBody, ExecRequest, ExecResult, GroupPage, HAReport, Health, HostCreate, HostPage,
+    MigrateRequest, OperationPage, PlacementCheck, Progress, ReservationPage, ReservationReport, RuleCreate, RulePage,
+    StopBody, VMDefine, VMPage,
 )
 from .state import (
     GROUPS, HOSTS, OPS, RESERVATIONS, RULES, VMS, GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord,
@@ -270,6 +271,21 @@ def create_app(manager: Manager, token: str) -> FastAPI:
     async def add_reservation(body: ReservationRecord) -> Response:
         return _raw(dump(await manager.inventory.add_reservation(body)), 201)
 
+    @app.get("/v1/reservation", tags=["placement"], response_model=ReservationReport, **v1)
+    async def reservation(datacenter: Annotated[str | None, Query(pattern=NAME_RE.pattern, max_length=32,
+                                                                  description="where the reservation is held")] = None,
+                          management_vcpus: Annotated[int, Query(ge=0, le=4096, strict=True)] = 0,
+                          management_memory_mib: Annotated[int, Query(ge=0, le=16 * 1024 * 1024)] = 0
+                          ) -> dict[str, Any]:
+        """The failover reservation sized for the protected VMs plus the management host (ours: per-host
+        reserve rules; against vSphere HA slot sizing), what the reserve rules hold, the HA state."""
+        return await manager.reservation_report(datacenter, management_vcpus, management_memory_mib)
+
+    @app.get("/v1/ha", tags=["manager"], response_model=HAReport, **v1)
+    async def ha() -> dict[str, Any]:
+        """Host verdicts (power evidence, grace) and the HA controller's recent events."""
+        return manager.ha.report()
+
     @app.get("/v1/placement", tags=["placement"], response_model=PlacementCheck, **v1)
     async def check_placement() -> dict[str, Any]:
         """The independent check of every stored VM's host against the hosts' capacity and the
@@ -428,9 +444,11 @@ async def serving(app: FastAPI, sock: socket.socket, tls: TLSFiles | None = None
 
 async def run(store_url: str, token: str, sock: socket.socket, ready: Path | None = None,
               tls: TLSFiles | None = None, *, lease_ttl: float = 5.0, agent_tls: ClientTLS | None = None,
-              agent_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"), name: str | None = None) -> None:
+              agent_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"), name: str | None = None,
+              ha_grace: float = 15.0) -> None:
     async with make_store(store_url, tls=tls) as store:
-        manager = Manager(store, name=name, lease_ttl=lease_ttl, agent_tls=agent_tls, agent_networks=agent_networks)
+        manager = Manager(store, name=name, lease_ttl=lease_ttl, agent_tls=agent_tls, agent_networks=agent_networks,
+                          ha_grace=ha_grace)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -470,6 +488,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m hvsim.control.api
                     help="comma-separated networks https agents may be on (nothing else is dialed)")
     ap.add_argument("--lease-ttl", type=float, default=5.0, help="the manager lease's TTL in seconds (1-600)")
     ap.add_argument("--name", help="this manager's identity in the lease (default manager@HOST:PID)")
+    ap.add_argument("--ha-grace", type=float, default=15.0,
+                    help="seconds a host without power evidence stays unreachable before HA restarts its protected "
+                         "VMs (0-3600; a powered-off host needs none)")
     ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
@@ -479,6 +500,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m hvsim.control.api
         make_store(args.store, tls=tls)         # a bad store URL is refused before anything is made
         if args.tcp:
             tcp_listener_check(args.tcp, args.allow_non_loopback)
+        if not 0 <= args.ha_grace <= 3600:
+            raise ControlInputError("ha_grace", f"must be 0..3600 seconds, got {args.ha_grace}")
         if not 1 <= args.lease_ttl <= 600:
             raise ControlInputError("lease_ttl", f"must be 1..600 seconds, got {args.lease_ttl}")
         nets = tuple(n.strip() for n in args.agent_networks.split(",") if n.strip())
@@ -492,7 +515,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m hvsim.control.api
         sock = unix_listener(args.socket) if args.socket else tcp_listener(args.tcp, args.allow_non_loopback)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(run(args.store, token, sock, args.ready_file, tls, lease_ttl=args.lease_ttl,
-                           agent_tls=agent_tls, agent_networks=nets, name=args.name))
+                           agent_tls=agent_tls, agent_networks=nets, name=args.name, ha_grace=args.ha_grace))
     except ControlInputError as e:
         print(f"hvsim manager: {e}", file=sys.stderr)
         return 2

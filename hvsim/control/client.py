@@ -28,8 +28,8 @@ from .errors import (
 )
 from .ops import OperationRecord
 from .schema import (
-    Defined, Done, ExecRequest, ExecResult, GroupPage, HostCreate, HostPage, MigrateRequest, OperationPage,
-    PlacementCheck, Progress, RuleCreate, RulePage, VMDefine, VMPage,
+    Defined, Done, ExecRequest, ExecResult, GroupPage, HAReport, HostCreate, HostPage, MigrateRequest, OperationPage,
+    PlacementCheck, Progress, ReservationReport, RuleCreate, RulePage, VMDefine, VMPage,
 )
 from .state import GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord, as_dict, parse
 
@@ -233,6 +233,18 @@ class ManagerClient:
 
     async def add_reservation(self, r: ReservationRecord) -> ReservationRecord:
         return parse(ReservationRecord, await self.request("POST", "/v1/reservations", json=as_dict(r)))
+
+    async def reservation(self, datacenter: str | None = None, management_vcpus: int = 0,
+                          management_memory_mib: int = 0) -> ReservationReport:
+        """The failover reservation sized for the protected VMs (``GET /v1/reservation``)."""
+        params: dict[str, Any] = {"management_vcpus": management_vcpus, "management_memory_mib": management_memory_mib}
+        if datacenter is not None:
+            params["datacenter"] = datacenter
+        return parse(ReservationReport, await self.request("GET", "/v1/reservation", params=params))
+
+    async def ha(self) -> HAReport:
+        """The HA controller's host verdicts and events (``GET /v1/ha``)."""
+        return parse(HAReport, await self.request("GET", "/v1/ha"))
 
     # -- operations ---------------------------------------------------------------------------
     async def list_ops(self, limit: int = 100, after: str | None = None) -> Page[OperationRecord]:

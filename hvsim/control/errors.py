@@ -15,6 +15,7 @@ as ``__cause__``::
      |    +-- NotFoundError              no such host / VM / group / operation (API: 404)
      |    +-- ConflictError              exists already, still referenced, wrong state (API: 409)
      |    |    +-- StaleTokenError       a host agent refused a fencing token older than one it saw
+     |    |    +-- ImageLockedError      a QEMU found its disk image locked (another QEMU runs the guest)
      |    +-- NotLeaderError             this manager does not hold the manager lease (API: 503)
      |    +-- OperationFailedError       an operation was carried out and failed (API: 502)
      |    +-- ApiError                   the manager API answered an error (client side)
@@ -108,6 +109,14 @@ class StaleTokenError(ConflictError):
         self.token = token
         self.newest = newest
         super().__init__(f"stale fencing token {token}: this host agent has seen {newest} (a newer manager)")
+
+
+class ImageLockedError(ConflictError):
+    """A guest's QEMU could not start: its disk image on the shared datastore is locked by another
+    QEMU (QEMU's OFD image locks), i.e. the guest still runs somewhere. ``field`` is
+    ``datastore-lock`` (what the manager's HA controller looks for in the agent's 409)."""
+
+    field = "datastore-lock"
 
 
 class NotLeaderError(ControlError):

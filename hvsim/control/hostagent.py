@@ -60,7 +60,7 @@ from .agent_records import AgentRecords, LocalIncoming, LocalVM
 from .agentrpc import (
     AgentInfo, ExecOutput, GuestSpec, IncomingRequest, MigrateOut, MigrationInfo, QemuInfo, QemuList,
 )
-from .errors import ConflictError, ControlError, ControlInputError, NotFoundError, StaleTokenError
+from .errors import ConflictError, ControlError, ControlInputError, ImageLockedError, NotFoundError, StaleTokenError
 
 log = logging.getLogger("hvsim.control.agent")
 
@@ -480,13 +480,17 @@ class HostAgent:
             try:
                 vm = await cl.define_vm(spec, self.host)
                 await vm.start(wait_ready=wait_ready, ready_timeout=ready_timeout)
-            except BaseException:
+            except BaseException as e:
                 if vm is not None:
                     with contextlib.suppress(Exception):
                         await vm.destroy()
                     with contextlib.suppress(Exception):
                         await cl.undefine_vm(g.name)
                 self.records.delete_vm(g.name)
+                if isinstance(e, Exception) and image_locked(e):
+                    raise ImageLockedError(f"vm {g.name!r} not started on host {self.host.name}: its disk image "
+                                           f"{self.disk_path(g.name)} is locked by another QEMU (the guest runs "
+                                           "elsewhere)") from e
                 raise
             self._save(vm)
         return await self.qemu_info(g.name)
@@ -684,6 +688,21 @@ class HostAgent:
         finally:
             await self._drop_incoming_vm(inc.vm, Path(inc.record.instance_dir))
             self.records.delete_incoming(name)
+
+
+LOCK_MESSAGE = 'Failed to get "write" lock'
+
+
+def image_locked(e: BaseException) -> bool:
+    """Whether a QEMU start failed on an image lock (QEMU's message in the error or its causes)."""
+    seen: BaseException | None = e
+    for _ in range(10):
+        if seen is None:
+            return False
+        if LOCK_MESSAGE in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def guest_of(spec: VMSpec) -> GuestSpec:

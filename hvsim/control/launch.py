@@ -245,7 +245,7 @@ class ManagerProcess:
     def __init__(self, run_dir: Path, store_url: str, *, netns: str | None = None, tcp: str | None = None,
                  ca: CertificateAuthority | None = None, agent_networks: str | None = None,
                  lease_ttl: float | None = None, store_tls: tuple[Path, Path, Path] | None = None,
-                 log_level: str = "INFO", allow_non_loopback: bool = False) -> None:
+                 log_level: str = "INFO", allow_non_loopback: bool = False, ha_grace: float | None = None) -> None:
         self.dir = Path(run_dir)
         self.store_url = store_url
         self.netns = netns
@@ -256,6 +256,7 @@ class ManagerProcess:
         self.store_tls = store_tls
         self.log_level = log_level
         self.allow_non_loopback = allow_non_loopback
+        self.ha_grace = ha_grace
         self.proc: subprocess.Popen[bytes] | None = None
         self.client_cert: Issued | None = None
         self.starts = 0
@@ -301,7 +302,11 @@ class ManagerProcess:
             a += ["--lease-ttl", str(self.lease_ttl)]
         if self.store_tls is not None:
             a += ["--store-tls", *map(str, self.store_tls)]
-        return (["ip", "netns", "exec", self.netns] if self.netns else []) + a
+        if self.ha_grace is not None:
+            a += ["--ha-grace", str(self.ha_grace)]
+        # nsenter, not `ip netns exec` (see EmulatedHost.argv): the manager reads the hosts' power
+        # domains (HA's power evidence) in the cgroup v2 tree that `ip netns exec`'s /sys remount hides
+        return (["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []) + a
 
     async def start(self, timeout: float = 90.0) -> None:
         if self.pid is not None:

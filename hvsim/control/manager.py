@@ -27,7 +27,12 @@ own while no operation held them (crashed, powered off) are recorded as such.
 
 **Placement** (:class:`Placer`): a VM defined without a host is placed by hvsim.placement's filters
 and weighers (the greedy scheduler over an incremental state) under the stored rules, so no
-required rule is broken; ``check()`` counts violations with the independent checker.
+required rule is broken; ``check()`` counts violations with the independent checker. Required
+reserve rules are admission control: a define (placed or pinned) never consumes reserved capacity.
+
+**HA** (:mod:`.ha`, the "HA hooks" section below): protected VMs of a lost host are restarted on
+surviving hosts, in priority order, where only they may use reserved capacity;
+:meth:`Manager.reservation_report` sizes the reservation (:mod:`.reservation`).
 """
 from __future__ import annotations
 
@@ -51,12 +56,14 @@ from .errors import (
     ApiConflictError, ApiError, ApiInputError, ApiNotFoundError, ApiUnavailableError, ConflictError,
     ControlError, ControlInputError, FencedError, NotFoundError, NotLeaderError, OperationFailedError, StoreError,
 )
+from .ha import HAController
 from .inventory import Inventory
 from .ops import (
     STEP_DEST_STARTED, STEP_POSTCOPY, STEP_QEMU_STARTED, STEP_SWITCHED_OVER, ActionKind, Operation, OperationRecord,
     OpKind, OpState, Outcome, QemuState, Resolution, VMFacts, resolve,
 )
-from .placer import Placer
+from .placer import Placer, is_reservation, place_failover
+from .reservation import Capacity, Demand, size_reservation
 from .schema import ExecRequest, HostCreate, MigrateRequest
 from .state import HOSTS, RULES, VMS, GroupRecord, HostRecord, HostStatus, RuleRecord, VMPower, VMRecord
 from .store import Fence, KeptLease, Store
@@ -110,7 +117,8 @@ class Manager:
     def __init__(self, store: Store, *, name: str | None = None, lease_ttl: float = 5.0,
                  agent_tls: ClientTLS | None = None,
                  agent_networks: Iterable[str] = ("127.0.0.0/8", "::1/128"),
-                 monitor_interval: float = 1.0, resolve_interval: float = 2.0) -> None:
+                 monitor_interval: float = 1.0, resolve_interval: float = 2.0, ha_grace: float = 15.0,
+                 ha_off_grace: float = 0.0, ha_retry: float = 30.0) -> None:
         if not 1 <= lease_ttl <= 600:
             raise ControlInputError("lease_ttl", f"must be 1..600 seconds, got {lease_ttl!r}")
         self.store = store
@@ -139,6 +147,11 @@ class Manager:
         self._leader_task: asyncio.Task[None] | None = None
         self._leading = asyncio.Event()
         self._wake_resolver = asyncio.Event()
+        try:
+            self.ha = HAController(self, grace=ha_grace, off_grace=ha_off_grace, retry=ha_retry,
+                                   interval=monitor_interval)
+        except ValueError as e:
+            raise ControlInputError("ha_grace", str(e)) from e
 
     # -- leadership ---------------------------------------------------------------------------------
     @property
@@ -196,7 +209,8 @@ class Manager:
             self.fsm.set(ManagerState.LEADING, f"token {lead.fence.token}")
             log.info("manager %s leads with fencing token %d", self.name, lead.fence.token)
             self._background = [asyncio.create_task(self._monitor(), name="manager-monitor"),
-                                asyncio.create_task(self._resolver(), name="manager-resolver")]
+                                asyncio.create_task(self._resolver(), name="manager-resolver"),
+                                asyncio.create_task(self.ha.run(), name="manager-ha")]
             self._leading.set()
             await lead.kept.lost.wait()
             if self.state is not ManagerState.LEADING:
@@ -236,6 +250,7 @@ class Manager:
             for c in self._agents.values():
                 await c.close()
         finally:
+            self.ha.close()
             self.fsm.set(ManagerState.STOPPED)
 
     def _spawn(self, coro: Awaitable[T], name: str) -> asyncio.Task[T]:
@@ -294,7 +309,7 @@ class Manager:
                 raise ConflictError(f"the agent at {body.agent} is host {info.host!r}, not {body.name!r} (field agent)")
             fields.update(vcpus=info.vcpus, memory_mib=info.memory_mib, cpu_overcommit=max(1.0, info.cpu_overcommit),
                           memory_overcommit=max(1.0, info.memory_overcommit), datacenter=info.datacenter,
-                          status=HostStatus.UP)
+                          status=HostStatus.UP, power_domain=info.power_domain)
         rec = await inv.add_host(HostRecord(**fields))
         self.placer.invalidate()
         return rec
@@ -312,6 +327,8 @@ class Manager:
                 host = self.placer.place(vm)
                 vm = VMRecord(**{**{k: getattr(vm, k) for k in vm.__dataclass_fields__}, "host": host})
             else:
+                await self._ensure_placer()
+                self.placer.admit(vm)                 # reserved capacity: refused naming the rule
                 self.placer.note_defined(vm)
             self._placing[vm.name] = vm
         try:
@@ -335,7 +352,9 @@ class Manager:
         vms = await inv.list_all(VMRecord, VMS)
         rules = await inv.list_all(RuleRecord, RULES)
         known = {v.name for v in vms}
-        self.placer.load(hosts, vms + [v for n, v in placing.items() if n not in known], rules)
+        # a VM being written (a define, or an HA restart placed and not yet settled) counts where it is going
+        self.placer.load(hosts, [placing.get(v.name, v) for v in vms] + [v for n, v in placing.items()
+                                                                          if n not in known], rules)
 
     def placement_changed(self) -> None:
         self.placer.invalidate()
@@ -384,6 +403,8 @@ class Manager:
     @staticmethod
     def _with(vm: VMRecord, **fields: Any) -> VMRecord:
         return VMRecord(**{**{k: getattr(vm, k) for k in vm.__dataclass_fields__}, **fields})
+
+    with_fields = _with
 
     async def start_vm(self, name: str) -> OperationRecord:
         vm, host = await self._home(name, VMPower.SHUTOFF, VMPower.CRASHED)
@@ -662,3 +683,68 @@ class Manager:
                         log.warning("vm %s ended on host %s on its own (%s): recorded %s", name, h.name, why,
                                     power.value)
         await asyncio.gather(*(one(h) for h in hosts))
+
+    # -- HA hooks (hvsim.control.ha drives these) -------------------------------------------------------
+    def spawn_driver(self, coro: Awaitable[T], name: str) -> asyncio.Task[T]:
+        """A driver task owned by the manager (cancelled when it stops leading); while it runs, the
+        resolver leaves the operations of the VM its name ends with alone (``restart-<vm>``)."""
+        return self._spawn(coro, name)
+
+    async def place_restart(self, vm: VMRecord) -> str:
+        """The surviving host an HA restart of ``vm`` goes to (reservation rules lifted, every other
+        required rule kept); the decision counts for concurrent defines until :meth:`restart_placed`.
+        ConflictError naming why when no host takes it."""
+        async with self._place_lock:
+            inv = self.reader
+            hosts = await inv.list_all(HostRecord, HOSTS)
+            vms = {v.name: v for v in await inv.list_all(VMRecord, VMS)}
+            vms.update(self._placing)
+            target = place_failover(vm, hosts, list(vms.values()), await inv.list_all(RuleRecord, RULES))
+            self._placing[vm.name] = self._with(vm, host=target)
+            self.placer.invalidate()
+            return target
+
+    def restart_placed(self, vm: str) -> None:
+        """The restart of ``vm`` settled (or failed): its record in the store says where it is."""
+        self._placing.pop(vm, None)
+        self.placer.invalidate()
+
+    async def reservation_report(self, datacenter: str | None = None, management_vcpus: int = 0,
+                                 management_memory_mib: int = 0) -> dict[str, Any]:
+        """Size the failover reservation for the protected VMs (see :mod:`.reservation`): the
+        candidate hosts are ``datacenter``'s, else those the current reserve rules name, else the
+        hosts no protected VM runs on; the protected set is every protected VM not on a candidate.
+        Also what the current reservation rules hold."""
+        inv = self.reader
+        hosts = await inv.list_all(HostRecord, HOSTS)
+        vms = await inv.list_all(VMRecord, VMS)
+        rules = await inv.list_all(RuleRecord, RULES)
+        placer = Placer()
+        placer.load(hosts, vms, rules)
+        assert placer.problem is not None
+        held = []
+        named: set[str] = set()
+        for r in placer.problem.rules:
+            if not is_reservation(r):
+                continue
+            spec = next(x.spec for x in rules if x.name == r.name)
+            doms = [d.split(":", 1)[-1] for d in spec.get("domains", [])] + list(spec.get("hosts", []))
+            named.update(d for d in doms if any(h.name == d for h in hosts))
+            held.append({"rule": r.name, "spec": spec})
+        if datacenter is not None:
+            cands = [h for h in hosts if h.datacenter == datacenter]
+            how = f"the hosts of datacenter {datacenter}"
+        elif named:
+            cands = [h for h in hosts if h.name in named]
+            how = "the hosts the reserve rules name"
+        else:
+            busy = {v.host for v in vms if v.protected}
+            cands = [h for h in hosts if h.name not in busy]
+            how = "the hosts no protected VM runs on"
+        names = {h.name for h in cands}
+        protected = [Demand(v.name, v.vcpus, v.memory_mib) for v in vms if v.protected and v.host not in names]
+        plan = size_reservation(protected, Demand("management", management_vcpus, management_memory_mib),
+                                [Capacity(h.name, int(h.vcpus * h.cpu_overcommit),
+                                          int(h.memory_mib * h.memory_overcommit)) for h in cands])
+        return {"candidates": sorted(names), "candidates_are": how, "plan": plan.to_dict(), "held": held,
+                "ha": self.ha.report()}

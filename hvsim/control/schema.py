@@ -163,3 +163,26 @@ class Defined:
 @dataclass(config=CFG)
 class Done:
     operation: OperationRecord
+
+
+@dataclass(config=CFG)
+class HAReport:
+    """The HA controller: its grace periods, the unreachable hosts' verdicts and power evidence,
+    its recent events (restarted, not-restarted and why, lost, host-verdict, host-back)."""
+    state: str
+    grace_s: float
+    off_grace_s: float
+    retry_s: float
+    hosts: dict[str, dict[str, Any]]
+    events: list[dict[str, Any]]
+
+
+@dataclass(config=CFG)
+class ReservationReport:
+    """The failover reservation sized for the protected VMs (hvsim.control.reservation): ours
+    (per-host reserve rules) against vSphere-HA slot sizing, and what the reserve rules hold now."""
+    candidates: list[str]
+    candidates_are: str
+    plan: dict[str, Any]
+    held: list[dict[str, Any]]
+    ha: HAReport
