@@ -58,10 +58,21 @@ class StopBody:
 
 
 @dataclass(config=CFG)
+class LeaderBrief:
+    manager: str
+    address: str
+    token: Annotated[int, Strict()]
+    datacenter: str = ""
+
+
+@dataclass(config=CFG)
 class ErrorBody:
     detail: Annotated[str, Field(max_length=4096)]
     field: str | None = None
-    operation: str | None = None        # 502: the operation that ran and failed
+    operation: str | None = None        # 502: the operation that ran and failed; 503: the one left in flight
+    not_leader: bool | None = None      # 503 from a manager that does not lead
+    leader: LeaderBrief | None = None   # ... and who does (null: none known yet)
+    applied: bool | None = None         # 503 not leader: false = nothing was written (send it to the leader)
 
 
 
@@ -75,6 +86,8 @@ class Health:
     leader: Annotated[bool, Strict()] = False
     token: Annotated[int, Strict()] = 0
     resolved: Annotated[int, Strict()] = 0
+    state: str = ""
+    datacenter: str = ""
 
 
 @dataclass(config=CFG)

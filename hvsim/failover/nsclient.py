@@ -156,12 +156,13 @@ async def serve(lc: LeaderClient) -> None:
             return
         req = json.loads(line)
         rid = req.get("id")
+        body: Any
         try:
             if req.get("op") == "audit":
                 body = await run_audit(lc.store, req["histories"])
             elif req.get("op") == "leader":
                 await lc.connect(time.monotonic() + float(req.get("timeout", 30)))
-                body: Any = lc.leader.brief() if lc.leader else None
+                body = lc.leader.brief() if lc.leader else None
             else:
                 body = await lc.request(req["method"], req["path"], json_body=req.get("json"),
                                         params=req.get("params"), retry_for=float(req.get("retry_for", 60)))

@@ -353,8 +353,8 @@ async def failover_scene(*, lease_ttl: float = 2.0, images: Path | None = None, 
                     hosts[h] = EmulatedHost(h, base, vcpus=2, memory_mib=host_memory_mib, datacenter=slot.site,
                                             datastore=datastore, netns=slot.ns, address=slot.ip, port=AGENT_PORT,
                                             ca=ca, images=images, tcp_only=True)
-                for h in hosts.values():
-                    await h.power_on()
+                for eh in hosts.values():
+                    await eh.power_on()
                 await asyncio.gather(*(h.start_agent() for h in hosts.values()))
                 m1 = sites.slot("dc1-m")
                 dom = hosts["dc1-m"].domain
@@ -388,9 +388,9 @@ async def failover_scene(*, lease_ttl: float = 2.0, images: Path | None = None, 
                 finally:
                     await teardown(sc)
     finally:
-        for h in hosts.values():
+        for eh in hosts.values():
             with contextlib.suppress(Exception):
-                await h.close()
+                await eh.close()
         await asyncio.to_thread(power.reclaim_stale)
         shutil.rmtree(base, ignore_errors=True)
 
