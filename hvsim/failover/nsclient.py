@@ -150,11 +150,9 @@ async def serve(lc: LeaderClient) -> None:
     out = sys.stdout
     out.write(json.dumps({"ready": True}) + "\n")
     out.flush()
-    while True:
-        line = await reader.readline()
-        if not line:
-            return
-        req = json.loads(line)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(req: dict[str, Any]) -> None:
         rid = req.get("id")
         body: Any
         try:
@@ -174,11 +172,22 @@ async def serve(lc: LeaderClient) -> None:
         out.write(json.dumps(resp, default=str) + "\n")
         out.flush()
 
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        t = asyncio.create_task(one(json.loads(line)))
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks, return_exceptions=True)
+
 
 async def amain(a: argparse.Namespace) -> None:
     spec = ControlSpec.from_json(json.loads(Path(a.spec).read_text()))
     async with make_store(spec.store_url, tls=TLSFiles(*map(Path, spec.store_tls)), ) as store:
-        lc = LeaderClient(spec, store, f"client-{a.mode}-{os.getpid()}")
+        # a guest's start is answered once it booted (a minute under TCG and load); a writer's
+        # request is small: a short timeout lets it move on to the new leader quickly
+        lc = LeaderClient(spec, store, f"client-{a.mode}-{os.getpid()}", timeout=10.0 if a.mode == "writer" else 600.0)
         try:
             if a.mode == "writer":
                 stop = asyncio.Event()

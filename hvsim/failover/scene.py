@@ -58,15 +58,17 @@ RESERVE_RULE = "dc2-failover"
 
 
 class NsClient:
-    """``nsclient serve`` in a namespace: API requests sent from inside it over its stdin/stdout."""
+    """``nsclient serve`` in a namespace: API requests sent from inside it over its stdin/stdout
+    (several in flight, answers matched by id)."""
 
     def __init__(self, sites: Sites, host: str, spec_path: Path, log_path: Path) -> None:
         self.argv = sites.argv_in(host, [sys.executable, "-m", "hvsim.failover.nsclient", "--spec", str(spec_path),
                                          "serve"])
         self.log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
-        self._lock = asyncio.Lock()
         self._n = 0
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         with open(self.log_path, "ab") as errf:
@@ -76,6 +78,7 @@ class NsClient:
         line = await asyncio.wait_for(self._readline(), 60)
         if not json.loads(line).get("ready"):
             raise FailoverError(f"the namespace client did not start: {line!r}")
+        self._reader = asyncio.create_task(self._read(), name="nsclient-reader")
 
     async def _readline(self) -> bytes:
         assert self.proc is not None and self.proc.stdout is not None
@@ -84,15 +87,31 @@ class NsClient:
             raise FailoverError(f"the namespace client exited ({self.proc.returncode}); see {self.log_path}")
         return line
 
+    async def _read(self) -> None:
+        try:
+            while True:
+                resp = json.loads(await self._readline())
+                fut = self._waiting.pop(int(resp.get("id", -1)), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(resp)
+        except (FailoverError, ValueError) as e:
+            for fut in self._waiting.values():
+                if not fut.done():
+                    fut.set_exception(FailoverError(f"the namespace client: {e}"))
+            self._waiting.clear()
+
     async def rpc(self, req: dict[str, Any], timeout: float = 300.0) -> dict[str, Any]:
         assert self.proc is not None and self.proc.stdin is not None
-        async with self._lock:
-            self._n += 1
-            req = {**req, "id": self._n}
-            self.proc.stdin.write((json.dumps(req) + "\n").encode())
-            await self.proc.stdin.drain()
-            resp: dict[str, Any] = json.loads(await asyncio.wait_for(self._readline(), timeout))
-            return resp
+        self._n += 1
+        rid = self._n
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = fut
+        self.proc.stdin.write((json.dumps({**req, "id": rid}) + "\n").encode())
+        await self.proc.stdin.drain()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._waiting.pop(rid, None)
 
     async def close(self) -> None:
         if self.proc is None or self.proc.returncode is not None:
@@ -104,6 +123,9 @@ class NsClient:
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
 
 
 @dataclass
@@ -239,7 +261,8 @@ class Scene:
                            priority: int = 0) -> None:
         await self.api("POST", "/v1/vms", {"name": name, "memory_mib": memory_mib, "host": host,
                                            "protected": protected, "priority": priority})
-        op = await self.api("POST", f"/v1/vms/{name}/start", retry_for=0, timeout=600)
+        out = await self.api("POST", f"/v1/vms/{name}/start", retry_for=0, timeout=600)
+        op = out.get("operation", out)
         if op.get("state") != "succeeded":
             raise FailoverError(f"start of {name}: {op}")
 
@@ -350,7 +373,7 @@ async def failover_scene(*, lease_ttl: float = 2.0, images: Path | None = None, 
                 spec_path.write_text(json.dumps(spec.to_json()))
                 for h in AGENT_HOSTS:
                     slot = sites.slot(h)
-                    hosts[h] = EmulatedHost(h, base, vcpus=2, memory_mib=host_memory_mib, datacenter=slot.site,
+                    hosts[h] = EmulatedHost(h, base, vcpus=4, memory_mib=host_memory_mib, datacenter=slot.site,
                                             datastore=datastore, netns=slot.ns, address=slot.ip, port=AGENT_PORT,
                                             ca=ca, images=images, tcp_only=True)
                 for eh in hosts.values():
@@ -364,7 +387,7 @@ async def failover_scene(*, lease_ttl: float = 2.0, images: Path | None = None, 
                 cfg = ControllerConfig(
                     spec=spec, base_dir=str(base / "initiated"), socket=str(base / "ctl" / "controller.sock"),
                     status_file=str(base / "controller-status.json"),
-                    slots=[SlotSpec(sites.slot(s), 2, slot_memory_mib) for s in SLOTS["dc2"]],
+                    slots=[SlotSpec(sites.slot(s), 4, slot_memory_mib) for s in SLOTS["dc2"]],
                     homes=[HomeHost(h, "dc1", sites.ns(h), sites.ip(h), str(hosts[h].domain.path))  # type: ignore[union-attr]
                            for h in ("dc1-m",)],
                     power_off_on_exit=True)
@@ -400,7 +423,7 @@ async def setup_inventory(sc: Scene, slot_memory_mib: int) -> None:
     for h in AGENT_HOSTS:
         await sc.api("POST", "/v1/hosts", {"name": h, "agent": sc.hosts[h].address})
     for s in SLOTS["dc2"]:
-        await sc.api("POST", "/v1/hosts", {"name": s, "datacenter": "dc2", "vcpus": 2, "memory_mib": slot_memory_mib})
+        await sc.api("POST", "/v1/hosts", {"name": s, "datacenter": "dc2", "vcpus": 4, "memory_mib": slot_memory_mib})
     await sc.api("POST", "/v1/rules", {"name": RESERVE_RULE, "spec": {"kind": "reserve_hosts", "name": RESERVE_RULE,
                                                                       "hosts": SLOTS["dc2"]}})
 

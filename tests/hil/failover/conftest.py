@@ -3,6 +3,7 @@ manager on a dc1 host, the failover controller): the faults run one after the ot
 suite's time budget). A failing test keeps every log of the scene under ``test-results/<test>/``."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -23,8 +24,8 @@ GUESTS = {                   # name: (host, protected, priority)
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def scene() -> AsyncIterator[Scene]:
     async with failover_scene(images=images_dir()) as sc:
-        for name, (host, protected, prio) in GUESTS.items():
-            await sc.define_start(name, host, protected=protected, priority=prio)
+        await asyncio.gather(*(sc.define_start(name, host, protected=protected, priority=prio)
+                               for name, (host, protected, prio) in GUESTS.items()))
         yield sc
 
 
