@@ -173,6 +173,7 @@ class Controller:
         self.leader: tuple[str, int] | None = None
         self.attempts = 0
         self._free = [s.slot.name for s in cfg.slots]
+        self._ours = {f"manager@{s.slot.name}" for s in cfg.slots}      # names of the managers we start
         self._task: asyncio.Task[None] | None = None
         self._busy = asyncio.Lock()
         ca = cfg.spec.ca
@@ -240,7 +241,11 @@ class Controller:
             while True:
                 # the lease may have been taken meanwhile (a manager we did not start): nothing to do
                 h = await self.store.holder(LEASE)
-                if h is not None and (self.current is None or h[0] != self.current.name):
+                if h is not None and h[0] in self._ours and (self.current is None or h[0] != self.current.name):
+                    # a manager of ours that died after it took the lease: wait for its lease to run out
+                    await asyncio.sleep(self.cfg.poll_s)
+                    continue
+                if h is not None and h[0] not in self._ours:
                     self._mark(tl, "leader-elsewhere", leader=list(h))
                     return
                 try:
@@ -431,9 +436,14 @@ class Controller:
             self._mark(tl, "requested")
             try:
                 async with self.client(old.address) as c:
+                    deadline = time.monotonic() + 30
                     rec = await c.get_host(host)
+                    while rec.status is not HostStatus.UP and time.monotonic() < deadline:
+                        await asyncio.sleep(0.5)     # a host whose link just came back: the monitor's next poll
+                        rec = await c.get_host(host)
                 if rec.status is not HostStatus.UP:
                     raise TakeoverError(f"host {host} is {rec.status.value}: not healthy, not failing back")
+                self._ours.add(f"manager@{home.name}")
                 mgr = HostedManager(self.cfg.spec, host=home.name, datacenter=home.site, ns=home.ns, ip=home.ip,
                                     cgroup=Path(home.cgroup),
                                     run_dir=Path(self.cfg.base_dir) / f"home-{home.name}-{len(self.timelines)}")
@@ -537,8 +547,8 @@ async def amain(cfg: ControllerConfig, ready: Path | None) -> None:
             await ctl.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hvsim.failover.controller")
+def main(argv: list[str] | None = None, prog: str = "python -m hvsim.failover.controller") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description="the failover controller (watches the manager lease)")
     ap.add_argument("--config", type=Path, required=True)
     ap.add_argument("--ready-file", type=Path)
     ap.add_argument("--log-level", default="INFO")

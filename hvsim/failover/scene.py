@@ -390,7 +390,7 @@ async def failover_scene(*, lease_ttl: float = 2.0, images: Path | None = None, 
                     slots=[SlotSpec(sites.slot(s), 4, slot_memory_mib) for s in SLOTS["dc2"]],
                     homes=[HomeHost(h, "dc1", sites.ns(h), sites.ip(h), str(hosts[h].domain.path))  # type: ignore[union-attr]
                            for h in ("dc1-m",)],
-                    power_off_on_exit=True)
+                    power_off_on_exit=True, protected_timeout_s=300.0)
                 (base / "ctl").mkdir(mode=0o700)
                 (base / "initiated").mkdir(mode=0o700)
                 sc = Scene(base, sites, etcd, ca, spec, spec_path, hosts, manager, cfg)
