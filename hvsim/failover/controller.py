@@ -451,7 +451,10 @@ class Controller:
                 self.homed[home.name] = mgr
                 await asyncio.sleep(0.5)
                 self._mark(tl, "standby-started")
-                await old.stop()                 # SIGTERM: it stops its drivers and releases the lease
+                # SIGTERM: it stops its drivers and releases the lease; its HTTP server may wait for
+                # clients' keep-alive connections, so SIGKILL after 5 s (safe: fencing; the lease
+                # then runs out within its TTL)
+                await old.stop(timeout=5.0)
                 self._mark(tl, "old-stopped")
                 self.current = mgr
                 await self._wait_manager(mgr, tl)

@@ -156,10 +156,11 @@ class HostedManager:
         if self.proc is not None:
             await reap(self.proc, signal.SIGKILL)
 
-    async def stop(self) -> int | None:
+    async def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (it stops its drivers and releases the lease), SIGKILL after ``timeout``."""
         if self.proc is None:
             return None
-        return await reap(self.proc, signal.SIGTERM, timeout=30)
+        return await reap(self.proc, signal.SIGTERM, timeout=timeout)
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
