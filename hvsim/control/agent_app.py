@@ -9,8 +9,11 @@ On a unix socket (0600 in a 0700 directory: only our user can connect) or on TCP
 ``--allow-non-loopback``, meant for a host's namespace address). Run it inside the host's network
 namespace. SIGTERM/SIGINT stop it gracefully: every guest keeps running (the next agent re-adopts
 it). Errors answer with the manager API's conventions (``{"detail", "field"}``): 400/422 bad input,
-404 unknown VM, 409 refused (state, capacity, busy, a stale fencing token), 502 the operation ran and
-failed, 503 not serving (starting or stopping).
+404 unknown VM, 409 refused (state, capacity, busy, a stale fencing token or a passed lease
+deadline: then the body has ``"fenced": {"token", "newest"}``), 502 the operation ran and failed, 503
+not serving (starting or stopping). Every mutating call, accepted or refused, is appended to the
+agent's history (``STATE_DIR/history.jsonl``, ``GET /v1/history?since=SEQ``); ``POST /v1/fence``
+is a manager announcing its (newer) token.
 """
 from __future__ import annotations
 
@@ -94,7 +97,9 @@ def create_agent_app(agent: HostAgent) -> FastAPI:
 
     rd: dict[str, Any] = {"dependencies": [Depends(no_unknown_query)], "responses": AGENT_ERRORS}
 
-    def fenced(request: Request, token: Token, until: Until = None) -> None:
+    async def fenced(request: Request, token: Token, until: Until = None) -> None:
+        # async on purpose: on the event loop, check, remember and record are one step no other
+        # request interleaves with (a plain def would run in a worker thread, concurrently)
         route = request.scope.get("route")
         name = request.path_params.get("name")
         agent.fence(token, verb=str(getattr(route, "name", "call")), vm=name if isinstance(name, str) else None,

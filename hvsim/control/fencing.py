@@ -80,23 +80,21 @@ class HistoryEntry:
 
 
 def read_history(state_dir: Path | str, since: int = 0) -> list[HistoryEntry]:
-    """A host agent's history from its state directory (entries with ``seq > since``). A torn last
-    line (the agent died mid-append) is skipped; any other malformed line is an error."""
+    """A host agent's history from its state directory (entries with ``seq > since``). An
+    unterminated last line (the agent died mid-append) is skipped; any other malformed line is an
+    error."""
     p = Path(state_dir) / HISTORY_FILE
     try:
         lines = p.read_bytes().split(b"\n")
     except FileNotFoundError:
         return []
+    if lines[-1]:
+        log.warning("%s: torn last line skipped", p)
     out: list[HistoryEntry] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
+    for i, line in enumerate(lines[:-1]):
         try:
             e = HistoryEntry.parse(json.loads(line))
         except (ValueError, ControlInputError) as err:
-            if i >= len(lines) - 2:       # the last (unterminated) line: a torn append
-                log.warning("%s: torn last line skipped: %s", p, err)
-                continue
             raise ControlInputError("history", f"{p} line {i + 1}: {err}") from err
         if e.seq > since:
             out.append(e)
@@ -115,13 +113,10 @@ class HistoryLog:
         self.seq = prior[-1].seq if prior else 0
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         os.chmod(self.path, 0o600)
-        if self.path.stat().st_size and not self._ends_with_newline():
-            os.write(self._fd, b"\n")         # a torn last line ends here, the next entry starts clean
-
-    def _ends_with_newline(self) -> bool:
-        with open(self.path, "rb") as f:
-            f.seek(-1, os.SEEK_END)
-            return f.read(1) == b"\n"
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):       # a torn append (the agent died in it): cut it off
+            os.truncate(self.path, data.rfind(b"\n") + 1)
+            os.fsync(self._fd)
 
     def append(self, verb: str, vm: str | None, token: int | None, accepted: bool, reason: str = "") -> HistoryEntry:
         self.seq += 1
@@ -262,3 +257,9 @@ def audit(agent_histories: Mapping[str, Iterable[HistoryEntry | Mapping[str, Any
             if a in last and last[a] > starts[b]:
                 out.overlaps.append(Overlap(older=a, newer=b, start=starts[b], end=last[a]))
     return out
+
+
+async def audit_all(store: Store, state_dirs: Mapping[str, Path | str], name: str = "manager") -> FenceAudit:
+    """:func:`audit` over the histories in host agents' state directories (host -> directory; an
+    emulated host's is ``EmulatedHost.dir / "state"``) and the store's journal of lease ``name``."""
+    return audit({h: read_history(d) for h, d in state_dirs.items()}, await store_terms(store, name))

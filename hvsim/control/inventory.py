@@ -52,10 +52,11 @@ class Inventory:
             lock = self._locks[key] = asyncio.Lock()
         return lock
 
-    async def _txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+    async def _txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = (),
+                   mark: bool = False) -> TxnResult:
         if self.fence is not None:
             try:
-                return await self.store.fenced_txn(self.fence, compares, success, failure)
+                return await self.store.fenced_txn(self.fence, compares, success, failure, mark=mark)
             except FencedError as e:
                 if self.on_fenced is not None:
                     self.on_fenced(e)
@@ -65,7 +66,7 @@ class Inventory:
     async def touch(self) -> None:
         """A fenced write that changes no record (it journals the term: see ``Store.fenced_txn``)."""
         if self.fence is not None:
-            await self.store.fenced_txn(self.fence, (), (), mark=True)
+            await self._txn((), (), mark=True)
 
     def _op(self, kind: OpKind, vm: str, **params: str) -> Operation:
         return Operation.new(kind, vm, params, manager=self.manager, token=self.fence.token if self.fence else 0)

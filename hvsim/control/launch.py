@@ -246,16 +246,18 @@ class ManagerProcess:
     certificate for the ``tcp`` IP from ``ca``; or give ``(CA, CERT, KEY)`` paths. ``advertise``
     (default: the socket, or ``https://``/``http://`` + ``tcp``) and ``datacenter`` go into the leader
     record. ``start(wait="leading")`` (default) returns once it leads; ``wait="serving"`` once its
-    API answers (a standby answers "not leader")."""
+    API answers (a standby answers "not leader"). Managers that stand in for each other share one
+    ``token_file`` (clients keep their bearer token when they follow the leader)."""
 
     def __init__(self, run_dir: Path, store_url: str, *, netns: str | None = None, tcp: str | None = None,
                  ca: CertificateAuthority | None = None, agent_networks: str | None = None,
                  lease_ttl: float | None = None, store_tls: tuple[Path, Path, Path] | None = None,
                  log_level: str = "INFO", allow_non_loopback: bool = False,
                  api_tls: bool | tuple[Path, Path, Path] | None = None, advertise: str | None = None,
-                 datacenter: str | None = None, name: str | None = None,
+                 datacenter: str | None = None, name: str | None = None, token_file: Path | None = None,
                  ha_grace: float | None = None) -> None:
         self.dir = Path(run_dir)
+        self._token_file = token_file          # shared by managers that stand in for each other
         self.api_tls = api_tls
         self.advertise = advertise
         self.datacenter = datacenter
@@ -282,7 +284,7 @@ class ManagerProcess:
 
     @property
     def token_file(self) -> Path:
-        return self.dir / "token"
+        return self._token_file if self._token_file is not None else self.dir / "token"
 
     @property
     def token(self) -> str:

@@ -277,7 +277,7 @@ class Manager:
 
         async def tell(h: HostRecord) -> None:
             try:
-                await self.agent(h).announce(lead.fence.token, timeout=2)
+                await self.agent(h).announce(lead.fence.token, timeout=1)
             except (ApiError, ControlInputError) as e:
                 log.warning("could not tell host %s our token %d: %s (the monitor retries)", h.name,
                             lead.fence.token, e)
