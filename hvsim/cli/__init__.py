@@ -65,7 +65,7 @@ def _usage_line(exc: Any) -> str:
 PROCESSES = {"manager": "hvsim.control.api", "host-agent": "hvsim.control.agent_app",
              "failover-controller": "hvsim.failover.controller"}
 #: command groups that exist only against a manager
-MANAGER_ONLY = {"host", "op"}
+MANAGER_ONLY = {"host", "op", "reservation", "ha"}
 
 
 def _wants_manager(argv: Sequence[str]) -> bool:

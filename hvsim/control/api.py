@@ -308,7 +308,7 @@ def create_app(manager: Manager, token: str) -> FastAPI:
     @app.get("/v1/reservation", tags=["placement"], response_model=ReservationReport, **v1)
     async def reservation(datacenter: Annotated[str | None, Query(pattern=NAME_RE.pattern, max_length=32,
                                                                   description="where the reservation is held")] = None,
-                          management_vcpus: Annotated[int, Query(ge=0, le=4096, strict=True)] = 0,
+                          management_vcpus: Annotated[int, Query(ge=0, le=4096)] = 0,
                           management_memory_mib: Annotated[int, Query(ge=0, le=16 * 1024 * 1024)] = 0
                           ) -> dict[str, Any]:
         """The failover reservation sized for the protected VMs plus the management host (ours: per-host

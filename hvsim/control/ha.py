@@ -34,7 +34,8 @@ the lost host, ``destination``): recorded before the agent is asked, settled in 
 that moves the VM's record to its new host; a manager restarted mid-way resolves them
 (:func:`hvsim.control.ops.resolve`). They go in **priority order**: VMs are placed one at a time,
 highest priority first, and each priority tier is started (concurrently within the tier) only
-once the tier above it is running or has failed. Placement lifts the reservation rules and only
+once the tier above it is running or has failed (also when it is a restart a previous manager
+began and the resolver settles). Placement lifts the reservation rules and only
 them (:func:`hvsim.control.placer.place_failover`): reserved capacity is for these restarts. A VM
 that cannot be placed gets a failed restart operation naming why (and an event); it stays defined
 and is tried again every ``retry`` seconds.
@@ -285,7 +286,14 @@ class HAController:
                 if t is None or time.monotonic() >= t.at:
                     todo.append((v, h, ev))
         done: list[str] = []
+        busy = {rec.vm for rec, _ in await mgr.reader.in_flight() if rec.kind is OpKind.RESTART}
         for tier in restart_tiers(v for v, _, _ in todo):
+            if any(v.name in busy for v in tier):
+                # an operation is in flight on a VM of this tier (a restart a previous manager began,
+                # left to the resolver): the lower tiers wait for it, as they wait for a tier we start
+                log.info("HA: tier %d waits for operations in flight on %s", tier[0].priority,
+                         sorted(v.name for v in tier if v.name in busy))
+                break
             where = {v.name: (h, ev) for v, h, ev in todo}
             tasks = []
             for v in tier:

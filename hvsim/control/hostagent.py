@@ -501,8 +501,10 @@ class HostAgent:
                 if vm is not None:
                     with contextlib.suppress(Exception):
                         await vm.destroy()
-                    with contextlib.suppress(Exception):
+                    try:
                         await cl.undefine_vm(g.name)
+                    except Exception as ue:   # noqa: BLE001 (the start's own error is what is raised)
+                        log.warning("vm %s: not undefined after its failed start: %s", g.name, ue)
                 self.records.delete_vm(g.name)
                 if isinstance(e, Exception) and image_locked(e):
                     raise ImageLockedError(f"vm {g.name!r} not started on host {self.host.name}: its disk image "

@@ -66,7 +66,12 @@ def place_failover(vm: VMRecord, hosts: Iterable[HostRecord], vms: Iterable[VMRe
         raise ConflictError(f"vm {vm.name!r} cannot be restarted: no host is up")
     pv = PVM(vm.name, vm.group or UNGROUPED, _demand(vm))
     try:
-        out = schedule(p, [pv])
+        st = State(p)
+        idx = p.topology.host_index
+        for g in p.groups:
+            for v in g.vms:
+                st.place(v, idx[p.current[v.name]])       # every VM recorded on a host that is up holds it
+        out = schedule(p, [pv], st)
     except KeyError as e:            # a rule names a domain none of the hosts up is in
         raise ConflictError(f"vm {vm.name!r} cannot be restarted: {e.args[0] if e.args else e}") from e
     if not out.placed_all:
