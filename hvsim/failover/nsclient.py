@@ -135,11 +135,9 @@ async def writer(lc: LeaderClient, log_path: Path, prefix: str, interval: float,
 
 
 async def run_audit(store: Store, histories: dict[str, str]) -> dict[str, Any]:
-    """The fencing audit over the agents' histories (host -> its state dir) and the store's terms."""
-    from hvsim.control.fencing import audit, read_history, store_terms
-    terms = await store_terms(store)
-    res = audit({h: read_history(d) for h, d in histories.items()}, terms)
-    out: dict[str, Any] = res.summary()
+    """The fencing audit over the agents' histories (host -> its state dir) and the store's journal."""
+    from hvsim.control.fencing import audit_all
+    out: dict[str, Any] = (await audit_all(store, histories)).summary()
     return out
 
 
