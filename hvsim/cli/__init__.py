@@ -26,6 +26,7 @@ _SUBCOMMAND_MODULES = [
     "hvsim.cli.shim",
     "hvsim.cli.migrate",
     "hvsim.cli.crosscloud",
+    "hvsim.cli.failover",
     "hvsim.cli.cleanup",
 ]
 _loaded = False
@@ -61,7 +62,8 @@ def _usage_line(exc: Any) -> str:
 
 
 #: commands that are whole processes of the control plane (their own argparse: ``hvsim manager --help``)
-PROCESSES = {"manager": "hvsim.control.api", "host-agent": "hvsim.control.agent_app"}
+PROCESSES = {"manager": "hvsim.control.api", "host-agent": "hvsim.control.agent_app",
+             "failover-controller": "hvsim.failover.controller"}
 #: command groups that exist only against a manager
 MANAGER_ONLY = {"host", "op", "reservation", "ha"}
 
