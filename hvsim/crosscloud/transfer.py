@@ -105,6 +105,10 @@ class AgentTransfer:
             n = int(line.split()[1])
             rec = RoundRecord(round=n, bytes=int(kv["bytes"]), secs=float(kv["secs"]), dirty_after=int(kv["dirty"]))
             self.stats.rounds.append(rec)
+            # the round's own blocks are all sent now: what is pending is what was written during
+            # it (the last STAT may be up to 0.5 s old and still count the round's unsent blocks,
+            # zero ones included: the one-pass prediction made right after its round was ~6x off)
+            self.stats.stat = {**self.stats.stat, "pending": "0", "dirty": str(rec.dirty_after)}
             self._round_done.set()
             self._emit("round", {"round": n, "bytes": rec.bytes, "secs": rec.secs, "dirty": rec.dirty_after})
         elif line.startswith("FINAL "):
