@@ -16,7 +16,7 @@ from typing import Annotated, Any
 from pydantic import Field, Strict
 from pydantic.dataclasses import dataclass
 
-from .state import CFG, Name, Text
+from .state import CFG, InstanceProfile, Name, Text
 
 FENCE_HEADER = "X-Fencing-Token"
 AgentAddress = Annotated[str, Field(max_length=256, pattern=r"^(unix:/[\x21-\x7e]+|https://[\x21-\x7e]+)$",
@@ -34,6 +34,7 @@ class GuestSpec:
     vcpus: Annotated[int, Strict(), Field(ge=1, le=64)] = 1
     memory_mib: Annotated[int, Strict(), Field(ge=64, le=1024 * 1024)] = 256
     disk_mib: Annotated[int, Strict(), Field(ge=0, le=16 * 1024 * 1024)] = 0
+    profile: InstanceProfile | None = None      # the machine (type, CPU, disk bus); absent: the defaults
 
 
 @dataclass(config=CFG)
