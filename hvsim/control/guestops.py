@@ -10,6 +10,7 @@ Manager API (bearer token, like every route)::
     POST /v1/vms/{name}/resume         {}                          -> {"ok": true}
     POST /v1/vms/{name}/exec-stream    {"command", "timeout"?}     -> application/x-ndjson lines:
          {"fd": 1|2, "data": "<base64>"} ...  then  {"exit_code", "signal", "timed_out"}  or  {"error"}
+         ({"ping": 1} after 2 s without output; a client that left is noticed then, and the command killed)
 
 The host agent has the same three routes (fenced, under its RPC conventions); the manager relays
 the stream line by line. Like ``exec``, none of them is a recorded operation: the VM record's power
@@ -17,6 +18,7 @@ stays ``running`` while its QEMU is paused (the record tracks whether a QEMU of 
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -24,12 +26,13 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
-from fastapi import FastAPI, Path as PathParam
+from fastapi import FastAPI, Path as PathParam, Request
 from fastapi.responses import StreamingResponse
 from pydantic import Field, Strict
 from pydantic.dataclasses import dataclass
 
 from .agentrpc import Ok
+from hvsim.core.agent import Chunk
 from hvsim.core.model import NAME_RE
 
 from .errors import ApiConflictError, ApiError, ApiInputError, ApiNotFoundError, ConflictError, OperationFailedError
@@ -44,6 +47,7 @@ log = logging.getLogger("hvsim.control.guestops")
 NDJSON = "application/x-ndjson"
 VMName = Annotated[str, PathParam(pattern=NAME_RE.pattern, max_length=32, description="a VM name")]
 MAX_LINE = 4 << 20          # one streamed line (a base64 chunk of at most a few hundred KiB)
+KEEPALIVE_S = 2.0           # a {"ping": 1} line after this long without output
 
 
 @dataclass(config=CFG)
@@ -70,15 +74,34 @@ def add_agent_routes(app: FastAPI, agent: HostAgent, wr: dict[str, Any]) -> None
         return Ok()
 
     @app.post("/v1/vms/{name}/exec-stream", response_class=StreamingResponse, **wr)
-    async def exec_stream(name: VMName, body: ExecStreamRequest) -> StreamingResponse:
+    async def exec_stream(name: VMName, body: ExecStreamRequest, request: Request) -> StreamingResponse:
         vm = agent.vm(name)                  # 404 before anything is streamed
         stream = vm.agent.exec_stream(body.command, timeout=body.timeout)
 
         async def gen() -> AsyncIterator[bytes]:
             try:
                 async with stream:
-                    async for ch in stream:
-                        yield _line({"fd": ch.fd, "data": base64.b64encode(ch.data).decode()})
+                    it = stream.__aiter__()
+                    nxt: asyncio.Future[Chunk] = asyncio.ensure_future(it.__anext__())
+                    try:
+                        while True:
+                            done, _ = await asyncio.wait({nxt}, timeout=KEEPALIVE_S)
+                            if not done:
+                                # a quiet command: look whether the client went away (then the
+                                # command is killed: leaving `async with`), and a line now and then
+                                if await request.is_disconnected():
+                                    return
+                                yield _line({"ping": 1})
+                                continue
+                            try:
+                                ch = nxt.result()
+                            except StopAsyncIteration:
+                                break
+                            yield _line({"fd": ch.fd, "data": base64.b64encode(ch.data).decode()})
+                            nxt = asyncio.ensure_future(it.__anext__())
+                    finally:
+                        nxt.cancel()
+                        await asyncio.gather(nxt, return_exceptions=True)
                 r = stream.result
                 yield _line({"exit_code": r.exit_code if r else None, "signal": r.signal if r else 0,
                              "timed_out": bool(r.timed_out) if r else False})
@@ -129,7 +152,8 @@ async def manager_resume(manager: Manager, name: str) -> None:
         raise _refused(f"resume of vm {name!r}", host.name, e) from e
 
 
-async def manager_exec_stream(manager: Manager, name: str, req: ExecStreamRequest) -> AsyncIterator[bytes]:
+async def manager_exec_stream(manager: Manager, name: str, req: ExecStreamRequest,
+                              request: Request | None = None) -> AsyncIterator[bytes]:
     """Checks first (an error answer, not a stream), then the agent's stream relayed."""
     manager.inventory      # noqa: B018
     vm, host = await manager.home(name, VMPower.RUNNING, VMPower.PAUSED, VMPower.MIGRATING)
@@ -146,6 +170,8 @@ async def manager_exec_stream(manager: Manager, name: str, req: ExecStreamReques
         try:
             yield first
             async for ln in lines:
+                if request is not None and await request.is_disconnected():
+                    return           # the client went away: closing the agent's stream kills the command
                 yield ln
         except (ApiError, httpx.HTTPError) as e:
             yield _line({"error": f"host {host.name}: {e}"[:2000]})
@@ -169,10 +195,10 @@ def add_manager_routes(app: FastAPI, manager: Manager, ops: dict[str, Any]) -> N
         return Ok()
 
     @app.post("/v1/vms/{name}/exec-stream", tags=["vms"], response_class=StreamingResponse, **ops)
-    async def exec_stream_vm(name: VMName, body: ExecStreamRequest) -> StreamingResponse:
+    async def exec_stream_vm(name: VMName, body: ExecStreamRequest, request: Request) -> StreamingResponse:
         """Run a command in the guest and stream its output as NDJSON lines (``{"fd", "data"}``
         base64 chunks, then ``{"exit_code", "signal", "timed_out"}`` or ``{"error"}``); closing
         the connection kills the command in the guest."""
-        return StreamingResponse(await manager_exec_stream(manager, name, body), media_type=NDJSON)
+        return StreamingResponse(await manager_exec_stream(manager, name, body, request), media_type=NDJSON)
 
 

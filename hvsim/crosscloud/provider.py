@@ -19,12 +19,12 @@ import hmac
 import logging
 import shlex
 import subprocess
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..core.agent import ExecResult, ExecStream
+from ..core.agent import Chunk, ExecResult, ExecStream
 from ..core.cluster import Cluster
 from ..core.errors import AgentError, CapacityError, NotFoundError
 from ..core.model import DiskSpec, NicSpec, VMSpec
@@ -36,6 +36,16 @@ from .profiles import ProviderProfile
 log = logging.getLogger("hvsim.crosscloud.provider")
 
 PUSH_CHUNK = 96 * 1024            # base64 bytes per command: sh -c's argument must stay under 128 KiB
+
+
+class GuestStream(Protocol):
+    """A streamed guest command (:class:`hvsim.core.agent.ExecStream`, or a cloud API's stream)."""
+    result: ExecResult | None
+
+    async def __aenter__(self) -> Any: ...
+    async def __aexit__(self, *exc: Any) -> Any: ...
+    def __aiter__(self) -> AsyncIterator[Chunk]: ...
+    async def collect(self, limit: int | None = None) -> tuple[bytes, bytes]: ...
 
 
 class ProviderDriver(Protocol):
@@ -55,7 +65,7 @@ class ProviderDriver(Protocol):
     async def resume(self, name: str) -> None: ...
     async def delete(self, name: str) -> None: ...
     async def exec(self, name: str, command: str, timeout: float = 60.0, check: bool = False) -> ExecResult: ...
-    def exec_stream(self, name: str, command: str, timeout: float | None = None) -> ExecStream: ...
+    def exec_stream(self, name: str, command: str, timeout: float | None = None) -> GuestStream: ...
     async def push_file(self, name: str, local: Path, remote: str, mode: int = 0o600) -> None: ...
     async def probe_agent(self, name: str) -> None: ...
     async def clone_for_test(self, name: str, clone: str) -> str: ...
