@@ -56,6 +56,7 @@ from .errors import (
     ConflictError, ControlError, ControlInputError, FencedError, NotFoundError, NotLeaderError, OperationFailedError,
     StoreUnavailableError,
 )
+from .guestops import add_manager_routes
 from .inventory import Listing
 from .leader import check_advertise, find_leader
 from .manager import LEASE_TTL, Manager
@@ -258,6 +259,8 @@ def create_app(manager: Manager, token: str) -> FastAPI:
         out = await manager.exec_vm(name, body)
         return ExecResult(exit_code=out.exit_code, stdout=out.stdout, stderr=out.stderr, signal=out.signal,
                           timed_out=out.timed_out, truncated=out.truncated)
+
+    add_manager_routes(app, manager, ops)
 
     # -- placement groups, rules, reservations ----------------------------------------------------
     @app.get("/v1/groups", tags=["placement"], response_model=GroupPage, **v1)

@@ -80,8 +80,12 @@ class Decision:
     def options(self, budget_s: float) -> list[str]:
         if self.fits:
             return []
-        out = [f"accept a downtime of about {self.achievable_s or self.predicted_s or 0:.1f} s "
-               f"(budget {budget_s:g} s): cutover --accept-downtime"]
+        now = self.predicted_s if self.predicted_s is not None else self.achievable_s or 0.0
+        best = (f"; the smallest predicted so far was {self.achievable_s:.1f} s" if self.achievable_s is not None
+                and self.achievable_s < now - 0.05 else "")
+        # a cutover now takes the current prediction, not the best one seen (the delta has grown since)
+        out = [f"accept a downtime of about {now:.1f} s now (budget {budget_s:g} s): cutover --accept-downtime"
+               + best]
         if self.write_rate and self.bandwidth:
             room = max(0.0, budget_s - (self.inputs.get("fixed_s") or 0.0))
             target = max(0.0, self.bandwidth * room / max(1.0, self.inputs.get("delta_secs", 1.0)))

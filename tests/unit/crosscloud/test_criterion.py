@@ -58,6 +58,9 @@ def test_achievable_downtime_is_the_smallest_prediction_seen() -> None:
     d1 = c.evaluate(rs, pending=4 * MiB, elapsed_s=16)
     d2 = c.evaluate(rs, pending=16 * MiB, elapsed_s=17, achievable_s=d1.predicted_s)
     assert d2.achievable_s == pytest.approx(d1.predicted_s) and d2.predicted_s > d1.predicted_s  # type: ignore[operator]
+    # accepting now means the current prediction (the delta grew), the best one is only mentioned
+    assert d2.options(1.5)[0].startswith(f"accept a downtime of about {d2.predicted_s:.1f} s now")
+    assert f"smallest predicted so far was {d1.predicted_s:.1f} s" in d2.options(1.5)[0]
 
 
 def test_small_rounds_do_not_measure_the_bandwidth() -> None:
