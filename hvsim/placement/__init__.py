@@ -6,11 +6,12 @@ from . import limits
 from .check import CheckReport, check
 from .controller import PlacementController
 from .cpsat import SolverOptions
-from .errors import PlacementError, PlacementRefused, ProblemError, ProblemTooLargeError, RuleConflictError
+from .errors import PlacementError, ProblemError, ProblemTooLargeError, RuleConflictError
 from .model import (VM, Affinity, AntiAffinity, DomainAffinity, DomainAntiAffinity, Group, Host, MaxPerDomain,
                     MovePolicy, Objective, Problem, ReserveAmount, ReserveHosts, Rule, Spread)
 from .schema import dump_problem, dump_result, load_problem, problem_from_dict, problem_to_dict, rule_from_dict
-from .solver import Explanation, PlacementResult, explain_infeasible, solve, solve_async
+from .result import Explanation, PlacementRefused, PlacementResult
+from .solver import explain_infeasible, solve, solve_async
 
 __all__ = [
     "Affinity", "AntiAffinity", "CheckReport", "DomainAffinity", "DomainAntiAffinity", "Explanation", "Group",
