@@ -13,19 +13,20 @@ from typing import TYPE_CHECKING, Any
 
 from . import limits
 from .check import CheckReport, check          # (eager: the name would otherwise be shadowed by the submodule)
-from .errors import PlacementError, PlacementRefused, ProblemError, ProblemTooLargeError, RuleConflictError
+from .errors import PlacementError, ProblemError, ProblemTooLargeError, RuleConflictError
 from .model import (VM, Affinity, AntiAffinity, DomainAffinity, DomainAntiAffinity, Group, Host, MaxPerDomain,
                     MovePolicy, Objective, Problem, ReserveAmount, ReserveHosts, Rule, Spread)
+from .result import Explanation, PlacementRefused, PlacementResult
 from .schema import dump_problem, dump_result, load_problem, problem_from_dict, problem_to_dict, rule_from_dict
 
 if TYPE_CHECKING:
     from .controller import PlacementController
     from .cpsat import SolverOptions
-    from .solver import Explanation, PlacementResult, explain_infeasible, solve, solve_async
+    from .solver import explain_infeasible, solve, solve_async
 
 #: name -> the submodule that defines it, imported on first access (PEP 562)
 _LAZY = {"PlacementController": ".controller",
-         "SolverOptions": ".cpsat", "Explanation": ".solver", "PlacementResult": ".solver",
+         "SolverOptions": ".cpsat",
          "explain_infeasible": ".solver", "solve": ".solver", "solve_async": ".solver"}
 
 
