@@ -29,7 +29,7 @@ from typing import Any
 
 from hvbase.fsm import StateMachine
 
-from ..core.aio import run_to_completion
+from hvbase.aio import run_to_completion
 from .app import AckLog, WriterApp, verify_records
 from .criterion import CutoverCosts, Decision, SwitchoverCriterion, Verdict
 from .errors import (CrossCloudError, CrossCloudInputError, CrossCloudStateError, CutoverRefusedError,
