@@ -211,6 +211,8 @@ class QemuProcess:
         except QEMUBridgeError as exc:
             if not self.exited.done():
                 await self.kill()
+            else:
+                await self._close_qmp()     # QEMU exited at once (e.g. an image lock): close its QMP log too
             raise self._launch_error("failed to start") from exc
         # the exit watcher may have seen QEMU die while we awaited the QMP handshake: never
         # overwrite its EXITED with RUNNING (compare-and-set)

@@ -6,6 +6,9 @@
     hvsim --manager ADDR vm migrate web --to h2 [--policy stepwise] [--no-wait]   # a progress bar
     hvsim --manager ADDR vm exec web 'uname -a'          # exits with the guest command's exit code
     hvsim --manager ADDR op list | op show OP-ID
+    hvsim --manager ADDR reservation show [--datacenter dc2] [--management-vcpus 2 --management-memory-mib 2048]
+    hvsim --manager ADDR reservation apply ...            # add the plan's reserve rules
+    hvsim --manager ADDR ha show                          # host verdicts, power evidence, HA events
     ... --json                                            # on any list/show/define: JSON instead of a table
 
 ``ADDR`` is ``unix:/PATH`` or ``http(s)://HOST:PORT`` (also ``$HVSIM_MANAGER``); the bearer token comes
@@ -48,6 +51,10 @@ op_app = typer.Typer(no_args_is_help=True, help="Operations the manager recorded
 app.add_typer(host_app, name="host")
 app.add_typer(vm_app, name="vm")
 app.add_typer(op_app, name="op")
+reservation_app = typer.Typer(no_args_is_help=True, help="Reserved failover capacity: sized, applied.")
+ha_app = typer.Typer(no_args_is_help=True, help="HA: lost hosts and the restarts of their protected VMs.")
+app.add_typer(reservation_app, name="reservation")
+app.add_typer(ha_app, name="ha")
 
 JSON_OPT = typer.Option(False, "--json", help="print JSON instead of a table")
 
@@ -363,3 +370,82 @@ def op_show(op_id: str = typer.Argument(..., metavar="OP-ID"), as_json: bool = J
     _table("history", ("at", "state", "note"),
            [(f"{h.at:.3f}", h.state.value, h.note) for h in op.history])
 
+
+
+# -- reserved capacity and HA -----------------------------------------------------------------------
+DC_OPT = typer.Option(None, "--datacenter", help="hold the reservation on this datacenter's hosts")
+MVCPU_OPT = typer.Option(0, "--management-vcpus", min=0, max=4096, help="the management host's vCPUs")
+MMEM_OPT = typer.Option(0, "--management-memory-mib", min=0, max=16 * 1024 * 1024, help="the management host's MiB")
+
+
+def print_reservation(rep: Any) -> None:
+    """The plan against slot sizing, as ``reservation show`` prints it."""
+    p = rep.plan
+    print(f"candidates: {', '.join(rep.candidates) or '-'} ({rep.candidates_are})")
+    _table("must fail over", ("item", "vcpus", "memory MiB", "reserved on"),
+           [(i["name"], i["vcpus"], i["memory_mib"], p["assignment"].get(i["name"], "NO HOST")) for i in p["items"]])
+    s = p["slots"]
+    ov = p["overhead"]
+    pct = ov["percent"]
+    _table("reservation vs vSphere-HA slots", ("sizing", "vcpus", "memory MiB", "detail"), [
+        ("ours (per-host reserve rules)", p["reserved"]["vcpus"], p["reserved"]["memory_mib"],
+         f"{len(p['per_host'])} host(s)" + ("" if p["fits"] else f"; does not fit: {', '.join(p['unplaced'])}")),
+        ("slots", s["reserved"]["vcpus"], s["reserved"]["memory_mib"],
+         f"{s['slots_needed']} x ({s['slot']['vcpus']} vCPU, {s['slot']['memory_mib']} MiB); "
+         f"{s['slots_available']} slots on the candidates" + ("" if s["fits"] else " (NOT ENOUGH)")),
+        ("overhead of slots", ov["vcpus"], ov["memory_mib"],
+         f"{pct['vcpus']}% vCPU, {pct['memory_mib']}% memory" if pct["vcpus"] is not None else "-"),
+    ])
+    if rep.held:
+        _table("held now", ("rule", "spec"), [(h["rule"], json.dumps(h["spec"], sort_keys=True)) for h in rep.held])
+    else:
+        print("held now: no reserve rule")
+
+
+@reservation_app.command("show")
+@cli_command
+def reservation_show(datacenter: Optional[str] = DC_OPT, management_vcpus: int = MVCPU_OPT,
+                     management_memory_mib: int = MMEM_OPT, as_json: bool = JSON_OPT) -> None:
+    """Size the failover reservation for the protected VMs (and the management host) and compare it
+    with vSphere-HA slot sizing."""
+    rep = _call(lambda c: c.reservation(datacenter, management_vcpus, management_memory_mib))
+    if as_json:
+        _json(as_dict(rep))
+        return
+    print_reservation(rep)
+
+
+@reservation_app.command("apply")
+@cli_command
+def reservation_apply(datacenter: Optional[str] = DC_OPT, management_vcpus: int = MVCPU_OPT,
+                      management_memory_mib: int = MMEM_OPT) -> None:
+    """Add the plan's reserve rules (one per host it uses); a plan that does not fit is refused."""
+    from ..control.schema import RuleCreate
+
+    async def go(c: ManagerClient) -> list[str]:
+        rep = await c.reservation(datacenter, management_vcpus, management_memory_mib)
+        if not rep.plan["fits"]:
+            raise fail(f"the reservation does not fit: {', '.join(rep.plan['unplaced'])} fit on no candidate host",
+                       EXIT_FAILED)
+        names = []
+        for r in rep.plan["rules"]:
+            await c.add_rule(RuleCreate(name=r["name"], spec={k: v for k, v in r.items() if k != "name"}))
+            names.append(r["name"])
+        return names
+    for n in _call(go):
+        print(f"rule {n}: added")
+
+
+@ha_app.command("show")
+@cli_command
+def ha_show(as_json: bool = JSON_OPT) -> None:
+    """Unreachable hosts (verdict, power evidence) and the HA controller's recent events."""
+    rep = _call(lambda c: c.ha())
+    if as_json:
+        _json(as_dict(rep))
+        return
+    print(f"HA {rep.state}: grace {rep.grace_s:g} s without power evidence, {rep.off_grace_s:g} s powered off")
+    _table("unreachable hosts", ("host", "verdict", "power", "for s", "detail"),
+           [(h, w["verdict"], w["power"], w["unreachable_s"], w["detail"]) for h, w in rep.hosts.items()])
+    _table("events", ("at", "kind", "host", "vm", "detail"),
+           [(f"{e['at']:.1f}", e["kind"], e["host"], e["vm"], e["detail"]) for e in rep.events[-30:]])

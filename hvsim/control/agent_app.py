@@ -9,8 +9,11 @@ On a unix socket (0600 in a 0700 directory: only our user can connect) or on TCP
 ``--allow-non-loopback``, meant for a host's namespace address). Run it inside the host's network
 namespace. SIGTERM/SIGINT stop it gracefully: every guest keeps running (the next agent re-adopts
 it). Errors answer with the manager API's conventions (``{"detail", "field"}``): 400/422 bad input,
-404 unknown VM, 409 refused (state, capacity, busy, a stale fencing token), 502 the operation ran and
-failed, 503 not serving (starting or stopping).
+404 unknown VM, 409 refused (state, capacity, busy, a stale fencing token or a passed lease
+deadline: then the body has ``"fenced": {"token", "newest"}``), 502 the operation ran and failed, 503
+not serving (starting or stopping). Every mutating call, accepted or refused, is appended to the
+agent's history (``STATE_DIR/history.jsonl``, ``GET /v1/history?since=SEQ``); ``POST /v1/fence``
+is a manager announcing its (newer) token.
 """
 from __future__ import annotations
 
@@ -35,11 +38,11 @@ from hvsim.migration import MigrationInputError, MigrationRefusedError, Migratio
 
 from .agent_client import ClientTLS
 from .agentrpc import (
-    FENCE_HEADER, AgentInfo, ExecBody, ExecOutput, IncomingRequest, ListenRequest, Listening, MigrateOut,
-    MigrationInfo, Ok, QemuInfo, QemuList, StartRequest, StopRequest,
+    FENCE_HEADER, FENCE_UNTIL_HEADER, AgentInfo, ExecBody, ExecOutput, HistoryItem, HistoryPage, IncomingRequest,
+    ListenRequest, Listening, MigrateOut, MigrationInfo, Ok, QemuInfo, QemuList, StartRequest, StopRequest,
 )
 from .api import ERRORS, BodyLimit, no_unknown_query, serving, tcp_listener, tcp_listener_check, unix_listener
-from .errors import ConflictError, ControlInputError, NotFoundError
+from .errors import ConflictError, ControlInputError, NotFoundError, StaleTokenError
 from .guestops import add_agent_routes
 from .hostagent import AgentConfig, AgentNotServingError, HostAgent, host_spec
 from .store import TLSFiles
@@ -48,6 +51,9 @@ log = logging.getLogger("hvsim.control.agent")
 NameParam = Annotated[str, PathParam(pattern=NAME_RE.pattern, max_length=32, description="a VM name")]
 Token = Annotated[int, Header(alias=FENCE_HEADER, ge=0, le=2**63 - 1,
                               description="the caller's fencing token (the manager lease's revision)")]
+Until = Annotated[float | None, Header(alias=FENCE_UNTIL_HEADER, ge=0, le=1e11,
+                                       description="the caller's lease deadline (wall clock, seconds): "
+                                                   "a call arriving later is refused")]
 AGENT_ERRORS: dict[int | str, dict[str, Any]] = {**ERRORS, 502: {"description": "the operation ran and failed"}}
 
 
@@ -82,6 +88,9 @@ def create_agent_app(agent: HostAgent) -> FastAPI:
 
     @app.exception_handler(HvsimError)
     async def on_hvsim(_: Request, e: HvsimError) -> JSONResponse:
+        if isinstance(e, StaleTokenError):
+            return JSONResponse({"detail": str(e), "field": FENCE_HEADER,
+                                 "fenced": {"token": e.token, "newest": e.newest}}, status_code=409)
         status = status_of(e)
         if status == 502:
             log.warning("operation failed: %s", str(e).splitlines()[0])
@@ -89,8 +98,13 @@ def create_agent_app(agent: HostAgent) -> FastAPI:
 
     rd: dict[str, Any] = {"dependencies": [Depends(no_unknown_query)], "responses": AGENT_ERRORS}
 
-    def fenced(token: Token) -> None:
-        agent.fence(token)
+    async def fenced(request: Request, token: Token, until: Until = None) -> None:
+        # async on purpose: on the event loop, check, remember and record are one step no other
+        # request interleaves with (a plain def would run in a worker thread, concurrently)
+        route = request.scope.get("route")
+        name = request.path_params.get("name")
+        agent.fence(token, verb=str(getattr(route, "name", "call")), vm=name if isinstance(name, str) else None,
+                    until=until)
 
     wr: dict[str, Any] = {"dependencies": [Depends(no_unknown_query), Depends(fenced)], "responses": AGENT_ERRORS}
 
@@ -109,6 +123,19 @@ def create_agent_app(agent: HostAgent) -> FastAPI:
     @app.get("/v1/vms/{name}/stats", **rd)
     async def stats(name: NameParam) -> dict[str, Any]:
         return await agent.stats(name)
+
+    @app.get("/v1/history", response_model=HistoryPage, **rd)
+    async def history(since: Annotated[int, Query(ge=0, le=2**63 - 1)] = 0,
+                      limit: Annotated[int, Query(ge=1, le=1000)] = 1000) -> HistoryPage:
+        """Every mutating command this agent received after ``since`` (accepted or refused, with
+        its fencing token), oldest first, at most ``limit``."""
+        items = [HistoryItem(**e.to_dict()) for e in agent.history.since(since, limit)]
+        return HistoryPage(items=items, last=agent.history.seq)
+
+    @app.post("/v1/fence", response_model=Ok, **wr)
+    async def fence() -> Ok:
+        """A manager announcing its fencing token (it leads now): older tokens are refused from now on."""
+        return Ok(detail=f"newest token {agent.records.token}")
 
     @app.get("/v1/vms/{name}/migration", response_model=MigrationInfo, **rd)
     async def migration(name: NameParam) -> MigrationInfo:

@@ -11,37 +11,23 @@ from __future__ import annotations
 import contextlib
 import json as jsonlib
 import os
-import ssl
 import stat
-from dataclasses import dataclass
-from pathlib import Path
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import httpx
 
 from .agentrpc import (
-    FENCE_HEADER, AgentInfo, ExecBody, ExecOutput, IncomingRequest, ListenRequest, Listening, MigrateOut,
-    MigrationInfo, Ok, QemuInfo, QemuList, StartRequest, StopRequest,
+    FENCE_HEADER, FENCE_UNTIL_HEADER, AgentInfo, ExecBody, ExecOutput, HistoryPage, IncomingRequest, ListenRequest,
+    Listening, MigrateOut, MigrationInfo, Ok, QemuInfo, QemuList, StartRequest, StopRequest,
 )
 from .client import api_error
-from .errors import ApiUnavailableError, ControlInputError
-from .pki import Issued, client_context
+from .errors import ApiFencedError, ApiUnavailableError, ControlInputError
+from .pki import ClientTLS
 from .state import as_dict, parse
 
 T = TypeVar("T")
 _LIMITS = httpx.Limits(max_connections=16, max_keepalive_connections=8, keepalive_expiry=30.0)
-
-
-@dataclass(frozen=True)
-class ClientTLS:
-    """PEM files for mutual TLS to agents: the CA that signed them, our certificate and key."""
-    ca: Path
-    cert: Path
-    key: Path
-
-    def context(self) -> ssl.SSLContext:
-        return client_context(Issued(self.cert.stem, self.cert, self.key), self.ca)
 
 
 def check_agent_socket(path: str) -> None:
@@ -57,9 +43,17 @@ def check_agent_socket(path: str) -> None:
 
 
 class AgentClient:
-    """Connections to one host agent. ``address``: ``unix:/PATH`` or ``https://IP:PORT``."""
+    """Connections to one host agent. ``address``: ``unix:/PATH`` or ``https://IP:PORT``.
 
-    def __init__(self, address: str, *, tls: ClientTLS | None = None, timeout: float = 30.0) -> None:
+    ``fence_until``: called right before each fenced call is sent, the caller's lease deadline
+    (wall clock) for ``X-Fencing-Until``, or raises if the caller must not act any more (then
+    nothing is sent). ``on_fenced``: called when the agent refused our token (a newer manager)."""
+
+    def __init__(self, address: str, *, tls: ClientTLS | None = None, timeout: float = 30.0,
+                 fence_until: Callable[[], float | None] | None = None,
+                 on_fenced: Callable[[ApiFencedError], None] | None = None) -> None:
+        self.fence_until = fence_until
+        self.on_fenced = on_fenced
         if not isinstance(address, str):
             raise ControlInputError("agent", "give unix:/PATH or https://IP:PORT")
         self._socket: str | None = None
@@ -93,7 +87,12 @@ class AgentClient:
                     timeout: float | None = None, params: dict[str, Any] | None = None) -> T:
         if self._socket is not None:
             check_agent_socket(self._socket)
-        headers = {FENCE_HEADER: str(token)} if token is not None else None
+        headers = None
+        if token is not None:
+            headers = {FENCE_HEADER: str(token)}
+            until = self.fence_until() if self.fence_until is not None else None
+            if until is not None:
+                headers[FENCE_UNTIL_HEADER] = f"{until:.6f}"
         try:
             r = await self._http.request(method, path, json=json, headers=headers, params=params,
                                          timeout=timeout if timeout is not None else self.timeout)
@@ -104,7 +103,10 @@ class AgentClient:
                 body: Any = r.json()
             except ValueError:
                 body = r.text
-            raise api_error(r.status_code, body)
+            err = api_error(r.status_code, body)
+            if isinstance(err, ApiFencedError) and self.on_fenced is not None:
+                self.on_fenced(err)
+            raise err
         return parse(cls, r.content)
 
     # -- reads ------------------------------------------------------------------------------------
@@ -120,11 +122,20 @@ class AgentClient:
     async def migration(self, name: str) -> MigrationInfo:
         return await self._call("GET", f"/v1/vms/{name}/migration", MigrationInfo)
 
+    async def history(self, since: int = 0, limit: int = 1000, timeout: float | None = None) -> HistoryPage:
+        """Mutating commands the agent received after ``since`` (accepted or refused)."""
+        return await self._call("GET", "/v1/history", HistoryPage, params={"since": since, "limit": limit},
+                                timeout=timeout)
+
     async def stats(self, name: str) -> dict[str, Any]:
         out: dict[str, Any] = await self._call("GET", f"/v1/vms/{name}/stats", dict)
         return out
 
     # -- lifecycle (fenced) -------------------------------------------------------------------------
+    async def announce(self, token: int, timeout: float | None = None) -> Ok:
+        """Tell the agent our token is the newest (a manager that took the lease): older ones are refused."""
+        return await self._call("POST", "/v1/fence", Ok, token=token, timeout=timeout)
+
     async def start(self, req: StartRequest, token: int) -> QemuInfo:
         return await self._call("POST", "/v1/vms", QemuInfo, json=as_dict(req), token=token,
                                 timeout=req.ready_timeout + 60)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -57,7 +58,9 @@ class LocalIncoming:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    # a name of its own per writer: two threads writing one record (the agent's fenced calls run in
+    # its RPC's thread pool) must not rename each other's temporary file away
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.write(fd, data)
@@ -82,6 +85,7 @@ class AgentRecords:
         except OSError as e:
             raise RecordError(f"cannot use state directory {self.dir}: {e}") from e
         self._token = self._read_token()
+        self._token_lock = threading.Lock()
 
     # -- fencing ---------------------------------------------------------------------------------
     def _read_token(self) -> int:
@@ -102,9 +106,13 @@ class AgentRecords:
         return self._token
 
     def set_token(self, token: int) -> None:
-        """Remember ``token`` as the newest (on disk before it is used)."""
-        write_atomic(self.dir / "fence.json", json.dumps({"token": token}).encode())
-        self._token = token
+        """Remember ``token`` as the newest (on disk before it is used); never goes back (calls
+        racing from several threads keep the largest)."""
+        with self._token_lock:
+            if token <= self._token:
+                return
+            write_atomic(self.dir / "fence.json", json.dumps({"token": token}).encode())
+            self._token = token
 
     # -- VMs and incoming migrations -------------------------------------------------------------
     def _path(self, kind: str, name: str) -> Path:

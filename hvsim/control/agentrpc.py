@@ -7,7 +7,10 @@ HTTP/JSON (FastAPI on the agent, httpx on the client), like the manager API: ove
 :mod:`hvsim.control.pki`) across machines. Every mutating call carries the caller's **fencing
 token** in the ``X-Fencing-Token`` header (the create-revision of the manager's lease key): the agent
 remembers the newest it has seen (on disk, across its restarts) and refuses an older one with 409,
-so a manager that lost its lease cannot change anything on a host, whatever it believes.
+so a manager that lost its lease cannot change anything on a host, whatever it believes. A manager
+also sends ``X-Fencing-Until`` (wall clock, seconds): the latest time its lease is held for sure; a
+call that arrives later is refused too (a manager frozen between its own check and the send). Every
+mutating call, accepted or refused, is appended to the agent's history (``GET /v1/history``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from pydantic.dataclasses import dataclass
 from .state import CFG, InstanceProfile, Name, Text
 
 FENCE_HEADER = "X-Fencing-Token"
+FENCE_UNTIL_HEADER = "X-Fencing-Until"
 AgentAddress = Annotated[str, Field(max_length=256, pattern=r"^(unix:/[\x21-\x7e]+|https://[\x21-\x7e]+)$",
                                     description="a host agent: unix:/PATH or https://IP:PORT")]
 MigrationId = Annotated[str, Field(pattern=r"^[a-z0-9:>._-]{1,128}$", description="a migration id")]
@@ -145,6 +149,25 @@ class QemuList:
     items: list[QemuInfo]
     # VMs that ended here on their own (crashed, powered off, gone while the agent was down) -> why
     lost: dict[Name, Text] = Field(default_factory=dict)
+    token: Annotated[int, Strict()] = 0      # the newest fencing token this agent has seen
+
+
+@dataclass(config=CFG)
+class HistoryItem:
+    """One mutating command the agent received (see :class:`hvsim.control.fencing.HistoryEntry`)."""
+    seq: Annotated[int, Strict()]
+    wall: float
+    verb: Text
+    vm: Name | None
+    token: Annotated[int, Strict()] | None
+    accepted: Annotated[bool, Strict()]
+    reason: Text = ""
+
+
+@dataclass(config=CFG)
+class HistoryPage:
+    items: list[HistoryItem]
+    last: Annotated[int, Strict()]           # the newest seq the agent has written (pass it as since)
 
 
 @dataclass(config=CFG)

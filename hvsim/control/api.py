@@ -8,11 +8,20 @@ field (``{"detail": "...", "field": "body.memory_mib"}``), never a 5xx, and a re
 changes nothing (each change is one store transaction that either commits whole or not at all).
 ``start``, ``stop``, ``destroy``, ``migrate`` and ``exec`` are carried out by the VM's host agent
 (:mod:`hvsim.control.manager`): a refusal answers 409, a failure 502 naming the recorded operation.
-A store that cannot be reached, or a manager that is not the leader, answers 503 with Retry-After.
+A store that cannot be reached answers 503 with Retry-After. A manager that is not the leader (a
+standby waiting for the lease, or one that lost it) answers every ``/v1`` route but ``/v1/health``
+with 503 and Retry-After, its body naming the leader when the store knows one:
+``{"detail", "not_leader": true, "leader": {manager, address, token, datacenter} | null,
+"applied": false, "operation": null}`` (the check runs before anything is written, so such a request
+changed nothing and can be sent to the leader as is; ``applied: null`` with an ``operation`` id when
+leadership was lost in the middle of an operation it had recorded: the next leader resolves it).
 
 Run it: ``python -m hvsim.control.api`` (or ``hvsim manager``) ``--store sqlite:///PATH --token-file
-PATH [--socket PATH | --tcp 127.0.0.1:PORT] [--agent-tls CA CERT KEY --agent-networks CIDR,...]``; it
-serves once it holds the manager lease.
+PATH [--socket PATH | --tcp IP:PORT [--api-tls CA CERT KEY]] [--advertise ADDRESS] [--datacenter NAME]
+[--agent-tls CA CERT KEY --agent-networks CIDR,...]``. It serves at once (a standby answers "not
+leader") and campaigns for the manager lease; ``--ready-file`` is written once it leads,
+``--serving-file`` once it serves. With ``--api-tls`` the TCP API is HTTPS that requires a client
+certificate of that CA (mutual TLS), plus the bearer token.
 """
 from __future__ import annotations
 
@@ -49,11 +58,13 @@ from .errors import (
 )
 from .guestops import add_manager_routes
 from .inventory import Listing
-from .manager import Manager, ManagerState
+from .leader import check_advertise, find_leader
+from .manager import LEASE_TTL, Manager
 from .ops import OperationRecord
 from .schema import (
-    Defined, Done, ErrorBody, ExecRequest, ExecResult, GroupPage, Health, HostCreate, HostPage, MigrateRequest,
-    OperationPage, PlacementCheck, Progress, ReservationPage, RuleCreate, RulePage, StopBody, VMDefine, VMPage,
+    Defined, Done, ErrorBody, ExecRequest, ExecResult, GroupPage, HAReport, Health, HostCreate, HostPage,
+    MigrateRequest, OperationPage, PlacementCheck, Progress, ReservationPage, ReservationReport, RuleCreate, RulePage,
+    StopBody, VMDefine, VMPage,
 )
 from .state import (
     GROUPS, HOSTS, OPS, RESERVATIONS, RULES, VMS, GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord,
@@ -79,7 +90,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"model": ErrorBody, "description": "conflict: exists, still referenced, or in flight"},
     413: {"model": ErrorBody, "description": "request body too large"},
     422: {"model": ErrorBody, "description": "the request does not match the schema"},
-    503: {"model": ErrorBody, "description": "the store is unavailable, or this manager is not the leader"},
+    503: {"model": ErrorBody, "description": "the store is unavailable, or this manager is not the leader "
+                                             "(the body names the leader)"},
 }
 
 
@@ -109,6 +121,25 @@ def create_app(manager: Manager, token: str) -> FastAPI:
         if cred is None or not secrets.compare_digest(cred.credentials.encode(), token.encode()):
             raise _Unauthorized()
 
+    async def leading() -> None:
+        """Before the handler (so before anything is written): only a leader that holds its lease
+        for sure answers."""
+        if not manager.leading_now():
+            raise NotLeaderError(f"manager {manager.name} does not lead ({manager.state.value})")
+
+    async def not_leader(e: ControlError) -> JSONResponse:
+        leader = None
+        try:
+            info = await asyncio.wait_for(find_leader(store), 2.0)
+            if info is not None and (info.manager != manager.name or manager.leading_now()):
+                leader = info.brief()
+        except (ControlError, TimeoutError) as err:
+            log.warning("not leader, and the leader record could not be read: %s", err)
+        op = getattr(e, "operation", None)
+        return JSONResponse({"detail": f"not leader: {e}", "field": None, "not_leader": True, "leader": leader,
+                             "applied": None if op else False, "operation": op},
+                            status_code=503, headers={"Retry-After": "1"})
+
     app = FastAPI(title="hvsim manager", version="1", docs_url=None, redoc_url=None,
                   description=__doc__.split("\n\n")[0] if __doc__ else "")
     app.state.manager = manager
@@ -136,23 +167,27 @@ def create_app(manager: Manager, token: str) -> FastAPI:
         if isinstance(e, OperationFailedError):
             return JSONResponse({"detail": str(e)[:2000], "field": None, "operation": e.operation}, status_code=502)
         if isinstance(e, NotLeaderError | FencedError):
-            return _err(503, f"not leader: {e}", headers={"Retry-After": "1"})
+            return await not_leader(e)
         if isinstance(e, StoreUnavailableError):
             return _err(503, f"store unavailable: {e}", headers={"Retry-After": "1"})
         log.exception("internal error", exc_info=e)
         return _err(500, f"internal error: {type(e).__name__}")
 
-    v1: dict[str, Any] = {"dependencies": [Depends(auth), Depends(no_unknown_query)], "responses": ERRORS}
+    hv1: dict[str, Any] = {"dependencies": [Depends(auth), Depends(no_unknown_query)], "responses": ERRORS}
+    v1: dict[str, Any] = {"dependencies": [Depends(auth), Depends(no_unknown_query), Depends(leading)],
+                          "responses": ERRORS}
     ops: dict[str, Any] = {**v1, "responses": {**ERRORS, 502: {"model": ErrorBody,
                                                               "description": "the operation ran and failed"}}}
 
     # -- health ---------------------------------------------------------------------------------
-    @app.get("/v1/health", tags=["manager"], response_model=Health, **v1)
+    @app.get("/v1/health", tags=["manager"], response_model=Health, **hv1)
     async def health() -> dict[str, Any]:
-        """The manager answers; the store's backend and current revision, leadership."""
+        """The manager answers (leader or not); the store's backend and current revision, leadership
+        (``leader``: this one leads now; ``token``: the token it holds or last held)."""
         return {"status": "ok", "store": store.backend, "revision": await store.revision(),
-                "manager": manager.name, "leader": manager.state is ManagerState.LEADING, "token": manager.token,
-                "resolved": len(manager.resolutions)}
+                "manager": manager.name, "leader": manager.leading_now(), "token": manager.held_token,
+                "resolved": len(manager.resolutions), "state": manager.state.value,
+                "datacenter": manager.datacenter}
 
     # -- hosts ----------------------------------------------------------------------------------
     @app.get("/v1/hosts", tags=["hosts"], response_model=HostPage, **v1)
@@ -272,6 +307,21 @@ def create_app(manager: Manager, token: str) -> FastAPI:
     @app.post("/v1/reservations", status_code=201, tags=["placement"], response_model=ReservationRecord, **v1)
     async def add_reservation(body: ReservationRecord) -> Response:
         return _raw(dump(await manager.inventory.add_reservation(body)), 201)
+
+    @app.get("/v1/reservation", tags=["placement"], response_model=ReservationReport, **v1)
+    async def reservation(datacenter: Annotated[str | None, Query(pattern=NAME_RE.pattern, max_length=32,
+                                                                  description="where the reservation is held")] = None,
+                          management_vcpus: Annotated[int, Query(ge=0, le=4096)] = 0,
+                          management_memory_mib: Annotated[int, Query(ge=0, le=16 * 1024 * 1024)] = 0
+                          ) -> dict[str, Any]:
+        """The failover reservation sized for the protected VMs plus the management host (ours: per-host
+        reserve rules; against vSphere HA slot sizing), what the reserve rules hold, the HA state."""
+        return await manager.reservation_report(datacenter, management_vcpus, management_memory_mib)
+
+    @app.get("/v1/ha", tags=["manager"], response_model=HAReport, **v1)
+    async def ha() -> dict[str, Any]:
+        """Host verdicts (power evidence, grace) and the HA controller's recent events."""
+        return manager.ha.report()
 
     @app.get("/v1/placement", tags=["placement"], response_model=PlacementCheck, **v1)
     async def check_placement() -> dict[str, Any]:
@@ -430,29 +480,36 @@ async def serving(app: FastAPI, sock: socket.socket, tls: TLSFiles | None = None
 
 
 async def run(store_url: str, token: str, sock: socket.socket, ready: Path | None = None,
-              tls: TLSFiles | None = None, *, lease_ttl: float = 5.0, agent_tls: ClientTLS | None = None,
-              agent_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"), name: str | None = None) -> None:
+              tls: TLSFiles | None = None, *, lease_ttl: float = LEASE_TTL, agent_tls: ClientTLS | None = None,
+              agent_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"), name: str | None = None,
+              advertise: str | None = None, datacenter: str = "", api_tls: TLSFiles | None = None,
+              serving_file: Path | None = None, ha_grace: float = 15.0) -> None:
+    """Serve the API on ``sock`` at once (not leader until the lease is ours) and campaign."""
     async with make_store(store_url, tls=tls) as store:
-        manager = Manager(store, name=name, lease_ttl=lease_ttl, agent_tls=agent_tls, agent_networks=agent_networks)
+        manager = Manager(store, name=name, lease_ttl=lease_ttl, agent_tls=agent_tls, agent_networks=agent_networks,
+                          advertise=advertise, datacenter=datacenter, ha_grace=ha_grace)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        campaign = asyncio.ensure_future(manager.start())
         waiter = asyncio.ensure_future(stop.wait())
+        campaign: asyncio.Future[None] | None = None
         try:
-            await asyncio.wait({campaign, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if not campaign.done():          # stopped while waiting for the lease
-                campaign.cancel()
-                await asyncio.gather(campaign, return_exceptions=True)
-                return
-            campaign.result()
-            async with serving(create_app(manager, token), sock):
-                if ready is not None:
-                    ready.write_text(f"{os.getpid()}\n")  # noqa: ASYNC240 (once, tiny)
+            async with serving(create_app(manager, token), sock, tls=api_tls):
+                if serving_file is not None:
+                    serving_file.write_text(f"{os.getpid()}\n")  # noqa: ASYNC240 (once, tiny)
+                campaign = asyncio.ensure_future(manager.start())
+                await asyncio.wait({campaign, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if campaign.done():
+                    campaign.result()
+                    if ready is not None:
+                        ready.write_text(f"{os.getpid()}\n")  # noqa: ASYNC240 (once, tiny)
                 await waiter
         finally:
             waiter.cancel()
+            if campaign is not None and not campaign.done():   # stopped while waiting for the lease
+                campaign.cancel()
+                await asyncio.gather(campaign, return_exceptions=True)
             await manager.close()
 
 
@@ -471,8 +528,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m hvsim.control.api
                     help="PEM files to reach host agents over https (mutual TLS)")
     ap.add_argument("--agent-networks", default="127.0.0.0/8,::1/128",
                     help="comma-separated networks https agents may be on (nothing else is dialed)")
-    ap.add_argument("--lease-ttl", type=float, default=5.0, help="the manager lease's TTL in seconds (1-600)")
+    ap.add_argument("--lease-ttl", type=float, default=LEASE_TTL,
+                    help=f"the manager lease's TTL in seconds (1-600, default {LEASE_TTL:g}: see README)")
+    ap.add_argument("--api-tls", nargs=3, type=Path, metavar=("CA", "CERT", "KEY"),
+                    help="serve the --tcp API as HTTPS requiring a client certificate of CA (mutual TLS)")
+    ap.add_argument("--advertise", help="the address clients dial, in the leader record (unix:PATH or "
+                                        "https://IP:PORT; default: the socket, or the --tcp address)")
+    ap.add_argument("--datacenter", default="", help="this manager's datacenter (in the leader record)")
+    ap.add_argument("--serving-file", type=Path, help="written (with the pid) once the API serves (leader or not)")
     ap.add_argument("--name", help="this manager's identity in the lease (default manager@HOST:PID)")
+    ap.add_argument("--ha-grace", type=float, default=15.0,
+                    help="seconds a host without power evidence stays unreachable before HA restarts its protected "
+                         "VMs (0-3600; a powered-off host needs none)")
     ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
@@ -482,6 +549,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m hvsim.control.api
         make_store(args.store, tls=tls)         # a bad store URL is refused before anything is made
         if args.tcp:
             tcp_listener_check(args.tcp, args.allow_non_loopback)
+        if not 0 <= args.ha_grace <= 3600:
+            raise ControlInputError("ha_grace", f"must be 0..3600 seconds, got {args.ha_grace}")
         if not 1 <= args.lease_ttl <= 600:
             raise ControlInputError("lease_ttl", f"must be 1..600 seconds, got {args.lease_ttl}")
         nets = tuple(n.strip() for n in args.agent_networks.split(",") if n.strip())
@@ -491,11 +560,27 @@ def main(argv: list[str] | None = None, prog: str = "python -m hvsim.control.api
             except ValueError as e:
                 raise ControlInputError("agent_networks", str(e)) from e
         agent_tls = ClientTLS(*args.agent_tls) if args.agent_tls else None
+        api_tls = TLSFiles(*args.api_tls) if args.api_tls else None
+        if api_tls is not None and not args.tcp:
+            raise ControlInputError("api_tls", "--api-tls is for --tcp (a unix socket is protected by its mode)")
+        for f in (api_tls.ca, api_tls.cert, api_tls.key) if api_tls is not None else ():
+            if not f.is_file():
+                raise ControlInputError("api_tls", f"{f} is not a file")
+        if args.advertise is not None:
+            advertise = check_advertise(args.advertise)
+        elif args.socket:
+            advertise = f"unix:{args.socket.absolute()}"
+        else:
+            advertise = f"{'https' if api_tls else 'http'}://{args.tcp}"
+        if len(args.datacenter) > 64:
+            raise ControlInputError("datacenter", "at most 64 characters")
         token = ensure_token(args.token_file)
         sock = unix_listener(args.socket) if args.socket else tcp_listener(args.tcp, args.allow_non_loopback)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(run(args.store, token, sock, args.ready_file, tls, lease_ttl=args.lease_ttl,
-                           agent_tls=agent_tls, agent_networks=nets, name=args.name))
+                           agent_tls=agent_tls, agent_networks=nets, name=args.name, advertise=advertise,
+                           datacenter=args.datacenter, api_tls=api_tls, serving_file=args.serving_file,
+                           ha_grace=args.ha_grace))
     except ControlInputError as e:
         print(f"hvsim manager: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Async typed client of the manager API (httpx), raising errors of the hvsim tree::
 
-    async with ManagerClient("unix:/run/hvsim/manager.sock", token) as m:   # or "http://127.0.0.1:8080"
+    async with ManagerClient("unix:/run/hvsim/manager.sock", token) as m:   # or "https://IP:PORT", tls=ClientTLS(..)
         await m.add_host(HostCreate("h1", vcpus=8, memory_mib=16384))
         vm, op = await m.define_vm(VMDefine("web-1", memory_mib=512, host="h1"))
         async for vm in m.iter_vms(): ...
@@ -8,8 +8,9 @@
 4xx answers raise :class:`ApiInputError` (400/413/422, also an ``InputError``; ``field`` names the
 field), :class:`ApiAuthError` (401/403), :class:`ApiNotFoundError`, :class:`ApiConflictError`,
 :class:`ApiNotImplementedError` (501), :class:`ApiFailedError` (502: an operation ran and failed; its
-``operation`` names it); an unreachable manager, one that is not the leader, or another 5xx raises
-:class:`ApiUnavailableError`. The cause is kept.
+``operation`` names it); an unreachable manager or another 5xx raises :class:`ApiUnavailableError`,
+one that is not the leader :class:`ApiNotLeaderError` (a subclass, naming the leader) unless the
+client followed it to the leader (``follow_leader``). The cause is kept.
 """
 from __future__ import annotations
 
@@ -24,15 +25,18 @@ from typing import Any, TypeVar
 import httpx
 
 from .errors import (
-    ApiAuthError, ApiConflictError, ApiError, ApiFailedError, ApiInputError, ApiNotFoundError,
-    ApiNotImplementedError, ApiUnavailableError, ControlInputError,
+    ApiAuthError, ApiConflictError, ApiError, ApiFailedError, ApiFencedError, ApiInputError, ApiNotFoundError,
+    ApiNotImplementedError, ApiNotLeaderError, ApiUnavailableError, ControlInputError,
 )
+from .leader import find_leader
 from .ops import OperationRecord
+from .pki import ClientTLS
 from .schema import (
-    Defined, Done, ExecRequest, ExecResult, GroupPage, HostCreate, HostPage, MigrateRequest, OperationPage,
-    PlacementCheck, Progress, RuleCreate, RulePage, VMDefine, VMPage,
+    Defined, Done, ExecRequest, ExecResult, GroupPage, HAReport, HostCreate, HostPage, MigrateRequest, OperationPage,
+    PlacementCheck, Progress, ReservationReport, RuleCreate, RulePage, VMDefine, VMPage,
 )
 from .state import GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord, as_dict, parse
+from .store import Store
 
 T = TypeVar("T")
 _LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=30.0)
@@ -53,11 +57,13 @@ def api_error(status: int, body: Any) -> ApiError:
     elif status == 404:
         cls = ApiNotFoundError
     elif status == 409:
-        cls = ApiConflictError
+        cls = ApiFencedError if isinstance(body, dict) and isinstance(body.get("fenced"), dict) else ApiConflictError
     elif status == 501:
         cls = ApiNotImplementedError
     elif status == 502:
         cls = ApiFailedError
+    elif status == 503 and isinstance(body, dict) and body.get("not_leader") is True:
+        cls = ApiNotLeaderError
     elif status >= 500:
         cls = ApiUnavailableError
     else:
@@ -66,10 +72,35 @@ def api_error(status: int, body: Any) -> ApiError:
 
 
 class ManagerClient:
-    """A connection pool to one manager. ``address``: ``unix:/PATH`` or ``http(s)://HOST:PORT``."""
+    """A connection pool to one manager. ``address``: ``unix:/PATH`` or ``http(s)://HOST:PORT``;
+    ``tls`` (:class:`~hvsim.control.pki.ClientTLS`: CA, our certificate and key) for ``https://``
+    (mutual TLS: the manager requires a client certificate of its CA).
+
+    ``follow_leader`` (default on): a manager that does not lead answers 503 naming the leader
+    (``{manager, address, token}``) and saying whether the request changed nothing; then the client
+    reconnects to the leader (same bearer token, same TLS files) and sends the request there once.
+    A 503 whose request was partly carried out (an operation it had recorded) is raised as is
+    (:class:`ApiNotLeaderError` with ``operation``). With a ``store``
+    (:meth:`from_store`), a manager that cannot be connected to at all is looked up again in the
+    store's leader record (only when the connection failed before anything was sent)."""
 
     def __init__(self, address: str, token: str, *, timeout: float = 30.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, tls: ClientTLS | None = None,
+                 follow_leader: bool = True, store: Store | None = None) -> None:
+        if tls is not None and ssl_context is None:
+            ssl_context = tls.context()
+        self._token = token
+        self._timeout = timeout
+        self._ssl = ssl_context
+        self.follow_leader = follow_leader
+        self.store = store
+        self.followed = 0                      # how many times it moved to another manager
+        self._switch = asyncio.Lock()
+        self.address = address
+        self._http = self._connect(address)
+        # idle connections are dropped after 30 s, before the manager's 75 s keep-alive timeout
+
+    def _connect(self, address: str) -> httpx.AsyncClient:
         if not isinstance(address, str) or not address:
             raise ControlInputError("address", "give unix:/PATH or http(s)://HOST:PORT")
         if address.startswith("unix:"):
@@ -79,15 +110,25 @@ class ManagerClient:
             transport = httpx.AsyncHTTPTransport(uds=path, limits=_LIMITS)
             base = "http://manager"
         elif address.startswith(("http://", "https://")):
-            transport = httpx.AsyncHTTPTransport(verify=ssl_context if ssl_context is not None else True,
+            if address.startswith("https://") and self._ssl is None:
+                raise ControlInputError("address", f"{address!r}: an https manager needs client TLS files (tls=)")
+            transport = httpx.AsyncHTTPTransport(verify=self._ssl if self._ssl is not None else True,
                                                  limits=_LIMITS)
             base = address.rstrip("/")
         else:
             raise ControlInputError("address", f"{address!r}: give unix:/PATH or http(s)://HOST:PORT")
-        self.address = address
-        self._http = httpx.AsyncClient(transport=transport, base_url=base, timeout=timeout,
-                                       headers={"Authorization": f"Bearer {token}"})
-        # idle connections are dropped after 30 s, before the manager's 75 s keep-alive timeout
+        return httpx.AsyncClient(transport=transport, base_url=base, timeout=self._timeout,
+                                 headers={"Authorization": f"Bearer {self._token}"})
+
+    @classmethod
+    async def from_store(cls, store: Store, *, token: str, tls: ClientTLS | None = None, timeout: float = 30.0,
+                         follow_leader: bool = True) -> ManagerClient:
+        """A client of the manager that leads now, found in the store's leader record (raises
+        :class:`ApiUnavailableError` when none leads). It keeps ``store`` to find the next one."""
+        info = await find_leader(store)
+        if info is None:
+            raise ApiUnavailableError(0, "no manager leads (no leader record in the store)")
+        return cls(info.address, token, timeout=timeout, tls=tls, follow_leader=follow_leader, store=store)
 
     async def __aenter__(self) -> ManagerClient:
         return self
@@ -98,19 +139,55 @@ class ManagerClient:
     async def close(self) -> None:
         await self._http.aclose()
 
+    async def _move(self, seen: str, address: str) -> bool:
+        """Point the client at ``address`` (if it still points at ``seen``); whether it moved."""
+        async with self._switch:
+            if self.address != seen:
+                return True                    # another request moved it already
+            if address == seen:
+                return False
+            new = self._connect(address)
+            old, self._http, self.address = self._http, new, address
+            self.followed += 1
+        await old.aclose()
+        return True
+
+    async def _send(self, method: str, path: str, json: Any, params: dict[str, Any] | None) -> httpx.Response:
+        http, address = self._http, self.address
+        try:
+            return await http.request(method, path, json=json, params=params)
+        except httpx.HTTPError as e:
+            if isinstance(e, httpx.ConnectError) and self.store is not None:
+                info = await find_leader(self.store)
+                if info is not None and await self._move(address, info.address):
+                    try:
+                        return await self._http.request(method, path, json=json, params=params)
+                    except httpx.HTTPError as e2:
+                        raise ApiUnavailableError(0, f"manager at {self.address} unreachable: {e2!r}") from e2
+            raise ApiUnavailableError(0, f"manager at {address} unreachable: {e!r}") from e
+
     async def raw(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> bytes:
         """The answer's body (bytes); an error status raises the matching ApiError."""
-        try:
-            r = await self._http.request(method, path, json=json, params=params)
-        except httpx.HTTPError as e:
-            raise ApiUnavailableError(0, f"manager at {self.address} unreachable: {e!r}") from e
-        if r.status_code >= 400:
+        for attempt in (0, 1):
+            address = self.address
+            r = await self._send(method, path, json, params)
+            if r.status_code < 400:
+                return r.content
             try:
                 body: Any = r.json()
             except ValueError:
                 body = r.text
-            raise api_error(r.status_code, body)
-        return r.content
+            err = api_error(r.status_code, body)
+            if (attempt == 0 and self.follow_leader and isinstance(err, ApiNotLeaderError) and err.retry_safe
+                    and err.leader is not None and isinstance(err.leader.get("address"), str)):
+                try:
+                    moved = await self._move(address, err.leader["address"])
+                except ControlInputError as e:
+                    raise err from e
+                if moved:
+                    continue
+            raise err
+        raise AssertionError("unreachable")
 
     async def request(self, method: str, path: str, *, json: Any = None,
                       params: dict[str, Any] | None = None) -> Any:
@@ -234,6 +311,18 @@ class ManagerClient:
 
     async def add_reservation(self, r: ReservationRecord) -> ReservationRecord:
         return parse(ReservationRecord, await self.request("POST", "/v1/reservations", json=as_dict(r)))
+
+    async def reservation(self, datacenter: str | None = None, management_vcpus: int = 0,
+                          management_memory_mib: int = 0) -> ReservationReport:
+        """The failover reservation sized for the protected VMs (``GET /v1/reservation``)."""
+        params: dict[str, Any] = {"management_vcpus": management_vcpus, "management_memory_mib": management_memory_mib}
+        if datacenter is not None:
+            params["datacenter"] = datacenter
+        return parse(ReservationReport, await self.request("GET", "/v1/reservation", params=params))
+
+    async def ha(self) -> HAReport:
+        """The HA controller's host verdicts and events (``GET /v1/ha``)."""
+        return parse(HAReport, await self.request("GET", "/v1/ha"))
 
     # -- operations ---------------------------------------------------------------------------
     async def list_ops(self, limit: int = 100, after: str | None = None) -> Page[OperationRecord]:

@@ -15,15 +15,18 @@ as ``__cause__``::
      |    +-- NotFoundError              no such host / VM / group / operation (API: 404)
      |    +-- ConflictError              exists already, still referenced, wrong state (API: 409)
      |    |    +-- StaleTokenError       a host agent refused a fencing token older than one it saw
-     |    +-- NotLeaderError             this manager does not hold the manager lease (API: 503)
+     |    |    +-- ImageLockedError      a QEMU found its disk image locked (another QEMU runs the guest)
+     |    +-- NotLeaderError             this manager does not hold the manager lease (API: 503 naming the leader)
      |    +-- OperationFailedError       an operation was carried out and failed (API: 502)
      |    +-- ApiError                   the manager API answered an error (client side)
      |         +-- ApiAuthError          401/403: missing or wrong token
      |         +-- ApiNotFoundError      404
      |         +-- ApiConflictError      409
+     |         |    +-- ApiFencedError   409 from a host agent: our fencing token is stale (a newer manager leads)
      |         +-- ApiNotImplementedError 501
      |         +-- ApiFailedError        502: the operation ran and failed (on a host), ``operation`` names it
      |         +-- ApiUnavailableError   the manager could not be reached, or answered 5xx
+     |              +-- ApiNotLeaderError 503 from a manager that does not lead (``leader`` names who does)
      +-- InputError
      |    +-- ControlInputError          a malformed field (key, record, request); names the field
      |         +-- ApiInputError         400/422 from the manager API (also an ApiError)
@@ -102,19 +105,32 @@ class ConflictError(ControlError):
 
 
 class StaleTokenError(ConflictError):
-    """A host agent refused a mutating call: its fencing token is older than the newest it saw."""
+    """A host agent refused a mutating call: its fencing token is older than the newest it saw
+    (``newest``), or its lease deadline (``X-Fencing-Until``) had passed when the call arrived."""
 
-    def __init__(self, token: int, newest: int) -> None:
+    def __init__(self, token: int, newest: int, reason: str | None = None) -> None:
         self.token = token
         self.newest = newest
-        super().__init__(f"stale fencing token {token}: this host agent has seen {newest} (a newer manager)")
+        self.reason = reason or f"stale fencing token {token}: this host agent has seen {newest} (a newer manager)"
+        super().__init__(self.reason)
+
+
+class ImageLockedError(ConflictError):
+    """A guest's QEMU could not start: its disk image on the shared datastore is locked by another
+    QEMU (QEMU's OFD image locks), i.e. the guest still runs somewhere. ``field`` is
+    ``datastore-lock`` (what the manager's HA controller looks for in the agent's 409)."""
+
+    field = "datastore-lock"
 
 
 class NotLeaderError(ControlError):
-    """This manager does not hold the manager lease: it changes nothing (``leader``: who does)."""
+    """This manager does not hold the manager lease: it changes nothing. ``operation``: the id of an
+    operation it had recorded before it noticed (then the request was *partly* carried out: the next
+    leader resolves that operation; a client must not blindly retry); ``None`` when nothing was
+    written, so the request can be sent to the leader as is."""
 
-    def __init__(self, message: str, leader: str | None = None) -> None:
-        self.leader = leader
+    def __init__(self, message: str, operation: str | None = None) -> None:
+        self.operation = operation
         super().__init__(message)
 
 
@@ -158,6 +174,10 @@ class ApiConflictError(ApiError):
     pass
 
 
+class ApiFencedError(ApiConflictError):
+    """A host agent refused our fencing token: a newer manager holds the lease."""
+
+
 class ApiNotImplementedError(ApiError):
     pass
 
@@ -173,3 +193,23 @@ class ApiFailedError(ApiError):
 
 class ApiUnavailableError(ApiError):
     pass
+
+
+class ApiNotLeaderError(ApiUnavailableError):
+    """503 from a manager that does not lead: ``leader`` is ``{manager, address, token}`` of the
+    one that does (``None``: none known yet), ``operation`` set when the request was partly
+    carried out (see :class:`NotLeaderError`); ``retry_safe`` says the request changed nothing."""
+
+    @property
+    def leader(self) -> dict[str, Any] | None:
+        v = self.body.get("leader") if isinstance(self.body, dict) else None
+        return v if isinstance(v, dict) else None
+
+    @property
+    def operation(self) -> str | None:
+        op = self.body.get("operation") if isinstance(self.body, dict) else None
+        return str(op) if op else None
+
+    @property
+    def retry_safe(self) -> bool:
+        return isinstance(self.body, dict) and self.body.get("applied") is False

@@ -13,7 +13,10 @@ graceful stop (SIGTERM) lets every guest go (:meth:`Cluster.detach_vm`); nothing
 never outlives its host: powering the domain off kills every process in it, the agent included.
 
 **Fencing.** Every mutating call carries the manager's fencing token; the agent keeps the newest it
-saw (on disk, before acting) and refuses older ones (:class:`StaleTokenError`).
+saw (on disk, before acting) and refuses older ones (:class:`StaleTokenError`), and refuses a call
+whose lease deadline (``X-Fencing-Until``) has passed. Every mutating call, accepted or refused, is
+appended to the agent's history (:class:`hvsim.control.fencing.HistoryLog`, on its disk, fsynced
+before the call is carried out) for :func:`hvsim.control.fencing.audit`.
 
 **Migrations** between agents: the source agent drives them with the migration engine and a
 :class:`~hvsim.control.remote_transfer.RemoteTransfer`; the destination agent starts the incoming
@@ -60,7 +63,8 @@ from .agent_records import AgentRecords, LocalIncoming, LocalVM
 from .agentrpc import (
     AgentInfo, ExecOutput, GuestSpec, IncomingRequest, MigrateOut, MigrationInfo, QemuInfo, QemuList,
 )
-from .errors import ConflictError, ControlError, ControlInputError, NotFoundError, StaleTokenError
+from .errors import ConflictError, ControlError, ControlInputError, ImageLockedError, NotFoundError, StaleTokenError
+from .fencing import HistoryLog
 
 log = logging.getLogger("hvsim.control.agent")
 
@@ -136,6 +140,7 @@ class HostAgent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.records = AgentRecords(cfg.state_dir)
+        self.history = HistoryLog(cfg.state_dir)
         self.fsm: StateMachine[AgentState] = StateMachine(f"host agent {cfg.host.name}", AgentState.NEW, AGENT_TABLE,
                                                           log=log)
         self.cluster: Cluster | None = None
@@ -224,6 +229,7 @@ class HostAgent:
             await self._close_cluster()
             for p in self._peers.values():
                 await p.close()
+            self.history.close()
             self.fsm.set(AgentState.CLOSED)
 
     async def _close_cluster(self) -> None:
@@ -233,13 +239,24 @@ class HostAgent:
             await self.cluster.close()
 
     # -- fencing ----------------------------------------------------------------------------------
-    def fence(self, token: int) -> None:
-        """Accept ``token`` (not older than the newest seen, which it may become) or refuse."""
+    def fence(self, token: int, *, verb: str = "call", vm: str | None = None, until: float | None = None) -> None:
+        """Accept ``token`` (not older than the newest seen, which it may become; ``until``, the
+        caller's lease deadline on the wall clock, not passed) or refuse; either way the call is
+        in the history before this returns."""
         newest = self.records.token
+        reason = None
         if token < newest:
-            raise StaleTokenError(token, newest)
+            reason = f"stale fencing token {token}: this host agent has seen {newest} (a newer manager)"
+        elif until is not None and (late := time.time() - until) > 0:
+            reason = f"fencing token {token}: its lease deadline passed {late:.3f} s before the call arrived"
+        if reason is not None:
+            self.history.append(verb, vm, token, False, reason)
+            log.warning("refused %s %s: %s", verb, vm or "", reason)
+            raise StaleTokenError(token, newest, reason)
         if token > newest:
             self.records.set_token(token)
+            log.info("fencing token %d is the newest now (was %d)", token, newest)
+        self.history.append(verb, vm, token, True)
 
     # -- records ----------------------------------------------------------------------------------
     def _save(self, vm: VM, *, pid: int | None = None, components: dict[str, dict[str, Any]] | None = None) -> None:
@@ -436,7 +453,7 @@ class HostAgent:
         for n in names:
             with contextlib.suppress(NotFoundError):
                 items.append(await self.qemu_info(n))
-        return QemuList(items=items, lost=dict(self.lost))
+        return QemuList(items=items, lost=dict(self.lost), token=self.records.token)
 
     def migration_info(self, name: str) -> MigrationInfo:
         out = self.outgoing.get(name)
@@ -490,13 +507,19 @@ class HostAgent:
             try:
                 vm = await cl.define_vm(spec, self.host)
                 await vm.start(wait_ready=wait_ready, ready_timeout=ready_timeout)
-            except BaseException:
+            except BaseException as e:
                 if vm is not None:
                     with contextlib.suppress(Exception):
                         await vm.destroy()
-                    with contextlib.suppress(Exception):
+                    try:
                         await cl.undefine_vm(g.name)
+                    except Exception as ue:   # noqa: BLE001 (the start's own error is what is raised)
+                        log.warning("vm %s: not undefined after its failed start: %s", g.name, ue)
                 self.records.delete_vm(g.name)
+                if isinstance(e, Exception) and image_locked(e):
+                    raise ImageLockedError(f"vm {g.name!r} not started on host {self.host.name}: its disk image "
+                                           f"{self.disk_path(g.name)} is locked by another QEMU (the guest runs "
+                                           "elsewhere)") from e
                 raise
             self._save(vm)
         return await self.qemu_info(g.name)
@@ -694,6 +717,21 @@ class HostAgent:
         finally:
             await self._drop_incoming_vm(inc.vm, Path(inc.record.instance_dir))
             self.records.delete_incoming(name)
+
+
+LOCK_MESSAGE = 'Failed to get "write" lock'
+
+
+def image_locked(e: BaseException) -> bool:
+    """Whether a QEMU start failed on an image lock (QEMU's message in the error or its causes)."""
+    seen: BaseException | None = e
+    for _ in range(10):
+        if seen is None:
+            return False
+        if LOCK_MESSAGE in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def guest_of(spec: VMSpec) -> GuestSpec:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from .errors import ConflictError, ControlInputError, NotFoundError
+from .errors import ConflictError, ControlInputError, FencedError, NotFoundError
 from .ops import IN_FLIGHT, Operation, OperationRecord, OpKind, OpState, Resolution
 from .state import (
     GROUP_VMS, GROUPS, HOST_VMS, HOSTS, INFLIGHT, OPS, RESERVATIONS, RULES, VM_OP, VMS, GroupRecord, HostRecord,
@@ -36,9 +36,11 @@ class Listing(Generic[T]):
 class Inventory:
     """Records in a :class:`Store` (see :mod:`hvsim.control.state` for the key layout)."""
 
-    def __init__(self, store: Store, fence: Fence | None = None, manager: str = "manager") -> None:
+    def __init__(self, store: Store, fence: Fence | None = None, manager: str = "manager",
+                 on_fenced: Callable[[FencedError], None] | None = None) -> None:
         self.store = store
         self.fence = fence
+        self.on_fenced = on_fenced        # told when the store refuses a fenced write (a newer holder)
         self.manager = manager
         # defines onto one host (or into one group) are serialised in this manager, so they do
         # not fight over the record they touch; the compare-and-set still guards other writers
@@ -50,10 +52,21 @@ class Inventory:
             lock = self._locks[key] = asyncio.Lock()
         return lock
 
-    async def _txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = ()) -> TxnResult:
+    async def _txn(self, compares: Sequence[Compare], success: Sequence[Op], failure: Sequence[Op] = (),
+                   mark: bool = False) -> TxnResult:
         if self.fence is not None:
-            return await self.store.fenced_txn(self.fence, compares, success, failure)
+            try:
+                return await self.store.fenced_txn(self.fence, compares, success, failure, mark=mark)
+            except FencedError as e:
+                if self.on_fenced is not None:
+                    self.on_fenced(e)
+                raise
         return await self.store.txn(compares, success, failure)
+
+    async def touch(self) -> None:
+        """A fenced write that changes no record (it journals the term: see ``Store.fenced_txn``)."""
+        if self.fence is not None:
+            await self._txn((), (), mark=True)
 
     def _op(self, kind: OpKind, vm: str, **params: str) -> Operation:
         return Operation.new(kind, vm, params, manager=self.manager, token=self.fence.token if self.fence else 0)

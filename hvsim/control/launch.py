@@ -31,7 +31,7 @@ from hvsim.core.power import PowerDomain
 from qmp_bridge.process import die_with_parent, join_cgroup
 
 from .errors import ControlError
-from .pki import CertificateAuthority, Issued
+from .pki import CertificateAuthority, ClientTLS, Issued
 
 log = logging.getLogger("hvsim.control.launch")
 
@@ -240,13 +240,30 @@ class EmulatedHost:
 
 
 class ManagerProcess:
-    """A manager process (``python -m hvsim.control.api``), optionally inside a namespace."""
+    """A manager process (``python -m hvsim.control.api``), optionally inside a namespace.
+
+    ``api_tls``: serve the ``tcp`` API as HTTPS with mutual TLS: ``True`` issues a server
+    certificate for the ``tcp`` IP from ``ca``; or give ``(CA, CERT, KEY)`` paths. ``advertise``
+    (default: the socket, or ``https://``/``http://`` + ``tcp``) and ``datacenter`` go into the leader
+    record. ``start(wait="leading")`` (default) returns once it leads; ``wait="serving"`` once its
+    API answers (a standby answers "not leader"). Managers that stand in for each other share one
+    ``token_file`` (clients keep their bearer token when they follow the leader)."""
 
     def __init__(self, run_dir: Path, store_url: str, *, netns: str | None = None, tcp: str | None = None,
                  ca: CertificateAuthority | None = None, agent_networks: str | None = None,
                  lease_ttl: float | None = None, store_tls: tuple[Path, Path, Path] | None = None,
-                 log_level: str = "INFO", allow_non_loopback: bool = False) -> None:
+                 log_level: str = "INFO", allow_non_loopback: bool = False,
+                 api_tls: bool | tuple[Path, Path, Path] | None = None, advertise: str | None = None,
+                 datacenter: str | None = None, name: str | None = None, token_file: Path | None = None,
+                 ha_grace: float | None = None) -> None:
         self.dir = Path(run_dir)
+        self._token_file = token_file          # shared by managers that stand in for each other
+        self.api_tls = api_tls
+        self.advertise = advertise
+        self.datacenter = datacenter
+        self.name = name
+        self.server_cert: Issued | None = None
+        self.api_client_cert: Issued | None = None
         self.store_url = store_url
         self.netns = netns
         self.tcp = tcp
@@ -256,6 +273,7 @@ class ManagerProcess:
         self.store_tls = store_tls
         self.log_level = log_level
         self.allow_non_loopback = allow_non_loopback
+        self.ha_grace = ha_grace
         self.proc: subprocess.Popen[bytes] | None = None
         self.client_cert: Issued | None = None
         self.starts = 0
@@ -266,7 +284,7 @@ class ManagerProcess:
 
     @property
     def token_file(self) -> Path:
-        return self.dir / "token"
+        return self._token_file if self._token_file is not None else self.dir / "token"
 
     @property
     def token(self) -> str:
@@ -278,7 +296,32 @@ class ManagerProcess:
 
     @property
     def address(self) -> str:
+        """What a client dials: the advertised address, else the socket (or the tcp address)."""
+        if self.advertise is not None:
+            return self.advertise
+        if self.tcp:
+            return f"{'https' if self.api_tls else 'http'}://{self.tcp}"
         return f"unix:{self.socket}"
+
+    def _api_tls_files(self) -> tuple[Path, Path, Path] | None:
+        if self.api_tls is None or self.api_tls is False:
+            return None
+        if self.api_tls is True:
+            if self.ca is None or not self.tcp:
+                raise LaunchError("api_tls=True needs a CA (ca=) and a tcp address")
+            if self.server_cert is None:
+                ip = self.tcp.rpartition(":")[0].strip("[]")
+                self.server_cert = self.ca.issue_server(f"manager {self.dir.name}", ips=[ip])
+            return (self.ca.cert_path, self.server_cert.cert_path, self.server_cert.key_path)
+        return self.api_tls
+
+    def client_tls(self) -> ClientTLS:
+        """Client TLS files for this manager's https API (a client certificate of ``ca``)."""
+        if self.ca is None:
+            raise LaunchError("client_tls() needs the manager's CA (ca=)")
+        if self.api_client_cert is None:
+            self.api_client_cert = self.ca.issue_client(f"api client of {self.dir.name}")
+        return ClientTLS(self.ca.cert_path, self.api_client_cert.cert_path, self.api_client_cert.key_path)
 
     @property
     def pid(self) -> int | None:
@@ -301,14 +344,32 @@ class ManagerProcess:
             a += ["--lease-ttl", str(self.lease_ttl)]
         if self.store_tls is not None:
             a += ["--store-tls", *map(str, self.store_tls)]
-        return (["ip", "netns", "exec", self.netns] if self.netns else []) + a
+        if self.ha_grace is not None:
+            a += ["--ha-grace", str(self.ha_grace)]
+        files = self._api_tls_files()
+        if files is not None:
+            a += ["--api-tls", *map(str, files)]
+        if self.advertise is not None:
+            a += ["--advertise", self.advertise]
+        if self.datacenter is not None:
+            a += ["--datacenter", self.datacenter]
+        if self.name is not None:
+            a += ["--name", self.name]
+        a += ["--serving-file", str(self.dir / "serving")]
+        # nsenter, not `ip netns exec` (see EmulatedHost.argv): the manager reads the hosts' power
+        # domains (HA's power evidence) in the cgroup v2 tree that `ip netns exec`'s /sys remount hides
+        return (["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []) + a
 
-    async def start(self, timeout: float = 90.0) -> None:
+    async def start(self, timeout: float = 90.0, wait: str = "leading") -> None:
+        """Start it; return once it leads (``wait="leading"``) or once its API serves (``"serving"``)."""
+        if wait not in ("leading", "serving"):
+            raise LaunchError(f"wait must be 'leading' or 'serving', not {wait!r}")
         if self.pid is not None:
             raise LaunchError(f"the manager runs already (pid {self.pid})")
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         ready = self.dir / "ready"
         ready.unlink(missing_ok=True)
+        (self.dir / "serving").unlink(missing_ok=True)
         with open(self.log_path, "ab") as logf:
             logf.write(f"--- start {self.starts + 1} at {time.strftime('%H:%M:%S')}\n".encode())
             logf.flush()
@@ -316,7 +377,14 @@ class ManagerProcess:
                                          stdout=logf, stderr=subprocess.STDOUT, preexec_fn=die_with_parent(),
                                          close_fds=True)
         self.starts += 1
-        await wait_ready(self.proc, ready, self.log_path, "manager", timeout)
+        await wait_ready(self.proc, ready if wait == "leading" else self.dir / "serving", self.log_path, "manager",
+                         timeout)
+
+    async def wait_leading(self, timeout: float = 90.0) -> None:
+        """Wait until it leads (its ready file)."""
+        if self.proc is None:
+            raise LaunchError("the manager was not started")
+        await wait_ready(self.proc, self.dir / "ready", self.log_path, "manager (leading)", timeout)
 
     async def kill(self) -> None:
         if self.proc is not None:

@@ -2,10 +2,17 @@
 drives, operations, their resolution after a restart, the host monitor, placement.
 
 **Leadership and fencing.** The manager holds the ``manager`` lease in the store (a TTL lease kept
-alive by a task); the lease key's create-revision is its **fencing token**. Every store write goes
-through :class:`Inventory` fenced with it (a manager whose lease expired changes nothing in the
-store) and every mutating call to a host agent carries it (agents refuse older tokens). A manager
-that loses its lease stops its drivers and campaigns again (a newer token).
+alive by a task, :data:`LEASE_TTL` by default); the lease key's create-revision is its **fencing
+token**. Every store write goes through :class:`Inventory` fenced with it (a manager whose lease
+expired changes nothing in the store) and every mutating call to a host agent carries it, with the
+wall-clock deadline until which the lease is held for sure (agents refuse older tokens, and calls
+arriving after their deadline). On taking the lease it publishes its leader record
+(:mod:`.leader`: where clients reach it) and announces its token to every agent before it serves.
+It acts only while the lease is held *for sure on its own clock* (:meth:`KeptLease.valid`: the
+last acknowledged keep-alive's send time plus the TTL, minus a margin): a manager frozen past its
+lease (SIGSTOP) wakes unable to act, before its keep-alive task ran. A manager that loses its lease,
+or is told by an agent or the store that a newer token exists, stops its drivers, answers "not
+leader" and campaigns again (a newer token).
 
 **Operations.** ``start``, ``stop``, ``destroy`` and ``migrate`` are recorded (``Inventory.begin``:
 the VM's operation lock) before anything is sent to an agent, marked running, updated with named
@@ -27,7 +34,12 @@ own while no operation held them (crashed, powered off) are recorded as such.
 
 **Placement** (:class:`Placer`): a VM defined without a host is placed by hvsim.placement's filters
 and weighers (the greedy scheduler over an incremental state) under the stored rules, so no
-required rule is broken; ``check()`` counts violations with the independent checker.
+required rule is broken; ``check()`` counts violations with the independent checker. Required
+reserve rules are admission control: a define (placed or pinned) never consumes reserved capacity.
+
+**HA** (:mod:`.ha`, the "HA hooks" section below): protected VMs of a lost host are restarted on
+surviving hosts, in priority order, where only they may use reserved capacity;
+:meth:`Manager.reservation_report` sizes the reservation (:mod:`.reservation`).
 """
 from __future__ import annotations
 
@@ -51,19 +63,29 @@ from .errors import (
     ApiConflictError, ApiError, ApiInputError, ApiNotFoundError, ApiUnavailableError, ConflictError,
     ControlError, ControlInputError, FencedError, NotFoundError, NotLeaderError, OperationFailedError, StoreError,
 )
+from .ha import HAController
 from .inventory import Inventory
+from .leader import LEADER_KEY, LeaderInfo, publish_leader
 from .ops import (
     STEP_DEST_STARTED, STEP_POSTCOPY, STEP_QEMU_STARTED, STEP_SWITCHED_OVER, ActionKind, Operation, OperationRecord,
     OpKind, OpState, Outcome, QemuState, Resolution, VMFacts, resolve,
 )
-from .placer import Placer
+from .placer import Placer, is_reservation, place_failover
+from .reservation import Capacity, Demand, size_reservation
 from .schema import ExecRequest, HostCreate, MigrateRequest
 from .state import HOSTS, RULES, VMS, GroupRecord, HostRecord, HostStatus, RuleRecord, VMPower, VMRecord
-from .store import Fence, KeptLease, Store
+from .store import LEASE_PREFIX, Compare, Delete, Fence, KeptLease, Store
 
 log = logging.getLogger("hvsim.control.manager")
 T = TypeVar("T")
 LEASE = "manager"
+#: The manager lease's default TTL (seconds). Detection of a dead manager is bounded by it: the
+#: standby takes the lease at most TTL after the last keep-alive (one every TTL/3), so a failover's
+#: RTO is about TTL * (2/3 .. 1) + the standby's takeover (leader record, agents told, ~0.5 s):
+#: 3 s gives RTO ~2.5-3.5 s, inside the issue's p50 <= 5 s with room for a loaded machine. Below
+#: 3 s a TCG-loaded 2-core host makes false expiries likely (keep-alives every 0.67 s, each an etcd
+#: raft round), and etcd 3.4 raises anything under its minimum (1.5 x election timeout) anyway.
+LEASE_TTL = 3.0
 TERMINAL_MIGRATION = ("completed", "failed", "cancelled", "timed-out")
 QEMU_FACT = {"running": QemuState.RUNNING, "paused": QemuState.PAUSED, "suspended": QemuState.PAUSED,
              "debug": QemuState.PAUSED, "io-error": QemuState.PAUSED, "watchdog": QemuState.PAUSED,
@@ -104,17 +126,26 @@ class Leadership:
     fence: Fence
     kept: KeptLease
     inventory: Inventory
+    deposed: asyncio.Event          # an agent or the store said a newer token exists
+
+    def valid(self) -> bool:
+        return self.kept.valid() and not self.deposed.is_set()
 
 
 class Manager:
-    def __init__(self, store: Store, *, name: str | None = None, lease_ttl: float = 5.0,
+    def __init__(self, store: Store, *, name: str | None = None, lease_ttl: float = LEASE_TTL,
                  agent_tls: ClientTLS | None = None,
                  agent_networks: Iterable[str] = ("127.0.0.0/8", "::1/128"),
-                 monitor_interval: float = 1.0, resolve_interval: float = 2.0) -> None:
+                 monitor_interval: float = 1.0, resolve_interval: float = 2.0,
+                 advertise: str | None = None, datacenter: str = "", ha_grace: float = 15.0,
+                 ha_off_grace: float = 0.0, ha_retry: float = 30.0) -> None:
         if not 1 <= lease_ttl <= 600:
             raise ControlInputError("lease_ttl", f"must be 1..600 seconds, got {lease_ttl!r}")
         self.store = store
         self.name = name or default_name()
+        self.advertise = advertise            # what clients dial (the leader record); None: no record
+        self.datacenter = datacenter
+        self.leader_info: LeaderInfo | None = None
         self.lease_ttl = lease_ttl
         self.agent_tls = agent_tls
         try:
@@ -139,6 +170,11 @@ class Manager:
         self._leader_task: asyncio.Task[None] | None = None
         self._leading = asyncio.Event()
         self._wake_resolver = asyncio.Event()
+        try:
+            self.ha = HAController(self, grace=ha_grace, off_grace=ha_off_grace, retry=ha_retry,
+                                   interval=monitor_interval)
+        except ValueError as e:
+            raise ControlInputError("ha_grace", str(e)) from e
 
     # -- leadership ---------------------------------------------------------------------------------
     @property
@@ -146,14 +182,49 @@ class Manager:
         return self.fsm.state
 
     @property
-    def token(self) -> int:
+    def held_token(self) -> int:
+        """The token of the lease this manager holds or last held (0: none); no check."""
         return self.lead.fence.token if self.lead is not None else 0
+
+    def leading_now(self) -> bool:
+        """Whether this manager may act now: it leads and its lease is held for sure (its own clock)."""
+        return self.state is ManagerState.LEADING and self.lead is not None and self.lead.valid()
+
+    def _require_lead(self) -> Leadership:
+        lead = self.lead
+        if lead is None or self.state is not ManagerState.LEADING or not lead.valid():
+            raise NotLeaderError(f"manager {self.name} does not hold the manager lease")
+        return lead
+
+    @property
+    def token(self) -> int:
+        """The fencing token to send with a command; raises :class:`NotLeaderError` when this manager
+        must not act (evaluated right before each agent call)."""
+        return self._require_lead().fence.token
 
     @property
     def inventory(self) -> Inventory:
-        if self.lead is None or self.state is not ManagerState.LEADING or self.lead.kept.lost.is_set():
+        return self._require_lead().inventory
+
+    def _fence_until(self) -> float:
+        """The wall-clock deadline sent with a fenced agent call (raises if we must not act)."""
+        lead = self.lead
+        if lead is None or not lead.valid():
             raise NotLeaderError(f"manager {self.name} does not hold the manager lease")
-        return self.lead.inventory
+        return time.time() + lead.kept.remaining()
+
+    def _depose(self, why: str) -> None:
+        """An agent or the store refused our token: a newer manager exists. Stop acting now."""
+        lead = self.lead
+        if lead is not None and not lead.deposed.is_set():
+            log.error("manager %s (token %d) deposed: %s", self.name, lead.fence.token, why)
+            lead.deposed.set()
+
+    def _on_agent_fenced(self, e: ApiError) -> None:
+        self._depose(f"a host agent refused our token: {e.detail}")
+
+    def _on_store_fenced(self, e: FencedError) -> None:
+        self._depose(f"the store refused a fenced write: {e}")
 
     async def start(self, timeout: float | None = None) -> None:
         """Campaign for the manager lease (waits while another manager holds it), then lead."""
@@ -169,19 +240,48 @@ class Manager:
             raise NotLeaderError(f"manager {self.name}: no manager lease within {timeout} s")
 
     async def _acquire(self) -> Leadership:
-        while True:
-            kept = await self.store.keep(self.lease_ttl)
-            try:
-                fence = await self.store.acquire(LEASE, self.name, kept.lease)
-            except BaseException:
+        """Take the manager lease: one lease of ours kept alive while we wait, a watch on the lease
+        key to try again the moment it is deleted (a poll as well, in case a watch event is missed)."""
+        kept: KeptLease | None = None
+        waited = False
+        try:
+            async with self.store.watch(LEASE_PREFIX + LEASE) as w:
+                while True:
+                    if kept is None or not kept.valid():
+                        if kept is not None:
+                            await kept.stop()
+                        kept = await self.store.keep(self.lease_ttl)
+                    fence = await self.store.acquire(LEASE, self.name, kept.lease)
+                    if fence is not None:
+                        inv = Inventory(self.store, fence, manager=self.name, on_fenced=self._on_store_fenced)
+                        lead, kept = Leadership(fence, kept, inv, asyncio.Event()), None
+                        return lead
+                    if not waited:
+                        holder = await self.store.holder(LEASE)
+                        log.info("manager lease held by %s; waiting", holder[0] if holder else "?")
+                        waited = True
+                    with contextlib.suppress(TimeoutError):
+                        await w.next(timeout=min(1.0, self.lease_ttl / 3))
+        finally:
+            if kept is not None:
                 await kept.stop()
-                raise
-            if fence is not None:
-                return Leadership(fence, kept, Inventory(self.store, fence, manager=self.name))
-            await kept.stop()
-            holder = await self.store.holder(LEASE)
-            log.info("manager lease held by %s; waiting", holder[0] if holder else "?")
-            await asyncio.sleep(max(0.2, self.lease_ttl / 5))
+
+    async def _take_office(self, lead: Leadership) -> None:
+        """(Before serving as leader.) Publish the leader record, tell every agent our token."""
+        if self.advertise is not None:
+            self.leader_info = await publish_leader(self.store, lead.fence, address=self.advertise,
+                                                    datacenter=self.datacenter)
+        else:                            # still journal the term (the audit's in-force time)
+            await lead.inventory.touch()
+        hosts = [h for h in await self.reader.list_all(HostRecord, HOSTS) if h.agent]
+
+        async def tell(h: HostRecord) -> None:
+            try:
+                await self.agent(h).announce(lead.fence.token, timeout=1)
+            except (ApiError, ControlInputError) as e:
+                log.warning("could not tell host %s our token %d: %s (the monitor retries)", h.name,
+                            lead.fence.token, e)
+        await asyncio.gather(*(tell(h) for h in hosts))
 
     async def _leadership(self) -> None:
         while self.state is ManagerState.CAMPAIGNING:
@@ -192,20 +292,47 @@ class Manager:
                 await asyncio.sleep(1.0)
                 continue
             self.lead = lead
+            try:
+                await self._take_office(lead)
+            except (StoreError, ControlError) as e:
+                log.warning("taking office with token %d failed: %s; campaigning again", lead.fence.token, e)
+                await self._step_down(lead)
+                await asyncio.sleep(0.5)
+                continue
+            if not lead.valid():
+                await self._step_down(lead)
+                continue
             self.placer.invalidate()
             self.fsm.set(ManagerState.LEADING, f"token {lead.fence.token}")
             log.info("manager %s leads with fencing token %d", self.name, lead.fence.token)
             self._background = [asyncio.create_task(self._monitor(), name="manager-monitor"),
-                                asyncio.create_task(self._resolver(), name="manager-resolver")]
+                                asyncio.create_task(self._resolver(), name="manager-resolver"),
+                                asyncio.create_task(self.ha.run(), name="manager-ha")]
             self._leading.set()
-            await lead.kept.lost.wait()
+            lost = asyncio.ensure_future(lead.kept.lost.wait())
+            deposed = asyncio.ensure_future(lead.deposed.wait())
+            try:
+                await asyncio.wait({lost, deposed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                lost.cancel()
+                deposed.cancel()
             if self.state is not ManagerState.LEADING:
                 return
-            log.error("manager %s lost its lease (token %d): stopping every driver", self.name, lead.fence.token)
+            why = "deposed" if lead.deposed.is_set() else "lease lost"
+            log.error("manager %s %s (token %d): stopping every driver", self.name, why, lead.fence.token)
             self._leading.clear()
-            self.fsm.set(ManagerState.CAMPAIGNING, "lease lost")
+            self.fsm.set(ManagerState.CAMPAIGNING, why)
             await self._stop_tasks()
-            self.lead = None
+            await self._step_down(lead)
+
+    async def _step_down(self, lead: Leadership) -> None:
+        """Give a lease up: stop keeping it, revoke it (if it still exists, that ends our leader
+        record too; a lease already gone is not an error)."""
+        self.lead = None
+        self.leader_info = None
+        await lead.kept.stop(revoke=False)
+        with contextlib.suppress(StoreError):
+            await self.store.revoke(lead.kept.lease)
 
     async def _stop_tasks(self) -> None:
         tasks = [*self._background, *self._drivers, *self._followed.values()]
@@ -229,13 +356,16 @@ class Manager:
                 await asyncio.gather(self._leader_task, return_exceptions=True)
             await self._stop_tasks()
             if self.lead is not None:
-                with contextlib.suppress(StoreError):
-                    await self.store.release(self.lead.fence)
+                f = self.lead.fence
+                with contextlib.suppress(StoreError):   # the leader record and the lease key at once
+                    await self.store.txn([Compare.create_revision(f.key, f.token)],
+                                         [Delete(LEADER_KEY), Delete(f.key)])
                 await self.lead.kept.stop()
                 self.lead = None
             for c in self._agents.values():
                 await c.close()
         finally:
+            self.ha.close()
             self.fsm.set(ManagerState.STOPPED)
 
     def _spawn(self, coro: Awaitable[T], name: str) -> asyncio.Task[T]:
@@ -274,7 +404,9 @@ class Manager:
             raise ConflictError(f"host {host.name!r} has no host agent")
         c = self._agents.get(host.agent)
         if c is None:
-            c = self._agents[host.agent] = AgentClient(host.agent, tls=self.agent_tls, timeout=30)
+            c = self._agents[host.agent] = AgentClient(host.agent, tls=self.agent_tls, timeout=30,
+                                                       fence_until=self._fence_until,
+                                                       on_fenced=self._on_agent_fenced)
         return c
 
     async def add_host(self, body: HostCreate) -> HostRecord:
@@ -294,7 +426,7 @@ class Manager:
                 raise ConflictError(f"the agent at {body.agent} is host {info.host!r}, not {body.name!r} (field agent)")
             fields.update(vcpus=info.vcpus, memory_mib=info.memory_mib, cpu_overcommit=max(1.0, info.cpu_overcommit),
                           memory_overcommit=max(1.0, info.memory_overcommit), datacenter=info.datacenter,
-                          status=HostStatus.UP)
+                          status=HostStatus.UP, power_domain=info.power_domain)
         rec = await inv.add_host(HostRecord(**fields))
         self.placer.invalidate()
         return rec
@@ -312,6 +444,8 @@ class Manager:
                 host = self.placer.place(vm)
                 vm = VMRecord(**{**{k: getattr(vm, k) for k in vm.__dataclass_fields__}, "host": host})
             else:
+                await self._ensure_placer()
+                self.placer.admit(vm)                 # reserved capacity: refused naming the rule
                 self.placer.note_defined(vm)
             self._placing[vm.name] = vm
         try:
@@ -335,7 +469,9 @@ class Manager:
         vms = await inv.list_all(VMRecord, VMS)
         rules = await inv.list_all(RuleRecord, RULES)
         known = {v.name for v in vms}
-        self.placer.load(hosts, vms + [v for n, v in placing.items() if n not in known], rules)
+        # a VM being written (a define, or an HA restart placed and not yet settled) counts where it is going
+        self.placer.load(hosts, [placing.get(v.name, v) for v in vms] + [v for n, v in placing.items()
+                                                                          if n not in known], rules)
 
     def placement_changed(self) -> None:
         self.placer.invalidate()
@@ -369,7 +505,17 @@ class Manager:
         inv = self.inventory
         op, rev = await inv.begin(kind, vm.name, **params)
         task = self._spawn(self._drive(op, rev, body), f"{kind.value}-{vm.name}")
-        return await asyncio.shield(task)
+        try:
+            return await asyncio.shield(task)
+        except (NotLeaderError, FencedError) as e:
+            raise self._partly(e, op) from e
+
+    def _partly(self, e: ControlError, op: Operation) -> NotLeaderError:
+        """Leadership lost after ``op`` was recorded: not leader, and not retry-safe (the next
+        leader resolves the operation)."""
+        return NotLeaderError(f"manager {self.name} lost the manager lease during {op.record.kind.value} of "
+                              f"{op.record.vm} ({e}); operation {op.record.id} is left to the next leader",
+                              operation=op.record.id)
 
     async def _drive(self, op: Operation, rev: int,
                      body: Callable[[Operation, int], Awaitable[OperationRecord]]) -> OperationRecord:
@@ -389,6 +535,8 @@ class Manager:
     @staticmethod
     def _with(vm: VMRecord, **fields: Any) -> VMRecord:
         return VMRecord(**{**{k: getattr(vm, k) for k in vm.__dataclass_fields__}, **fields})
+
+    with_fields = _with
 
     async def start_vm(self, name: str) -> OperationRecord:
         vm, host = await self._home(name, VMPower.SHUTOFF, VMPower.CRASHED)
@@ -458,11 +606,13 @@ class Manager:
                                 f"{'' if dst.agent else ' and has no agent'}")
         src_agent = self.agent(src)
         op, rev = await inv.begin(OpKind.MIGRATE, name, source=src.name, destination=dst.name, policy=req.policy)
-        op.start()
-        rev = await inv.update(op, rev)
         try:
+            op.start()
+            rev = await inv.update(op, rev)
             mi = await src_agent.migrate(name, MigrateOut(destination=dst.name, destination_agent=dst.agent,
                                                           policy=req.policy, timeout=timeout), self.token)
+        except (NotLeaderError, FencedError) as e:
+            raise self._partly(e, op) from e
         except ApiError as e:
             if not _definite(e):
                 raise OperationFailedError(f"migration of {name}: host {src.name} did not answer ({e.detail}); the "
@@ -653,6 +803,12 @@ class Manager:
                     with contextlib.suppress(ConflictError, FencedError):
                         await self.inventory.update_host(h.name, status=HostStatus.UNREACHABLE)
                 return
+            if ql.token > self.held_token:
+                self._depose(f"host {h.name} has seen fencing token {ql.token}, newer than ours")
+                return
+            if ql.token < self.held_token:
+                with contextlib.suppress(ApiError):
+                    await self.agent(h).announce(self.token, timeout=2)
             if h.status is not HostStatus.UP and h.status is not HostStatus.MAINTENANCE:
                 log.warning("host %s: its agent answers again (%d guests)", h.name, len(ql.items))
                 with contextlib.suppress(ConflictError, FencedError):
@@ -668,3 +824,68 @@ class Manager:
                         log.warning("vm %s ended on host %s on its own (%s): recorded %s", name, h.name, why,
                                     power.value)
         await asyncio.gather(*(one(h) for h in hosts))
+
+    # -- HA hooks (hvsim.control.ha drives these) -------------------------------------------------------
+    def spawn_driver(self, coro: Awaitable[T], name: str) -> asyncio.Task[T]:
+        """A driver task owned by the manager (cancelled when it stops leading); while it runs, the
+        resolver leaves the operations of the VM its name ends with alone (``restart-<vm>``)."""
+        return self._spawn(coro, name)
+
+    async def place_restart(self, vm: VMRecord) -> str:
+        """The surviving host an HA restart of ``vm`` goes to (reservation rules lifted, every other
+        required rule kept); the decision counts for concurrent defines until :meth:`restart_placed`.
+        ConflictError naming why when no host takes it."""
+        async with self._place_lock:
+            inv = self.reader
+            hosts = await inv.list_all(HostRecord, HOSTS)
+            vms = {v.name: v for v in await inv.list_all(VMRecord, VMS)}
+            vms.update(self._placing)
+            target = place_failover(vm, hosts, list(vms.values()), await inv.list_all(RuleRecord, RULES))
+            self._placing[vm.name] = self._with(vm, host=target)
+            self.placer.invalidate()
+            return target
+
+    def restart_placed(self, vm: str) -> None:
+        """The restart of ``vm`` settled (or failed): its record in the store says where it is."""
+        self._placing.pop(vm, None)
+        self.placer.invalidate()
+
+    async def reservation_report(self, datacenter: str | None = None, management_vcpus: int = 0,
+                                 management_memory_mib: int = 0) -> dict[str, Any]:
+        """Size the failover reservation for the protected VMs (see :mod:`.reservation`): the
+        candidate hosts are ``datacenter``'s, else those the current reserve rules name, else the
+        hosts no protected VM runs on; the protected set is every protected VM not on a candidate.
+        Also what the current reservation rules hold."""
+        inv = self.reader
+        hosts = await inv.list_all(HostRecord, HOSTS)
+        vms = await inv.list_all(VMRecord, VMS)
+        rules = await inv.list_all(RuleRecord, RULES)
+        placer = Placer()
+        placer.load(hosts, vms, rules)
+        assert placer.problem is not None
+        held = []
+        named: set[str] = set()
+        for r in placer.problem.rules:
+            if not is_reservation(r):
+                continue
+            spec = next(x.spec for x in rules if x.name == r.name)
+            doms = [d.split(":", 1)[-1] for d in spec.get("domains", [])] + list(spec.get("hosts", []))
+            named.update(d for d in doms if any(h.name == d for h in hosts))
+            held.append({"rule": r.name, "spec": spec})
+        if datacenter is not None:
+            cands = [h for h in hosts if h.datacenter == datacenter]
+            how = f"the hosts of datacenter {datacenter}"
+        elif named:
+            cands = [h for h in hosts if h.name in named]
+            how = "the hosts the reserve rules name"
+        else:
+            busy = {v.host for v in vms if v.protected}
+            cands = [h for h in hosts if h.name not in busy]
+            how = "the hosts no protected VM runs on"
+        names = {h.name for h in cands}
+        protected = [Demand(v.name, v.vcpus, v.memory_mib) for v in vms if v.protected and v.host not in names]
+        plan = size_reservation(protected, Demand("management", management_vcpus, management_memory_mib),
+                                [Capacity(h.name, int(h.vcpus * h.cpu_overcommit),
+                                          int(h.memory_mib * h.memory_overcommit)) for h in cands])
+        return {"candidates": sorted(names), "candidates_are": how, "plan": plan.to_dict(), "held": held,
+                "ha": self.ha.report()}

@@ -47,6 +47,7 @@ class OpKind(enum.Enum):
     DESTROY = "destroy"
     MIGRATE = "migrate"
     EXEC = "exec"
+    RESTART = "restart"      # HA: a protected VM of a lost host started on a surviving one (hvsim.control.ha)
 
 
 class OpState(enum.Enum):
@@ -255,6 +256,8 @@ def resolve(op: OperationRecord, facts: VMFacts, vm_host: str | None) -> Resolut
 
     if op.kind is OpKind.MIGRATE:
         return _resolve_migrate(op, facts, vm_host, out)
+    if op.kind is OpKind.RESTART:
+        return _resolve_restart(op, facts, vm_host, out)
 
     if op.state is OpState.PENDING:
         return _abandon(op, facts, vm_host, out)
@@ -341,3 +344,28 @@ def _resolve_migrate(op: OperationRecord, facts: VMFacts, vm_host: str | None, o
         return rollback("the destination did not take over: the source is resumed")
     return out(Outcome.ROLLBACK, OpState.FAILED, strays + destroy_dst, src, VMPower.CRASHED,
                "no live QEMU of the VM on source or destination: marked crashed, not restarted")
+
+
+def _resolve_restart(op: OperationRecord, facts: VMFacts, vm_host: str | None, out: Any) -> Resolution:
+    """An HA restart (params ``source``: the lost host, ``destination``: the surviving host it was
+    started on). Only the destination matters (the source was judged lost): if it runs the VM the
+    restart finished (any other copy is destroyed: never two); if it does not, the restart is
+    marked failed and the VM stays recorded on the lost host (the HA controller tries again)."""
+    src = op.params.get("source") or vm_host
+    dst = op.params.get("destination")
+    if op.state is OpState.PENDING or not dst:
+        strays = [Action(kind=ActionKind.DESTROY, host=h) for h in sorted(facts.qemus) if h != vm_host]
+        return out(Outcome.ABANDON, OpState.FAILED, strays, vm_host, None, "restart recorded but never started")
+    if dst in facts.unreachable:
+        return out(Outcome.DEFER, None, [], vm_host, None, f"restart destination {dst} unreachable: decided when "
+                                                            "it answers")
+    d = facts.qemus.get(dst)
+    others = [Action(kind=ActionKind.DESTROY, host=h) for h in sorted(facts.qemus) if h != dst]
+    if d in (QemuState.RUNNING, QemuState.PAUSED):
+        acts = others + ([Action(kind=ActionKind.RESUME, host=dst)] if d is QemuState.PAUSED else [])
+        return out(Outcome.FINISH, OpState.SUCCEEDED, acts, dst, VMPower.RUNNING,
+                   f"the VM runs on {dst}: restart (from lost host {src}) completed")
+    acts = [Action(kind=ActionKind.DESTROY, host=dst)] if d is not None else []
+    src_live = src is not None and facts.qemus.get(src) in (QemuState.RUNNING, QemuState.PAUSED)
+    return out(Outcome.ROLLBACK, OpState.FAILED, acts, src, VMPower.RUNNING if src_live else VMPower.CRASHED,
+               f"restart on {dst} did not complete: the VM stays recorded on {src}")

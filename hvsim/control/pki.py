@@ -215,3 +215,15 @@ def peer_name(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> str | None:
         return None
     names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(names[0].value) if names else None
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """PEM files for a mutual-TLS client (to host agents, to a manager's https API): the CA that
+    signed the server's certificate (and ours), our certificate and key."""
+    ca: Path
+    cert: Path
+    key: Path
+
+    def context(self) -> ssl.SSLContext:
+        return client_context(Issued(self.cert.stem, self.cert, self.key), self.ca)

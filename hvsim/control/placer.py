@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from hvsim.placement.check import check
-from hvsim.placement.greedy import State, schedule
-from hvsim.placement.model import HOST_LEVEL, Group, Host, MovePolicy, Problem
+from hvsim.placement.greedy import HostSetFilter, ReserveAmountFilter, State, schedule
+from hvsim.placement.model import HOST_LEVEL, Group, Host, MovePolicy, Problem, ReserveAmount, ReserveHosts, Rule
 from hvsim.placement.model import VM as PVM
 from hvsim.placement.schema import rule_from_dict
 
@@ -44,6 +44,41 @@ def _problem(hosts: Iterable[HostRecord], vms: Iterable[VMRecord], rules: Iterab
             current[vm.name] = vm.host
     prules = [rule_from_dict({**r.spec, "name": r.name}) for r in rules]
     return Problem(phosts, [Group(n, v) for n, v in members.items()], prules, LEVELS, current, MovePolicy(False))
+
+
+def is_reservation(rule: Rule) -> bool:
+    return rule.required and isinstance(rule, ReserveAmount | ReserveHosts)
+
+
+def place_failover(vm: VMRecord, hosts: Iterable[HostRecord], vms: Iterable[VMRecord],
+                   rules: Iterable[RuleRecord]) -> str:
+    """The host an HA restart of ``vm`` goes to: the greedy scheduler over the hosts that are UP
+    (with an agent), counting the VMs recorded on them, under every required rule except the
+    reservations (failover is what they are held for). ConflictError naming what eliminated the
+    hosts when none takes it."""
+    usable = [h for h in hosts if h.status is HostStatus.UP and h.agent is not None]
+    names = {h.name for h in usable}
+    holding = [v for v in vms if v.host in names and v.name != vm.name]
+    p = _problem(usable, holding, rules)
+    p = Problem(p.hosts, p.groups, [r for r in p.rules if not is_reservation(r)], LEVELS, p.current,
+                MovePolicy(False))
+    if not p.hosts:
+        raise ConflictError(f"vm {vm.name!r} cannot be restarted: no host is up")
+    pv = PVM(vm.name, vm.group or UNGROUPED, _demand(vm))
+    try:
+        st = State(p)
+        idx = p.topology.host_index
+        for g in p.groups:
+            for v in g.vms:
+                st.place(v, idx[p.current[v.name]])       # every VM recorded on a host that is up holds it
+        out = schedule(p, [pv], st)
+    except KeyError as e:            # a rule names a domain none of the hosts up is in
+        raise ConflictError(f"vm {vm.name!r} cannot be restarted: {e.args[0] if e.args else e}") from e
+    if not out.placed_all:
+        why = out.failure.text if out.failure is not None else "no host"
+        raise ConflictError(f"vm {vm.name!r} cannot be restarted on any host that is up without breaking a required "
+                            f"rule or a host's capacity: {why}")
+    return out.assignment[vm.name]
 
 
 class Placer:
@@ -97,6 +132,25 @@ class Placer:
             self.problem.groups.append(g)
         g.vms.append(pv)
         self.problem.current[pv.name] = host
+
+    def admit(self, vm: VMRecord) -> None:
+        """Admission control for a define pinned to ``vm.host``: ConflictError naming the rule when
+        it would consume reserved capacity (a required reserve rule). Needs the state loaded."""
+        assert self.problem is not None and self.state is not None and vm.host is not None
+        idx = self.problem.topology.host_index.get(vm.host)
+        if idx is None:
+            return                       # a host not in the placement state (maintenance): the store decides
+        pv = PVM(vm.name, vm.group or UNGROUPED, _demand(vm))
+        n = len(self.problem.hosts)
+        for r in self.problem.rules:
+            if not is_reservation(r):
+                continue
+            hidx = self.problem.topology.host_index
+            flt = (ReserveAmountFilter(r) if isinstance(r, ReserveAmount) else
+                   HostSetFilter(r.describe(), set(range(n)) - {hidx[x] for x in getattr(r, "hosts", ()) if x in hidx}))
+            if not flt.passes(self.state, pv, idx):
+                raise ConflictError(f"vm {vm.name!r} on host {vm.host!r} would consume capacity reserved by rule "
+                                    f"{r.name!r} ({flt.label}): only HA restarts may use it")
 
     def note_defined(self, vm: VMRecord) -> None:
         """A VM defined on a host the caller chose: it holds that capacity too."""

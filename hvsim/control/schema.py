@@ -59,10 +59,21 @@ class StopBody:
 
 
 @dataclass(config=CFG)
+class LeaderBrief:
+    manager: str
+    address: str
+    token: Annotated[int, Strict()]
+    datacenter: str = ""
+
+
+@dataclass(config=CFG)
 class ErrorBody:
     detail: Annotated[str, Field(max_length=4096)]
     field: str | None = None
-    operation: str | None = None        # 502: the operation that ran and failed
+    operation: str | None = None        # 502: the operation that ran and failed; 503: the one left in flight
+    not_leader: bool | None = None      # 503 from a manager that does not lead
+    leader: LeaderBrief | None = None   # ... and who does (null: none known yet)
+    applied: bool | None = None         # 503 not leader: false = nothing was written (send it to the leader)
 
 
 
@@ -76,6 +87,8 @@ class Health:
     leader: Annotated[bool, Strict()] = False
     token: Annotated[int, Strict()] = 0
     resolved: Annotated[int, Strict()] = 0
+    state: str = ""
+    datacenter: str = ""
 
 
 @dataclass(config=CFG)
@@ -164,3 +177,26 @@ class Defined:
 @dataclass(config=CFG)
 class Done:
     operation: OperationRecord
+
+
+@dataclass(config=CFG)
+class HAReport:
+    """The HA controller: its grace periods, the unreachable hosts' verdicts and power evidence,
+    its recent events (restarted, not-restarted and why, lost, host-verdict, host-back)."""
+    state: str
+    grace_s: float
+    off_grace_s: float
+    retry_s: float
+    hosts: dict[str, dict[str, Any]]
+    events: list[dict[str, Any]]
+
+
+@dataclass(config=CFG)
+class ReservationReport:
+    """The failover reservation sized for the protected VMs (hvsim.control.reservation): ours
+    (per-host reserve rules) against vSphere-HA slot sizing, and what the reserve rules hold now."""
+    candidates: list[str]
+    candidates_are: str
+    plan: dict[str, Any]
+    held: list[dict[str, Any]]
+    ha: HAReport

@@ -91,6 +91,9 @@ class HostRecord:
     agent: Annotated[str | None, Field(max_length=256, pattern=r"^(unix:/[\x21-\x7e]+|https://[\x21-\x7e]+)$",
                                        description="the host agent: unix:/PATH or https://HOST:PORT")] = None
     status: HostStatus = HostStatus.REGISTERED
+    power_domain: Annotated[str | None, Field(max_length=256, pattern=r"^/[\x21-\x7e]+$",
+                                              description="the host's power domain (cgroup), as its agent "
+                                                          "reported it: HA's power evidence")] = None
 
 
 @dataclass(config=CFG)

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 from ..errors import ControlInputError
 from .base import (
-    LEASE_PREFIX, Cmp, Compare, Delete, EventKind, Fence, Get, KeptLease, KeyValue, Lease, Op, Page, Put,
-    Store, Target, Txn, TxnResult, Watch, WatchEvent,
+    FENCE_JOURNAL, LEASE_PREFIX, Cmp, Compare, Delete, EventKind, Fence, Get, KeptLease, KeyValue, Lease, Op, Page, Put,
+    Store, Target, Txn, TxnResult, Watch, WatchEvent, journal_key,
 )
 from .etcd import EtcdStore, TLSFiles
 from .sqlite import SQLiteStore
 
-__all__ = ["LEASE_PREFIX", "Cmp", "Compare", "Delete", "EtcdStore", "EventKind", "Fence", "Get", "KeptLease",
-           "KeyValue", "Lease", "Op", "Page", "Put", "SQLiteStore", "Store", "TLSFiles", "Target", "Txn", "TxnResult",
-           "Watch", "WatchEvent", "make_store"]
+__all__ = ["FENCE_JOURNAL", "LEASE_PREFIX", "Cmp", "Compare", "Delete", "EtcdStore", "EventKind", "Fence", "Get",
+           "KeptLease", "KeyValue", "Lease", "Op", "Page", "Put", "SQLiteStore", "Store", "TLSFiles", "Target", "Txn",
+           "TxnResult", "Watch", "WatchEvent", "journal_key", "make_store"]
 
 
 def make_store(url: str, *, tls: TLSFiles | None = None) -> Store:

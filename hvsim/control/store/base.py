@@ -27,6 +27,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+import json
 import logging
 import re
 import time
@@ -47,6 +48,11 @@ MAX_LIST_LIMIT = 1000
 MAX_TTL_S = 86400
 MAX_TXN_OPS = 128                  # etcd's default --max-txn-ops
 LEASE_PREFIX = "/_lease/"
+#: a fenced write also puts ``/_fence/NAME/TOKEN`` (see :meth:`Store.fenced_txn`): the audit trail
+FENCE_JOURNAL = "/_fence/"
+#: a kept lease is acted on only until TTL minus this (or a tenth of the TTL, if more) after the
+#: send time of its last acknowledged keep-alive
+LEASE_MARGIN = 0.3
 _KEY_RE = re.compile(r"^/[\x21-\x7e]*$")   # printable ASCII without space, starting with '/'
 
 
@@ -254,6 +260,12 @@ def check_txn(compares: Sequence[Compare], success: Sequence[Op], failure: Seque
     return Txn(tuple(compares), tuple(success), tuple(failure))
 
 
+def _writes(ops: Sequence[Op]) -> bool:
+    """Whether ``ops`` may write (a put or delete, or a nested transaction that may)."""
+    return any(isinstance(op, Put | Delete) or (isinstance(op, Txn) and (_writes(op.success) or _writes(op.failure)))
+               for op in ops)
+
+
 class EventKind(enum.Enum):
     PUT = "put"
     DELETE = "delete"
@@ -281,10 +293,21 @@ class Fence:
     holder: str
     token: int
     lease: Lease
+    since: float = 0.0          # wall clock when it was acquired (for the audit's timeline)
 
     @property
     def key(self) -> str:
         return LEASE_PREFIX + self.name
+
+    @property
+    def journal_key(self) -> str:
+        return journal_key(self.name, self.token)
+
+
+def journal_key(name: str, token: int) -> str:
+    """The audit-trail key of the named lease's holder with ``token`` (zero-padded: listing order
+    is token order)."""
+    return f"{FENCE_JOURNAL}{name}/{token:020d}"
 
 
 class Watch(abc.ABC):
@@ -319,29 +342,52 @@ class Watch(abc.ABC):
 
 class KeptLease:
     """A lease kept alive by a task (every TTL/3). ``lost`` is set once the store says it is
-    gone or no keep-alive succeeded before it would have expired: its holder must stop acting."""
+    gone or no keep-alive succeeded before it would have expired: its holder must stop acting.
 
-    def __init__(self, store: Store, lease: Lease) -> None:
+    ``valid_until`` (``time.monotonic()``) is how long the holder may *act* on its own clock: the
+    send time of the last keep-alive the store acknowledged plus the TTL minus a margin
+    (:data:`LEASE_MARGIN`). The store expires the lease no earlier than TTL after it *received*
+    that keep-alive, which was after we sent it, so before ``valid_until`` the lease is held for
+    sure (one clock, or clocks that tick at the same rate); after it, maybe not. A process that
+    was frozen (SIGSTOP) wakes with ``valid_until`` in the past, before its keep-alive task has
+    had a chance to run: :meth:`valid` is then already false."""
+
+    def __init__(self, store: Store, lease: Lease, granted_at: float | None = None) -> None:
         self.store = store
         self.lease = lease
         self.lost = asyncio.Event()
+        self.valid_until = (granted_at if granted_at is not None else time.monotonic()) + self._window(lease.ttl)
         self._task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def _window(ttl: float) -> float:
+        return max(0.0, ttl - max(LEASE_MARGIN, 0.1 * ttl))
+
+    def valid(self) -> bool:
+        """Whether the lease is held for sure now (not lost, and within ``valid_until``)."""
+        return not self.lost.is_set() and time.monotonic() < self.valid_until
+
+    def remaining(self) -> float:
+        """Seconds this lease is held for sure (0 when not)."""
+        return max(0.0, self.valid_until - time.monotonic()) if not self.lost.is_set() else 0.0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"keep-lease-{self.lease.id:x}")
 
     async def _run(self) -> None:
-        deadline = time.monotonic() + self.lease.ttl
         while True:
             await asyncio.sleep(self.lease.ttl / 3)
+            sent = time.monotonic()
+            if sent >= self.valid_until:
+                break                         # woke too late (frozen, or the loop was starved)
             try:
-                await self.store.keep_alive(self.lease)
-                deadline = time.monotonic() + self.lease.ttl
+                ttl = await asyncio.wait_for(self.store.keep_alive(self.lease), self.valid_until - sent)
+                self.valid_until = max(self.valid_until, sent + self._window(ttl))
             except LeaseExpiredError:
                 break
-            except StoreUnavailableError as e:
-                log.warning("keep-alive of lease %x failed: %s", self.lease.id, e)
-                if time.monotonic() >= deadline:
+            except (StoreUnavailableError, TimeoutError) as e:
+                log.warning("keep-alive of lease %x failed: %r", self.lease.id, e)
+                if time.monotonic() >= self.valid_until:
                     break
         log.warning("lease %x lost", self.lease.id)
         self.lost.set()
@@ -497,7 +543,8 @@ class Store(abc.ABC):
     async def keep(self, ttl: float) -> KeptLease:
         """Grant a lease and keep it alive in a task until the returned object is stopped
         (``async with await store.keep(5) as kept: ...``)."""
-        kept = KeptLease(self, await self.grant(ttl))
+        sent = time.monotonic()
+        kept = KeptLease(self, await self.grant(ttl), granted_at=sent)
         kept.start()
         return kept
 
@@ -512,13 +559,14 @@ class Store(abc.ABC):
         """Take the named lease key for ``holder`` under ``lease``; ``None`` if someone holds it.
         The key's create_revision is the fencing token."""
         key = check_key(LEASE_PREFIX + name, "name")
+        since = time.time()        # before: the audit's "in force from" never postdates the acquisition
         res = await self.txn([Compare.absent(key)], [Put(key, holder.encode(), lease=lease.id), Get(key)])
         if not res.succeeded:
             return None
         kv = res.results[1]
         if not isinstance(kv, KeyValue):
             raise StoreError(f"lease key {key} vanished inside its own transaction")
-        return Fence(name, holder, kv.create_revision, lease)
+        return Fence(name, holder, kv.create_revision, lease, since=since)
 
     async def holder(self, name: str) -> tuple[str, int] | None:
         """The current holder of the named lease and its token, or ``None``."""
@@ -531,10 +579,25 @@ class Store(abc.ABC):
         return res.succeeded
 
     async def fenced_txn(self, fence: Fence, compares: Sequence[Compare] = (), success: Sequence[Op] = (),
-                         failure: Sequence[Op] = ()) -> TxnResult:
+                         failure: Sequence[Op] = (), *, mark: bool = False) -> TxnResult:
         """``txn(compares, success, failure)``, executed only while ``fence`` is held: one
         transaction whose outer compare is on the lease key's create_revision. Raises
-        :class:`FencedError` (and changes nothing) when the fence is gone."""
+        :class:`FencedError` (and changes nothing) when the fence is gone.
+
+        When the branch taken writes (or ``mark``, on success), it also puts the holder's
+        journal key (:func:`journal_key`, no lease: it outlives the holder): its ``mod_revision``
+        is the revision of the last write made under this token, its ``version`` how many there
+        were. That is what makes fencing auditable (:func:`hvsim.control.fencing.store_terms`): a
+        token's last write must precede the next token's acquisition (its create revision),
+        whatever the holder believed."""
+        check_txn(compares, success, failure)
+        stamp = json.dumps({"token": fence.token, "holder": fence.holder, "since": fence.since,
+                            "wall": time.time()}).encode()
+        j_ok, j_fail = mark or _writes(success), _writes(failure)
+        if j_ok:
+            success = [*success, Put(fence.journal_key, stamp)]
+        if j_fail:
+            failure = [*failure, Put(fence.journal_key, stamp)]
         inner = check_txn(compares, success, failure)
         res = await self.txn([Compare.create_revision(fence.key, fence.token)], [inner], [Get(fence.key)])
         if not res.succeeded:
@@ -542,6 +605,8 @@ class Store(abc.ABC):
         out = res.results[0]
         if not isinstance(out, TxnResult):
             raise StoreError("fenced transaction returned no inner result")
+        if (j_ok and out.succeeded) or (j_fail and not out.succeeded):
+            out = TxnResult(out.succeeded, out.revision, out.results[:-1])
         return out
 
     async def fenced_put(self, fence: Fence, key: str, value: bytes) -> int:
