@@ -49,6 +49,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from hvbase.aio import wait_for
 from hvsim.core.model import NAME_RE
 
 from .agent_client import ClientTLS
@@ -130,7 +131,7 @@ def create_app(manager: Manager, token: str) -> FastAPI:
     async def not_leader(e: ControlError) -> JSONResponse:
         leader = None
         try:
-            info = await asyncio.wait_for(find_leader(store), 2.0)
+            info = await wait_for(find_leader(store), 2.0)
             if info is not None and (info.manager != manager.name or manager.leading_now()):
                 leader = info.brief()
         except (ControlError, TimeoutError) as err:

@@ -55,6 +55,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from hvbase.aio import wait_for
 from hvbase.fsm import StateMachine
 
 from .agent_client import AgentClient, ClientTLS
@@ -779,7 +780,7 @@ class Manager:
             except (ControlError, ApiError) as e:
                 log.warning("resolver: %s", e)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_resolver.wait(), self.resolve_interval)
+                await wait_for(self._wake_resolver.wait(), self.resolve_interval)
             self._wake_resolver.clear()
 
     # -- the host monitor -------------------------------------------------------------------------------

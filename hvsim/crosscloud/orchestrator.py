@@ -29,7 +29,7 @@ from typing import Any
 
 from hvbase.fsm import StateMachine
 
-from ..core.aio import run_to_completion
+from hvbase.aio import run_to_completion
 from .app import AckLog, WriterApp, verify_records
 from .criterion import CutoverCosts, Decision, SwitchoverCriterion, Verdict
 from .errors import (CrossCloudError, CrossCloudInputError, CrossCloudStateError, CutoverRefusedError,
@@ -308,7 +308,10 @@ class CrossCloudMigration:
         self.fsm.require("cut over", X.REPLICATING)
         assert self.transfer is not None and self.src is not None and self.dst is not None
         d = self.evaluate()      # now: the delta may have grown since the last round (a test cutover)
-        if not d.fits and not accept_downtime:
+        # a prediction within the budget may cut over even where the criterion would rather run one
+        # more round first (an operator's explicit cutover)
+        fits = d.predicted_s is not None and d.predicted_s <= self.criterion.budget_s
+        if not fits and not accept_downtime:
             opts = d.options(self.criterion.budget_s)
             raise CutoverRefusedError(
                 f"cutover of vm {self.vm!r} refused: predicted downtime "
@@ -346,7 +349,7 @@ class CrossCloudMigration:
                        "final_copy_s": round(t_copied - t_q, 3), "verify_s": round(t_verified - t_copied, 3),
                        "start_s": round(t_first - t_verified, 3), "verify": ver, "last_source_seq": last_src,
                        "rounds": len(self.transfer.stats.rounds), "sent_bytes": self.transfer.stats.sent_total,
-                       "accepted_over_budget": not d.fits, "total_s": round(self.elapsed_s(), 3)}
+                       "accepted_over_budget": not fits, "total_s": round(self.elapsed_s(), 3)}
         self._emit("cutover", self.result)
         return self.result
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hvbase.aio import wait_for
 from ..control.pki import CertificateAuthority
 from ..core.cluster import images_dir
 from ..core.errors import AgentError
@@ -212,7 +213,7 @@ class AgentTransfer:
                 raise ReplicationError(f"round {count} did not finish in {timeout:g} s")
             self._round_done.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._round_done.wait(), min(1.0, left))
+                await wait_for(self._round_done.wait(), min(1.0, left))
         return self.stats.rounds[count - 1]
 
     async def final(self, timeout: float = 600.0) -> RoundRecord:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hvbase.aio import wait_for
 from hvsim.control.api import ensure_token
 from hvsim.control.etcd_cluster import EtcdCluster
 from hvsim.control.launch import EmulatedHost, reap, short_dir, wait_ready
@@ -75,7 +76,7 @@ class NsClient:
             self.proc = await asyncio.create_subprocess_exec(*self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                                              stderr=errf, preexec_fn=die_with_parent(),
                                                              limit=64 << 20)
-        line = await asyncio.wait_for(self._readline(), 60)
+        line = await wait_for(self._readline(), 60)
         if not json.loads(line).get("ready"):
             raise FailoverError(f"the namespace client did not start: {line!r}")
         self._reader = asyncio.create_task(self._read(), name="nsclient-reader")
@@ -109,7 +110,7 @@ class NsClient:
         self.proc.stdin.write((json.dumps({**req, "id": rid}) + "\n").encode())
         await self.proc.stdin.drain()
         try:
-            return await asyncio.wait_for(fut, timeout)
+            return await wait_for(fut, timeout)
         finally:
             self._waiting.pop(rid, None)
 
@@ -119,7 +120,7 @@ class NsClient:
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         try:
-            await asyncio.wait_for(self.proc.wait(), 10)
+            await wait_for(self.proc.wait(), 10)
         except TimeoutError:
             self.proc.kill()
             await self.proc.wait()

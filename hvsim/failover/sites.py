@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from hvbase.fsm import StateMachine
-from hvsim.core.aio import run_to_completion
+from hvbase.aio import run_to_completion
 from hvsim.network import netns as nsutil
 from hvsim.network import records
 from hvsim.network.shaping import LinkShape, check_mbit, tbf_replace_line

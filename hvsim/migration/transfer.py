@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from hvbase.aio import wait_for
 from hvbase.aio import cancel_and_wait
 from qmp_bridge import LaunchError, QEMUBridgeError, QemuProcess, QMPSession, QMPTimeoutError
 
@@ -325,7 +326,7 @@ class QemuLiveTransfer(TransferStrategy):
         if info.get("status") == "pre-switchover" and self._pause_task is not None:
             self._pause_seen.set()       # the watcher goes on even if its event never reached it
             with contextlib.suppress(TimeoutError):   # the watcher is on it: let it finish first
-                await asyncio.wait_for(asyncio.shield(self._pause_task), wait)
+                await wait_for(asyncio.shield(self._pause_task), wait)
             if self._pause_task.done():
                 self._pause_task.result()
             info = await self.src.execute("query-migrate")
