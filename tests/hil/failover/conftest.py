@@ -10,6 +10,7 @@ import pytest
 import pytest_asyncio
 
 from hvsim.core.cluster import images_dir
+from hvsim.core.procfs import alive
 from hvsim.failover.scene import Scene, failover_scene, keep_logs
 from hvsim.testing.plugin import Artifacts
 
@@ -23,10 +24,20 @@ GUESTS = {                   # name: (host, protected, priority)
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def scene() -> AsyncIterator[Scene]:
+    seen: set[int] = set()
     async with failover_scene(images=images_dir()) as sc:
         await asyncio.gather(*(sc.define_start(name, host, protected=protected, priority=prio)
                                for name, (host, protected, prio) in GUESTS.items()))
         yield sc
+        for h in sc.hosts.values():
+            seen.update(h.pids())
+        for ini in sc.status().get("initiated", {}).values():
+            seen.update(p for p in (ini.get("agent_pid"), ini.get("manager_pid")) if p)
+        if sc.controller is not None:
+            seen.add(sc.controller.pid)
+    await asyncio.sleep(0.3)
+    survivors = sorted(p for p in seen if alive(p))
+    assert not survivors, f"processes of the scene survived its teardown: {survivors}"
 
 
 @pytest.fixture(autouse=True)
