@@ -41,7 +41,7 @@ from bench._common import (
     run_grouped,
     write_result,
 )
-from hvsim.core.aio import stop_process
+from hvbase.aio import stop_process
 from hvsim.drivers.shim.process import ShimProcess
 
 NAME = "nbd_shim"

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.error import QMPError
 
+from hvbase.aio import wait_for
 from hvbase.events import EventBus, Subscription
 
 from .errors import QEMUExitedError, QMPConnectionError, QMPTimeoutError, command_error
@@ -185,7 +186,7 @@ class QMPSession:
 
     async def close(self) -> None:
         try:
-            await asyncio.wait_for(self._qmp.disconnect(), 5)
+            await wait_for(self._qmp.disconnect(), 5)
         except (TimeoutError, QMPError, OSError, EOFError) as exc:
             self.log.debug("disconnect: %r", exc)
         if self._dispatcher is not None:

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from hvbase.aio import wait_for
 from hvbase.fsm import StateMachine
 
 from .client import QMPSession
@@ -316,7 +317,7 @@ class QemuProcess:
         self.expected_exit = True
 
     async def wait_exit(self, timeout: float | None = None) -> int:
-        return await asyncio.wait_for(asyncio.shield(self.exited), timeout)
+        return await wait_for(asyncio.shield(self.exited), timeout)
 
     async def stop(self, quit_timeout: float = 5.0, term_timeout: float = 5.0) -> int:
         """Graceful (QMP quit), then SIGTERM, then SIGKILL. Returns the exit code."""

@@ -21,7 +21,8 @@ from ..placement.cpsat import SolverOptions
 from ..placement.errors import ProblemError
 from ..placement.model import Problem
 from ..placement.schema import load_problem
-from ..placement.solver import SOLVERS, PlacementResult, solve
+from ..placement.result import PlacementResult
+from ..placement.solver import SOLVERS, solve
 from .common import cli_command
 
 

@@ -43,6 +43,7 @@ from .agentrpc import (
 )
 from .api import ERRORS, BodyLimit, no_unknown_query, serving, tcp_listener, tcp_listener_check, unix_listener
 from .errors import ConflictError, ControlInputError, NotFoundError, StaleTokenError
+from .guestops import add_agent_routes
 from .hostagent import AgentConfig, AgentNotServingError, HostAgent, host_spec
 from .store import TLSFiles
 
@@ -171,6 +172,8 @@ def create_agent_app(agent: HostAgent) -> FastAPI:
     async def cancel(name: NameParam) -> Ok:
         await agent.cancel_migration(name)
         return Ok()
+
+    add_agent_routes(app, agent, wr)
 
     @app.post("/v1/incoming", response_model=QemuInfo, **wr)
     async def incoming(body: IncomingRequest) -> QemuInfo:

@@ -8,9 +8,11 @@ certificate must be signed by the same CA and name that IP). Errors are the API'
 :class:`ApiUnavailableError`."""
 from __future__ import annotations
 
+import contextlib
+import json as jsonlib
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import httpx
@@ -171,3 +173,31 @@ class AgentClient:
 
     async def incoming_discard(self, vm: str, token: int) -> Ok:
         return await self._call("DELETE", f"/v1/incoming/{vm}", Ok, token=token, timeout=60)
+
+    # -- used by hvsim.control.guestops (pause, streamed exec) -------------------------------------
+    async def post_ok(self, path: str, token: int) -> Ok:
+        return await self._call("POST", path, Ok, token=token)
+
+    @contextlib.asynccontextmanager
+    async def stream_lines(self, path: str, body: Any, token: int) -> AsyncIterator[AsyncIterator[str]]:
+        """POST ``body`` and iterate the answer's lines as they arrive (no read timeout: a guest
+        command may be quiet for long); an error status raises the matching ApiError."""
+        if self._socket is not None:
+            check_agent_socket(self._socket)
+        req = self._http.build_request("POST", path, json=body, headers={FENCE_HEADER: str(token)},
+                                       timeout=httpx.Timeout(self.timeout, read=None))
+        try:
+            r = await self._http.send(req, stream=True)
+        except httpx.HTTPError as e:
+            raise ApiUnavailableError(0, f"host agent at {self.address} unreachable: {e!r}") from e
+        try:
+            if r.status_code >= 400:
+                raw = await r.aread()
+                try:
+                    err: Any = jsonlib.loads(raw)
+                except ValueError:
+                    err = raw.decode(errors="replace")
+                raise api_error(r.status_code, err)
+            yield r.aiter_lines()
+        finally:
+            await r.aclose()

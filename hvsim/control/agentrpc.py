@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from pydantic import Field, Strict
 from pydantic.dataclasses import dataclass
 
-from .state import CFG, Name, Text
+from .state import CFG, InstanceProfile, Name, Text
 
 FENCE_HEADER = "X-Fencing-Token"
 FENCE_UNTIL_HEADER = "X-Fencing-Until"
@@ -38,6 +38,7 @@ class GuestSpec:
     vcpus: Annotated[int, Strict(), Field(ge=1, le=64)] = 1
     memory_mib: Annotated[int, Strict(), Field(ge=64, le=1024 * 1024)] = 256
     disk_mib: Annotated[int, Strict(), Field(ge=0, le=16 * 1024 * 1024)] = 0
+    profile: InstanceProfile | None = None      # the machine (type, CPU, disk bus); absent: the defaults
 
 
 @dataclass(config=CFG)

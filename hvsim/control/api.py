@@ -49,6 +49,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from hvbase.aio import wait_for
 from hvsim.core.model import NAME_RE
 
 from .agent_client import ClientTLS
@@ -56,6 +57,7 @@ from .errors import (
     ConflictError, ControlError, ControlInputError, FencedError, NotFoundError, NotLeaderError, OperationFailedError,
     StoreUnavailableError,
 )
+from .guestops import add_manager_routes
 from .inventory import Listing
 from .leader import check_advertise, find_leader
 from .manager import LEASE_TTL, Manager
@@ -129,7 +131,7 @@ def create_app(manager: Manager, token: str) -> FastAPI:
     async def not_leader(e: ControlError) -> JSONResponse:
         leader = None
         try:
-            info = await asyncio.wait_for(find_leader(store), 2.0)
+            info = await wait_for(find_leader(store), 2.0)
             if info is not None and (info.manager != manager.name or manager.leading_now()):
                 leader = info.brief()
         except (ControlError, TimeoutError) as err:
@@ -258,6 +260,8 @@ def create_app(manager: Manager, token: str) -> FastAPI:
         out = await manager.exec_vm(name, body)
         return ExecResult(exit_code=out.exit_code, stdout=out.stdout, stderr=out.stderr, signal=out.signal,
                           timed_out=out.timed_out, truncated=out.truncated)
+
+    add_manager_routes(app, manager, ops)
 
     # -- placement groups, rules, reservations ----------------------------------------------------
     @app.get("/v1/groups", tags=["placement"], response_model=GroupPage, **v1)

@@ -15,6 +15,7 @@ client followed it to the leader (``follow_leader``). The cause is kept.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json as jsonlib
 import ssl
 import time
@@ -329,3 +330,34 @@ class ManagerClient:
 
     async def get_op(self, op_id: str) -> OperationRecord:
         return parse(OperationRecord, await self.raw("GET", f"/v1/operations/{op_id}"))
+
+    # -- guest operations of provider drivers (hvsim.control.guestops) ---------------------------------
+    async def pause_vm(self, name: str) -> None:
+        """Pause the VM's QEMU (not a recorded operation)."""
+        await self.raw("POST", f"/v1/vms/{name}/pause")
+
+    async def resume_vm(self, name: str) -> None:
+        """Resume the VM's paused QEMU (not a recorded operation)."""
+        await self.raw("POST", f"/v1/vms/{name}/resume")
+
+    @contextlib.asynccontextmanager
+    async def stream_post(self, path: str, body: Any) -> AsyncIterator[httpx.Response]:
+        """POST ``body`` and hand over the answer unread (no read timeout), for a streamed route;
+        an error status raises the matching ApiError. Leaving the block closes the connection."""
+        req = self._http.build_request("POST", path, json=body,
+                                       timeout=httpx.Timeout(self._http.timeout.connect or 30.0, read=None))
+        try:
+            r = await self._http.send(req, stream=True)
+        except httpx.HTTPError as e:
+            raise ApiUnavailableError(0, f"manager at {self.address} unreachable: {e!r}") from e
+        try:
+            if r.status_code >= 400:
+                raw = await r.aread()
+                try:
+                    err: Any = jsonlib.loads(raw)
+                except ValueError:
+                    err = raw.decode(errors="replace")
+                raise api_error(r.status_code, err)
+            yield r
+        finally:
+            await r.aclose()

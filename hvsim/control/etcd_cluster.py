@@ -37,6 +37,7 @@ from typing import Any
 
 import httpx
 
+from hvbase.aio import wait_for
 from hvbase.fsm import StateMachine, guarded
 from qmp_bridge.process import die_with_parent, tail
 
@@ -402,7 +403,7 @@ class EtcdCluster:
         if m.proc is not None and m.proc.returncode is None:
             m.proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(m.proc.wait(), 5.0)
+                await wait_for(m.proc.wait(), 5.0)
             except TimeoutError:
                 m.proc.kill()
                 await m.proc.wait()

@@ -50,10 +50,10 @@ import enum
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from hvbase.fsm import StateMachine
 from hvsim.core.power import PowerError
@@ -65,7 +65,26 @@ from .ops import STEP_QEMU_STARTED, OpKind, OpState, Outcome, Resolution
 from .state import HOSTS, VMS, HostRecord, HostStatus, VMPower, VMRecord
 
 if TYPE_CHECKING:
-    from .manager import Manager
+    from .agent_client import AgentClient
+    from .inventory import Inventory
+
+T = TypeVar("T")
+
+
+class ManagerPort(Protocol):
+    """What the HA loop needs of its manager (:class:`hvsim.control.manager.Manager` is one); a
+    protocol, so this module does not import the manager that imports it."""
+    reader: Inventory
+
+    @property
+    def token(self) -> int: ...
+    @property
+    def inventory(self) -> Inventory: ...
+    def agent(self, host: HostRecord) -> AgentClient: ...
+    def spawn_driver(self, coro: Awaitable[T], name: str) -> asyncio.Task[T]: ...
+    async def place_restart(self, vm: VMRecord) -> str: ...
+    def restart_placed(self, vm: str) -> None: ...
+    def with_fields(self, vm: VMRecord, **fields: Any) -> VMRecord: ...
 
 log = logging.getLogger("hvsim.control.ha")
 LOCK_FIELD = "datastore-lock"
@@ -193,7 +212,7 @@ class _Try:
 @dataclass
 class HAController:
     """The manager's HA loop (one per manager; runs while it leads)."""
-    manager: Manager
+    manager: ManagerPort
     grace: float = 15.0
     off_grace: float = 0.0
     retry: float = 30.0

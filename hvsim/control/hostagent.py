@@ -270,8 +270,13 @@ class HostAgent:
                                     (old.components if old else {})))
 
     def vm_spec(self, g: GuestSpec) -> VMSpec:
-        disks = (DiskSpec("disk0", g.disk_mib, path=str(self.disk_path(g.name))),) if g.disk_mib else ()
-        return VMSpec(g.name, vcpus=g.vcpus, memory_mib=g.memory_mib, disks=disks)
+        p = g.profile
+        bus = p.disk_bus if p is not None else "virtio-blk"
+        disks = (DiskSpec("disk0", g.disk_mib, path=str(self.disk_path(g.name)), bus=bus),) if g.disk_mib else ()
+        if p is None:
+            return VMSpec(g.name, vcpus=g.vcpus, memory_mib=g.memory_mib, disks=disks)
+        return VMSpec(g.name, vcpus=g.vcpus, memory_mib=g.memory_mib, disks=disks, machine=p.machine,
+                      cpu_model=p.cpu_model)
 
     def disk_path(self, vm: str) -> Path:
         return self.cfg.datastore / vm / "disk0.img"
@@ -469,6 +474,10 @@ class HostAgent:
         out["components"] = {cid: await c.stats() for cid, c in vm.components.items()}
         return out
 
+    def vm(self, name: str) -> VM:
+        """The VM this agent runs (NotFoundError otherwise)."""
+        return self._vm(name)
+
     def _vm(self, name: str) -> VM:
         if name in self.incoming:
             raise ConflictError(f"vm {name!r} is arriving on host {self.host.name} (incoming migration)")
@@ -484,7 +493,8 @@ class HostAgent:
             raise ConflictError(f"vm {g.name!r} is arriving on host {self.host.name} (incoming migration)")
         if g.name in cl.vms:
             have = cl.vms[g.name]
-            if have.state in (VMState.RUNNING, VMState.PAUSED) and guest_of(have.spec) == g:
+            if have.state in (VMState.RUNNING, VMState.PAUSED) and (guest_of(have.spec) == g or
+                                                                  self.vm_spec(g) == have.spec):
                 return await self.qemu_info(g.name)      # already running as asked (a retried call)
             raise ConflictError(f"vm {g.name!r} is {have.state.value} on host {self.host.name}")
         spec = self.vm_spec(g)

@@ -55,6 +55,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from hvbase.aio import wait_for
 from hvbase.fsm import StateMachine
 
 from .agent_client import AgentClient, ClientTLS
@@ -482,6 +483,11 @@ class Manager:
                             await inv.list_all(RuleRecord, RULES), await inv.list_all(GroupRecord, "/hvsim/groups/"))
 
     # -- VMs: lifecycle -------------------------------------------------------------------------------
+    async def home(self, name: str, *powers: VMPower) -> tuple[VMRecord, HostRecord]:
+        """The VM's record and its host's (ConflictError unless its power is one of ``powers``, it
+        has a host with an agent, and that host is not unreachable)."""
+        return await self._home(name, *powers)
+
     async def _home(self, name: str, *powers: VMPower) -> tuple[VMRecord, HostRecord]:
         vm = await self.reader.get_vm(name)
         if powers and vm.power not in powers:
@@ -538,7 +544,8 @@ class Manager:
         agent = self.agent(host)
 
         async def body(op: Operation, rev: int) -> OperationRecord:
-            g = GuestSpec(name=vm.name, vcpus=vm.vcpus, memory_mib=max(64, vm.memory_mib), disk_mib=vm.disk_mib)
+            g = GuestSpec(name=vm.name, vcpus=vm.vcpus, memory_mib=max(64, vm.memory_mib), disk_mib=vm.disk_mib,
+                          profile=vm.profile)
             try:
                 await agent.start(StartRequest(vm=g), self.token)
             except ApiError as e:
@@ -773,7 +780,7 @@ class Manager:
             except (ControlError, ApiError) as e:
                 log.warning("resolver: %s", e)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_resolver.wait(), self.resolve_interval)
+                await wait_for(self._wake_resolver.wait(), self.resolve_interval)
             self._wake_resolver.clear()
 
     # -- the host monitor -------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pydantic import Field, Strict
 from pydantic.dataclasses import dataclass
 
 from .ops import OperationRecord
-from .state import CFG, GroupRecord, HostRecord, Name, ReservationRecord, RuleRecord, VMRecord
+from .state import CFG, GroupRecord, HostRecord, InstanceProfile, Name, ReservationRecord, RuleRecord, VMRecord
 
 
 @dataclass(config=CFG)
@@ -32,6 +32,7 @@ class VMDefine:
     group: Name | None = None
     protected: Annotated[bool, Strict()] = False
     priority: Annotated[int, Strict(), Field(ge=0, le=1000)] = 0
+    profile: InstanceProfile | None = None
 
 
 @dataclass(config=CFG)

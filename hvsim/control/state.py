@@ -18,6 +18,7 @@ prefix listing)::
 from __future__ import annotations
 
 import enum
+import re
 from typing import Annotated, Any, TypeVar
 
 import pydantic
@@ -25,6 +26,7 @@ from pydantic import Strict, ConfigDict, Field, TypeAdapter, field_validator
 from pydantic.dataclasses import dataclass
 
 from hvsim.core.model import NAME_RE
+from qmp_bridge.machine import CPU_MODELS, DISK_BUSES, MACHINE_TYPES, NIC_MODELS
 from hvsim.placement.schema import rule_from_dict, rule_to_dict
 
 from .errors import ControlInputError
@@ -63,6 +65,21 @@ class VMPower(enum.Enum):
     CRASHED = "crashed"
 
 
+def _one_of(values: tuple[str, ...]) -> str:
+    return "^(" + "|".join(re.escape(v) for v in values) + ")$"
+
+
+@dataclass(config=CFG)
+class InstanceProfile:
+    """The machine a VM gets (a provider's instance profile): QEMU machine type, CPU model, disk
+    bus of its disk, NIC model (for NICs; the manager's VMs have none yet). Absent: q35, qemu64,
+    virtio-blk, virtio-net-pci."""
+    machine: Annotated[str, Field(pattern=_one_of(MACHINE_TYPES))] = "q35"
+    cpu_model: Annotated[str, Field(pattern=_one_of(CPU_MODELS))] = "qemu64"
+    disk_bus: Annotated[str, Field(pattern=_one_of(DISK_BUSES))] = "virtio-blk"
+    nic_model: Annotated[str, Field(pattern=_one_of(NIC_MODELS))] = "virtio-net-pci"
+
+
 @dataclass(config=CFG)
 class HostRecord:
     name: Name
@@ -90,6 +107,7 @@ class VMRecord:
     power: VMPower = VMPower.SHUTOFF
     protected: Annotated[bool, Strict()] = False
     priority: Annotated[int, Strict(), Field(ge=0, le=1000)] = 0
+    profile: InstanceProfile | None = None
 
 
 @dataclass(config=CFG)

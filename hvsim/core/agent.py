@@ -37,6 +37,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from hvbase.aio import wait_for
 from qmp_bridge.errors import QEMUExitedError, QMPTimeoutError
 
 from .errors import AgentDisconnectedError, AgentError, AgentTimeoutError
@@ -276,7 +277,7 @@ class GuestAgent:
         if self._guard is not None:
             return await self._guard(aw, what, timeout)
         try:
-            return await asyncio.wait_for(aw, timeout)
+            return await wait_for(aw, timeout)
         except TimeoutError as exc:
             raise AgentTimeoutError(f"{self.vm_name}: timed out after {timeout}s waiting for {what}") from exc
 

@@ -30,7 +30,7 @@ from qmp_bridge import QemuProcess
 from qmp_bridge.accel import choose_accel
 
 from . import procfs
-from .aio import run_to_completion
+from hvbase.aio import run_to_completion
 from .components import ComponentDriver
 from .errors import NotFoundError, SpecError
 from .events import ClusterEvent, VMDefined, VMUndefined

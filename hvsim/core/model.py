@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qmp_bridge.machine import CPU_MODELS, DISK_BUSES, MACHINE_TYPES, NIC_MODELS
+from qmp_bridge.machine import (CPU_MODELS, DISK_BUSES, MACHINE_TYPES, NIC_MODELS, Drive, MachineSpec, Nic,
+                                live_migration_blockers)
 
 from .errors import SpecError
 
@@ -72,8 +73,35 @@ class DatacenterSpec(_Spec):
 
 
 @dataclass(frozen=True)
+class MachineProfile(_Spec):
+    """The machine a host's hypervisor gives every guest (a provider's instance profile): machine
+    type, CPU model, disk bus and NIC model. A host without one runs any VM spec as given."""
+    name: str
+    machine: str
+    cpu_model: str
+    disk_bus: str
+    nic_model: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError(f"machine profile name must be a non-empty string, got {self.name!r}")
+        _choice("machine profile", self.name, "machine", self.machine, MACHINE_TYPES)
+        _choice("machine profile", self.name, "cpu_model", self.cpu_model, CPU_MODELS)
+        _choice("machine profile", self.name, "disk_bus", self.disk_bus, DISK_BUSES)
+        _choice("machine profile", self.name, "nic_model", self.nic_model, NIC_MODELS)
+
+    def apply(self, spec: VMSpec) -> VMSpec:
+        """``spec`` as an instance of this profile: its machine, CPU, disk buses and NIC models."""
+        return dataclasses.replace(
+            spec, machine=self.machine, cpu_model=self.cpu_model,
+            disks=tuple(dataclasses.replace(d, bus=self.disk_bus) for d in spec.disks),
+            nics=tuple(dataclasses.replace(n, model=self.nic_model) for n in spec.nics))
+
+
+@dataclass(frozen=True)
 class HostSpec(_Spec):
-    """A hypervisor host. Capacity = physical x overcommit ratio."""
+    """A hypervisor host. Capacity = physical x overcommit ratio. ``profile``: the machine its
+    hypervisor gives every guest (None: any spec as given)."""
     name: str
     vcpus: int = 4
     memory_mib: int = 2048
@@ -81,9 +109,14 @@ class HostSpec(_Spec):
     mem_overcommit: float = 1.0
     datacenter: str = "dc1"
     labels: dict[str, str] = field(default_factory=dict)
+    profile: MachineProfile | None = None
 
     def __post_init__(self) -> None:
         check_name("host", self.name)
+        if isinstance(self.profile, dict):
+            object.__setattr__(self, "profile", MachineProfile.from_dict(self.profile))
+        if self.profile is not None and not isinstance(self.profile, MachineProfile):
+            raise SpecError(f"host {self.name!r}: profile must be a MachineProfile, got {self.profile!r}")
         check_name("datacenter", self.datacenter)
         _positive("host", self.name, "vcpus", self.vcpus)
         _positive("host", self.name, "memory_mib", self.memory_mib, 64)
@@ -171,3 +204,18 @@ class VMSpec(_Spec):
             n if isinstance(n, NicSpec) else NicSpec.from_dict(n) for n in self.nics))
         check_unique(f"disk (in vm {self.name!r})", [d.name for d in self.disks])
         check_unique(f"nic (in vm {self.name!r})", [n.name for n in self.nics])
+
+
+def _machine_of(spec: VMSpec) -> MachineSpec:
+    return MachineSpec(name=spec.name, memory_mib=spec.memory_mib, vcpus=spec.vcpus, kernel="", initrd="",
+                       console_log="", machine_type=spec.machine, cpu_model=spec.cpu_model,
+                       drives=tuple(Drive(f"disk-{d.name}", "", bus=d.bus) for d in spec.disks),  # type: ignore[arg-type]
+                       nics=tuple(Nic(f"nic-{n.name}", "52:54:00:00:00:00", model=n.model)  # type: ignore[arg-type]
+                                  for n in spec.nics))
+
+
+def native_migration_blockers(src: VMSpec, dst: VMSpec) -> list[str]:
+    """What keeps QEMU from live-migrating a guest of spec ``src`` into one of spec ``dst`` (its
+    stream needs the same machine, CPU and device tree), e.g. ``["machine pc vs q35", "disk bus
+    virtio-blk vs scsi"]``; empty: nothing."""
+    return live_migration_blockers(_machine_of(src), _machine_of(dst))

@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hvbase.aio import wait_for
 from hvbase.events import Subscription
 from hvbase.fsm import StateMachine, Transition
 from qmp_bridge import (Drive, LaunchError, MachineSpec, Nic, ProcState, QEMUBridgeError, QEMUExitedError,
@@ -389,7 +390,7 @@ class VM:
     async def _guard(self, aw: Awaitable[Any], what: str, timeout: float | None) -> Any:
         """Await ``aw`` racing QEMU's death (used by the agent)."""
         if self.process is None or self.process.qmp is None:
-            return await asyncio.wait_for(aw, timeout)
+            return await wait_for(aw, timeout)
         return await self.process.qmp.race(aw, what, timeout)
 
     async def wait_ready(self, timeout: float = 90.0) -> float:

@@ -9,8 +9,12 @@ with the bandwidth measured on the rounds (bytes over seconds, byte-weighted, la
 a tiny round is all latency) and the write rate measured as the delta that piled up during the
 last round over its duration. The verdicts:
 
-- ``cutover``: the prediction fits the downtime budget;
-- ``continue``: it does not fit yet, but the deltas still shrink;
+- ``cutover``: the prediction fits the downtime budget, and one more round would not cut it by
+  ``min_gain`` (a fit is the floor, not the goal: while copying the delta still takes at least
+  ``min_copy_s`` and another round, predicted from the write rate and the last round's overhead,
+  would shrink the downtime by a quarter, the replication goes on, within the round and time
+  limits; so a cutover lands near the fixed costs instead of just under the budget);
+- ``continue``: it does not fit yet, but the deltas still shrink (or it fits and another round pays);
 - ``not-converging``: the last ``patience`` rounds did not shrink the delta by ``min_shrink``: more
   rounds will not help (the writer dirties as fast as the link drains);
 - ``deadline``: the replication ran out of rounds or time.
@@ -80,8 +84,12 @@ class Decision:
     def options(self, budget_s: float) -> list[str]:
         if self.fits:
             return []
-        out = [f"accept a downtime of about {self.achievable_s or self.predicted_s or 0:.1f} s "
-               f"(budget {budget_s:g} s): cutover --accept-downtime"]
+        now = self.predicted_s if self.predicted_s is not None else self.achievable_s or 0.0
+        best = (f"; the smallest predicted so far was {self.achievable_s:.1f} s" if self.achievable_s is not None
+                and self.achievable_s < now - 0.05 else "")
+        # a cutover now takes the current prediction, not the best one seen (the delta has grown since)
+        out = [f"accept a downtime of about {now:.1f} s now (budget {budget_s:g} s): cutover --accept-downtime"
+               + best]
         if self.write_rate and self.bandwidth:
             room = max(0.0, budget_s - (self.inputs.get("fixed_s") or 0.0))
             target = max(0.0, self.bandwidth * room / max(1.0, self.inputs.get("delta_secs", 1.0)))
@@ -101,6 +109,8 @@ class SwitchoverCriterion:
     patience: int = 3
     min_shrink: float = 0.1             # a round must cut the delta by 10 % to count as progress
     min_bw_bytes: int = 1 << 20         # rounds smaller than this do not measure the bandwidth
+    min_gain: float = 0.25              # one more round must cut the predicted downtime by this share...
+    min_copy_s: float = 0.5             # ...and copying the delta must take this long, to be worth it
 
     def __post_init__(self) -> None:
         for name, v, lo in (("budget_s", self.budget_s, 0.0), ("deadline_s", self.deadline_s, 0.0)):
@@ -143,6 +153,14 @@ class SwitchoverCriterion:
         best = predicted if achievable_s is None else min(achievable_s, predicted)
         common = dict(predicted_s=predicted, achievable_s=best, bandwidth=bw, write_rate=wr, inputs=inputs)
         if predicted <= self.budget_s:
+            after = self.one_more_round(rounds, pending, bw, wr)
+            inputs["after_one_more_round_s"] = round(after, 3)
+            room = len(rounds) < self.max_rounds and elapsed_s + copy_s < self.deadline_s
+            if (room and copy_s >= self.min_copy_s and after <= predicted * (1 - self.min_gain)
+                    and not self._stalled(rounds)):
+                return Decision(Verdict.CONTINUE, reason=f"predicted downtime {predicted:.2f} s fits the budget "
+                                f"{self.budget_s:g} s, but one more round should cut it to {after:.2f} s",
+                                **common)  # type: ignore[arg-type]
             return Decision(Verdict.CUTOVER, reason=f"predicted downtime {predicted:.2f} s fits the budget "
                             f"{self.budget_s:g} s", **common)  # type: ignore[arg-type]
         if len(rounds) >= self.max_rounds or elapsed_s >= self.deadline_s:
@@ -154,6 +172,16 @@ class SwitchoverCriterion:
                             f"predicted downtime {predicted:.2f} s > {self.budget_s:g} s", **common)  # type: ignore[arg-type]
         return Decision(Verdict.CONTINUE, reason=f"predicted {predicted:.2f} s > {self.budget_s:g} s; the delta still "
                         "shrinks", **common)  # type: ignore[arg-type]
+
+    def one_more_round(self, rounds: Sequence[RoundRecord], pending: int, bandwidth: float,
+                       write_rate: float) -> float:
+        """The predicted downtime after one more round: it copies ``pending`` in ``pending /
+        bandwidth`` plus the last round's overhead (latency, messages), while the writer adds to
+        the next delta."""
+        last = rounds[-1]
+        overhead = max(0.0, last.secs - last.bytes / bandwidth) if bandwidth > 0 else 0.0
+        round_s = pending / bandwidth + overhead if bandwidth > 0 else math.inf
+        return self.predict(int(write_rate * round_s), bandwidth, write_rate)[0]
 
     def _stalled(self, rounds: Sequence[RoundRecord]) -> bool:
         if len(rounds) < self.patience + 1:

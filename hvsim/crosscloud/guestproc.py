@@ -10,6 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from hvbase.aio import wait_for
 from ..core.errors import AgentError
 from .provider import ProviderDriver
 
@@ -87,7 +88,7 @@ class GuestProcess:
 
     async def wait(self, timeout: float | None = None) -> int | None:
         if self._task is not None:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            await wait_for(asyncio.shield(self._task), timeout)
         return self.exit_code
 
     async def wait_line(self, pred: Callable[[str], bool], timeout: float) -> str:
@@ -109,7 +110,7 @@ class GuestProcess:
                                  f"{self.tail()}")
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), min(left, 1.0))
+                await wait_for(self.changed.wait(), min(left, 1.0))
 
     async def stop(self) -> None:
         """Kill it (closing the stream kills its process group in the guest)."""

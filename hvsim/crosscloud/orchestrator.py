@@ -29,7 +29,7 @@ from typing import Any
 
 from hvbase.fsm import StateMachine
 
-from ..core.aio import run_to_completion
+from hvbase.aio import run_to_completion
 from .app import AckLog, WriterApp, verify_records
 from .criterion import CutoverCosts, Decision, SwitchoverCriterion, Verdict
 from .errors import (CrossCloudError, CrossCloudInputError, CrossCloudStateError, CutoverRefusedError,
@@ -102,6 +102,7 @@ class CrossCloudMigration:
         self.error: BaseException | None = None
         self._t0 = time.monotonic()
         self._frozen = False
+        self._spec: Any = None
 
     @property
     def state(self) -> XState:
@@ -120,22 +121,20 @@ class CrossCloudMigration:
         the destination's capacity. Nothing is created."""
         self.src = await self.registry.connect(self.source_cloud, self._creds[0])
         self.dst = await self.registry.connect(self.dest_cloud, self._creds[1])
-        if not self.src.exists(self.vm):
+        st = await self.src.vm_state(self.vm)
+        if st is None:
             raise CrossCloudInputError(f"cloud {self.source_cloud!r} has no vm {self.vm!r}")
-        if self.src.state(self.vm) != "running":
-            raise CrossCloudInputError(f"vm {self.vm!r} is {self.src.state(self.vm)}, not running")
-        if self.dst.exists(self.dest_vm):
+        if st != "running":
+            raise CrossCloudInputError(f"vm {self.vm!r} is {st}, not running")
+        if await self.dst.vm_state(self.dest_vm) is not None:
             raise CrossCloudInputError(f"cloud {self.dest_cloud!r} already has a vm {self.dest_vm!r}")
         await self.src.probe_agent(self.vm)
-        spec = self._source_spec()
-        self.dst.check_capacity(spec)
+        self._spec = await self.src.describe(self.vm)
+        await self.dst.check_capacity(self._spec)
 
     def _source_spec(self) -> Any:
-        assert self.src is not None
-        from .provider import InProcessProvider
-        if isinstance(self.src, InProcessProvider):
-            return self.src.cluster.vm(self.vm).spec
-        raise CrossCloudInputError("only in-process providers can describe their instances yet")
+        assert self._spec is not None, "validate() first"
+        return self._spec
 
     def native_blockers(self) -> list[str]:
         assert self.src is not None and self.dst is not None
@@ -309,7 +308,10 @@ class CrossCloudMigration:
         self.fsm.require("cut over", X.REPLICATING)
         assert self.transfer is not None and self.src is not None and self.dst is not None
         d = self.evaluate()      # now: the delta may have grown since the last round (a test cutover)
-        if not d.fits and not accept_downtime:
+        # a prediction within the budget may cut over even where the criterion would rather run one
+        # more round first (an operator's explicit cutover)
+        fits = d.predicted_s is not None and d.predicted_s <= self.criterion.budget_s
+        if not fits and not accept_downtime:
             opts = d.options(self.criterion.budget_s)
             raise CutoverRefusedError(
                 f"cutover of vm {self.vm!r} refused: predicted downtime "
@@ -347,7 +349,7 @@ class CrossCloudMigration:
                        "final_copy_s": round(t_copied - t_q, 3), "verify_s": round(t_verified - t_copied, 3),
                        "start_s": round(t_first - t_verified, 3), "verify": ver, "last_source_seq": last_src,
                        "rounds": len(self.transfer.stats.rounds), "sent_bytes": self.transfer.stats.sent_total,
-                       "accepted_over_budget": not d.fits, "total_s": round(self.elapsed_s(), 3)}
+                       "accepted_over_budget": not fits, "total_s": round(self.elapsed_s(), 3)}
         self._emit("cutover", self.result)
         return self.result
 
@@ -400,11 +402,11 @@ class CrossCloudMigration:
                     await self.dst.delete(name)
                 except Exception as e:  # keep cleaning
                     log.error("deleting %s: %s", name, e)
-        if self.src is not None and self.src.exists(self.vm):
+        if self.src is not None:
             try:
-                if self.src.state(self.vm) == "paused":
+                if await self.src.vm_state(self.vm) == "paused":
                     await self.src.resume(self.vm)
-                if self._frozen and self.src.state(self.vm) == "running":
+                if self._frozen and await self.src.vm_state(self.vm) == "running":
                     await self.app.thaw()
                     await self.app.start()
             except Exception as e:

@@ -17,10 +17,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from qmp_bridge.machine import (CPU_MODELS, DISK_BUSES, MACHINE_TYPES, NIC_MODELS, Drive, MachineSpec, Nic,
-                                live_migration_blockers)
+from qmp_bridge.machine import CPU_MODELS, DISK_BUSES, MACHINE_TYPES, NIC_MODELS
 
-from ..core.model import VMSpec
+from ..core.model import MachineProfile, VMSpec, native_migration_blockers
 from .errors import CrossCloudInputError, NativeMigrationRefusedError
 
 # where each bus puts the first data disk in the guest (no udev in the initramfs: the kernel's names)
@@ -44,10 +43,12 @@ class ProviderProfile:
 
     def apply(self, spec: VMSpec) -> VMSpec:
         """``spec`` as an instance of this profile: its machine, CPU, disk buses and NIC models."""
-        return dataclasses.replace(
-            spec, machine=self.machine, cpu_model=self.cpu_model,
-            disks=tuple(dataclasses.replace(d, bus=self.disk_bus) for d in spec.disks),
-            nics=tuple(dataclasses.replace(n, model=self.nic_model) for n in spec.nics))
+        return self.machine_profile().apply(spec)
+
+    def machine_profile(self) -> MachineProfile:
+        """The core's description of it: the profile of the cloud's hosts (the migration engine
+        refuses a native live migration to a host whose profile differs)."""
+        return MachineProfile(self.name, self.machine, self.cpu_model, self.disk_bus, self.nic_model)
 
     @property
     def guest_disk(self) -> str:
@@ -61,17 +62,9 @@ PROFILE_A = ProviderProfile("A", machine="pc", cpu_model="qemu64", disk_bus="vir
 PROFILE_B = ProviderProfile("B", machine="q35", cpu_model="Westmere", disk_bus="scsi", nic_model="e1000")
 
 
-def _machine(spec: VMSpec) -> MachineSpec:
-    return MachineSpec(name=spec.name, memory_mib=spec.memory_mib, vcpus=spec.vcpus, kernel="", initrd="",
-                       console_log="", machine_type=spec.machine, cpu_model=spec.cpu_model,
-                       drives=tuple(Drive(f"disk-{d.name}", "", bus=d.bus) for d in spec.disks),  # type: ignore[arg-type]
-                       nics=tuple(Nic(f"nic-{n.name}", "52:54:00:00:00:00", model=n.model)  # type: ignore[arg-type]
-                                  for n in spec.nics))
-
-
 def native_blockers(src: VMSpec, dst: VMSpec) -> list[str]:
     """What keeps QEMU from live-migrating an instance of ``src`` into one of ``dst`` (empty: nothing)."""
-    return live_migration_blockers(_machine(src), _machine(dst))
+    return native_migration_blockers(src, dst)
 
 
 def check_native_migration(src: VMSpec, dst: VMSpec) -> None:

@@ -2,7 +2,7 @@
 reaches EC2 or vSphere). :class:`ProviderDriver` is the interface; :class:`InProcessProvider` is
 the implementation over an in-process :class:`~hvsim.core.cluster.Cluster` (one per cloud, with its
 own credentials and API address ``inproc://<cloud>``). A driver over the hvsim manager's HTTP API
-(one manager per cloud) takes its place once the host agent lands on main.
+(one manager per cloud) is :class:`~hvsim.crosscloud.manager_provider.ManagerProvider`.
 
 Every refusal comes before anything is created: an unknown cloud (:class:`UnknownProviderError`),
 bad credentials (:class:`CredentialsError`), no capacity for the profile's instance
@@ -19,12 +19,12 @@ import hmac
 import logging
 import shlex
 import subprocess
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..core.agent import ExecResult, ExecStream
+from ..core.agent import Chunk, ExecResult, ExecStream
 from ..core.cluster import Cluster
 from ..core.errors import AgentError, CapacityError, NotFoundError
 from ..core.model import DiskSpec, NicSpec, VMSpec
@@ -38,6 +38,16 @@ log = logging.getLogger("hvsim.crosscloud.provider")
 PUSH_CHUNK = 96 * 1024            # base64 bytes per command: sh -c's argument must stay under 128 KiB
 
 
+class GuestStream(Protocol):
+    """A streamed guest command (:class:`hvsim.core.agent.ExecStream`, or a cloud API's stream)."""
+    result: ExecResult | None
+
+    async def __aenter__(self) -> Any: ...
+    async def __aexit__(self, *exc: Any) -> Any: ...
+    def __aiter__(self) -> AsyncIterator[Chunk]: ...
+    async def collect(self, limit: int | None = None) -> tuple[bytes, bytes]: ...
+
+
 class ProviderDriver(Protocol):
     """What the cross-cloud orchestrator needs from a cloud."""
     cloud: str
@@ -46,7 +56,8 @@ class ProviderDriver(Protocol):
     @property
     def api(self) -> str: ...
     async def authenticate(self, credentials: str) -> None: ...
-    def check_capacity(self, spec: VMSpec) -> None: ...
+    async def describe(self, name: str) -> VMSpec: ...
+    async def check_capacity(self, spec: VMSpec) -> None: ...
     async def create_instance(self, spec: VMSpec, *, data_disk: Path | None = None, isolated: bool = False,
                               data_size_mib: int = 256) -> str: ...
     async def start(self, name: str) -> None: ...
@@ -54,15 +65,13 @@ class ProviderDriver(Protocol):
     async def resume(self, name: str) -> None: ...
     async def delete(self, name: str) -> None: ...
     async def exec(self, name: str, command: str, timeout: float = 60.0, check: bool = False) -> ExecResult: ...
-    def exec_stream(self, name: str, command: str, timeout: float | None = None) -> ExecStream: ...
+    def exec_stream(self, name: str, command: str, timeout: float | None = None) -> GuestStream: ...
     async def push_file(self, name: str, local: Path, remote: str, mode: int = 0o600) -> None: ...
     async def probe_agent(self, name: str) -> None: ...
     async def clone_for_test(self, name: str, clone: str) -> str: ...
     async def route_service(self, name: str) -> None: ...
-    def state(self, name: str) -> str: ...
-    def exists(self, name: str) -> bool: ...
-    def guest_ip(self, name: str) -> str: ...
-    def disk_path(self, name: str) -> Path: ...
+    async def vm_state(self, name: str) -> str | None: ...      # None: no such instance
+    async def guest_address(self, name: str) -> str: ...
 
 
 @dataclass
@@ -93,7 +102,18 @@ class InProcessProvider:
         self._require_auth()
         return self.cluster.vm(name)
 
-    def check_capacity(self, spec: VMSpec) -> None:
+    async def describe(self, name: str) -> VMSpec:
+        return self._vm(name).spec
+
+    async def vm_state(self, name: str) -> str | None:
+        self._require_auth()
+        return self.state(name) if self.exists(name) else None
+
+    async def guest_address(self, name: str) -> str:
+        self._require_auth()
+        return self.guest_ip(name)
+
+    async def check_capacity(self, spec: VMSpec) -> None:
         self._require_auth()
         try:
             self.cluster.host(self.host).check_fit(spec)
@@ -113,7 +133,7 @@ class InProcessProvider:
 
     async def create_instance(self, spec: VMSpec, *, data_disk: Path | None = None, isolated: bool = False,
                               data_size_mib: int = 256) -> str:
-        self.check_capacity(spec)
+        await self.check_capacity(spec)
         s = self.instance_spec(spec, isolated=isolated, data_disk=data_disk, data_size_mib=data_size_mib)
         await self.cluster.define_vm(s, self.host)
         return s.name
@@ -185,7 +205,7 @@ class InProcessProvider:
         s = self.instance_spec(vm.spec, name=clone, isolated=True, data_disk=overlay,
                                data_size_mib=vm.spec.disks[0].size_mib)
         s = dataclasses.replace(s, memory_mib=vm.spec.memory_mib)
-        self.check_capacity(s)
+        await self.check_capacity(s)
         await self.cluster.define_vm(s, self.host)
         return clone
 

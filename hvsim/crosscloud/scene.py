@@ -75,8 +75,10 @@ async def two_clouds(wan_mbit: float = 40.0, *, lan_mbit: float = 1000.0,
             wan = WanNetwork(ul)
             await wan.setup()
             async with Cluster("cloud-a") as ca, Cluster("cloud-b") as cb:
-                ca.add_host(HostSpec("a1", vcpus=4, memory_mib=2048, datacenter="dc-a"), network=ul.host_network("a1"))
-                cb.add_host(HostSpec("b1", vcpus=4, memory_mib=2048, datacenter="dc-b"), network=ul.host_network("b1"))
+                ca.add_host(HostSpec("a1", vcpus=4, memory_mib=2048, datacenter="dc-a",
+                                             profile=PROFILE_A.machine_profile()), network=ul.host_network("a1"))
+                cb.add_host(HostSpec("b1", vcpus=4, memory_mib=2048, datacenter="dc-b",
+                                             profile=PROFILE_B.machine_profile()), network=ul.host_network("b1"))
                 ca.add_driver(WanNicDriver(wan))
                 cb.add_driver(WanNicDriver(wan))
                 a = InProcessProvider("cloud-a", ca, "a1", PROFILE_A, wan, secrets.token_urlsafe(16))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hvbase.aio import wait_for
 from ..control.pki import CertificateAuthority
 from ..core.cluster import images_dir
 from ..core.errors import AgentError
@@ -105,6 +106,10 @@ class AgentTransfer:
             n = int(line.split()[1])
             rec = RoundRecord(round=n, bytes=int(kv["bytes"]), secs=float(kv["secs"]), dirty_after=int(kv["dirty"]))
             self.stats.rounds.append(rec)
+            # the round's own blocks are all sent now: what is pending is what was written during
+            # it (the last STAT may be up to 0.5 s old and still count the round's unsent blocks,
+            # zero ones included: the one-pass prediction made right after its round was ~6x off)
+            self.stats.stat = {**self.stats.stat, "pending": "0", "dirty": str(rec.dirty_after)}
             self._round_done.set()
             self._emit("round", {"round": n, "bytes": rec.bytes, "secs": rec.secs, "dirty": rec.dirty_after})
         elif line.startswith("FINAL "):
@@ -129,7 +134,7 @@ class AgentTransfer:
         binary = agent_binary()
         pki = self.workdir / "pki"
         ca = CertificateAuthority.create(pki, f"xcloud-{self.session[:8]}")
-        dst_ip = self.dest.provider.guest_ip(self.dest.vm)
+        dst_ip = await self.dest.provider.guest_address(self.dest.vm)
         srv = ca.issue_server("dest-agent", ips=[dst_ip])
         cli = ca.issue_client("source-agent")
         for ep, issued in ((self.dest, srv), (self.source, cli)):
@@ -170,7 +175,7 @@ class AgentTransfer:
             await self.dst_proc.wait()
             if self._closing or self.stats.final or any(ln.startswith("RECV done") for ln in self.dst_proc.lines):
                 return
-            if not self.dest.provider.exists(self.dest.vm) or self.dest.provider.state(self.dest.vm) != "running":
+            if await self.dest.provider.vm_state(self.dest.vm) != "running":
                 return
             self.stats.dest_restarts += 1
             self.stats.events.append((time.monotonic(), f"dest agent exited ({self.dst_proc.exit_code}); restarting"))
@@ -208,7 +213,7 @@ class AgentTransfer:
                 raise ReplicationError(f"round {count} did not finish in {timeout:g} s")
             self._round_done.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._round_done.wait(), min(1.0, left))
+                await wait_for(self._round_done.wait(), min(1.0, left))
         return self.stats.rounds[count - 1]
 
     async def final(self, timeout: float = 600.0) -> RoundRecord:
@@ -262,7 +267,7 @@ class AgentTransfer:
                 await p.stop()
         for ep in self.installed:
             try:
-                if ep.provider.exists(ep.vm) and ep.provider.state(ep.vm) == "running":
+                if await ep.provider.vm_state(ep.vm) == "running":
                     await ep.provider.exec(ep.vm, f"kill -KILL $(pidof hvsim-migrate) 2>/dev/null; "
                                                   "t=/sys/kernel/tracing/instances/hvmig; "
                                                   "[ -d $t ] && { echo 0 > $t/tracing_on; "

@@ -20,7 +20,7 @@ from typing import Any
 
 from qmp_bridge import Drive
 
-from ..core.aio import stop_process
+from hvbase.aio import stop_process
 from ..core.components import Attachment, Component, ComponentContext
 from ..core.errors import ComponentError, SpecError
 from ..core.host import Host

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hvbase.aio import wait_for
 from qmp_bridge import Drive, QEMUBridgeError, QMPSession
 from qmp_bridge.process import die_with_parent
 
@@ -206,7 +207,7 @@ class QsdComponent(Component):
                 await qmp.execute("quit", timeout=5)
         if proc is not None and proc.returncode is None:
             try:
-                await asyncio.wait_for(proc.wait(), 5)
+                await wait_for(proc.wait(), 5)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
@@ -241,7 +242,7 @@ class QsdComponent(Component):
         proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
                                                     stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            out, err = await wait_for(proc.communicate(), timeout)
         except BaseException:
             if proc.returncode is None:
                 proc.kill()

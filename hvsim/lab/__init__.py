@@ -18,7 +18,7 @@ log = logging.getLogger("hvsim.lab")
 
 # In order; modules that are absent in this tree are skipped with a note.
 SCENARIOS = ["foundation", "migration", "swap_prefetch", "multiprocess", "placement", "network", "control_plane",
-             "crosscloud"]
+             "crosscloud", "failover"]
 
 
 class UnknownScenarioError(InputError):

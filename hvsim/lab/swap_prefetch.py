@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hvbase.aio import wait_for
 from hvsim.core.cluster import Cluster
 from hvsim.core.components import ComponentDriver
 from hvsim.core.model import DiskSpec, HostSpec, VMSpec
@@ -87,7 +88,7 @@ async def _sample(vm: Any, res: CaseResult, shim: Any, guest: bool, t0: float, s
                 s = await guest_swap_stats(vm, timeout=10)
                 res.timeline.append((time.monotonic() - t0, s["pswpin"]))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.25 if guest else 0.5)
+            await wait_for(stop.wait(), 0.25 if guest else 0.5)
 
 
 async def run_case(config: str, pattern: str, setup: Setup = Setup(), *, sample_guest: bool = False,

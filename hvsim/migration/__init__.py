@@ -17,9 +17,9 @@ VM's user-level drivers moving with it) over :mod:`.statelink` (their state acro
 from .api import migrate, plan_migration, start_migration
 from .components import ComponentMigration, UldBreakdown, UldError, UldHooks, UldMode, UldState, UldStateError
 from .costs import LearnedCost, MigrationCosts, costs_of
-from .errors import (DestinationStartError, MigrationAbortedError, MigrationCancelledError, MigrationError,
-                     MigrationFailedError, MigrationInputError, MigrationRefusedError, MigrationStateError,
-                     MigrationPlanError, MigrationTimeoutError, PostcopyPausedError)
+from .errors import (DestinationStartError, IncompatibleMachinesError, MigrationAbortedError, MigrationCancelledError,
+                     MigrationError, MigrationFailedError, MigrationInputError, MigrationPlanError,
+                     MigrationRefusedError, MigrationStateError, MigrationTimeoutError, PostcopyPausedError)
 from .events import MigrationEnded, MigrationProgress
 from .measure import MigrationResult
 from .orchestrator import Migration
@@ -33,7 +33,8 @@ from .transfer import QemuLiveTransfer, TransferStrategy
 __all__ = ["migrate", "start_migration", "plan_migration", "Contract", "Measurement", "Plan", "Prediction",
            "MigrationPlanError", "PostcopyPausedError", "Migration", "ProgressSnapshot", "MigrationResult",
            "MigrationState",
-           "MigrationError", "MigrationInputError", "MigrationRefusedError", "MigrationStateError",
+           "IncompatibleMachinesError", "MigrationError", "MigrationInputError", "MigrationRefusedError",
+           "MigrationStateError",
            "DestinationStartError", "MigrationFailedError", "MigrationAbortedError", "MigrationTimeoutError",
            "MigrationCancelledError", "Policy", "PolicySetup", "Action", "ActionKind", "Decision",
            "MigrationContext", "make_policy", "policy_names", "MigrationCosts", "LearnedCost", "costs_of",

@@ -13,11 +13,12 @@ from typing import Any
 
 from ..core.errors import BusyError, CapacityError, IllegalTransitionError, NotFoundError
 from ..core.host import Host
+from ..core.model import native_migration_blockers
 from ..core.vm import VM
 from ..guest.heartbeat import HeartbeatMonitor
 from .components import ComponentMigration, UldHooks, UldMode
 from .costs import costs_of
-from .errors import MigrationInputError, MigrationRefusedError, MigrationStateError
+from .errors import IncompatibleMachinesError, MigrationInputError, MigrationRefusedError, MigrationStateError
 from .orchestrator import Migration
 from .planner import Contract, Plan
 from .planning import make_plan, measure
@@ -125,6 +126,8 @@ def start_migration(vm: VM, dest_host: Host | str, policy: Any = "hvsim-predicti
             raise MigrationInputError(f"cannot migrate vm {vm.name!r}: {exc}") from exc
     else:
         dest = dest_host
+    check_native_compatible(vm, dest)
+    if not isinstance(dest_host, str):
         if vm.env.hosts.get(dest.name) is not dest:
             raise MigrationInputError(f"host {dest.name!r} is not part of cluster {vm.env.name!r}")
     if dest is vm.host:
@@ -159,6 +162,21 @@ def start_migration(vm: VM, dest_host: Host | str, policy: Any = "hvsim-predicti
         lease.abort("not-started")
         raise
     return m
+
+
+def check_native_compatible(vm: VM, dest: Host) -> None:
+    """MigrationRefusedError naming every difference if ``dest``'s hypervisor would start the
+    destination QEMU with another machine than the source's (its profile: machine type, CPU model,
+    disk bus, NIC model): QEMU's stream cannot cross that, so nothing is started."""
+    profile = dest.spec.profile
+    if profile is None:
+        return
+    blockers = native_migration_blockers(vm.spec, profile.apply(vm.spec))
+    if blockers:
+        raise IncompatibleMachinesError(
+            f"native live migration of vm {vm.name!r} from host {vm.host.name!r} to host {dest.name!r} (profile "
+            f"{profile.name}) refused before anything started: QEMU cannot migrate between these machines "
+            f"({', '.join(blockers)}); use the agent-based cross-cloud migration (hvsim.crosscloud)", blockers)
 
 
 def _dest_of(vm: VM, dest_host: Host | str) -> Host:

@@ -46,6 +46,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from hvbase.aio import cancel_and_wait
 from hvbase.fsm import StateMachine
 
 from ..core.components import Attachment, Checkpoint, Component, ComponentState, MigratableComponent
@@ -198,6 +199,7 @@ class ComponentMigration:
         self.breakdown = UldBreakdown()
         self.marks: dict[str, float] = {}       # wall-clock marks of the switch-over (time.time())
         self._precopy: asyncio.Task[None] | None = None
+        self._stopping = False          # set once: pre-copy and sizing never start again
         self._sizer: asyncio.Task[None] | None = None
         self._costs: list[tuple[int, float]] = []   # (bytes, checkpoint + restore seconds) per round
 
@@ -313,7 +315,7 @@ class ComponentMigration:
             self._sizer = asyncio.create_task(self._size_loop(), name=f"uld-size-{self.id}")
 
     async def _size_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(1.0)
             for u in self.stateful:
                 with contextlib.suppress(HvsimError):
@@ -372,9 +374,11 @@ class ComponentMigration:
             for u in stateful:
                 if u.fsm.state is not U.PRECOPY:
                     u.fsm.set(U.PRECOPY, "pre-copy with the RAM")
-            while True:
+            while not self._stopping:
                 await asyncio.sleep(self.precopy_interval)
                 for u in stateful:
+                    if self._stopping:
+                        return
                     await self._move(u, final=False)
                     assert isinstance(u.source, MigratableComponent)
                     u.pending_bytes = await u.source.state_size(u.delivered)
@@ -385,12 +389,15 @@ class ComponentMigration:
             log.error("%s", self.error)
 
     async def _stop_tasks(self) -> None:
+        """Stop pre-copy and sizing for good: the flag ends the loops at their next turn and the task
+        is cancelled until it is done (a cancellation swallowed inside, as asyncio.wait_for of 3.11
+        can, once left the pre-copy loop copying while QEMU waited paused: hvbase.aio)."""
+        self._stopping = True
         for attr in ("_precopy", "_sizer"):
             task = getattr(self, attr)
             setattr(self, attr, None)
-            if task is not None and not task.done():
-                task.cancel()
-                await asyncio.wait([task])
+            if task is not None:
+                await cancel_and_wait(task)
 
     async def switchover(self) -> UldBreakdown:
         """QEMU paused before the switch-over: quiesce every source ULD, take its final checkpoint,

@@ -3,6 +3,8 @@
     MigrationError (HvsimError)
      +-- MigrationInputError      bad arguments (unknown policy, negative timeout, same host, ...) (an InputError)
      +-- MigrationRefusedError    refused before any process started (also a CapacityError)
+     |    +-- IncompatibleMachinesError  the destination host's profile gives another machine (machine
+     |                            type, CPU, disk bus, NIC model): QEMU cannot cross it; ``exc.blockers``
      +-- MigrationStateError      an operation not allowed in the migration's (or the VM's) state (a StateError)
      +-- DestinationStartError    the destination QEMU did not start or could not listen
      +-- MigrationFailedError     QEMU reported the migration failed (source kept running)
@@ -35,6 +37,12 @@ class MigrationInputError(MigrationError, InputError):
 
 class MigrationRefusedError(MigrationError, CapacityError):
     pass
+
+
+class IncompatibleMachinesError(MigrationRefusedError):
+    def __init__(self, message: str, blockers: list[str]) -> None:
+        super().__init__(message)
+        self.blockers = list(blockers)
 
 
 class MigrationStateError(MigrationError, StateError):

@@ -27,7 +27,7 @@ from typing import Any
 
 from qmp_bridge import QEMUBridgeError, QEMUExitedError
 
-from ..core.aio import run_to_completion as _complete
+from hvbase.aio import run_to_completion as _complete
 from ..core.events import ClusterEvent
 from ..core.vm import MigrationLease
 from ..guest.heartbeat import HeartbeatMonitor

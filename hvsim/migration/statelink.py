@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hvbase.aio import wait_for
 from qmp_bridge.process import die_with_parent
 
 from ..core.host import Host
@@ -145,7 +146,7 @@ class StateLink:
         if proc is None or proc.stderr is None:
             return ""
         with contextlib.suppress(TimeoutError, OSError):
-            data = await asyncio.wait_for(proc.stderr.read(4096), 0.5)
+            data = await wait_for(proc.stderr.read(4096), 0.5)
             return data.decode(errors="replace").strip()
         return ""
 
@@ -284,7 +285,7 @@ class StateLink:
         try:
             while True:
                 try:
-                    await asyncio.wait_for(asyncio.shield(drain), 0.5)
+                    await wait_for(asyncio.shield(drain), 0.5)
                     return
                 except TimeoutError:
                     err = self._stalled()
@@ -312,7 +313,7 @@ class StateLink:
                 raise err
             self._progress.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), 0.5)
+                await wait_for(self._progress.wait(), 0.5)
         if self._error is not None:
             raise self._error
 
@@ -320,7 +321,7 @@ class StateLink:
         assert p.future is not None
         while True:
             try:
-                return await asyncio.wait_for(asyncio.shield(p.future), 0.5)
+                return await wait_for(asyncio.shield(p.future), 0.5)
             except TimeoutError:
                 err = self._stalled()
                 if err is not None:

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hvbase.aio import wait_for
 from qmp_bridge import QEMUBridgeError, QMPSession
 
-from ..core.aio import stop_process
+from hvbase.aio import stop_process
 from .errors import MigrationError
 
 log = logging.getLogger("hvsim.migration")
@@ -216,14 +217,14 @@ async def probe_link(src_netns: str | None, dst_netns: str | None, dst_addr: str
     send: asyncio.subprocess.Process | None = None
     try:
         assert recv.stdout is not None
-        line = await asyncio.wait_for(recv.stdout.readline(), 10)
+        line = await wait_for(recv.stdout.readline(), 10)
         port = int(line)
         send = await asyncio.create_subprocess_exec(
             *_in_ns(src_netns, [sys.executable, "-c", _SENDER, dst_addr, str(port), str(seconds)]),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        await asyncio.wait_for(send.wait(), seconds + 10)
-        out = await asyncio.wait_for(recv.stdout.readline(), 10)
-        await asyncio.wait_for(recv.wait(), 10)
+        await wait_for(send.wait(), seconds + 10)
+        out = await wait_for(recv.stdout.readline(), 10)
+        await wait_for(recv.wait(), 10)
         marks = [(float(t), int(n)) for t, n in json.loads(out)]
     except (TimeoutError, ValueError, OSError) as exc:
         log.warning("link probe %s -> %s failed: %r", src_netns, dst_addr, exc)

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from hvbase.aio import wait_for
+from hvbase.aio import cancel_and_wait
 from qmp_bridge import LaunchError, QEMUBridgeError, QemuProcess, QMPSession, QMPTimeoutError
 
 from ..core.vm import MigrationLease
@@ -146,6 +148,7 @@ class QemuLiveTransfer(TransferStrategy):
         self._resume_ev: Any = None
         self._pause_ev: Any = None
         self._pause_task: asyncio.Task[None] | None = None
+        self._pause_seen = asyncio.Event()   # poll() saw pre-switchover (backs up the event)
         self.pause_event_at: float | None = None
         self.lease: MigrationLease | None = None
         self.dest_proc: QemuProcess | None = None
@@ -321,8 +324,9 @@ class QemuLiveTransfer(TransferStrategy):
             self._pause_task.result()          # a failed ULD switch-over fails the migration here
         info = await self.src.execute("query-migrate")
         if info.get("status") == "pre-switchover" and self._pause_task is not None:
+            self._pause_seen.set()       # the watcher goes on even if its event never reached it
             with contextlib.suppress(TimeoutError):   # the watcher is on it: let it finish first
-                await asyncio.wait_for(asyncio.shield(self._pause_task), wait)
+                await wait_for(asyncio.shield(self._pause_task), wait)
             if self._pause_task.done():
                 self._pause_task.result()
             info = await self.src.execute("query-migrate")
@@ -343,7 +347,18 @@ class QemuLiveTransfer(TransferStrategy):
         then ``migrate-continue``. A ULD failure ends this task with it; ``poll`` raises it (the
         orchestrator cancels: QEMU resumes the source)."""
         assert self.components is not None and self._pause_ev is not None
-        ev = await self._pause_ev.get()
+        event = asyncio.ensure_future(self._pause_ev.get())
+        seen = asyncio.ensure_future(self._pause_seen.wait())
+        try:
+            await asyncio.wait({event, seen}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in (event, seen):
+                if not f.done():
+                    f.cancel()
+        ev = event.result() if event.done() and not event.cancelled() else {}
+        if not ev:
+            self.log.warning("QEMU is paused before the switch-over but its MIGRATION event was not seen: "
+                             "going on from query-migrate")
         self.paused_at = time.time()
         ts = ev.get("timestamp") or {}
         self.pause_event_at = ts["seconds"] + ts["microseconds"] / 1e6 if "seconds" in ts else None
@@ -389,9 +404,8 @@ class QemuLiveTransfer(TransferStrategy):
     async def settle(self) -> None:
         assert self.lease is not None
         task, self._pause_task = self._pause_task, None
-        if task is not None and not task.done():      # a ULD final step still running: stop it first
-            task.cancel()
-            await asyncio.wait([task])
+        if task is not None:      # a ULD final step still running: stop it first
+            await cancel_and_wait(task)
         if not self.lease.source_alive:
             return
         if self.migrate_issued:

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 from hvbase.fsm import StateMachine
 from qmp_bridge import Nic
 
-from ..core.aio import run_to_completion
+from hvbase.aio import run_to_completion
 from .eni import (BindingState, Eni, EniSpec, NetworkSpec, PortKind, PortSpec, check_networks, guest_nic_arg,
                   validate_eni)
 from .errors import (BindingStateError, NetworkError, ProgrammingError, TeardownError, TenantInputError,

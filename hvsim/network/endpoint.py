@@ -36,7 +36,7 @@ from pyroute2 import AsyncIPRoute
 
 from hvbase.fsm import StateMachine
 
-from ..core.aio import run_to_completion
+from hvbase.aio import run_to_completion
 from . import netns as nsutil
 from . import records
 from .eni import EniSpec, NetworkSpec, PortSpec

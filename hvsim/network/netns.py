@@ -16,6 +16,7 @@ import signal
 from typing import Any
 from collections.abc import Callable, Sequence
 
+from hvbase.aio import wait_for
 from .errors import CommandError
 
 log = logging.getLogger("hvsim.network")
@@ -38,7 +39,7 @@ async def run(argv: Sequence[str], *, stdin: str | None = None, timeout: float =
     except OSError as exc:
         raise CommandError(argv, None, f"could not start: {exc}", stdin) from exc
     try:
-        out, err = await asyncio.wait_for(
+        out, err = await wait_for(
             proc.communicate(stdin.encode() if stdin is not None else None), timeout)
     except BaseException as exc:  # timeout or cancellation: never leave the child behind
         if proc.returncode is None:

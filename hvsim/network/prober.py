@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..core.aio import stop_process
+from hvbase.aio import wait_for
+from hvbase.aio import stop_process
 from ..core.cluster import images_dir
 from . import netns as nsutil
 from .errors import ProbeError
@@ -126,7 +127,7 @@ class Prober:
             *nsutil.argv_in(self.netns, self.argv), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         assert self._proc.stdout is not None
         try:
-            line = await asyncio.wait_for(self._proc.stdout.readline(), timeout)
+            line = await wait_for(self._proc.stdout.readline(), timeout)
         except BaseException:
             await stop_process(self._proc, timeout=1)
             raise
@@ -134,7 +135,7 @@ class Prober:
             err = b""
             if self._proc.stderr is not None:
                 with contextlib.suppress(TimeoutError):
-                    err = await asyncio.wait_for(self._proc.stderr.read(), 2)
+                    err = await wait_for(self._proc.stderr.read(), 2)
             await stop_process(self._proc, timeout=1)
             raise ProbeError(f"udpprobe in {self.netns} did not start: {line!r} {err.decode(errors='replace')}")
 
@@ -146,7 +147,7 @@ class Prober:
         if proc.returncode is None:
             proc.send_signal(signal.SIGINT)
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), timeout)
+            out, err = await wait_for(proc.communicate(), timeout)
         except BaseException:
             await stop_process(proc, timeout=1)
             raise
@@ -172,7 +173,7 @@ class EchoServer:
             *nsutil.argv_in(self.netns, self.argv), stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL)
         assert self._proc.stdout is not None
-        line = await asyncio.wait_for(self._proc.stdout.readline(), 10)
+        line = await wait_for(self._proc.stdout.readline(), 10)
         if b"listening" not in line:
             await stop_process(self._proc, timeout=1)
             raise ProbeError(f"udpecho in {self.netns} did not start: {line!r}")

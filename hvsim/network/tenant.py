@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from ..core.aio import run_to_completion
+from hvbase.aio import run_to_completion
 from . import netns as nsutil
 from . import nft
 from .eni import EniSpec, NetworkSpec, PortKind, PortSpec

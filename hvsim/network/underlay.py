@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from hvbase.fsm import StateMachine
 
-from ..core.aio import run_to_completion as _complete
+from hvbase.aio import run_to_completion as _complete
 from ..core.host import HostNetwork
 from . import netns as nsutil
 from . import reclaim, records

@@ -26,7 +26,7 @@ from ..core.errors import HvsimError
 from ..core.events import ClusterEvent, VMMoved, VMUndefined
 from ..core.model import VMSpec
 from .controller import PlacementController
-from .solver import PlacementResult
+from .result import PlacementResult
 
 if TYPE_CHECKING:
     from ..core.cluster import Cluster

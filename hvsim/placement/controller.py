@@ -23,11 +23,12 @@ from typing import Any
 
 from .check import CheckReport, check
 from .cpsat import SolverOptions
-from .errors import PlacementRefused, ProblemError, RuleConflictError, show
+from .errors import ProblemError, RuleConflictError, show
 from .model import (HOST_LEVEL, Group, Host, MovePolicy, Objective, Problem, ReserveAmount, ReserveHosts, Rule,
                     check_model_size, check_sizes, find_conflicts, validate_base, validate_group, validate_rule)
 from .schema import group_from_dict, rule_from_dict
-from .solver import PlacementResult, solve
+from .result import PlacementRefused, PlacementResult
+from .solver import solve
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
           +-- ProblemError (InputError)          bad input; ``errors`` lists (field, message)
           |    +-- RuleConflictError             required rules that can never hold together
           |    +-- ProblemTooLargeError          beyond a documented size limit (docs/placement.md)
-          +-- PlacementRefused                   no placement (``place_group(raise_on_refusal=True)``)
+          +-- PlacementRefused                   no placement (``place_group(raise_on_refusal=True)``; in result.py)
 
 ``ProblemError`` is an ``InputError`` (so also a ``ValueError``): command lines exit 2 on it.
 Its ``str()`` is one line naming the first offending field (and how many more there are),
@@ -14,12 +14,9 @@ followed by one line per problem.
 from __future__ import annotations
 
 import reprlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hvbase.errors import HvsimError, InputError
-
-if TYPE_CHECKING:
-    from .solver import PlacementResult
 
 MAX_REPORTED = 50  # problems kept in one ProblemError (the rest are counted)
 SHOW_MAX = 120
@@ -86,11 +83,3 @@ class RuleConflictError(ProblemError):
 
 class ProblemTooLargeError(ProblemError):
     """The problem is beyond a documented size limit (``hvsim.placement.limits``)."""
-
-
-class PlacementRefused(PlacementError):
-    """Raised by ``place_group(..., raise_on_refusal=True)``; ``result`` says why."""
-
-    def __init__(self, result: PlacementResult) -> None:
-        self.result = result
-        super().__init__(result.message or result.status)

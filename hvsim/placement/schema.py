@@ -19,7 +19,7 @@ from .errors import ProblemError, ProblemTooLargeError, show
 from .model import HOST_LEVEL, RULE_KINDS, VM, Group, Host, MovePolicy, Objective, Problem, Rule
 
 if TYPE_CHECKING:
-    from .solver import PlacementResult
+    from .result import PlacementResult
 
 SCHEMA_VERSION = 1
 

@@ -14,6 +14,11 @@ anything it made survived its teardown:
                     agent-ready VM (the host is created if the cluster has none of that name).
 ``hvsim_artifacts`` the per-test folder (``test-results/<test id>/``) and whether the test failed.
 
+:class:`Shared` is the same for underlays and clusters that several tests share (a class- or
+module-scoped fixture makes one; boots are what HIL tests spend their time on): ``keep(dest)`` after a
+failed test copies the same artefacts into that test's folder, ``close()`` at the end of the scope tears
+everything down and returns what survived (the fixture fails on it).
+
 On failure, before anything is torn down, each cluster's consoles, QEMU and QMP logs, component logs,
 ``query-status``/``query-migrate`` of every QEMU, component stats, the inventory, the event history,
 and each underlay's ``tc -s qdisc`` output are copied into the test's folder.
@@ -137,23 +142,6 @@ class _Underlays:
         return ul
 
 
-@_async_fixture
-async def hvsim_underlay(hvsim_artifacts: Artifacts) -> AsyncIterator[Callable[..., Awaitable[Underlay]]]:
-    """Factory of shaped underlays (root needed: namespaces, tc)."""
-    made = _Underlays()
-    yield made
-    if hvsim_artifacts.failed:
-        for ul in made.made:
-            await _keep_underlay(ul, hvsim_artifacts.dir)
-    left: list[str] = []
-    for ul in made.made:
-        await ul.close()
-        names = set(ul.namespaces)
-        left += sorted(names & _ns_list())
-    if left:
-        pytest.fail(f"network namespaces survived the test: {left}")
-
-
 class _Clusters:
     def __init__(self) -> None:
         self.made: list[Cluster] = []
@@ -164,6 +152,73 @@ class _Clusters:
         return cl
 
 
+class Shared:
+    """Underlays and clusters that outlive one test: made through the same factories as the fixtures',
+    their artefacts kept per failed test (``keep``), torn down and checked once (``close``)."""
+
+    def __init__(self) -> None:
+        self.underlays = _Underlays()
+        self.clusters = _Clusters()
+
+    async def underlay(self, hosts: Sequence[str], mbit: float = 400, **kwargs: Any) -> Underlay:
+        return await self.underlays(hosts, mbit=mbit, **kwargs)
+
+    async def cluster(self, name: str = "test", drivers: Iterable[ComponentDriver] = (), **kwargs: Any) -> Cluster:
+        return await self.clusters(name, drivers=drivers, **kwargs)
+
+    async def keep(self, dest: Path) -> None:
+        """Copy every cluster's and underlay's artefacts into ``dest`` (a failed test's folder)."""
+        await _keep_clusters(self.clusters.made, dest)
+        for ul in self.underlays.made:
+            await _keep_underlay(ul, dest)
+
+    async def close(self) -> list[str]:
+        """Clusters first (their QEMUs live in the underlays' namespaces), then underlays; what survived."""
+        problems = await _close_clusters(self.clusters.made)
+        left = await _close_underlays(self.underlays.made)
+        return problems + ([f"network namespaces survived: {left}"] if left else [])
+
+
+async def _keep_clusters(clusters: Iterable[Cluster], dest: Path) -> None:
+    for cl in clusters:
+        try:
+            await keep_cluster(cl, dest)
+        except Exception as exc:  # never let artefact collection hide the test's own failure
+            print(f"hvsim: keeping artefacts of cluster {cl.name} failed: {exc!r}")
+
+
+async def _close_clusters(clusters: Iterable[Cluster]) -> list[str]:
+    problems: list[str] = []
+    for cl in clusters:
+        await cl.close()
+        problems += [f"cluster {cl.name}: {s}" for s in cl.survivors()]
+        if cl.run_dir.exists() and not cl.keep_run_dir:
+            problems.append(f"cluster {cl.name}: run directory {cl.run_dir} survived")
+    return problems
+
+
+async def _close_underlays(underlays: Iterable[Underlay]) -> list[str]:
+    """Close each underlay; the names of its namespaces that are still there."""
+    left: list[str] = []
+    for ul in underlays:
+        await ul.close()
+        left += sorted(set(ul.namespaces) & _ns_list())
+    return left
+
+
+@_async_fixture
+async def hvsim_underlay(hvsim_artifacts: Artifacts) -> AsyncIterator[Callable[..., Awaitable[Underlay]]]:
+    """Factory of shaped underlays (root needed: namespaces, tc)."""
+    made = _Underlays()
+    yield made
+    if hvsim_artifacts.failed:
+        for ul in made.made:
+            await _keep_underlay(ul, hvsim_artifacts.dir)
+    left = await _close_underlays(made.made)
+    if left:
+        pytest.fail(f"network namespaces survived the test: {left}")
+
+
 @_async_fixture
 async def hvsim_cluster(hvsim_artifacts: Artifacts,
                         hvsim_underlay: Any) -> AsyncIterator[Callable[..., Awaitable[Cluster]]]:
@@ -171,17 +226,8 @@ async def hvsim_cluster(hvsim_artifacts: Artifacts,
     made = _Clusters()
     yield made
     if hvsim_artifacts.failed:
-        for cl in made.made:
-            try:
-                await keep_cluster(cl, hvsim_artifacts.dir)
-            except Exception as exc:  # never let artefact collection hide the test's own failure
-                print(f"hvsim: keeping artefacts of cluster {cl.name} failed: {exc!r}")
-    problems: list[str] = []
-    for cl in made.made:
-        await cl.close()
-        problems += [f"cluster {cl.name}: {s}" for s in cl.survivors()]
-        if cl.run_dir.exists() and not cl.keep_run_dir:
-            problems.append(f"cluster {cl.name}: run directory {cl.run_dir} survived")
+        await _keep_clusters(made.made, hvsim_artifacts.dir)
+    problems = await _close_clusters(made.made)
     if problems:
         pytest.fail("processes or files survived the test: " + "; ".join(problems))
 

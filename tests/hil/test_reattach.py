@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from hvbase.aio import wait_for
 from hvsim.core.agent import GuestAgent
 from hvsim.core.cluster import images_dir
 from hvsim.core.power import PowerDomain, reclaim_stale
@@ -97,7 +98,7 @@ async def test_a_detached_qemu_survives_its_owner_is_reattached_and_dies_with_it
 
         killed = dom.power_off()                     # the host loses power
         assert killed == [pid] and not alive(pid)
-        assert await asyncio.wait_for(proc.wait_exit(), 10) == UNKNOWN_EXIT
+        assert await wait_for(proc.wait_exit(), 10) == UNKNOWN_EXIT
         assert proc.state is ProcState.EXITED
     finally:
         if proc is not None:

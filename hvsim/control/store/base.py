@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Union
 
+from hvbase.aio import wait_for
 from hvbase.fsm import StateMachine
 
 from ..errors import ControlInputError, FencedError, LeaseExpiredError, StoreError, StoreUnavailableError
@@ -381,7 +382,7 @@ class KeptLease:
             if sent >= self.valid_until:
                 break                         # woke too late (frozen, or the loop was starved)
             try:
-                ttl = await asyncio.wait_for(self.store.keep_alive(self.lease), self.valid_until - sent)
+                ttl = await wait_for(self.store.keep_alive(self.lease), self.valid_until - sent)
                 self.valid_until = max(self.valid_until, sent + self._window(ttl))
             except LeaseExpiredError:
                 break

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import grpc
 from aetcd import rpc
 
+from hvbase.aio import wait_for
 from ..errors import (
     CompactedError, ControlError, ControlInputError, LeaseExpiredError, StoreError, StoreUnavailableError,
 )
@@ -368,7 +369,7 @@ class _EtcdWatch(Watch):
         self._created = asyncio.get_running_loop().create_future()
         self._task = asyncio.create_task(self._run(), name=f"etcd-watch-{self.prefix}")
         try:
-            await asyncio.wait_for(asyncio.shield(self._created), self.store.retry_for + self.store.timeout)
+            await wait_for(asyncio.shield(self._created), self.store.retry_for + self.store.timeout)
         except BaseException:
             await self.stop()
             raise
@@ -387,7 +388,7 @@ class _EtcdWatch(Watch):
     async def next(self, timeout: float | None = None) -> WatchEvent:
         if self._task is None and self._queue.empty():
             raise StoreError("watch is not started (use it as `async with store.watch(...)`)")
-        item = await asyncio.wait_for(self._queue.get(), timeout)
+        item = await wait_for(self._queue.get(), timeout)
         if isinstance(item, BaseException):
             raise item
         return item

@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hvbase.aio import wait_for
 from ..errors import CompactedError, ControlInputError, LeaseExpiredError, StoreError, StoreUnavailableError
 from .base import (
     Compare, Delete, EventKind, Get, KeyValue, Lease, Op, OpResult, Page, Put, Store, Txn, TxnResult,
@@ -475,7 +476,7 @@ class _SQLiteWatch(Watch):
                 if wait <= 0:
                     raise TimeoutError(f"no event under {self.prefix!r} within {timeout} s")
             try:
-                await asyncio.wait_for(changed.wait(), wait)
+                await wait_for(changed.wait(), wait)
             except TimeoutError:
                 pass
         return self._buf.popleft()

@@ -18,6 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from hvbase.aio import wait_for
 from hvbase.fsm import StateMachine
 from qmp_bridge.process import die_with_parent
 
@@ -204,7 +205,7 @@ class ShimProcess:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(asyncio.shield(proc.wait()), timeout)
+                await wait_for(asyncio.shield(proc.wait()), timeout)
             except TimeoutError:
                 log.warning("shim pid %d ignored SIGTERM for %.1fs; killing it", proc.pid, timeout)
                 await self._hard_kill()

@@ -27,6 +27,7 @@ from pathlib import Path
 from collections.abc import Iterable
 from typing import Any, cast
 
+from hvbase.aio import wait_for
 from hvbase.fsm import StateMachine
 
 from . import protocol as P
@@ -664,7 +665,7 @@ class NbdServer:
             if still:
                 await asyncio.wait([asyncio.ensure_future(c.wait_closed()) for c in still], timeout=grace)
         try:
-            await asyncio.wait_for(self._server.wait_closed(), timeout=1.0)
+            await wait_for(self._server.wait_closed(), timeout=1.0)
         except TimeoutError:
             pass
         try:

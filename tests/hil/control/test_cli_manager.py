@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hvbase.aio import wait_for
 from .conftest import ControlPlane
 
 pytestmark = pytest.mark.hil
@@ -28,7 +29,7 @@ class Cli:
     async def __call__(self, *args: str, raw: bool = False) -> tuple[int, str, str]:
         p = await asyncio.create_subprocess_exec(*HVSIM, *([] if raw else self.base), *args, cwd=REPO, env=self.env,
                                                  stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-        out, err = await asyncio.wait_for(p.communicate(), 600)
+        out, err = await wait_for(p.communicate(), 600)
         assert p.returncode is not None
         e = err.decode(errors="replace")
         assert "Traceback" not in e, e

@@ -12,11 +12,13 @@ from collections.abc import AsyncIterator
 import pytest
 
 from hvsim.crosscloud.app import WriterApp, verify_records
-from hvsim.crosscloud.errors import (CredentialsError, NativeMigrationRefusedError, ReplicationError,
-                                    UnknownProviderError)
+from hvsim.core.model import VMSpec
+from hvsim.crosscloud.errors import (CredentialsError, NativeMigrationRefusedError, NoAgentChannelError,
+                                    NoCapacityError, ReplicationError, UnknownProviderError)
 from hvsim.crosscloud.guestproc import fields
 from hvsim.crosscloud.orchestrator import CrossCloudMigration, XState
 from hvsim.crosscloud.scene import Scene, two_clouds
+from hvsim.migration import IncompatibleMachinesError, migrate
 
 pytestmark = [pytest.mark.hil, pytest.mark.timeout(420)]
 MiB = 1 << 20
@@ -129,6 +131,42 @@ async def test_native_live_migration_between_the_profiles_is_refused_before_anyt
     with pytest.raises(CredentialsError):
         await migration(scene, app, dest_credentials="wrong").prepare()
     assert not scene.b.exists("app1") and scene.a.state("app1") == "running"
+    # the migration engine itself refuses it, with the reasons, before it starts anything: cloud B's
+    # host has profile B, so its QEMU would be q35/Westmere/scsi/e1000
+    vm = scene.a.cluster.vm("app1")
+    b1 = scene.b.cluster.host("b1")
+    with pytest.raises(IncompatibleMachinesError) as ej:
+        await migrate(vm, b1)
+    assert {"machine pc vs q35", "cpu qemu64 vs Westmere", "disk bus virtio-blk vs scsi",
+            "nic model virtio-net-pci vs e1000"} <= set(ej.value.blockers)
+    assert not b1.allocations and not scene.b.cluster.vms
+    assert vm.state.value == "running" and vm.host.name == "a1"
+    seq = app.acks.last_seq
+    await wait_for(lambda: app.acks.last_seq > seq, 30, "the writer still acknowledging at the source")
+
+
+async def test_no_capacity_and_no_agent_channel_are_refused_before_anything_is_created(scene: Scene) -> None:
+    app = await scene.source_vm("app1", disk_mib=32, prefill_mib=0, rate_kib=16)
+    b1 = scene.b.cluster.host("b1")
+    # another tenant holds almost all of cloud B's memory
+    b1.reserve(VMSpec("tenant", memory_mib=b1.free_memory_mib - 64))
+    m = migration(scene, app)
+    with pytest.raises(NoCapacityError) as ei:
+        await m.prepare()
+    assert "cloud-b" in str(ei.value) and "memory" in str(ei.value)
+    assert m.state is XState.NEW and not scene.b.cluster.vms and set(b1.allocations) == {"tenant"}
+    assert not list(scene.workdir.glob("pki"))        # no migration credentials were made either
+    b1.release("tenant")
+    # the source's guest agent stops answering (SIGSTOP, from a detached shell so the exec returns)
+    await app.stop()
+    await scene.a.exec("app1", "setsid sh -c 'sleep 1; kill -STOP $(pidof hvsim-agent)' >/dev/null 2>&1 &")
+    await asyncio.sleep(3)
+    m2 = migration(scene, app)
+    with pytest.raises(NoAgentChannelError) as ej:
+        await m2.prepare()
+    assert "agent" in str(ej.value) and "app1" in str(ej.value)
+    assert m2.state is XState.NEW and not scene.b.cluster.vms and not b1.allocations
+    assert scene.a.state("app1") == "running"
 
 
 async def test_destination_agent_killed_is_restarted_and_resumes(scene: Scene) -> None:

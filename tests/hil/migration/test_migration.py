@@ -110,44 +110,6 @@ async def test_round_trip_with_different_policies(lab) -> None:
     assert_guest_healthy(vm)
 
 
-async def test_cancel_midway_leaves_the_source_running_and_nothing_of_the_destination(lab) -> None:
-    vm = await lab.boot("cancelme")
-    await vm.exec("dirty 96 0 >/dev/null 2>&1 &", check=True)
-    await lab.ul.set_bandwidth("b", 40)        # slow enough to be caught midway
-    gen = vm.generation
-    m = start_migration(vm, "b", policy="qemu-default", timeout=120)
-    async for p in m:
-        if p.state is MigrationState.ACTIVE and p.transferred > 4 * 2**20:
-            break
-    dest_proc = m.transfer.dest_proc
-    assert dest_proc is not None and pid_alive(dest_proc.pid)
-    m.cancel()
-    with pytest.raises(MigrationCancelledError):
-        await m
-    assert m.state is MigrationState.CANCELLED and m.result.outcome == "cancelled"
-    assert not pid_alive(dest_proc.pid), "destination QEMU still running"
-    assert not m.lease.dir.exists()
-    assert "cancelme" not in lab.cl.hosts["b"].allocations
-    await assert_source_untouched(vm, "a", gen)
-    with pytest.raises(MigrationStateError, match="already ended"):
-        m.cancel()
-
-
-async def test_timeout_cancels_and_leaves_the_source_running(lab) -> None:
-    vm = await lab.boot("slowpoke")
-    await vm.exec("dirty 96 0 >/dev/null 2>&1 &", check=True)
-    await lab.ul.set_bandwidth("b", 40)        # QEMU's default cannot converge on this
-    gen = vm.generation
-    m = start_migration(vm, "b", policy="qemu-default", timeout=4)
-    with pytest.raises(MigrationTimeoutError, match="did not finish within 4 s"):
-        await m
-    assert m.state is MigrationState.TIMED_OUT and m.result.outcome == "timeout"
-    assert m.result.bytes > 0 and m.result.touched_bytes > 0
-    assert m.transfer.dest_proc is not None and not pid_alive(m.transfer.dest_proc.pid)
-    assert "slowpoke" not in lab.cl.hosts["b"].allocations
-    await assert_source_untouched(vm, "a", gen)
-
-
 async def test_cluster_teardown_during_a_migration_leaves_no_qemu(lab) -> None:
     vm = await lab.boot("torndown")
     await vm.exec("dirty 96 0 >/dev/null 2>&1 &", check=True)
@@ -161,28 +123,6 @@ async def test_cluster_teardown_during_a_migration_leaves_no_qemu(lab) -> None:
     assert m.done() and m.state is not MigrationState.COMPLETED
     assert not pid_alive(src_pid) and not pid_alive(dest_pid)
     assert not lab.cl.run_dir.exists()
-
-
-async def test_destination_that_fails_to_start_gives_a_clear_error_and_an_untouched_source(lab) -> None:
-    vm = await lab.boot("badest")
-    gen = vm.generation
-    with pytest.raises(DestinationStartError, match="failed to start") as ei:
-        await migrate(vm, "b", timeout=60, dest_extra_args=("-no-such-qemu-option",))
-    assert "no-such-qemu-option" in str(ei.value)
-    assert ei.value.result.outcome == "failed"
-    assert "badest" not in lab.cl.hosts["b"].allocations and "badest" in lab.cl.hosts["a"].allocations
-    await assert_source_untouched(vm, "a", gen)
-
-
-async def test_destination_without_capacity_is_refused_before_any_process_starts(lab) -> None:
-    small = lab.cl.add_host(HostSpec("tiny", vcpus=1, memory_mib=128), network=lab.ul.host_network("c"))
-    vm = await lab.boot("fat")
-    gen = vm.generation
-    with pytest.raises(MigrationRefusedError, match="cannot take vm 'fat'") as ei:
-        start_migration(vm, small, timeout=60)
-    assert isinstance(ei.value, CapacityError)
-    assert not list(vm.run_dir.glob("mig*")) and small.allocations == {}
-    await assert_source_untouched(vm, "a", gen)
 
 
 async def test_two_migrations_at_once_to_different_hosts(lab) -> None:
@@ -219,3 +159,71 @@ async def test_destroy_during_a_migration_rolls_it_back_first(lab) -> None:
     assert not pid_alive(src_pid) and not pid_alive(dest_pid)
     assert lab.cl.hosts["a"].allocations == {} and lab.cl.hosts["b"].allocations == {}
     assert not m.lease.dir.exists()
+
+
+@pytest.mark.asyncio(loop_scope="class")
+class TestAMigrationThatDoesNotHappenLeavesTheSourceAsItWas:
+    """Refused, failed, timed-out and cancelled migrations of one guest (``shared_lab``: each of these
+    leaves the source running and untouched on a, which each test asserts, so the next starts from
+    that state; the lab re-checks it and boots a fresh guest if a test left it otherwise)."""
+
+    async def test_destination_without_capacity_is_refused_before_any_process_starts(self, shared_lab) -> None:
+        lab = shared_lab
+        small = lab.cl.add_host(HostSpec("tiny", vcpus=1, memory_mib=128), network=lab.ul.host_network("c"))
+        vm = await lab.guest("src")
+        gen = vm.generation
+        with pytest.raises(MigrationRefusedError, match=f"cannot take vm '{vm.name}'") as ei:
+            start_migration(vm, small, timeout=60)
+        assert isinstance(ei.value, CapacityError)
+        assert not list(vm.run_dir.glob("mig*")) and small.allocations == {}
+        await assert_source_untouched(vm, "a", gen)
+
+    async def test_destination_that_fails_to_start_gives_a_clear_error_and_an_untouched_source(
+            self, shared_lab) -> None:
+        lab = shared_lab
+        vm = await lab.guest("src")
+        gen = vm.generation
+        with pytest.raises(DestinationStartError, match="failed to start") as ei:
+            await migrate(vm, "b", timeout=60, dest_extra_args=("-no-such-qemu-option",))
+        assert "no-such-qemu-option" in str(ei.value)
+        assert ei.value.result.outcome == "failed"
+        assert vm.name not in lab.cl.hosts["b"].allocations and vm.name in lab.cl.hosts["a"].allocations
+        await assert_source_untouched(vm, "a", gen)
+
+    async def test_timeout_cancels_and_leaves_the_source_running(self, shared_lab) -> None:
+        lab = shared_lab
+        vm = await lab.guest("src")
+        await vm.exec("dirty 96 0 >/dev/null 2>&1 &", check=True)
+        await lab.ul.set_bandwidth("b", 40)        # QEMU's default cannot converge on this
+        gen = vm.generation
+        m = start_migration(vm, "b", policy="qemu-default", timeout=4)
+        with pytest.raises(MigrationTimeoutError, match="did not finish within 4 s"):
+            await m
+        assert m.state is MigrationState.TIMED_OUT and m.result.outcome == "timeout"
+        assert m.result.bytes > 0 and m.result.touched_bytes > 0
+        assert m.transfer.dest_proc is not None and not pid_alive(m.transfer.dest_proc.pid)
+        assert vm.name not in lab.cl.hosts["b"].allocations
+        await assert_source_untouched(vm, "a", gen)
+
+    async def test_cancel_midway_leaves_the_source_running_and_nothing_of_the_destination(self, shared_lab) -> None:
+        lab = shared_lab
+        vm = await lab.guest("src")
+        await vm.exec("dirty 96 0 >/dev/null 2>&1 &", check=True)
+        await lab.ul.set_bandwidth("b", 40)        # slow enough to be caught midway
+        gen = vm.generation
+        m = start_migration(vm, "b", policy="qemu-default", timeout=120)
+        async for p in m:
+            if p.state is MigrationState.ACTIVE and p.transferred > 4 * 2**20:
+                break
+        dest_proc = m.transfer.dest_proc
+        assert dest_proc is not None and pid_alive(dest_proc.pid)
+        m.cancel()
+        with pytest.raises(MigrationCancelledError):
+            await m
+        assert m.state is MigrationState.CANCELLED and m.result.outcome == "cancelled"
+        assert not pid_alive(dest_proc.pid), "destination QEMU still running"
+        assert not m.lease.dir.exists()
+        assert vm.name not in lab.cl.hosts["b"].allocations
+        await assert_source_untouched(vm, "a", gen)
+        with pytest.raises(MigrationStateError, match="already ended"):
+            m.cancel()

@@ -236,71 +236,90 @@ async def attempt(vm: VM, hooks: UldHooks, **opts: Any) -> MigrationError:
     return err
 
 
-async def test_faults_on_the_source_and_the_destination_driver(mp: Cluster) -> None:
-    vm = await shim_guest(mp, "faulty")
-    src = vm.component("shim:swap")
-    assert isinstance(src, ShimComponent)
-    await vm.exec("dirty 8 2 >/dev/null 2>&1 &", check=True)
-    # the source shim killed during pre-copy (the second round: the migration is under way)
-    f = Faults("precopy-checkpoint", kill, skip=1)
-    err = await attempt(vm, f)
-    assert f.fired and "shim:swap" in str(err) and "precopy-checkpoint" in str(err)
-    await assert_rolled_back(vm, src)
-    assert src.restarts >= 1
-    # the source shim killed while its final checkpoint is taken (inside the pause)
-    f = Faults("final-checkpoint", kill)
-    err = await attempt(vm, f)
-    assert f.fired and "final-checkpoint" in str(err)
-    await assert_rolled_back(vm, src)
-    # the destination shim cannot start (its directory is taken by a file)
-    f = Faults("peer-starting", lambda c: c.dir.parent.mkdir(parents=True, exist_ok=True) or c.dir.write_text("x"))
-    err = await attempt(vm, f)
-    assert f.fired and "peer-starting" in str(err) and "shim:swap" in str(err)
-    await assert_rolled_back(vm, src)
-    # the destination shim dies before it can restore the final checkpoint
-    f = Faults("final-restore", kill)
-    err = await attempt(vm, f)
-    assert f.fired and "final-restore" in str(err)
-    await assert_rolled_back(vm, src)
-    assert_guest_healthy(vm)
-    await verify(vm, "rand")
+async def shim_serving(vm: VM) -> bool:
+    """The shared shim guest's driver is up and serving (what each test's rollback checks assert)."""
+    shim = vm.component("shim:swap")
+    return (isinstance(shim, ShimComponent) and shim.state is ComponentState.READY and bool(shim.pids())
+            and bool((await shim.control.ping())["exports"]))
 
 
-async def test_a_bad_checkpoint_is_refused_naming_the_driver(mp: Cluster) -> None:
-    # one guest, three refused migrations: each leaves the source as it was, so the next one starts
-    # from a running source with its shim serving (and the pages still verify after all three)
-    vm = await shim_guest(mp, "bad-ck")
-    src = vm.component("shim:swap")
-    assert isinstance(src, ShimComponent)
-    for how, why in (("truncate", "truncated"), ("corrupt", "checksum mismatch"),
-                     ("version", "format version 9 is not supported")):
-        err = await attempt(vm, Tamper(how))
-        assert "bad-ck/shim:swap" in str(err) and why in str(err), f"{how}: {err}"
-        await assert_rolled_back(vm, src)
-    await verify(vm)
+async def shared_shim_guest(lab: Any) -> VM:
+    """The class's shim guest (``shim_guest``: warm cache, FILL_MIB verifiable pages) on a, reused when
+    the previous test left it running there with its shim serving (each of these tests ends by
+    asserting that, and that every page still verifies), else a fresh one."""
+    return await lab.guest("shimmed", boot=lambda: shim_guest(lab.cl, "shimmed"), still_good=shim_serving)
 
 
-async def test_the_link_going_down_mid_transfer(mp: Cluster, underlay: Underlay) -> None:
-    vm = await shim_guest(mp, "linkdown")
-    src = vm.component("shim:swap")
-    assert isinstance(src, ShimComponent)
-    ns = underlay.host_ns("a")
+@pytest.mark.asyncio(loop_scope="class")
+class TestFaultsLeaveTheSourceServing:
+    """Refused and failed migrations of one shim guest (``shared_mp``, see tests/hil/migration/conftest.py):
+    each leaves the source running with its shim serving and every page intact, which each test asserts;
+    the link test, which ends with the guest migrated, comes last."""
 
-    def down(_: Component) -> None:
-        subprocess.run(["ip", "-n", ns, "link", "set", HOST_IFACE, "down"], check=True)
-    f = Faults("precopy-transfer", down)
-    t0 = time.monotonic()
-    try:
+    async def test_a_bad_checkpoint_is_refused_naming_the_driver(self, shared_mp) -> None:
+        # three refused migrations: each leaves the source as it was, so the next one starts from a
+        # running source with its shim serving (and the pages still verify after all three)
+        vm = await shared_shim_guest(shared_mp)
+        src = vm.component("shim:swap")
+        assert isinstance(src, ShimComponent)
+        for how, why in (("truncate", "truncated"), ("corrupt", "checksum mismatch"),
+                         ("version", "format version 9 is not supported")):
+            err = await attempt(vm, Tamper(how))
+            assert f"{vm.name}/shim:swap" in str(err) and why in str(err), f"{how}: {err}"
+            await assert_rolled_back(vm, src)
+        await verify(vm)
+
+    async def test_faults_on_the_source_and_the_destination_driver(self, shared_mp) -> None:
+        vm = await shared_shim_guest(shared_mp)
+        src = vm.component("shim:swap")
+        assert isinstance(src, ShimComponent)
+        await vm.exec("dirty 8 2 >/dev/null 2>&1 &", check=True)
+        # the source shim killed during pre-copy (the second round: the migration is under way)
+        f = Faults("precopy-checkpoint", kill, skip=1)
         err = await attempt(vm, f)
-    finally:
-        subprocess.run(["ip", "-n", ns, "link", "set", HOST_IFACE, "up"], check=True)
-    assert f.fired and "no ULD state arrived" in str(err) and time.monotonic() - t0 < 60
-    await assert_rolled_back(vm, src)
-    await verify(vm)
-    # the link is back: the same VM migrates now
-    m = await migrate(vm, "b", timeout=180)
-    assert m.result.outcome == "completed"
-    await verify(vm, "rev")
+        assert f.fired and "shim:swap" in str(err) and "precopy-checkpoint" in str(err)
+        await assert_rolled_back(vm, src)
+        assert src.restarts >= 1
+        # the source shim killed while its final checkpoint is taken (inside the pause)
+        f = Faults("final-checkpoint", kill)
+        err = await attempt(vm, f)
+        assert f.fired and "final-checkpoint" in str(err)
+        await assert_rolled_back(vm, src)
+        # the destination shim cannot start (its directory is taken by a file)
+        f = Faults("peer-starting", lambda c: c.dir.parent.mkdir(parents=True, exist_ok=True) or c.dir.write_text("x"))
+        err = await attempt(vm, f)
+        assert f.fired and "peer-starting" in str(err) and "shim:swap" in str(err)
+        await assert_rolled_back(vm, src)
+        # the destination shim dies before it can restore the final checkpoint
+        f = Faults("final-restore", kill)
+        err = await attempt(vm, f)
+        assert f.fired and "final-restore" in str(err)
+        await assert_rolled_back(vm, src)
+        assert_guest_healthy(vm)
+        await verify(vm, "rand")
+
+    async def test_the_link_going_down_mid_transfer(self, shared_mp) -> None:
+        underlay = shared_mp.ul
+        vm = await shared_shim_guest(shared_mp)
+        src = vm.component("shim:swap")
+        assert isinstance(src, ShimComponent)
+        ns = underlay.host_ns("a")
+
+        def down(_: Component) -> None:
+            subprocess.run(["ip", "-n", ns, "link", "set", HOST_IFACE, "down"], check=True)
+        f = Faults("precopy-transfer", down)
+        t0 = time.monotonic()
+        try:
+            err = await attempt(vm, f)
+        finally:
+            subprocess.run(["ip", "-n", ns, "link", "set", HOST_IFACE, "up"], check=True)
+        assert f.fired and "no ULD state arrived" in str(err) and time.monotonic() - t0 < 60
+        await assert_rolled_back(vm, src)
+        await verify(vm)
+        # the link is back: the same VM migrates now
+        m = await migrate(vm, "b", timeout=180)
+        assert m.result.outcome == "completed"
+        await verify(vm, "rev")
 
 
 async def test_qemu_storage_daemon_data_disk_keeps_its_content(mp: Cluster, underlay: Underlay) -> None:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from hvbase.aio import wait_for
 from hvsim.network import netns as nsutil
 from hvsim.network.controller import MoveState, NetworkController
 from hvsim.network.endpoint import NsEndpoint
@@ -200,7 +201,7 @@ async def test_spoofed_frames_are_dropped_counted_and_never_delivered() -> None:
                                                     stdout=asyncio.subprocess.PIPE)
         try:
             assert proc.stdout is not None
-            assert (await asyncio.wait_for(proc.stdout.readline(), 10)).strip() == b"READY"
+            assert (await wait_for(proc.stdout.readline(), 10)).strip() == b"READY"
             m1, m2, forged = mac(1, 1), mac(1, 2), "52:54:00:66:66:66"
             frames = []
             for _ in range(5):
@@ -212,7 +213,7 @@ async def test_spoofed_frames_are_dropped_counted_and_never_delivered() -> None:
             await e1.send_frames(frames)
             await asyncio.sleep(0.5)
             await e1.send_frames([udp_frame(m1, m2, "10.77.0.1", "10.77.0.2", 9999, b"END")])
-            out, _ = await asyncio.wait_for(proc.communicate(), 15)
+            out, _ = await wait_for(proc.communicate(), 15)
         finally:
             if proc.returncode is None:
                 proc.kill()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from hvbase.aio import wait_for
 from hvsim.network import netns as nsutil
 from hvsim.network.errors import CommandError, SetupError, UnknownHostError
 from hvsim.network.probe import measure_throughput
@@ -200,7 +201,7 @@ async def test_cancellation_inside_block_tears_down() -> None:
             await asyncio.sleep(60)
 
     t = asyncio.ensure_future(body())
-    await asyncio.wait_for(up.wait(), 10)
+    await wait_for(up.wait(), 10)
     t.cancel()
     with pytest.raises(asyncio.CancelledError):
         await t

@@ -9,6 +9,7 @@ import signal
 
 import pytest
 
+from hvbase.aio import wait_for
 from hvsim.core.cluster import Cluster
 from hvsim.core.components import ComponentState, RestartPolicy
 from hvsim.core.events import ComponentFailed, ComponentRestarted
@@ -47,7 +48,7 @@ async def test_a_shim_that_dies_mid_swap_in_is_restarted_and_the_guest_continues
                 if any(isinstance(e, ComponentRestarted) for e in events):
                     break
                 await asyncio.sleep(0.1)
-        res = await asyncio.wait_for(retouch, 300)
+        res = await wait_for(retouch, 300)
     finally:
         if not retouch.done():
             retouch.cancel()

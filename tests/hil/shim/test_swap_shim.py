@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from hvbase.aio import wait_for
 from hvsim.core.cluster import Cluster
 from hvsim.core.components import ComponentState
 from hvsim.core.errors import SpecError
@@ -121,7 +122,7 @@ async def test_shim_killed_mid_swap_in_guest_stalls_then_continues(cluster: Clus
         assert "exited" in failures[0].error and vm.component_failures == failures
         assert shim.state is ComponentState.FAILED
         await shim.restart()  # same socket: QEMU reconnects within reconnect-delay
-        res = await asyncio.wait_for(retouch, 240)
+        res = await wait_for(retouch, 240)
     finally:
         if not retouch.done():
             retouch.cancel()

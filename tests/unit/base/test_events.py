@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from hvbase.aio import wait_for
 from hvbase.events import EventBus, SubscriptionClosed
 
 
@@ -78,7 +79,7 @@ async def test_closing_the_bus_ends_iterators_and_wakes_waiters() -> None:
     task = asyncio.ensure_future(drain())
     await asyncio.sleep(0)
     bus.close()
-    assert await asyncio.wait_for(task, 1) == [1]
+    assert await wait_for(task, 1) == [1]
     with pytest.raises(SubscriptionClosed):
         await sub.get()
     assert bus.subscribe("after").closed

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from hvbase.aio import wait_for
 from hvsim.control.errors import ControlInputError, FencedError, StoreError
 from hvsim.control.fencing import audit, store_terms
 from hvsim.control.leader import LEADER_KEY, LeaderInfo, find_leader, publish_leader
@@ -103,7 +104,7 @@ async def test_kept_lease_valid_only_within_its_ttl(store: Store) -> None:
         assert kept.valid() and 0 < kept.remaining() <= 2
         kept.valid_until = time.monotonic() - 0.01                 # as a process waking from SIGSTOP sees it
         assert not kept.valid() and kept.remaining() == 0
-        await asyncio.wait_for(kept.lost.wait(), 10)               # the keeper notices and gives up
+        await wait_for(kept.lost.wait(), 10)               # the keeper notices and gives up
     finally:
         await kept.stop()
 

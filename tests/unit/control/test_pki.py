@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from hvbase.aio import wait_for
 from hvsim.control.errors import ControlInputError
 from hvsim.control.pki import CertificateAuthority, client_context, peer_name, server_context
 
@@ -42,7 +43,7 @@ async def talk(port_or_path: int | str, ctx: ssl.SSLContext, server_hostname: st
     try:
         w.write(b"hello\n")
         await w.drain()
-        return await asyncio.wait_for(r.readline(), 10)
+        return await wait_for(r.readline(), 10)
     finally:
         w.close()
 

@@ -9,6 +9,7 @@ import stat
 import sys
 from pathlib import Path
 
+from hvbase.aio import wait_for
 from hvsim.control.errors import LeaseExpiredError
 from hvsim.control.store import SQLiteStore
 
@@ -34,7 +35,7 @@ async def test_acknowledged_writes_survive_sigkill(tmp_path: Path) -> None:
     acked = -1
     try:
         while acked < 200:
-            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            line = await wait_for(proc.stdout.readline(), 30)
             assert line, "writer died"
             acked = int(line)
     finally:

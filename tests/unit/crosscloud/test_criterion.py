@@ -58,6 +58,9 @@ def test_achievable_downtime_is_the_smallest_prediction_seen() -> None:
     d1 = c.evaluate(rs, pending=4 * MiB, elapsed_s=16)
     d2 = c.evaluate(rs, pending=16 * MiB, elapsed_s=17, achievable_s=d1.predicted_s)
     assert d2.achievable_s == pytest.approx(d1.predicted_s) and d2.predicted_s > d1.predicted_s  # type: ignore[operator]
+    # accepting now means the current prediction (the delta grew), the best one is only mentioned
+    assert d2.options(1.5)[0].startswith(f"accept a downtime of about {d2.predicted_s:.1f} s now")
+    assert f"smallest predicted so far was {d1.predicted_s:.1f} s" in d2.options(1.5)[0]
 
 
 def test_small_rounds_do_not_measure_the_bandwidth() -> None:
@@ -86,3 +89,34 @@ def test_bad_criterion_settings_are_refused(kw: dict[str, float]) -> None:
 def test_bad_round_records_are_refused(rec: tuple[int, int, float, int]) -> None:
     with pytest.raises(CrossCloudInputError):
         RoundRecord(*rec)
+
+
+def test_a_fit_with_a_long_delta_copy_goes_one_more_round_then_cuts_over() -> None:
+    c = SwitchoverCriterion(budget_s=8.0, costs=COSTS)
+    # 2 MiB/s link, a 64 KiB/s writer: the first round (96 MiB, 48 s) leaves 3 MiB dirty
+    rs = rounds((96 * MiB, 48.0, 3 * MiB))
+    d = c.evaluate(rs, pending=3 * MiB, elapsed_s=48)
+    assert d.predicted_s is not None and d.predicted_s <= 8.0          # it fits: 1.0 + 1.5 s
+    assert d.verdict is Verdict.CONTINUE and "one more round" in d.reason
+    after = d.inputs["after_one_more_round_s"]
+    assert after < d.predicted_s * 0.75
+    # the second round copied the 3 MiB in 1.6 s; 100 KiB piled up meanwhile
+    rs = rounds((96 * MiB, 48.0, 3 * MiB), (3 * MiB, 1.6, 100 * 1024))
+    d2 = c.evaluate(rs, pending=100 * 1024, elapsed_s=49.6)
+    assert d2.verdict is Verdict.CUTOVER
+    assert d2.predicted_s is not None and d2.predicted_s < d.predicted_s * 0.75
+    assert d2.predicted_s == pytest.approx(after, rel=0.05)
+
+
+def test_a_fit_never_waits_past_the_round_limit_or_for_a_writer_that_keeps_up() -> None:
+    rs = rounds((96 * MiB, 48.0, 3 * MiB))
+    # out of rounds: cut over at the fit
+    assert SwitchoverCriterion(budget_s=8.0, costs=COSTS, max_rounds=1).evaluate(
+        rs, pending=3 * MiB, elapsed_s=48).verdict is Verdict.CUTOVER
+    # a writer as fast as the link: another round would not shrink the delta
+    fast = rounds((96 * MiB, 48.0, 3 * MiB), (3 * MiB, 1.5, 3 * MiB))
+    c = SwitchoverCriterion(budget_s=8.0, costs=COSTS)
+    assert c.evaluate(fast, pending=3 * MiB, elapsed_s=49.5).verdict is Verdict.CUTOVER
+    # a short copy is not worth a round however the ratio looks
+    assert c.evaluate(rounds((96 * MiB, 48.0, 512 * 1024)), pending=512 * 1024,
+                      elapsed_s=48).verdict is Verdict.CUTOVER

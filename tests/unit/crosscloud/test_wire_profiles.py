@@ -130,3 +130,21 @@ def test_agent_line_fields() -> None:
     assert fields('LINK down reason="connection reset by peer" acked=5 next=9') == {
         "reason": "connection reset by peer", "acked": "5", "next": "9"}
     assert fields("ROUND 3 done bytes=4096 secs=0.1") == {"bytes": "4096", "secs": "0.1"}
+
+
+def test_host_machine_profiles_and_the_engines_compatibility_check() -> None:
+    from hvsim.core.errors import SpecError
+    from hvsim.core.model import DiskSpec, HostSpec, MachineProfile, NicSpec, VMSpec, native_migration_blockers
+
+    a, b = PROFILE_A.machine_profile(), PROFILE_B.machine_profile()
+    h = HostSpec("b1", profile=b)
+    assert HostSpec.from_dict(h.to_dict()) == h                      # serialisable, as a manager stores it
+    vm = a.apply(VMSpec("v", disks=(DiskSpec("d0"),), nics=(NicSpec("n0"),)))
+    assert native_migration_blockers(vm, a.apply(vm)) == []
+    assert native_migration_blockers(vm, b.apply(vm)) == ["machine pc vs q35", "cpu qemu64 vs Westmere",
+                                                          "disk bus virtio-blk vs scsi",
+                                                          "nic model virtio-net-pci vs e1000"]
+    with pytest.raises(SpecError):
+        MachineProfile("x", "pc", "qemu64", "floppy", "e1000")
+    with pytest.raises(SpecError):
+        HostSpec("h", profile="B")  # type: ignore[arg-type]

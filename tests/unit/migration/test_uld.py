@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import pytest
 
+from hvbase.aio import wait_for
 from hvbase.fsm import StateMachine
 from hvsim.core.host import Host
 from hvsim.core.model import HostSpec
@@ -158,7 +159,7 @@ async def test_a_stalled_link_fails_the_transfer_with_a_clear_error(link: StateL
     os.kill(sender, signal.SIGSTOP)          # the bytes stop moving, like a link that went down
     try:
         with pytest.raises(StateLinkError, match="no ULD state arrived on b for .* the link is down or stalled"):
-            await asyncio.wait_for(link.send("x", os.urandom(4 << 20)), 20)
+            await wait_for(link.send("x", os.urandom(4 << 20)), 20)
     finally:
         os.kill(sender, signal.SIGCONT)
 
@@ -170,7 +171,7 @@ async def test_a_dead_relay_fails_the_link() -> None:
         os.kill(lk.pids()[0], signal.SIGKILL)      # the receiver
         with pytest.raises(StateLinkError, match="receiver on b stopped|stream broke|unusable"):
             for _ in range(20):
-                await asyncio.wait_for(lk.send("x", b"y" * 1000), 10)
+                await wait_for(lk.send("x", b"y" * 1000), 10)
                 await asyncio.sleep(0.1)
     finally:
         await lk.close()
@@ -186,7 +187,7 @@ async def test_the_receiver_refuses_a_peer_without_the_token() -> None:
     port = int((await proc.stdout.readline()).split()[1])
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(b"b" * 64 + b"\nmalicious bytes")
-    assert await asyncio.wait_for(proc.wait(), 10) == 3
+    assert await wait_for(proc.wait(), 10) == 3
     assert b"did not present the token" in await proc.stderr.read()
     assert await proc.stdout.read() == b""         # nothing of it reached us
     s.close()

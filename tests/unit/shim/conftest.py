@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hvbase.aio import wait_for
 from hvsim.drivers.shim.daemon import ShimConfig, ShimDaemon
 
 SIZE = 8 * 1024 * 1024
@@ -54,7 +55,7 @@ async def run(*argv: str, timeout: float = 60.0, check: bool = True) -> tuple[in
     """Run an external client without blocking the loop that serves the in-process shim."""
     proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await wait_for(proc.communicate(), timeout)
     except BaseException:
         if proc.returncode is None:
             proc.kill()

@@ -5,6 +5,7 @@ import asyncio
 import struct
 from dataclasses import dataclass
 
+from hvbase.aio import wait_for
 from hvsim.drivers.shim import protocol as P
 
 
@@ -91,7 +92,7 @@ class RawNbd:
     async def closed_by_server(self, timeout: float = 5.0) -> bool:
         """True when the server closed the connection (EOF or reset) without sending more bytes."""
         try:
-            data = await asyncio.wait_for(self.reader.read(1), timeout)
+            data = await wait_for(self.reader.read(1), timeout)
         except (ConnectionError, OSError):
             return True
         return data == b""

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hvbase.aio import wait_for
 from hvsim.drivers.shim import checkpoint as ckfmt
 from hvsim.drivers.shim.cache import PAGE
 from hvsim.drivers.shim.checkpoint import CheckpointFormatError, ShimCheckpoint, apply_delta, decode, encode
@@ -281,7 +282,7 @@ async def test_quiesce_holds_writes_unacknowledged_and_resume_lets_them_through(
     final = dev.capture()
     assert final.tracker_items()[-1][0] == 9
     await dev.resume()
-    await asyncio.wait_for(held, 5)
+    await wait_for(held, 5)
     assert await a.read(9 * PAGE, PAGE) == bytes([2]) * PAGE
 
 

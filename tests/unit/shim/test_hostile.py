@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from hvbase.aio import wait_for
 from hvsim.drivers.shim import protocol as P
 from hvsim.drivers.shim.daemon import ShimDaemon
 
@@ -142,7 +143,7 @@ async def test_shutdown_answers_eshutdown(shim: ShimDaemon, backing: Path) -> No
     c.request(P.Cmd.READ, 42, 0, 4096)
     assert await c.reply() == (42, P.ESHUTDOWN, b"")
     await c.disconnect()  # the client reacts to ESHUTDOWN with a soft disconnect
-    await asyncio.wait_for(closing, 5.0)
+    await wait_for(closing, 5.0)
     assert not shim.config.socket.exists()
 
 

@@ -1,13 +1,13 @@
 """The shim as a separate process: launcher, control socket, crash detection, restart."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from pathlib import Path
 
 import pytest
 
+from hvbase.aio import wait_for
 from hvsim.drivers.shim.cache import PAGE, SWAP_MAGIC
 from hvsim.drivers.shim.control import ShimControlClient
 from hvsim.drivers.shim.errors import ControlError, ShimCrashed, ShimStateError
@@ -63,7 +63,7 @@ async def test_crash_is_detected_and_restart_on_same_socket_keeps_data(sockdir: 
         await run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 1M 256k", shim.nbd_uri())
         assert shim.pid is not None
         os.kill(shim.pid, signal.SIGKILL)  # the driver dies under us
-        crash = await asyncio.wait_for(shim.wait_crash(), 10)
+        crash = await wait_for(shim.wait_crash(), 10)
         assert isinstance(crash, ShimCrashed) and crash.returncode == -signal.SIGKILL
         with pytest.raises(ShimCrashed):
             shim.check()

@@ -1,0 +1,277 @@
+"""A provider driver over the hvsim manager's HTTP API: one manager per cloud, reached at its own
+address with its own bearer token, the way a migration tool reaches EC2 or vSphere.
+
+Everything goes through :class:`~hvsim.control.client.ManagerClient`: an instance is a VM record
+defined with the cloud's instance profile (machine type, CPU model, disk bus: ``VMDefine.profile``)
+and a data disk (``disk_mib``, created raw in the cloud's datastore), started by the manager on the
+host its placement chooses; exec, the streamed exec that runs the migration agents and the writer
+(``POST /v1/vms/{name}/exec-stream``), pause and resume (:mod:`hvsim.control.guestops`) are API
+calls too. Refusals come before anything is created: bad credentials (401 on the first call:
+:class:`CredentialsError`), no host with room for the instance (:class:`NoCapacityError`, from the
+manager's host records and the VMs defined on them, the way its placement counts), an instance
+whose guest agent does not answer (:class:`NoAgentChannelError`).
+
+**Not in the manager's API yet** (each raises :class:`ProviderUnsupportedError` naming it): a NIC on
+the inter-cloud network and the guest's address on it (the manager's VMs have no NICs), a data
+disk imported from an existing image, and the copy-on-write clone of a test cutover. Until they
+exist, a whole migration between two managers cannot run: the agents in the guests have no
+network to talk over. :class:`~hvsim.crosscloud.provider.InProcessProvider` remains the driver of
+the library mode, which has all of it.
+"""
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import logging
+import shlex
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..control.client import ManagerClient
+from ..control.errors import ApiAuthError, ApiConflictError, ApiError, ApiNotFoundError
+from ..control.schema import ExecRequest, VMDefine
+from ..control.state import InstanceProfile, VMPower
+from ..core.agent import Chunk, ExecResult
+from ..core.errors import AgentError
+from ..core.model import DiskSpec, VMSpec
+from .errors import CredentialsError, CrossCloudError, NoAgentChannelError, NoCapacityError
+from .profiles import ProviderProfile
+
+log = logging.getLogger("hvsim.crosscloud.manager")
+PUSH_CHUNK = 3000            # base64 bytes per command: the manager's exec takes commands of <= 4096 chars
+STATE = {VMPower.RUNNING: "running", VMPower.PAUSED: "paused", VMPower.SHUTOFF: "shutoff",
+         VMPower.MIGRATING: "migrating", VMPower.CRASHED: "crashed"}
+
+
+class ProviderUnsupportedError(CrossCloudError):
+    """The cloud's API has no way to do this (named in the message)."""
+
+
+class ManagerExecStream:
+    """The manager's streamed exec seen as :class:`hvsim.core.agent.ExecStream` (what
+    :class:`~hvsim.crosscloud.guestproc.GuestProcess` and ``verify_records`` use): ``async with``,
+    ``async for chunk``, ``result`` after the last chunk, ``collect()``. Leaving the block closes
+    the connection: the manager and the host agent close theirs, the guest kills the command."""
+
+    def __init__(self, client: ManagerClient, vm: str, command: str, timeout: float | None) -> None:
+        self.client = client
+        self.vm = vm
+        self.command = command
+        self.timeout = timeout
+        self.result: ExecResult | None = None
+        self._cm: Any = None
+        self._resp: httpx.Response | None = None
+
+    async def __aenter__(self) -> ManagerExecStream:
+        body = {"command": self.command, "timeout": self.timeout}
+        self._cm = self.client.stream_post(f"/v1/vms/{self.vm}/exec-stream", body)
+        try:
+            self._resp = await self._cm.__aenter__()
+        except ApiError as e:
+            raise AgentError(f"vm {self.vm!r}: streamed exec refused: {e.detail}") from e
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._cm is not None:
+            cm, self._cm = self._cm, None
+            await cm.__aexit__(None, None, None)
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[Chunk]:
+        assert self._resp is not None, "use `async with` first"
+        try:
+            async for line in self._resp.aiter_lines():
+                if not line:
+                    continue
+                d = json.loads(line)
+                if "data" in d:
+                    fd = d.get("fd")
+                    if fd not in (1, 2):
+                        raise AgentError(f"vm {self.vm!r}: streamed exec sent fd {fd!r}")
+                    yield Chunk(fd, base64.b64decode(d["data"], validate=True))
+                elif "error" in d:
+                    raise AgentError(f"vm {self.vm!r}: streamed exec failed: {d['error']}")
+                elif "exit_code" in d:
+                    code = d["exit_code"]
+                    self.result = ExecResult(self.command, code if isinstance(code, int) else -1, "", "",
+                                             int(d.get("signal") or 0), bool(d.get("timed_out")))
+                    return
+        except (httpx.HTTPError, ValueError) as e:
+            raise AgentError(f"vm {self.vm!r}: streamed exec broke: {e!r}") from e
+        raise AgentError(f"vm {self.vm!r}: streamed exec ended without an exit status")
+
+    async def collect(self, limit: int | None = None) -> tuple[bytes, bytes]:
+        out, err = bytearray(), bytearray()
+        async with self:
+            async for chunk in self:
+                (out if chunk.fd == 1 else err).extend(chunk.data)
+                if limit is not None and len(out) + len(err) > limit:
+                    raise AgentError(f"guest command {self.command!r} wrote more than {limit} bytes")
+        return bytes(out), bytes(err)
+
+
+@dataclass
+class ManagerProvider:
+    """A cloud run by an hvsim manager at ``address`` (``unix:/PATH`` or ``https://...``)."""
+    cloud: str
+    address: str
+    profile: ProviderProfile
+    timeout: float = 300.0
+    client: ManagerClient | None = field(default=None, repr=False)
+
+    @property
+    def api(self) -> str:
+        return self.address
+
+    async def authenticate(self, credentials: str) -> None:
+        if self.client is not None:
+            await self.client.close()
+        c = ManagerClient(self.address, credentials, timeout=self.timeout)
+        try:
+            await c.list_hosts(limit=1)            # any authenticated call: 401 if the token is wrong
+        except ApiAuthError as e:
+            await c.close()
+            raise CredentialsError(f"cloud {self.cloud!r} ({self.address}) refused the credentials") from e
+        except BaseException:
+            await c.close()
+            raise
+        self.client = c
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    def _c(self) -> ManagerClient:
+        if self.client is None:
+            raise CredentialsError(f"cloud {self.cloud!r}: not authenticated")
+        return self.client
+
+    def instance_profile(self) -> InstanceProfile:
+        p = self.profile
+        return InstanceProfile(machine=p.machine, cpu_model=p.cpu_model, disk_bus=p.disk_bus, nic_model=p.nic_model)
+
+    async def describe(self, name: str) -> VMSpec:
+        rec = await self._c().get_vm(name)
+        p = rec.profile or InstanceProfile()
+        disks = (DiskSpec("data", rec.disk_mib, bus=p.disk_bus),) if rec.disk_mib else ()
+        return VMSpec(rec.name, vcpus=rec.vcpus, memory_mib=rec.memory_mib, disks=disks, machine=p.machine,
+                      cpu_model=p.cpu_model)
+
+    async def check_capacity(self, spec: VMSpec) -> None:
+        """Some host of the cloud has room for ``spec`` (capacity x overcommit minus what the VMs
+        defined there hold, as the manager's placement counts); NoCapacityError otherwise."""
+        c = self._c()
+        hosts = [h async for h in c.iter_hosts()]
+        used: dict[str, tuple[int, int]] = {}
+        async for v in c.iter_vms():
+            if v.host is not None:
+                cpu, mem = used.get(v.host, (0, 0))
+                used[v.host] = (cpu + v.vcpus, mem + v.memory_mib)
+        why = []
+        for h in hosts:
+            cpu, mem = used.get(h.name, (0, 0))
+            free_cpu = int(h.vcpus * h.cpu_overcommit) - cpu
+            free_mem = int(h.memory_mib * h.memory_overcommit) - mem
+            if h.status.value == "up" and spec.vcpus <= free_cpu and spec.memory_mib <= free_mem:
+                return
+            why.append(f"{h.name} ({h.status.value}): {free_cpu} vCPUs, {free_mem} MiB free")
+        raise NoCapacityError(f"cloud {self.cloud!r} has no capacity for a profile-{self.profile.name} instance of vm "
+                              f"{spec.name!r} ({spec.vcpus} vCPUs, {spec.memory_mib} MiB): "
+                              + ("; ".join(why) or "no hosts"))
+
+    async def create_instance(self, spec: VMSpec, *, data_disk: Path | None = None, isolated: bool = False,
+                              data_size_mib: int = 256) -> str:
+        if data_disk is not None:
+            raise ProviderUnsupportedError(f"cloud {self.cloud!r}: the manager API cannot import a data disk "
+                                           f"from an image ({data_disk}); it creates empty ones")
+        if isolated:
+            raise ProviderUnsupportedError(f"cloud {self.cloud!r}: the manager API has no networks yet")
+        await self.check_capacity(spec)
+        await self._c().define_vm(VMDefine(name=spec.name, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
+                                           disk_mib=data_size_mib, profile=self.instance_profile()))
+        return spec.name
+
+    async def start(self, name: str) -> None:
+        await self._c().start_vm(name)
+
+    async def pause(self, name: str) -> None:
+        await self._c().pause_vm(name)
+
+    async def resume(self, name: str) -> None:
+        await self._c().resume_vm(name)
+
+    async def delete(self, name: str) -> None:
+        c = self._c()
+        try:
+            rec = await c.get_vm(name)
+        except ApiNotFoundError:
+            return
+        if rec.power is not VMPower.SHUTOFF:
+            await c.destroy_vm(name)
+        await c.undefine_vm(name)
+
+    async def exec(self, name: str, command: str, timeout: float = 60.0, check: bool = False) -> ExecResult:
+        try:
+            r = await self._c().exec_vm(name, ExecRequest(command=command, timeout=float(timeout)))
+        except ApiError as e:
+            raise AgentError(f"cloud {self.cloud!r}: exec in vm {name!r}: {e.detail}") from e
+        res = ExecResult(command, r.exit_code, r.stdout, r.stderr, r.signal, r.timed_out, r.truncated)
+        if check and res.exit_code != 0:
+            raise AgentError(f"vm {name!r}: {command[:200]!r} exited {res.exit_code}: {res.stderr[-500:]}")
+        return res
+
+    def exec_stream(self, name: str, command: str, timeout: float | None = None) -> ManagerExecStream:
+        return ManagerExecStream(self._c(), name, command, timeout)
+
+    async def push_file(self, name: str, local: Path, remote: str, mode: int = 0o600) -> None:
+        """``local`` into the guest at ``remote`` through exec calls (gzip + base64 in commands
+        under the API's 4096-character limit), checked by SHA-256 before it is moved into place."""
+        raw = Path(local).read_bytes()
+        b64 = base64.b64encode(gzip.compress(raw, 6)).decode()
+        tmp = shlex.quote(remote + ".part")
+        await self.exec(name, f"rm -f {tmp} {tmp}.b64", check=True)
+        for i in range(0, len(b64), PUSH_CHUNK):
+            await self.exec(name, f"printf %s {b64[i:i + PUSH_CHUNK]} >> {tmp}.b64", timeout=60, check=True)
+        digest = hashlib.sha256(raw).hexdigest()
+        r = await self.exec(name, f"base64 -d {tmp}.b64 | gunzip > {tmp} && rm -f {tmp}.b64 && sha256sum {tmp}",
+                            timeout=120, check=True)
+        if r.stdout.split()[:1] != [digest]:
+            raise AgentError(f"vm {name!r}: pushed {remote} has SHA-256 {r.stdout[:64]!r}, expected {digest}")
+        await self.exec(name, f"chmod {mode:o} {tmp} && mv {tmp} {shlex.quote(remote)}", check=True)
+
+    async def probe_agent(self, name: str) -> None:
+        try:
+            r = await self.exec(name, "echo hvsim-probe", timeout=5)
+        except (AgentError, ApiConflictError) as exc:
+            raise NoAgentChannelError(f"cloud {self.cloud!r}: vm {name!r} has no working guest-agent channel "
+                                      f"({exc}); the migration agents cannot be installed") from exc
+        if r.timed_out or "hvsim-probe" not in r.stdout:
+            raise NoAgentChannelError(f"cloud {self.cloud!r}: vm {name!r}: the guest agent did not answer a probe "
+                                      f"(exit {r.exit_code}, timed out {r.timed_out})")
+
+    async def clone_for_test(self, name: str, clone: str) -> str:
+        raise ProviderUnsupportedError(f"cloud {self.cloud!r}: the manager API has no copy-on-write clone yet "
+                                       "(the test cutover needs one)")
+
+    async def route_service(self, name: str) -> None:
+        raise ProviderUnsupportedError(f"cloud {self.cloud!r}: the manager API has no service addresses yet")
+
+    async def vm_state(self, name: str) -> str | None:
+        try:
+            rec = await self._c().get_vm(name)
+        except ApiNotFoundError:
+            return None
+        return STATE.get(rec.power, rec.power.value)
+
+    async def guest_address(self, name: str) -> str:
+        raise ProviderUnsupportedError(f"cloud {self.cloud!r}: the manager's VMs have no NIC on the inter-cloud "
+                                       f"network yet, so vm {name!r} has no address the other cloud can reach")
