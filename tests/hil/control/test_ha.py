@@ -167,7 +167,10 @@ async def test_host_powered_off_its_protected_vms_restart_in_priority_order(scen
     # the manager SIGKILLed while a surviving agent is starting db: the next manager resolves that
     # restart (and its lower priority restarts wait for it)
     async def db_starting() -> bool:
-        return any(q.vm == "db" for h in ("h2", "h3") for q in (await cp.agent(h).qemus()).items)
+        for h in ("h2", "h3"):
+            if any(q.vm == "db" for q in (await cp.agent(h).qemus()).items):
+                return True
+        return False
     await _wait("db being restarted", db_starting, 120, poll=0.1)
     m = cp.managers[0]
     await m.kill()
@@ -175,8 +178,11 @@ async def test_host_powered_off_its_protected_vms_restart_in_priority_order(scen
     c = scene.c = cp.client(m)
 
     async def restarted() -> bool:
-        return all((await c.get_vm(n)).power is VMPower.RUNNING and (await c.get_vm(n)).host in ("h2", "h3")
-                   for n in ("db", "app"))
+        for n in ("db", "app"):
+            vm = await c.get_vm(n)
+            if vm.power is not VMPower.RUNNING or vm.host not in ("h2", "h3"):
+                return False
+        return True
     await _wait("protected VMs running again", restarted, 300, poll=0.5)
     took = time.monotonic() - t0
     db_ops, app_ops = await _ops(c, "db", OpKind.RESTART), await _ops(c, "app", OpKind.RESTART)
