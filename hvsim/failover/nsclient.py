@@ -115,6 +115,12 @@ async def writer(lc: LeaderClient, log_path: Path, prefix: str, interval: float,
                     t1 = time.time()
                     got = await c.request("GET", f"/v1/groups/{name}")
                     t2 = time.time()
+                    if lc.leader is None or c.address != lc.leader.address:
+                        # the client followed a not-leader answer (a woken old manager names the new
+                        # one): record the token of the manager that answered, not of the one dialled
+                        info = await find_leader(lc.store)
+                        if info is not None and info.address == c.address:
+                            lc.leader = info
                     entry = {"seq": seq, "name": name, "sent": t0, "acked": t1, "read": t2,
                              "read_ok": got.get("name") == name, "attempts": attempts, "address": c.address,
                              "token": getattr(lc.leader, "token", None)}
@@ -184,8 +190,11 @@ async def amain(a: argparse.Namespace) -> None:
     spec = ControlSpec.from_json(json.loads(Path(a.spec).read_text()))
     async with make_store(spec.store_url, tls=TLSFiles(*map(Path, spec.store_tls)), ) as store:
         # a guest's start is answered once it booted (a minute under TCG and load); a writer's
-        # request is small: a short timeout lets it move on to the new leader quickly
-        lc = LeaderClient(spec, store, f"client-{a.mode}-{os.getpid()}", timeout=10.0 if a.mode == "writer" else 600.0)
+        # request is small (milliseconds; 3 s leaves room for a loaded machine): a short timeout
+        # lets it move on to the new leader quickly when the manager it dialled is gone without a
+        # reset (a powered-off host: its packets are dropped, no RST comes back); a retried write
+        # that had been applied answers 409, taken as its acknowledgement
+        lc = LeaderClient(spec, store, f"client-{a.mode}-{os.getpid()}", timeout=3.0 if a.mode == "writer" else 600.0)
         try:
             if a.mode == "writer":
                 stop = asyncio.Event()
