@@ -9,7 +9,6 @@ certificate must be signed by the same CA and name that IP). Errors are the API'
 from __future__ import annotations
 
 import contextlib
-import json as jsonlib
 import os
 import stat
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +20,7 @@ from .agentrpc import (
     FENCE_HEADER, FENCE_UNTIL_HEADER, AgentInfo, ExecBody, ExecOutput, HistoryPage, IncomingRequest, ListenRequest,
     Listening, MigrateOut, MigrationInfo, Ok, QemuInfo, QemuList, StartRequest, StopRequest,
 )
-from .client import api_error
+from .client import api_error, api_error_from_raw
 from .errors import ApiFencedError, ApiUnavailableError, ControlInputError
 from .pki import ClientTLS
 from .state import as_dict, parse
@@ -192,12 +191,7 @@ class AgentClient:
             raise ApiUnavailableError(0, f"host agent at {self.address} unreachable: {e!r}") from e
         try:
             if r.status_code >= 400:
-                raw = await r.aread()
-                try:
-                    err: Any = jsonlib.loads(raw)
-                except ValueError:
-                    err = raw.decode(errors="replace")
-                raise api_error(r.status_code, err)
+                raise api_error_from_raw(r.status_code, await r.aread())
             yield r.aiter_lines()
         finally:
             await r.aclose()

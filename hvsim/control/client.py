@@ -44,6 +44,15 @@ _LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepali
 Page = tuple[list[T], str | None, int]
 
 
+def api_error_from_raw(status: int, raw: bytes) -> ApiError:
+    """:func:`api_error` for an answer's raw body (JSON when it parses, else its text)."""
+    try:
+        body: Any = jsonlib.loads(raw)
+    except ValueError:
+        body = raw.decode(errors="replace")
+    return api_error(status, body)
+
+
 def api_error(status: int, body: Any) -> ApiError:
     """The ApiError subclass for an HTTP error ``status`` with JSON ``body`` (``detail``, ``field``)."""
     detail = body.get("detail") if isinstance(body, dict) else None
@@ -352,12 +361,7 @@ class ManagerClient:
             raise ApiUnavailableError(0, f"manager at {self.address} unreachable: {e!r}") from e
         try:
             if r.status_code >= 400:
-                raw = await r.aread()
-                try:
-                    err: Any = jsonlib.loads(raw)
-                except ValueError:
-                    err = raw.decode(errors="replace")
-                raise api_error(r.status_code, err)
+                raise api_error_from_raw(r.status_code, await r.aread())
             yield r
         finally:
             await r.aclose()

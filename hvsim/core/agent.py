@@ -151,6 +151,18 @@ class _StreamChannel:
     release: Callable[[int, bool], Awaitable[None]]     # forget the command; kill it unless it finished
 
 
+async def collect_stream(stream: Any, command: str, limit: int | None = None) -> tuple[bytes, bytes]:
+    """Read a streamed exec to its end (``async with`` + ``async for`` of :class:`Chunk`):
+    (stdout, stderr); AgentError if more than ``limit`` bytes arrive. Shared by every exec stream."""
+    out, err = bytearray(), bytearray()
+    async with stream:
+        async for chunk in stream:
+            (out if chunk.fd == 1 else err).extend(chunk.data)
+            if limit is not None and len(out) + len(err) > limit:
+                raise AgentError(f"guest command {command!r} wrote more than {limit} bytes")
+    return bytes(out), bytes(err)
+
+
 class ExecStream:
     """A command whose output is streamed (see :meth:`GuestAgent.exec_stream`). Iterate it (``async
     for chunk in stream``) once; ``result`` holds the exit code and byte counts after the last chunk.
@@ -244,13 +256,7 @@ class ExecStream:
 
     async def collect(self, limit: int | None = None) -> tuple[bytes, bytes]:
         """Read everything (stdout, stderr); AgentError if more than ``limit`` bytes arrive."""
-        out, err = bytearray(), bytearray()
-        async with self:
-            async for chunk in self:
-                (out if chunk.fd == 1 else err).extend(chunk.data)
-                if limit is not None and len(out) + len(err) > limit:
-                    raise AgentError(f"guest command {self.command!r} wrote more than {limit} bytes")
-        return bytes(out), bytes(err)
+        return await collect_stream(self, self.command, limit)
 
 
 class GuestAgent:

@@ -37,7 +37,7 @@ from ..control.client import ManagerClient
 from ..control.errors import ApiAuthError, ApiConflictError, ApiError, ApiNotFoundError
 from ..control.schema import ExecRequest, VMDefine
 from ..control.state import InstanceProfile, VMPower
-from ..core.agent import Chunk, ExecResult
+from ..core.agent import Chunk, ExecResult, collect_stream
 from ..core.errors import AgentError
 from ..core.model import DiskSpec, VMSpec
 from .errors import CredentialsError, CrossCloudError, NoAgentChannelError, NoCapacityError
@@ -109,13 +109,7 @@ class ManagerExecStream:
         raise AgentError(f"vm {self.vm!r}: streamed exec ended without an exit status")
 
     async def collect(self, limit: int | None = None) -> tuple[bytes, bytes]:
-        out, err = bytearray(), bytearray()
-        async with self:
-            async for chunk in self:
-                (out if chunk.fd == 1 else err).extend(chunk.data)
-                if limit is not None and len(out) + len(err) > limit:
-                    raise AgentError(f"guest command {self.command!r} wrote more than {limit} bytes")
-        return bytes(out), bytes(err)
+        return await collect_stream(self, self.command, limit)
 
 
 @dataclass
