@@ -49,6 +49,7 @@ from typing import Any
 from hvbase.fsm import StateMachine
 
 from hvbase.aio import run_to_completion
+from ..control.errors import FencedError
 from .app import AckLog, WriterApp, verify_records
 from .criterion import CutoverCosts, Decision, SwitchoverCriterion, Verdict
 from .errors import (CrossCloudError, CrossCloudInputError, CrossCloudStateError, CutoverRefusedError,
@@ -153,10 +154,18 @@ class CrossCloudMigration:
         await self._persist()
 
     async def _failed(self, exc: BaseException) -> None:
-        """A step failed or was cancelled: clean up (unless the orchestrator is being abandoned,
-        as a crash would leave everything)."""
-        if not self._abandoned:
-            await run_to_completion(self._fail(exc))
+        """A step failed or was cancelled: clean up, unless the orchestrator is being abandoned (as
+        a crash would leave everything), or it lost the operation's lease (FencedError): another
+        orchestrator may be driving it now, so this one only lets go of its agents' streams."""
+        if self._abandoned:
+            return
+        if self.journal is not None and self.op_id is not None and (
+                isinstance(exc, FencedError) or not self.journal.holds(self.op_id)):
+            log.error("cross-cloud operation %s: the lease is lost (%s); leaving the operation to its holder",
+                      self.op_id, exc)
+            await run_to_completion(self.abandon())
+            return
+        await run_to_completion(self._fail(exc))
 
     # -- preparing -------------------------------------------------------------------------------------
     async def validate(self) -> None:
@@ -388,6 +397,7 @@ class CrossCloudMigration:
             t_verified = time.monotonic()
             self.cutover_step = "verified"      # the point of no return: a restart completes the cutover
             await self._persist()
+            self._emit("phase", {"phase": "cutover verified"})
             await self.src.pause(self.vm)
             self.dest_app = WriterApp(self.dst, self.dest_vm, self.dst.profile.guest_disk, self.acks,
                                       rate_kib=self.app.rate_kib, record=self.app.record,

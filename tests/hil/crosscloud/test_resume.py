@@ -24,7 +24,7 @@ from hvsim.crosscloud.scene import two_clouds
 
 pytestmark = [pytest.mark.hil, pytest.mark.timeout(600)]
 MiB = 1 << 20
-TTL = 2.0
+TTL = 5.0          # the keep-alives of a busy orchestrator (TCG guests in its own loop) must not miss it
 
 
 async def until(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
@@ -58,14 +58,14 @@ async def test_resumed_after_two_orchestrator_crashes_without_losing_a_record(tm
         app = await s.source_vm("app1", disk_mib=64, prefill_mib=24, rate_kib=32)
         used = used_bytes(s.workdir / "app1-data.img")
 
-        async def resume(holder: str, wait_s: float) -> tuple[CrossCloudMigration, SQLiteStore]:
+        async def resume(holder: str, wait_s: float, on_event=None) -> tuple[CrossCloudMigration, SQLiteStore]:  # type: ignore[no-untyped-def]
             store = SQLiteStore(db)
             await store.open()
             try:
                 m = await CrossCloudMigration.resume(OperationJournal(store, holder, ttl=TTL), "op1", s.registry,
                                                      source_credentials=s.a.credentials,
                                                      dest_credentials=s.b.credentials, source_app=app,
-                                                     workdir=s.workdir, wait_s=wait_s)
+                                                     workdir=s.workdir, wait_s=wait_s, on_event=on_event)
             except BaseException:
                 await store.close()
                 raise
@@ -98,7 +98,7 @@ async def test_resumed_after_two_orchestrator_crashes_without_losing_a_record(tm
             await resume("manager-2", wait_s=0)
 
         # -- life 2: resumed from the record; crash in the middle of the cutover ----------------------
-        m2, store2 = await resume("manager-2", wait_s=10 * TTL)
+        m2, store2 = await resume("manager-2", wait_s=4 * TTL)
         assert m2.state is XState.REPLICATING and m2.transfer is not None
         rs = m2.resumes[-1]
         assert rs["action"] == "replication resumed" and rs["previous_holder"] == "manager-1", rs
@@ -116,25 +116,43 @@ async def test_resumed_after_two_orchestrator_crashes_without_losing_a_record(tm
         n_source = app.acks.last_seq
         await crash(m2, cut, store2)
 
-        # -- life 3: the cutover had not verified the disks: rolled back, the source goes on ---------
-        m3, store3 = await resume("manager-3", wait_s=10 * TTL)
+        # -- life 3: the cutover had not verified the disks: rolled back, the source goes on; then a
+        # crash right after the disks were verified equal (the point of no return) ------------------
+        crashing: list[asyncio.Task[None]] = []
+
+        def on_event(kind: str, data: dict[str, object]) -> None:
+            if kind == "phase" and data.get("phase") == "cutover verified" and not crashing:
+                crashing.append(asyncio.ensure_future(crash(m3, cut3, store3)))
+
+        m3, store3 = await resume("manager-3", wait_s=4 * TTL, on_event=on_event)
+        assert m3.state is XState.REPLICATING, m3.resumes
+        assert m3.resumes[-1]["action"] == "cutover rolled back"
+        assert await s.a.vm_state("app1") == "running"
+        assert app.proc is not None
+        await app.proc.wait_line(lambda ln: ln.startswith("ACK") and int(ln.split()[1]) > n_source, 60)
+        d = await m3.replicate()
+        cut3: asyncio.Task[object] = asyncio.create_task(m3.cutover(accept_downtime=not d.fits))
+        await until(lambda: bool(crashing), 120, "the cutover's verification")
+        await crashing[0]
+        assert cut3.done()
+
+        # -- life 4: completed at the destination; every acknowledged record is there ---------------
+        m4, store4 = await resume("manager-4", wait_s=4 * TTL)
         try:
-            assert m3.state is XState.REPLICATING, m3.resumes
-            assert m3.resumes[-1]["action"] == "cutover rolled back"
-            assert await s.a.vm_state("app1") == "running"
-            assert app.proc is not None
-            await app.proc.wait_line(lambda ln: ln.startswith("ACK") and int(ln.split()[1]) > n_source, 60)
-            d = await m3.replicate()
-            res = await m3.cutover(accept_downtime=not d.fits)
-            assert m3.state is XState.CUT_OVER and res["last_source_seq"] > n_source
-            assert m3.dest_app is not None
-            await m3.dest_app.stop()
-            v = await m3.verify_destination()
+            assert m4.state is XState.CUT_OVER and m4.resumes[-1]["action"] == "cutover completed", m4.resumes
+            assert await s.a.vm_state("app1") == "paused"          # stopped, not deleted before finalize
+            assert m4.dest_app is not None and m4.dest_app.proc is not None
+            await m4.dest_app.proc.wait_line(lambda ln: ln.startswith("ACK"), 60)
+            assert s.wan.service_at == (m4.dest_vm, s.b.host)
+            await m4.dest_app.stop()
+            v = await m4.verify_destination()
             assert v["missing"] == 0 and v["changed"] == 0 and v["acked"] == app.acks.count > n_source
-            await m3.finalize()
-            assert not s.a.exists("app1") and m3.state is XState.FINALIZED
-            rec = await m3.journal.load("op1")  # type: ignore[union-attr]
-            assert rec is not None and rec["state"] == "finalized" and len(rec["resumes"]) == 2
-            assert await store3.holder("xcloud/op1") is None          # released at the end
+            await m4.finalize()
+            assert not s.a.exists("app1") and m4.state is XState.FINALIZED
+            rec = await m4.journal.load("op1")  # type: ignore[union-attr]
+            assert rec is not None and rec["state"] == "finalized" and len(rec["resumes"]) == 3
+            assert [r["action"] for r in rec["resumes"]] == ["replication resumed", "cutover rolled back",
+                                                            "cutover completed"]
+            assert await store4.holder("xcloud/op1") is None          # released at the end
         finally:
-            await store3.close()
+            await store4.close()
