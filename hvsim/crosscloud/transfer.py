@@ -322,13 +322,7 @@ class AgentTransfer:
 
     async def discard(self) -> None:
         """Stop both agents and remove them, their credentials and the trace instance. Never raises."""
-        self._closing = True
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
-        for p in (self.src_proc, self.dst_proc):
-            if p is not None:
-                await p.stop()
+        await self.abandon()
         for ep in self.installed:
             await self._remove_agents(ep)
         self.installed.clear()
@@ -346,8 +340,9 @@ class AgentTransfer:
             log.warning("removing the agents from %s: %s", ep.vm, exc)
 
     async def abandon(self) -> None:
-        """What the orchestrator's crash does to the transfer: its streams close (the guests kill
-        both agents), nothing is removed. For the tests of a manager restart."""
+        """Close the agents' streams (the guests kill both agents) and stop watching, removing
+        nothing: what the orchestrator's crash does (the tests of a manager restart), and the
+        first half of :meth:`discard`."""
         self._closing = True
         if self._watch is not None:
             self._watch.cancel()
