@@ -132,6 +132,7 @@ class CrossCloudMigration:
         self.resumes: list[dict[str, Any]] = []
         self._old_decisions: list[dict[str, Any]] = []
         self._abandoned = False
+        self._lease_wait_s = 0.0
 
     @property
     def state(self) -> XState:
@@ -564,7 +565,9 @@ class CrossCloudMigration:
         m.cutover_step = rec.get("cutover_step")
         if state in (X.FINALIZED, X.REVERTED, X.FAILED):
             return m                                    # nothing to drive: the record, read only
+        t_claim = time.monotonic()
         await journal.claim(op_id, wait_s=wait_s)
+        m._lease_wait_s = round(time.monotonic() - t_claim, 3)
         try:
             await m._take_over(state, rec)
         except BaseException:
@@ -577,6 +580,7 @@ class CrossCloudMigration:
         self.src = await self.registry.connect(self.source_cloud, self._creds[0])
         self.dst = await self.registry.connect(self.dest_cloud, self._creds[1])
         entry: dict[str, Any] = {"at": time.time(), "from_state": state.value, "step": self.cutover_step,
+                                 "lease_wait_s": self._lease_wait_s,
                                  "previous_holder": rec.get("holder"), "previous_token": rec.get("token")}
         self.transfer = self._make_transfer()
         if rec.get("transfer"):

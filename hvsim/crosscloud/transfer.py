@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -141,7 +142,7 @@ class AgentTransfer:
         differ between the two disks (:meth:`_mark_differences`)."""
         if resume:
             for ep in (self.source, self.dest):
-                await self._remove_agents(ep)
+                await self._remove_agents(ep, keep_binary=True)
         binary = agent_binary()
         pki = self.workdir / "pki"
         ca = CertificateAuthority.create(pki, f"xcloud-{self.session[:8]}")
@@ -151,7 +152,7 @@ class AgentTransfer:
         for ep, issued in ((self.dest, srv), (self.source, cli)):
             await ep.provider.exec(ep.vm, f"mkdir -p {GUEST_DIR} && chmod 700 {GUEST_DIR}", check=True)
             self.installed.append(ep)
-            await ep.provider.push_file(ep.vm, binary, AGENT, 0o700)
+            await self._push_binary(ep, binary)
             await ep.provider.push_file(ep.vm, issued.cert_path, f"{GUEST_DIR}/cert.pem")
             await ep.provider.push_file(ep.vm, issued.key_path, f"{GUEST_DIR}/key.pem")
             await ep.provider.push_file(ep.vm, ca.cert_path, f"{GUEST_DIR}/ca.pem")
@@ -327,15 +328,28 @@ class AgentTransfer:
             await self._remove_agents(ep)
         self.installed.clear()
 
-    async def _remove_agents(self, ep: Endpoint) -> None:
-        """Kill any agent in ``ep``'s guest, remove its files and the trace instance. Never raises."""
+    async def _push_binary(self, ep: Endpoint, binary: Path) -> None:
+        """The agent binary into the guest, unless the very same one is there (an earlier life's,
+        after a resume: checked by SHA-256; pushing 5 MB through the guest agent takes seconds)."""
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(binary.read_bytes()).hexdigest())
+        r = await ep.provider.exec(ep.vm, f"sha256sum {AGENT} 2>/dev/null; true", timeout=60)
+        if r.stdout.split()[:1] == [digest]:
+            await ep.provider.exec(ep.vm, f"chmod 700 {AGENT}", check=True)
+            return
+        await ep.provider.push_file(ep.vm, binary, AGENT, 0o700)
+
+    async def _remove_agents(self, ep: Endpoint, keep_binary: bool = False) -> None:
+        """Kill any agent in ``ep``'s guest, remove its files (all but the binary, with
+        ``keep_binary``) and the trace instance. Never raises."""
+        rm = (f"for f in {GUEST_DIR}/*; do [ \"$f\" = {AGENT} ] || rm -rf \"$f\"; done" if keep_binary
+              else f"rm -rf {GUEST_DIR}")
         try:
             if await ep.provider.vm_state(ep.vm) == "running":
                 await ep.provider.exec(ep.vm, f"kill -KILL $(pidof hvsim-migrate) 2>/dev/null; "
                                               "t=/sys/kernel/tracing/instances/hvmig; "
                                               "[ -d $t ] && { echo 0 > $t/tracing_on; "
                                               "echo 0 > $t/events/block/block_rq_complete/enable; rmdir $t; }; "
-                                              f"rm -rf {GUEST_DIR}; true", timeout=30)
+                                              f"{rm}; true", timeout=30)
         except Exception as exc:  # a guest that is gone or broken: nothing left to remove there
             log.warning("removing the agents from %s: %s", ep.vm, exc)
 
