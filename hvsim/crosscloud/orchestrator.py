@@ -598,8 +598,11 @@ class CrossCloudMigration:
             self.resumes.append(entry)
             await self.prepare()
             return
-        if await self.src.vm_state(self.vm) is None:
-            raise ReplicationError(f"resuming {self.op_id}: cloud {self.source_cloud!r} has no vm {self.vm!r} any more")
+        if state is not X.CUT_OVER and await self.src.vm_state(self.vm) is None:
+            # the source is gone: nothing can be migrated (the destination is cleaned, FAILED)
+            exc = ReplicationError(f"resuming {self.op_id}: cloud {self.source_cloud!r} has no vm {self.vm!r} any more")
+            await self._failed(exc)
+            raise exc
         if state is X.CUTTING_OVER and self.cutover_step != "verified":
             await self._roll_back_cutover()
             entry["action"] = "cutover rolled back"
