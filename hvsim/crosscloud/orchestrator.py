@@ -598,8 +598,10 @@ class CrossCloudMigration:
             self.resumes.append(entry)
             await self.prepare()
             return
-        if state is not X.CUT_OVER and await self.src.vm_state(self.vm) is None:
-            # the source is gone: nothing can be migrated (the destination is cleaned, FAILED)
+        needs_source = state is X.REPLICATING or (state is X.CUTTING_OVER and self.cutover_step != "verified")
+        if needs_source and await self.src.vm_state(self.vm) is None:
+            # the source is gone before the destination held everything: nothing can be migrated
+            # (the destination is cleaned, FAILED)
             exc = ReplicationError(f"resuming {self.op_id}: cloud {self.source_cloud!r} has no vm {self.vm!r} any more")
             await self._failed(exc)
             raise exc
