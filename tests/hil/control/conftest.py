@@ -144,7 +144,7 @@ class SharedPlane:
         if self.plane is None:
             self.plane = ControlPlane(short_dir("hvsim-hil-cp-"))
         else:
-            log.warning("shared plane: reused (re-checked: no VM, no QEMU, every host up)")
+            log.info("shared plane: reused (re-checked: no VM, no QEMU, every host up)")
         return self.plane
 
     @staticmethod

@@ -41,8 +41,8 @@ from hvsim.testing.plugin import Artifacts, Shared
 
 WAN_MBIT = 40.0
 LAN_MBIT = 1000.0
-# nothing of a migration or of a writer left in the guest (the agent's directory, its tracing instance)
 log = logging.getLogger("hvsim.testing.crosscloud")
+# nothing of a migration or of a writer left in the guest (the agent's directory, its tracing instance)
 CLEAN = ("! pidof hvsim-writer hvsim-migrate >/dev/null && [ ! -e /run/hvmig ] && "
          "! ls /sys/kernel/tracing/instances/ 2>/dev/null | grep -q hvmig && echo clean")
 
@@ -63,7 +63,7 @@ class SharedClouds:
         s = self.scene
         want = (memory_mib, disk_mib, prefill_mib)
         if name in self.passed_on and self.specs.get(name) == want and await self._clean(s.a, name):
-            log.warning("source guest %s: reused (the last test left it clean)", name)
+            log.info("source guest %s: reused (the last test left it clean)", name)
             await s.a.authenticate(s.a.credentials)
             await s.a.exec(name, "rm -f /data/log && sync", timeout=30, check=True)
             app = WriterApp(s.a, name, s.a.profile.guest_disk, AckLog(), rate_kib=rate_kib, record=record,
@@ -72,7 +72,7 @@ class SharedClouds:
             await app.start()
             await s.wan.move_service(name, s.a.host)
             return app
-        log.warning("source guest %s: a fresh one", name)
+        log.info("source guest %s: a fresh one", name)
         await self._delete(s.a, name)
         self.specs[name] = want
         app = await s.source_vm(name, disk_mib=disk_mib, prefill_mib=prefill_mib, memory_mib=memory_mib,
