@@ -323,6 +323,8 @@ def read_document(path: str | Path) -> bytes:
             data = f.read(L.MAX_INPUT_BYTES + 1)
     except IsADirectoryError as exc:
         raise ProblemError([("", "cannot read: it is a directory")], source=src) from exc
+    except ValueError as exc:              # e.g. a NUL byte in the path (the OS cannot name such a file)
+        raise ProblemError([("", f"cannot read: not a usable path ({exc})")], source=src[:200]) from exc
     except OSError as exc:
         raise ProblemError([("", f"cannot read: {exc.strerror or exc}")], source=src) from exc
     if len(data) > L.MAX_INPUT_BYTES:
