@@ -8,7 +8,9 @@ from pydantic import Field, Strict
 from pydantic.dataclasses import dataclass
 
 from .ops import OperationRecord
-from .state import CFG, GroupRecord, HostRecord, InstanceProfile, Name, ReservationRecord, RuleRecord, VMRecord
+from .state import (
+    CFG, DataImage, GroupRecord, HostRecord, InstanceProfile, Name, Network, ReservationRecord, RuleRecord, VMRecord,
+)
 
 
 @dataclass(config=CFG)
@@ -33,6 +35,8 @@ class VMDefine:
     protected: Annotated[bool, Strict()] = False
     priority: Annotated[int, Strict(), Field(ge=0, le=1000)] = 0
     profile: InstanceProfile | None = None
+    network: Network = None
+    data_image: DataImage = None
 
 
 @dataclass(config=CFG)
