@@ -131,29 +131,42 @@ class ManagerProvider:
     import_dir: Path | None = None          # the manager's --import-dir: data disks are imported from in here
     network: str | None = WAN               # instances' NIC: on the inter-cloud network (None: no NIC)
     client: ManagerClient | None = field(default=None, repr=False)
+    _credentials: str | None = field(default=None, repr=False)
+    _retired: list[ManagerClient] = field(default_factory=list, repr=False)
 
     @property
     def api(self) -> str:
         return self.address
 
     async def authenticate(self, credentials: str) -> None:
-        if self.client is not None:
-            await self.client.close()
-        c = ManagerClient(self.address, credentials, timeout=self.timeout)
+        """Check ``credentials`` (any authenticated call: 401 if the token is wrong) and use them from
+        now on. Streams opened before (a writer's, an agent's) keep their connection: a client that
+        is replaced is closed only by :meth:`close`, and the same credentials keep the same client."""
+        if self.client is not None and self._credentials == credentials:
+            c = self.client
+        else:
+            c = ManagerClient(self.address, credentials, timeout=self.timeout)
         try:
-            await c.list_hosts(limit=1)            # any authenticated call: 401 if the token is wrong
+            await c.list_hosts(limit=1)
         except ApiAuthError as e:
-            await c.close()
+            if c is not self.client:
+                await c.close()
             raise CredentialsError(f"cloud {self.cloud!r} ({self.address}) refused the credentials") from e
         except BaseException:
-            await c.close()
+            if c is not self.client:
+                await c.close()
             raise
-        self.client = c
+        if c is not self.client:
+            if self.client is not None:
+                self._retired.append(self.client)
+            self.client, self._credentials = c, credentials
 
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
+        for c in [*self._retired, *([self.client] if self.client is not None else [])]:
+            await c.close()
+        self._retired.clear()
+        self.client = None
+        self._credentials = None
 
     def _c(self) -> ManagerClient:
         if self.client is None:
