@@ -286,11 +286,11 @@ class HostAgent:
     def vm_spec(self, g: GuestSpec) -> VMSpec:
         p = g.profile
         bus = p.disk_bus if p is not None else "virtio-blk"
-        if g.clone_of is not None:
-            disk = DiskSpec("disk0", g.disk_mib, path=str(self.overlay_path(g.name)), format="qcow2", bus=bus)
-        else:
-            disk = DiskSpec("disk0", g.disk_mib, path=str(self.disk_path(g.name)), bus=bus)
-        disks = (disk,) if g.disk_mib else ()
+        disks: tuple[DiskSpec, ...] = ()
+        if g.disk_mib and g.clone_of is not None:
+            disks = (DiskSpec("disk0", g.disk_mib, path=str(self.overlay_path(g.name)), format="qcow2", bus=bus),)
+        elif g.disk_mib:
+            disks = (DiskSpec("disk0", g.disk_mib, path=str(self.disk_path(g.name)), bus=bus),)
         nics: tuple[NicSpec, ...] = ()
         kernel_args = ""
         if g.network is not None:
