@@ -28,6 +28,7 @@ isolated one for the service address) is :class:`ProviderRefusedError` with the 
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import hashlib
@@ -54,6 +55,7 @@ from .profiles import ProviderProfile
 
 log = logging.getLogger("hvsim.crosscloud.manager")
 PUSH_CHUNK = 3000            # base64 bytes per command: the manager's exec takes commands of <= 4096 chars
+PUSH_PARALLEL = 6           # exec calls of one push in flight at once (each a round trip to the guest)
 STATE = {VMPower.RUNNING: "running", VMPower.PAUSED: "paused", VMPower.SHUTOFF: "shutoff",
          VMPower.MIGRATING: "migrating", VMPower.CRASHED: "crashed"}
 
@@ -267,15 +269,23 @@ class ManagerProvider:
 
     async def push_file(self, name: str, local: Path, remote: str, mode: int = 0o600) -> None:
         """``local`` into the guest at ``remote`` through exec calls (gzip + base64 in commands
-        under the API's 4096-character limit), checked by SHA-256 before it is moved into place."""
+        under the API's 4096-character limit, ``PUSH_PARALLEL`` at a time, each part its own file),
+        checked by SHA-256 before it is moved into place."""
         raw = Path(local).read_bytes()
         b64 = base64.b64encode(gzip.compress(raw, 6)).decode()
         tmp = shlex.quote(remote + ".part")
-        await self.exec(name, f"rm -f {tmp} {tmp}.b64", check=True)
-        for i in range(0, len(b64), PUSH_CHUNK):
-            await self.exec(name, f"printf %s {b64[i:i + PUSH_CHUNK]} >> {tmp}.b64", timeout=60, check=True)
+        parts = shlex.quote(remote + ".parts")
+        await self.exec(name, f"rm -rf {tmp} {parts} && mkdir -m 700 {parts}", check=True)
+        sem = asyncio.Semaphore(PUSH_PARALLEL)
+
+        async def one(i: int, chunk: str) -> None:
+            async with sem:
+                await self.exec(name, f"printf %s {chunk} > {parts}/{i:05d}", timeout=60, check=True)
+        async with asyncio.TaskGroup() as tg:
+            for i in range(0, len(b64), PUSH_CHUNK):
+                tg.create_task(one(i // PUSH_CHUNK, b64[i:i + PUSH_CHUNK]))
         digest = hashlib.sha256(raw).hexdigest()
-        r = await self.exec(name, f"base64 -d {tmp}.b64 | gunzip > {tmp} && rm -f {tmp}.b64 && sha256sum {tmp}",
+        r = await self.exec(name, f"cat {parts}/* | base64 -d | gunzip > {tmp} && rm -rf {parts} && sha256sum {tmp}",
                             timeout=120, check=True)
         if r.stdout.split()[:1] != [digest]:
             raise AgentError(f"vm {name!r}: pushed {remote} has SHA-256 {r.stdout[:64]!r}, expected {digest}")

@@ -168,11 +168,14 @@ async def test_whole_migration_between_two_managers(clouds: Clouds) -> None:
     await pa.route_service("app1")
     assert ul.host_ip("a1") in await _client_route(ul) and await _ping_service(ul)
     t_ready = time.monotonic()
+    phases: list[tuple[float, str, str]] = []
 
     m = CrossCloudMigration(clouds.registry(), vm="app1", source_cloud="cloud-a",
                             source_credentials=a.manager.token, dest_cloud="cloud-b",
                             dest_credentials=b.manager.token, source_app=app, workdir=clouds.base / "work",
-                            budget_s=10.0)
+                            budget_s=10.0, on_event=lambda kind, data: phases.append(
+                                (time.monotonic() - t_ready, kind, str(data.get("phase", ""))))
+                            if kind in ("phase", "test-cutover", "cutover") else None)
     (clouds.base / "work").mkdir(mode=0o700)
     await m.prepare()
     assert m.state is XState.REPLICATING
@@ -225,5 +228,5 @@ async def test_whole_migration_between_two_managers(clouds: Clouds) -> None:
     assert await pb.vm_state("app1") == "running"
     print(f"\nmanagers migration: setup {t_ready - t0:.1f} s, migration {time.monotonic() - t_ready:.1f} s, "
           f"downtime {out['downtime_s']} s (predicted {out['predicted_downtime_s']}), rounds {out['rounds']}, "
-          f"acked {v['acked']}")
+          f"acked {v['acked']}; " + ", ".join(f"{k} {ph} at {t:.1f} s" for t, k, ph in phases))
 
