@@ -159,7 +159,7 @@ class HostAgent:
         self._events: Any = None
         self._busy: set[str] = set()                   # VMs the agent is starting, stopping, destroying
         self.wan: WanNetwork | None = None
-        self._tops: dict[str, tuple[str, Path, int]] = {}  # vm -> its disk's active node, file, snapshots taken
+        self._tops: dict[str, tuple[str, Path, str]] = {}  # vm -> its disk's active node, file, format
 
     # -- lifetime ---------------------------------------------------------------------------------
     @property
@@ -289,6 +289,8 @@ class HostAgent:
         disks: tuple[DiskSpec, ...] = ()
         if g.disk_mib and g.clone_of is not None:
             disks = (DiskSpec("disk0", g.disk_mib, path=str(self.overlay_path(g.name)), format="qcow2", bus=bus),)
+        elif g.disk_mib and (top := self.active_top(g.name)) is not None:
+            disks = (DiskSpec("disk0", g.disk_mib, path=str(top), format="qcow2", bus=bus),)
         elif g.disk_mib:
             disks = (DiskSpec("disk0", g.disk_mib, path=str(self.disk_path(g.name)), bus=bus),)
         nics: tuple[NicSpec, ...] = ()
@@ -312,6 +314,30 @@ class HostAgent:
 
     def disk_path(self, vm: str) -> Path:
         return self.cfg.datastore / vm / "disk0.img"
+
+    def active_top(self, vm: str) -> Path | None:
+        """The qcow2 file ``vm`` writes into since its disk was snapshotted for a clone (its chain
+        ends in ``disk0.img``), recorded in the datastore beside the disk so that every later start
+        of the VM, here or on another host, opens the chain and not the frozen image."""
+        ptr = self.cfg.datastore / vm / "disk0.active"
+        try:
+            name = ptr.read_text().strip()
+        except FileNotFoundError:
+            return None
+        top = ptr.parent / name
+        if "/" in name or not name.endswith(".qcow2") or not top.is_file():
+            raise ControlError(f"vm {vm!r}: its disk's active-layer record {ptr} names {name!r}, not a qcow2 file "
+                               "beside it")
+        return top
+
+    def _set_active_top(self, vm: str, top: Path) -> None:
+        ptr = self.cfg.datastore / vm / "disk0.active"
+        part = ptr.with_name(ptr.name + ".part")
+        with open(part, "w") as f:
+            f.write(top.name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, ptr)
 
     def overlay_path(self, vm: str) -> Path:
         """A clone's disk: a qcow2 overlay on its origin's frozen image (:meth:`clone_disk`)."""
@@ -380,13 +406,14 @@ class HostAgent:
             raise ConflictError(f"vm {clone!r} exists on host {self.cfg.host.name} already")
         with self._own(name):
             d = vm.spec.disks[0]
-            node, frozen, n = self._tops.get(name, (f"disk-{d.name}", vm.disk_path(d), 0))
-            fmt = "raw" if n == 0 and d.format == "raw" else "qcow2"
-            top = frozen.with_name(f"disk0-top{n + 1}-{secrets.token_hex(3)}.qcow2")
-            new_node = f"disk-{d.name}-top{n + 1}"
+            node, frozen, fmt = self._tops.get(name, (f"disk-{d.name}", vm.disk_path(d), d.format))
+            tag = secrets.token_hex(3)
+            top = self.disk_path(name).with_name(f"disk0-top-{tag}.qcow2")
+            new_node = f"disk-{d.name}-top-{tag}"
             await vm.qmp.execute("blockdev-snapshot-sync", {"node-name": node, "snapshot-file": str(top),
                                                             "snapshot-node-name": new_node, "format": "qcow2"})
-            self._tops[name] = (new_node, top, n + 1)
+            self._tops[name] = (new_node, top, "qcow2")
+            self._set_active_top(name, top)      # a later start opens the chain, not the frozen image
             overlay = self.overlay_path(clone)
             overlay.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             overlay.unlink(missing_ok=True)
@@ -514,6 +541,7 @@ class HostAgent:
         except Exception as e:   # keep the agent serving; the record goes anyway
             log.error("forgetting vm %s: %s", name, e)
         self.records.delete_vm(name)
+        self._tops.pop(name, None)
         log.warning("vm %s ended on its own: %s", name, self.lost.get(name))
 
     # -- queries ------------------------------------------------------------------------------------
@@ -653,6 +681,7 @@ class HostAgent:
         with contextlib.suppress(CoreNotFound):
             await self.cl.undefine_vm(name)
         self.records.delete_vm(name)
+        self._tops.pop(name, None)          # a next QEMU opens the chain's top as its drive's own node
 
     async def resume(self, name: str) -> None:
         """QMP cont on a paused (or post-migrate) QEMU: it becomes the running owner of the guest."""
