@@ -118,11 +118,12 @@ def _refused(what: str, host: str, e: ApiError) -> Exception:
 
 async def manager_address(manager: Manager, name: str) -> GuestAddressInfo:
     manager.inventory      # noqa: B018 (only the leader asks its agents)
-    vm, host = await manager.home(name)
+    vm = await manager.reader.get_vm(name)
     if vm.network is None:
         raise ConflictError(f"vm {name!r} has no NIC on the inter-cloud network (defined without 'network')")
     if vm.power not in (VMPower.RUNNING, VMPower.PAUSED, VMPower.MIGRATING):
         raise ConflictError(f"vm {name!r} is {vm.power.value}: its address is given once it runs")
+    vm, host = await manager.home(name, VMPower.RUNNING, VMPower.PAUSED, VMPower.MIGRATING)
     try:
         return await agent_address(manager.agent(host), name)
     except ApiError as e:
