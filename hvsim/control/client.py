@@ -32,12 +32,11 @@ from .leader import find_leader
 from .ops import OperationRecord
 from .pki import ClientTLS
 from .schema import (
-    Defined, Done, ExecRequest, ExecResult, GroupPage, HAReport, HostCreate, HostPage, MigrateRequest, OperationPage,
-    PlacementCheck, Progress, ReservationReport, RuleCreate, RulePage, VMDefine, VMPage,
+    Defined, Done, ExecRequest, ExecResult, GroupPage, GuestAddressInfo, HAReport, HostCreate, HostPage, MigrateRequest,
+    OperationPage, PlacementCheck, Progress, ReservationReport, RuleCreate, RulePage, ServiceAddress, VMDefine, VMPage,
 )
 from .state import GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord, as_dict, parse
 from .store import Store
-from .wanops import GuestAddressInfo, ServiceAddress
 
 T = TypeVar("T")
 _LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=32, keepalive_expiry=30.0)

@@ -81,6 +81,34 @@ class ErrorBody:
 
 
 
+# -- the inter-cloud network and clones (hvsim.control.wanops) ------------------------------------------
+@dataclass(config=CFG)
+class GuestAddressInfo:
+    vm: Name
+    host: Name
+    network: str
+    ip: str
+    gateway: str
+    prefixlen: Annotated[int, Strict()]
+
+
+@dataclass(config=CFG)
+class CloneRequest:
+    name: Name
+
+
+@dataclass(config=CFG)
+class CloneDiskRequest:
+    clone: Name
+
+
+@dataclass(config=CFG)
+class ServiceAddress:
+    service_ip: str
+    vm: Name
+    host: Name
+
+
 # -- responses --------------------------------------------------------------------------------
 @dataclass(config=CFG)
 class Health:

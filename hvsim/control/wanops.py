@@ -29,15 +29,13 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, Path as PathParam
 from fastapi.responses import Response
-from pydantic import Strict
-from pydantic.dataclasses import dataclass
 
 from hvsim.core.model import NAME_RE
 
 from .agentrpc import Ok
 from .errors import ApiConflictError, ApiError, ApiInputError, ApiNotFoundError, ConflictError, OperationFailedError
-from .schema import Defined
-from .state import CFG, Name, VMPower, VMRecord, dump
+from .schema import CloneDiskRequest, CloneRequest, Defined, GuestAddressInfo, ServiceAddress
+from .state import VMPower, VMRecord, dump
 
 if TYPE_CHECKING:
     from .agent_client import AgentClient
@@ -46,33 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hvsim.control.wanops")
 VMName = Annotated[str, PathParam(pattern=NAME_RE.pattern, max_length=32, description="a VM name")]
-
-
-@dataclass(config=CFG)
-class GuestAddressInfo:
-    vm: Name
-    host: Name
-    network: str
-    ip: str
-    gateway: str
-    prefixlen: Annotated[int, Strict()]
-
-
-@dataclass(config=CFG)
-class CloneRequest:
-    name: Name
-
-
-@dataclass(config=CFG)
-class CloneDiskRequest:
-    clone: Name
-
-
-@dataclass(config=CFG)
-class ServiceAddress:
-    service_ip: str
-    vm: Name
-    host: Name
 
 
 # -- host agent ---------------------------------------------------------------------------------------
