@@ -434,13 +434,28 @@ class VM:
 
     async def pause(self) -> None:
         async with self._op("pause"):
+            # a pause cancelled after QEMU had stopped (its caller went away) left QEMU stopped:
+            # no STOP event would come for a second ``stop``, so ask QEMU first
+            if not await self._qemu_running():
+                self.fsm.set(VMState.PAUSED, "QEMU was already stopped")
+                return
             await self._qmp_then_event("stop", "STOP")
             self.fsm.set(VMState.PAUSED, "user")
 
     async def resume(self) -> None:
         async with self._op("resume"):
+            if await self._qemu_running():
+                self.fsm.set(VMState.RUNNING, "QEMU was already running")
+                return
             await self._qmp_then_event("cont", "RESUME")
             self.fsm.set(VMState.RUNNING, "unpaused")
+
+    async def _qemu_running(self) -> bool:
+        try:
+            st = await self.qmp.execute("query-status")
+        except QEMUBridgeError as exc:
+            raise VMError(f"vm {self.name!r}: query-status failed: {exc}") from exc
+        return bool(st.get("running")) if isinstance(st, dict) else False
 
     async def reset(self) -> None:
         """Hard reset (system_reset); the guest reboots, then wait_ready() again."""

@@ -15,6 +15,7 @@
           +-- ReplicationError            the replication cannot go on (source guest crashed, ...)
           +-- VerificationError           destination disk or records do not match
           +-- CutoverRefusedError         the predicted downtime does not fit the budget (the options)
+          +-- OperationBusyError          another orchestrator holds the operation's lease
 """
 from __future__ import annotations
 
@@ -82,3 +83,7 @@ class CutoverRefusedError(CrossCloudError):
         self.achievable_s = achievable_s
         self.options = list(options)
         super().__init__(message)
+
+
+class OperationBusyError(CrossCloudError):
+    """Another orchestrator drives this operation (its lease has not expired)."""

@@ -46,6 +46,7 @@ class GuestProcess:
         self.name = name
         self.on_line = on_line
         self.lines: deque[str] = deque(maxlen=tail)
+        self.kept = 0                  # lines ever appended to ``lines`` (the tail drops the oldest)
         self.exit_code: int | None = None
         self.error: BaseException | None = None
         self.changed = asyncio.Event()
@@ -68,14 +69,14 @@ class GuestProcess:
             async with self.provider.exec_stream(self.vm, self.command, timeout=None) as stream:
                 async for chunk in stream:
                     if chunk.fd != 1:
-                        self.lines.append(chunk.data.decode(errors="replace").rstrip())
+                        self._keep(chunk.data.decode(errors="replace").rstrip())
                         continue
                     buf += chunk.data
                     *done, buf = buf.split(b"\n")
                     t = time.monotonic()
                     for raw in done:
                         line = raw.decode(errors="replace")
-                        self.lines.append(line)
+                        self._keep(line)
                         if self.on_line is not None:
                             self.on_line(line, t)
                     self.changed.set()
@@ -86,6 +87,10 @@ class GuestProcess:
             self.changed.set()
             log.info("%s on %s ended: exit %s %s", self.name, self.vm, self.exit_code, self.error or "")
 
+    def _keep(self, line: str) -> None:
+        self.lines.append(line)
+        self.kept += 1
+
     async def wait(self, timeout: float | None = None) -> int | None:
         if self._task is not None:
             await wait_for(asyncio.shield(self._task), timeout)
@@ -94,13 +99,13 @@ class GuestProcess:
     async def wait_line(self, pred: Callable[[str], bool], timeout: float) -> str:
         """The first kept line (from now on, or already in the tail) for which ``pred`` holds."""
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = self.kept - len(self.lines)      # counted over every line kept, not over the bounded tail
         while True:
-            lines = list(self.lines)
-            for line in lines[seen:]:
+            lines, kept = list(self.lines), self.kept
+            for line in lines[max(0, seen - (kept - len(lines))):]:
                 if pred(line):
                     return line
-            seen = len(lines)
+            seen = kept
             if not self.running:
                 raise AgentError(f"{self.name} on {self.vm} ended (exit {self.exit_code}, {self.error}) before the "
                                  f"expected output; tail:\n{self.tail()}")

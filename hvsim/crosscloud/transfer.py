@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -37,6 +38,7 @@ from .provider import ProviderDriver
 log = logging.getLogger("hvsim.crosscloud.transfer")
 
 GUEST_DIR = "/run/hvmig"
+RESYNC_CHUNK = 65536             # the granularity of the hash comparison after a resume
 AGENT = f"{GUEST_DIR}/hvsim-migrate"
 PORT = 7400
 
@@ -65,6 +67,8 @@ class TransferStats:
     dest: dict[str, str] = field(default_factory=dict)             # the destination agent's last RECV
     dest_restarts: int = 0
     sent_total: int = 0
+    sent_base: int = 0                     # bytes sent by agents of earlier lives (before a resume)
+    resyncs: list[dict[str, Any]] = field(default_factory=list)   # one per resume: what differed
 
     @property
     def pending(self) -> int:
@@ -98,7 +102,7 @@ class AgentTransfer:
         kv = fields(line)
         if line.startswith("STAT "):
             self.stats.stat = kv
-            self.stats.sent_total = int(kv.get("sent", 0))
+            self.stats.sent_total = self.stats.sent_base + int(kv.get("sent", 0))
             self._emit("stat", kv)
         elif line.startswith("ROUND ") and " start " in line:
             self.stats.round_cut_t[int(line.split()[1])] = t
@@ -115,7 +119,8 @@ class AgentTransfer:
         elif line.startswith("FINAL "):
             self.stats.final = kv
             self._round_done.set()
-        elif line.split(" ", 1)[0] in ("LINK", "RESUME", "REFUSED", "ERROR", "OVERRUN", "RESCAN", "CORRUPTED", "RATE"):
+        elif line.split(" ", 1)[0] in ("LINK", "RESUME", "REFUSED", "ERROR", "OVERRUN", "RESCAN", "CORRUPTED", "RATE",
+                                       "DIRTY"):
             self.stats.events.append((t, line))
             self._emit("agent", {"line": line})
 
@@ -130,7 +135,14 @@ class AgentTransfer:
             self.on_event(kind, data)
 
     # -- phases -----------------------------------------------------------------------------------------
-    async def prepare(self) -> None:
+    async def prepare(self, *, resume: bool = False) -> None:
+        """Install and start both agents. ``resume`` (after the orchestrator's restart): whatever
+        an earlier life left in the guests is removed first, the source agent counts the rounds
+        done (:meth:`restore`) as done, and its next round copies only the chunks whose hashes
+        differ between the two disks (:meth:`_mark_differences`)."""
+        if resume:
+            for ep in (self.source, self.dest):
+                await self._remove_agents(ep, keep_binary=True)
         binary = agent_binary()
         pki = self.workdir / "pki"
         ca = CertificateAuthority.create(pki, f"xcloud-{self.session[:8]}")
@@ -140,7 +152,7 @@ class AgentTransfer:
         for ep, issued in ((self.dest, srv), (self.source, cli)):
             await ep.provider.exec(ep.vm, f"mkdir -p {GUEST_DIR} && chmod 700 {GUEST_DIR}", check=True)
             self.installed.append(ep)
-            await ep.provider.push_file(ep.vm, binary, AGENT, 0o700)
+            await self._push_binary(ep, binary)
             await ep.provider.push_file(ep.vm, issued.cert_path, f"{GUEST_DIR}/cert.pem")
             await ep.provider.push_file(ep.vm, issued.key_path, f"{GUEST_DIR}/key.pem")
             await ep.provider.push_file(ep.vm, ca.cert_path, f"{GUEST_DIR}/ca.pem")
@@ -150,13 +162,66 @@ class AgentTransfer:
         cmd = (f"exec {AGENT} send --dev {self.source.device} --connect {dst_ip}:{self.port} "
                f"--cert {GUEST_DIR}/cert.pem --key {GUEST_DIR}/key.pem --ca {GUEST_DIR}/ca.pem "
                f"--ctl {GUEST_DIR}/ctl --rate {self.rate_bps:.0f} --session {self.session}"
-               + (f" --corrupt-seq {self.corrupt_seq}" if self.corrupt_seq else ""))
+               + (f" --corrupt-seq {self.corrupt_seq}" if self.corrupt_seq else "")
+               + (f" --resume {len(self.stats.rounds)}" if resume else ""))
         self.src_proc = GuestProcess(self.source.provider, self.source.vm, cmd, "source agent",
                                      on_line=self._src_line, tail=1000).start()
         await self.src_proc.wait_line(lambda s: s.startswith("READY") or s.startswith("ERROR"), 60)
         if any(s.startswith("ERROR") for s in self.src_proc.lines):
             raise AgentFailedError("the source agent could not start", self.src_proc.tail())
+        if resume:
+            await self._mark_differences()
         self._watch = asyncio.create_task(self._watch_dest(), name="xcloud-dest-agent-watch")
+
+    async def _hash_list(self, ep: Endpoint) -> tuple[int, dict[int, str]]:
+        out, _ = await ep.provider.exec_stream(ep.vm, f"{AGENT} hash --dev {ep.device} --chunk {RESYNC_CHUNK} --list",
+                                               timeout=600).collect(limit=16 << 20)
+        chunks: dict[int, str] = {}
+        size = -1
+        for line in out.decode(errors="replace").splitlines():
+            p = line.split()
+            if len(p) == 3 and p[0] == "C" and p[1].isdigit():
+                chunks[int(p[1])] = p[2]
+            elif p[:1] == ["HASH"]:
+                size = int(fields(line).get("size", -1))
+        if size < 0 or len(chunks) != -(-size // RESYNC_CHUNK):
+            raise ReplicationError(f"vm {ep.vm!r}: the chunk hashes of {ep.device} are incomplete "
+                                   f"({len(chunks)} chunks, size {size})")
+        return size, chunks
+
+    async def _mark_differences(self) -> None:
+        """After a resume: hash both disks by chunk (the source agent is READY, so every write from
+        now on is in its log; every earlier one is in the source's hashes), and mark each chunk
+        that differs for the next round. What both disks already hold is not sent again."""
+        t0 = time.monotonic()
+        (ssize, src), (dsize, dst) = await asyncio.gather(self._hash_list(self.source), self._hash_list(self.dest))
+        if ssize != dsize:
+            raise ReplicationError(f"the disks differ in size: source {ssize}, destination {dsize}")
+        ranges: list[list[int]] = []
+        for off in sorted(src):
+            if dst.get(off) == src[off]:
+                continue
+            length = min(RESYNC_CHUNK, ssize - off)
+            if ranges and ranges[-1][0] + ranges[-1][1] == off:
+                ranges[-1][1] += length
+            else:
+                ranges.append([off, length])
+        differ = sum(r[1] for r in ranges)
+        local = self.workdir / f"dirty-{len(self.stats.resyncs)}"
+        local.write_text("".join(f"{o} {n}\n" for o, n in ranges))
+        os.chmod(local, 0o600)
+        await self.source.provider.push_file(self.source.vm, local, f"{GUEST_DIR}/dirty")
+        assert self.src_proc is not None
+        await self._ctl(f"dirty {GUEST_DIR}/dirty")       # once per agent life: its one DIRTY answer
+        line = await self.src_proc.wait_line(lambda s: s.startswith("DIRTY"), 60)
+        kv = fields(line)
+        if kv.get("bad", "1") != "0" or "error" in kv:
+            raise ReplicationError(f"the source agent refused the list of differing chunks: {line}")
+        res = {"chunks": len(src), "differ_chunks": sum(1 for o in src if dst.get(o) != src[o]),
+               "differ_bytes": differ, "marked_bytes": int(kv.get("marked_bytes", 0)), "ranges": len(ranges),
+               "secs": round(time.monotonic() - t0, 3)}
+        self.stats.resyncs.append(res)
+        self._emit("resync", res)
 
     async def _start_dest(self) -> None:
         cmd = (f"exec {AGENT} recv --dev {self.dest.device} --listen {self.port} --cert {GUEST_DIR}/cert.pem "
@@ -258,6 +323,40 @@ class AgentTransfer:
 
     async def discard(self) -> None:
         """Stop both agents and remove them, their credentials and the trace instance. Never raises."""
+        await self.abandon()
+        for ep in self.installed:
+            await self._remove_agents(ep)
+        self.installed.clear()
+
+    async def _push_binary(self, ep: Endpoint, binary: Path) -> None:
+        """The agent binary into the guest, unless the very same one is there (an earlier life's,
+        after a resume: checked by SHA-256; pushing 5 MB through the guest agent takes seconds)."""
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(binary.read_bytes()).hexdigest())
+        r = await ep.provider.exec(ep.vm, f"sha256sum {AGENT} 2>/dev/null; true", timeout=60)
+        if r.stdout.split()[:1] == [digest]:
+            await ep.provider.exec(ep.vm, f"chmod 700 {AGENT}", check=True)
+            return
+        await ep.provider.push_file(ep.vm, binary, AGENT, 0o700)
+
+    async def _remove_agents(self, ep: Endpoint, keep_binary: bool = False) -> None:
+        """Kill any agent in ``ep``'s guest, remove its files (all but the binary, with
+        ``keep_binary``) and the trace instance. Never raises."""
+        rm = (f"for f in {GUEST_DIR}/*; do [ \"$f\" = {AGENT} ] || rm -rf \"$f\"; done" if keep_binary
+              else f"rm -rf {GUEST_DIR}")
+        try:
+            if await ep.provider.vm_state(ep.vm) == "running":
+                await ep.provider.exec(ep.vm, f"kill -KILL $(pidof hvsim-migrate) 2>/dev/null; "
+                                              "t=/sys/kernel/tracing/instances/hvmig; "
+                                              "[ -d $t ] && { echo 0 > $t/tracing_on; "
+                                              "echo 0 > $t/events/block/block_rq_complete/enable; rmdir $t; }; "
+                                              f"{rm}; true", timeout=30)
+        except Exception as exc:  # a guest that is gone or broken: nothing left to remove there
+            log.warning("removing the agents from %s: %s", ep.vm, exc)
+
+    async def abandon(self) -> None:
+        """Close the agents' streams (the guests kill both agents) and stop watching, removing
+        nothing: what the orchestrator's crash does (the tests of a manager restart), and the
+        first half of :meth:`discard`."""
         self._closing = True
         if self._watch is not None:
             self._watch.cancel()
@@ -265,20 +364,17 @@ class AgentTransfer:
         for p in (self.src_proc, self.dst_proc):
             if p is not None:
                 await p.stop()
-        for ep in self.installed:
-            try:
-                if await ep.provider.vm_state(ep.vm) == "running":
-                    await ep.provider.exec(ep.vm, f"kill -KILL $(pidof hvsim-migrate) 2>/dev/null; "
-                                                  "t=/sys/kernel/tracing/instances/hvmig; "
-                                                  "[ -d $t ] && { echo 0 > $t/tracing_on; "
-                                                  "echo 0 > $t/events/block/block_rq_complete/enable; rmdir $t; }; "
-                                                  f"rm -rf {GUEST_DIR}; true", timeout=30)
-            except Exception as exc:  # a guest that is gone or broken: nothing left to remove there
-                log.warning("removing the agents from %s: %s", ep.vm, exc)
-        self.installed.clear()
+
+    def restore(self, record: dict[str, Any]) -> None:
+        """The rounds and bytes of an earlier life (:meth:`to_dict`), before a resumed prepare."""
+        self.stats.rounds = [RoundRecord(**r) for r in record.get("rounds", [])]
+        self.stats.sent_base = self.stats.sent_total = int(record.get("sent_total", 0))
+        self.stats.dest_restarts = int(record.get("dest_restarts", 0))
+        self.stats.resyncs = list(record.get("resyncs", []))
 
     def to_dict(self) -> dict[str, Any]:
         return {"strategy": self.name, "session": self.session, "rate_bps": self.rate_bps,
                 "rounds": [r.__dict__ for r in self.stats.rounds], "sent_total": self.stats.sent_total,
+                "resyncs": self.stats.resyncs,
                 "dest_restarts": self.stats.dest_restarts, "events": [e for _, e in self.stats.events][-50:],
                 "final": self.stats.final, "dest": self.stats.dest, "pid": os.getpid()}

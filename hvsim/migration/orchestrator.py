@@ -483,9 +483,14 @@ class Migration:
             err = str(exc)
             self.log.warning("policy action %s failed: %s", act.kind.value, exc)
         finally:
+            inputs = dict(act.inputs)
+            applied = getattr(self.transfer, "limit_ms", None)
+            if (act.kind in (ActionKind.SET_DOWNTIME_LIMIT, ActionKind.SWITCHOVER) and err is None
+                    and applied is not None and act.value is not None and applied != round(act.value)):
+                inputs["applied_limit_ms"] = applied      # raised to the TCG floor by the transfer
             self.decisions.append(Decision(t=round(t, 3), passes=passes, policy=self.policy.name,
                                            action=act.kind.value, value=act.value, reason=act.reason,
-                                           inputs=dict(act.inputs), error=err))
+                                           inputs=inputs, error=err))
 
     # -- endings -----------------------------------------------------------------------------------
     async def _finish(self) -> MigrationResult:

@@ -17,7 +17,8 @@ anything it made survived its teardown:
 :class:`Shared` is the same for underlays and clusters that several tests share (a class- or
 module-scoped fixture makes one; boots are what HIL tests spend their time on): ``keep(dest)`` after a
 failed test copies the same artefacts into that test's folder, ``close()`` at the end of the scope tears
-everything down and returns what survived (the fixture fails on it).
+everything down and returns what survived (the fixture fails on it); ``adopt()`` brings clusters and
+underlays made by something else (``hvsim.crosscloud.scene.two_clouds``) under the same rules.
 
 On failure, before anything is torn down, each cluster's consoles, QEMU and QMP logs, component logs,
 ``query-status``/``query-migrate`` of every QEMU, component stats, the inventory, the event history,
@@ -165,6 +166,16 @@ class Shared:
 
     async def cluster(self, name: str = "test", drivers: Iterable[ComponentDriver] = (), **kwargs: Any) -> Cluster:
         return await self.clusters(name, drivers=drivers, **kwargs)
+
+    def adopt(self, *made: Cluster | Underlay) -> None:
+        """Clusters and underlays made elsewhere (a scene's context manager): their artefacts kept and
+        their survivors checked like those made here. Closing them here first is harmless (both
+        ``close()`` are idempotent), so the scene's own teardown may still run after ``close()``."""
+        for m in made:
+            if isinstance(m, Cluster):
+                self.clusters.made.append(m)
+            else:
+                self.underlays.made.append(m)
 
     async def keep(self, dest: Path) -> None:
         """Copy every cluster's and underlay's artefacts into ``dest`` (a failed test's folder)."""

@@ -3,7 +3,7 @@
  *
  *   hvsim-migrate recv --dev DEV --listen PORT --cert C --key K --ca CA --state FILE [--session HEX]
  *   hvsim-migrate send --dev DEV --connect IP:PORT --cert C --key K --ca CA --ctl FIFO [--rate B/s]
- *                      [--session HEX] [--corrupt-seq N]
+ *                      [--session HEX] [--corrupt-seq N] [--resume ROUNDS]
  *   hvsim-migrate hash --dev DEV [--chunk BYTES] [--list]     xxh64 per chunk, and one digest of the list
  *
  * Transport: TLS 1.3 (OpenSSL, linked statically), mutual: each side presents a certificate of the
@@ -33,7 +33,15 @@
  *
  * Source control (lines on the FIFO --ctl): "round" (cut and copy one round), "final" (the
  * application is quiesced: cut, copy the rest, end with a final ROUND, exit), "rate N" (bytes/s,
- * 0 = unlimited), "quit". Progress on stdout: "STAT k=v ...", "ROUND n done k=v ...", "FINAL ...".
+ * 0 = unlimited), "dirty FILE" (mark the byte ranges listed in FILE, lines "OFFSET LENGTH", block
+ * aligned and inside the disk, for the next round: answered "DIRTY marked_bytes=N bad=M"), "quit".
+ * Progress on stdout: "STAT k=v ...", "ROUND n done k=v ...", "FINAL ...".
+ *
+ * Resuming (after the orchestrator's restart killed the agents): "send --resume ROUNDS" starts with
+ * ROUNDS rounds (0 or more) counted as done; its first round copies only what is marked dirty (no
+ * whole-disk first round, no zero skipping: the destination is not fresh), numbering goes on.
+ * The orchestrator marks what differs between the two disks (per-chunk hashes of both, taken after
+ * this agent's READY: from then on the write log has every later write) with "dirty FILE".
  */
 #define _GNU_SOURCE
 #include "common.h"
@@ -366,7 +374,8 @@ static uint64_t *bh;                /* xxh64 of each block as last read */
 static uint64_t nblocks, dsize, cursor, round_no, round_seq, round_bytes, round_blocks, sent_total, resent;
 static double round_t0, last_ack_t, last_send_t, rate_bps, tokens, tok_t;
 static int tracefd = -1, round_active, round_sent, final_mode, corrupt_seq_done;
-static uint64_t opt_corrupt_seq, reconnects, overruns_seen;
+static uint64_t opt_corrupt_seq, opt_resume, reconnects, overruns_seen;
+static int resumed;                 /* --resume: the destination is not fresh */
 static char devmm[32], tdir[128];
 
 static inline void setb(uint8_t *m, uint64_t b) { m[b >> 3] |= (uint8_t)(1u << (b & 7)); }
@@ -519,12 +528,12 @@ static void start_round(void) {
     round_no++;
     trace_cut(round_no);
     uint64_t ov = trace_overruns();
-    if (ov != overruns_seen && round_no > 1) {
+    if (ov != overruns_seen && (round_no > 1 || resumed)) {
         printf("OVERRUN events_lost=%llu: falling back to a hash rescan\n", (unsigned long long)(ov - overruns_seen));
         rescan();
     }
     overruns_seen = ov;
-    if (round_no == 1) memset(cur, 0xff, (nblocks + 7) / 8);
+    if (round_no == 1 && !resumed) memset(cur, 0xff, (nblocks + 7) / 8);
     else for (uint64_t i = 0; i < (nblocks + 7) / 8; i++) cur[i] |= nxt[i];
     memset(nxt, 0, (nblocks + 7) / 8);
     cursor = 0; round_active = 1; round_sent = 0; round_bytes = 0; round_blocks = 0;
@@ -660,7 +669,7 @@ static int next_message(void) {
     for (uint64_t b = start; b < end; b++) cur[b >> 3] &= (uint8_t)~(1u << (b & 7));
     cursor = end;
     int zero = is_zero(rbuf, len);
-    if (round_no == 1) {
+    if (round_no == 1 && !resumed) {
         while (s < e && is_zero(rbuf + (s - start) * BLK, BLK)) s++;
         while (e > s && is_zero(rbuf + (e - 1 - start) * BLK, BLK)) e--;
         if (s == e) return 0;   /* all zero: the destination is fresh; nothing sent, nothing charged */
@@ -671,7 +680,7 @@ static int next_message(void) {
     memset(m, 0, sizeof *m);
     m->seq = next_seq++;
     m->offset = s * BLK;
-    if (zero && round_no > 1) { m->type = ZERO; m->arg[0] = len; m->len = 0; }
+    if (zero && (round_no > 1 || resumed)) { m->type = ZERO; m->arg[0] = len; m->len = 0; }
     else { m->type = DATA; m->len = len; }
     round_bytes += m->len; round_blocks += e - s; sent_total += m->len;
     throttle_charge(HDR_LEN + (m->type == ZERO ? 8 : m->len));
@@ -691,6 +700,23 @@ static void stat_send(void) {
     fflush(stdout);
 }
 
+/* "dirty FILE": the ranges of FILE are marked for the next round; every line is validated. */
+static void load_dirty(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) { printf("DIRTY error=\"%s\"\n", strerror(errno)); return; }
+    unsigned long long off, len;
+    uint64_t marked = 0, bad = 0;
+    char line[128];
+    while (fgets(line, sizeof line, f)) {
+        if (sscanf(line, "%llu %llu", &off, &len) != 2 || off % BLK || len % BLK || len == 0 || off >= dsize ||
+            len > dsize - off) { bad++; continue; }
+        for (uint64_t b = off / BLK; b < (off + len) / BLK; b++)
+            if (!getb(nxt, b) && !getb(cur, b)) { setb(nxt, b); marked++; }
+    }
+    fclose(f);
+    printf("DIRTY marked_bytes=%llu bad=%llu\n", (unsigned long long)(marked * BLK), (unsigned long long)bad);
+}
+
 static void ctl_line(char *l) {
     if (!strncmp(l, "round", 5)) { if (!round_active) start_round(); }
     else if (!strncmp(l, "final", 5)) {
@@ -707,6 +733,7 @@ static void ctl_line(char *l) {
         }
     } else if (!strncmp(l, "rate ", 5)) { rate_bps = atof(l + 5); if (tokens > 0) tokens = 0; tok_t = now_s(); printf("RATE %.0f\n", rate_bps); }
     else if (!strncmp(l, "stat", 4)) stat_send();
+    else if (!strncmp(l, "dirty ", 6)) load_dirty(l + 6);
     else if (!strncmp(l, "quit", 4)) { trace_remove(); printf("QUIT\n"); fflush(stdout); exit(0); }
     else printf("CTL unknown command\n");
     fflush(stdout);
@@ -724,9 +751,12 @@ static int do_send(void) {
     if (ctl < 0) die(opt_ctl);
     trace_setup(devfd);
     overruns_seen = trace_overruns();
+    if (opt_resume > 1000000) { errno = 0; die("--resume: at most 1000000 rounds"); }
+    round_no = opt_resume;          /* resumed: the next round copies only what is marked dirty */
     sctx = tls_ctx(0);
     signal(SIGPIPE, SIG_IGN);
-    printf("READY size=%llu blocks=%llu dev=%s\n", (unsigned long long)dsize, (unsigned long long)nblocks, devmm);
+    printf("READY size=%llu blocks=%llu dev=%s resumed=%llu\n", (unsigned long long)dsize, (unsigned long long)nblocks,
+           devmm, (unsigned long long)opt_resume);
     fflush(stdout);
     char cbuf[512];
     size_t clen = 0;
@@ -879,6 +909,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--rate")) rate_bps = atof(v);
         else if (!strcmp(a, "--chunk")) chunk = strtoull(v, NULL, 10);
         else if (!strcmp(a, "--corrupt-seq")) opt_corrupt_seq = strtoull(v, NULL, 10);
+        else if (!strcmp(a, "--resume")) { opt_resume = strtoull(v, NULL, 10); resumed = 1; }
         else if (!strcmp(a, "--session")) { if (hexsession(v) < 0) { fprintf(stderr, "hvsim-migrate: --session: 32 hex digits\n"); return 2; } have_session = 1; }
         else { fprintf(stderr, "hvsim-migrate: unknown option %s\n", a); return 2; }
     }

@@ -1,10 +1,18 @@
 """Fixtures of the control-plane HIL tests: a :class:`ControlPlane` per test (emulated hosts with
 their host agents, a manager, clients), torn down on every path; on failure every agent, manager
 and guest console log is kept under ``test-results/<test id>/``; the test fails if any process of
-an emulated host survived its power-off."""
+an emulated host survived its power-off.
+
+``shared_cp`` is one plane for the tests of a class (mark it ``@pytest.mark.asyncio(loop_scope="class")``):
+after a test that passed its VMs are destroyed and undefined through the manager, its clients and
+heartbeat monitors closed, and the plane is re-checked before the next one (the manager leading and
+answering, every agent alive and reporting no QEMU, every host up, no VM record); a test that failed,
+or a plane that is not so, is torn down there and then (its survivors fail that test's teardown) and
+the next test gets a new one. Every process seen in any test of the plane is checked at its end."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,9 +25,12 @@ from hvsim.control.agent_client import AgentClient
 from hvsim.control.client import ManagerClient
 from hvsim.control.launch import EmulatedHost, ManagerProcess, short_dir
 from hvsim.control.pki import CertificateAuthority
+from hvsim.control.state import HostStatus, VMPower
 from hvsim.core.procfs import alive
 from hvsim.guest.heartbeat import HeartbeatMonitor
 from hvsim.testing.plugin import Artifacts
+
+log = logging.getLogger("hvsim.testing.control")
 
 
 class ControlPlane:
@@ -84,6 +95,15 @@ class ControlPlane:
             except OSError:
                 pass
 
+    async def close_clients(self) -> None:
+        """Close the clients and heartbeat monitors made so far (a test's, on a shared plane)."""
+        for hb in self.monitors:
+            await hb.close()
+        for c in self.clients:
+            await c.close()
+        self.monitors.clear()
+        self.clients.clear()
+
     async def close(self) -> list[str]:
         self.note_pids()
         for hb in self.monitors:
@@ -110,3 +130,89 @@ async def cp(request: pytest.FixtureRequest) -> AsyncIterator[ControlPlane]:
         survivors = await plane.close()
         shutil.rmtree(plane.base, ignore_errors=True)
         assert not survivors, f"processes of the emulated hosts survived their power-off: {survivors}"
+
+
+class SharedPlane:
+    """The plane of a class; ``begin()`` hands it to a test, ``end()`` resets it or tears it down."""
+
+    def __init__(self) -> None:
+        self.plane: ControlPlane | None = None
+
+    async def begin(self) -> ControlPlane:
+        if self.plane is not None and not await self._known_state(self.plane):
+            await self.teardown()
+        if self.plane is None:
+            self.plane = ControlPlane(short_dir("hvsim-hil-cp-"))
+        else:
+            log.info("shared plane: reused (re-checked: no VM, no QEMU, every host up)")
+        return self.plane
+
+    @staticmethod
+    async def _known_state(plane: ControlPlane) -> bool:
+        if len(plane.managers) != 1 or plane.managers[0].pid is None or not plane.hosts:
+            return False
+        c = plane.client(plane.managers[0])
+        try:
+            if not (await c.health())["token"] > 0 or (await c.list_vms())[0]:
+                return False
+            for name, h in plane.hosts.items():
+                if h.agent_pid is None or (await c.get_host(name)).status is not HostStatus.UP:
+                    return False
+                if (await plane.agent(name).qemus(timeout=30)).items:
+                    return False
+            return True
+        except Exception as exc:   # an answer that is not there is not a known state: a new plane is made
+            log.warning("shared plane: not reused (%r)", exc)
+            return False
+        finally:
+            await plane.close_clients()
+
+    async def end(self, failed: bool) -> None:
+        plane = self.plane
+        assert plane is not None
+        plane.note_pids()
+        await plane.close_clients()
+        if not failed and plane.managers and plane.managers[0].pid is not None:
+            c = plane.client(plane.managers[0])
+            try:
+                for vm in (await c.list_vms())[0]:
+                    if vm.power is not VMPower.SHUTOFF:
+                        await c.wait_op((await c.destroy_vm(vm.name)).id, timeout=120)
+                    await c.wait_op((await c.undefine_vm(vm.name)).id, timeout=120)
+            except Exception as exc:   # not resettable: torn down below, the next test gets a new plane
+                log.warning("shared plane: reset failed (%r), torn down", exc)
+                failed = True
+            finally:
+                await plane.close_clients()
+        if failed:
+            log.warning("shared plane: torn down after the test (failed or not resettable)")
+            await self.teardown()
+
+    async def teardown(self) -> None:
+        plane, self.plane = self.plane, None
+        if plane is None:
+            return
+        survivors = await plane.close()
+        shutil.rmtree(plane.base, ignore_errors=True)
+        assert not survivors, f"processes of the emulated hosts survived their power-off: {survivors}"
+
+
+@pytest_asyncio.fixture(scope="class", loop_scope="class")
+async def shared_cp_class() -> AsyncIterator[SharedPlane]:
+    holder = SharedPlane()
+    try:
+        yield holder
+    finally:
+        await holder.teardown()
+
+
+@pytest_asyncio.fixture(loop_scope="class")
+async def shared_cp(shared_cp_class: SharedPlane, request: pytest.FixtureRequest) -> AsyncIterator[ControlPlane]:
+    art = Artifacts(request)
+    plane = await shared_cp_class.begin()
+    try:
+        yield plane
+    finally:
+        if art.failed:
+            plane.keep(art.dir)
+        await shared_cp_class.end(art.failed)
