@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ from hvbase.errors import HvsimError, InputError, StateError
 from hvsim.core.errors import BusyError, CapacityError
 from hvsim.core.errors import NotFoundError as CoreNotFound
 from hvsim.core.model import NAME_RE
+from hvsim.crosscloud.network import WanConfig
 from hvsim.migration import MigrationInputError, MigrationRefusedError, MigrationStateError
 
 from .agent_client import ClientTLS
@@ -46,6 +48,7 @@ from .errors import ConflictError, ControlInputError, NotFoundError, StaleTokenE
 from .guestops import add_agent_routes
 from .hostagent import AgentConfig, AgentNotServingError, HostAgent, host_spec
 from .store import TLSFiles
+from .wanops import add_agent_routes as add_wan_routes
 
 log = logging.getLogger("hvsim.control.agent")
 NameParam = Annotated[str, PathParam(pattern=NAME_RE.pattern, max_length=32, description="a VM name")]
@@ -174,6 +177,7 @@ def create_agent_app(agent: HostAgent) -> FastAPI:
         return Ok()
 
     add_agent_routes(app, agent, wr)
+    add_wan_routes(app, agent, rd, wr)
 
     @app.post("/v1/incoming", response_model=QemuInfo, **wr)
     async def incoming(body: IncomingRequest) -> QemuInfo:
@@ -233,6 +237,9 @@ def parser(prog: str = "python -m hvsim.control.agent_app") -> argparse.Argument
     ap.add_argument("--images", type=Path, help="guest kernel + initrd directory (default: HVSIM_IMAGES)")
     ap.add_argument("--accel", choices=("tcg", "kvm"), help="default: probe")
     ap.add_argument("--ready-file", type=Path, help="written (with the pid) once serving")
+    ap.add_argument("--wan", type=Path, help="JSON file: the inter-cloud network this host is on "
+                                             "(hvsim.crosscloud.network.WanConfig); VMs with a 'network' need it")
+    ap.add_argument("--import-dir", type=Path, help="data disks may be imported from raw images in this directory")
     ap.add_argument("--log-level", default="WARNING")
     return ap
 
@@ -251,9 +258,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m hvsim.control.age
             tcp_listener_check(args.tcp, args.allow_non_loopback)
         if args.power_domain is not None and not (args.power_domain / "cgroup.procs").exists():
             raise ControlInputError("power_domain", f"{args.power_domain} is not a cgroup v2 directory")
+        wan = None
+        if args.wan is not None:
+            try:
+                wan = WanConfig.from_json(json.loads(args.wan.read_text()))
+            except ValueError as e:
+                raise ControlInputError("wan", f"{args.wan}: not JSON: {e}") from e
+        if args.import_dir is not None and not args.import_dir.is_dir():
+            raise ControlInputError("import_dir", f"{args.import_dir} is not a directory")
         cfg = AgentConfig(host=spec, state_dir=args.state_dir, datastore=args.datastore, address=args.address,
                           power_domain=args.power_domain, images=args.images, accel=args.accel,
-                          client_tls=ClientTLS(*args.client_tls) if args.client_tls else None)
+                          client_tls=ClientTLS(*args.client_tls) if args.client_tls else None, wan=wan,
+                          import_dir=args.import_dir)
         sock = unix_listener(args.socket) if args.socket else tcp_listener(args.tcp, args.allow_non_loopback)
         asyncio.run(run(cfg, sock, tls, args.ready_file))   # the default loop: QEMU children, pidfds
     except InputError as e:

@@ -177,6 +177,10 @@ class AgentClient:
     async def post_ok(self, path: str, token: int) -> Ok:
         return await self._call("POST", path, Ok, token=token)
 
+    async def call(self, method: str, path: str, cls: type[T], *, json: Any = None, token: int | None = None) -> T:
+        """Any route of the agent's RPC (routes added beside the core ones: :mod:`.wanops`)."""
+        return await self._call(method, path, cls, json=json, token=token)
+
     @contextlib.asynccontextmanager
     async def stream_lines(self, path: str, body: Any, token: int) -> AsyncIterator[AsyncIterator[str]]:
         """POST ``body`` and iterate the answer's lines as they arrive (no read timeout: a guest

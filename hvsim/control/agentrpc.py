@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from pydantic import Field, Strict
 from pydantic.dataclasses import dataclass
 
-from .state import CFG, InstanceProfile, Name, Text
+from .state import CFG, DataImage, InstanceProfile, Name, Network, Text, VMRecord
 
 FENCE_HEADER = "X-Fencing-Token"
 FENCE_UNTIL_HEADER = "X-Fencing-Until"
@@ -39,6 +39,15 @@ class GuestSpec:
     memory_mib: Annotated[int, Strict(), Field(ge=64, le=1024 * 1024)] = 256
     disk_mib: Annotated[int, Strict(), Field(ge=0, le=16 * 1024 * 1024)] = 0
     profile: InstanceProfile | None = None      # the machine (type, CPU, disk bus); absent: the defaults
+    network: Network = None                     # a NIC on the inter-cloud network (the agent's --wan)
+    data_image: DataImage = None                # the disk filled from this image (the agent's --import-dir)
+    clone_of: Name | None = None                # the disk is a copy-on-write overlay of this VM's (clone-disk)
+
+
+def guest_spec(vm: VMRecord) -> GuestSpec:
+    """What a host agent needs of the manager's record ``vm`` to start it."""
+    return GuestSpec(name=vm.name, vcpus=vm.vcpus, memory_mib=max(64, vm.memory_mib), disk_mib=vm.disk_mib,
+                     profile=vm.profile, network=vm.network, data_image=vm.data_image, clone_of=vm.clone_of)
 
 
 @dataclass(config=CFG)

@@ -58,6 +58,7 @@ from .errors import (
     StoreUnavailableError,
 )
 from .guestops import add_manager_routes
+from .wanops import add_manager_routes as add_wan_routes
 from .inventory import Listing
 from .leader import check_advertise, find_leader
 from .manager import LEASE_TTL, Manager
@@ -262,6 +263,7 @@ def create_app(manager: Manager, token: str) -> FastAPI:
                           timed_out=out.timed_out, truncated=out.truncated)
 
     add_manager_routes(app, manager, ops)
+    add_wan_routes(app, manager, ops)
 
     # -- placement groups, rules, reservations ----------------------------------------------------
     @app.get("/v1/groups", tags=["placement"], response_model=GroupPage, **v1)
@@ -484,11 +486,11 @@ async def run(store_url: str, token: str, sock: socket.socket, ready: Path | Non
               tls: TLSFiles | None = None, *, lease_ttl: float = LEASE_TTL, agent_tls: ClientTLS | None = None,
               agent_networks: tuple[str, ...] = ("127.0.0.0/8", "::1/128"), name: str | None = None,
               advertise: str | None = None, datacenter: str = "", api_tls: TLSFiles | None = None,
-              serving_file: Path | None = None, ha_grace: float = 15.0) -> None:
+              serving_file: Path | None = None, ha_grace: float = 15.0, import_dir: Path | None = None) -> None:
     """Serve the API on ``sock`` at once (not leader until the lease is ours) and campaign."""
     async with make_store(store_url, tls=tls) as store:
         manager = Manager(store, name=name, lease_ttl=lease_ttl, agent_tls=agent_tls, agent_networks=agent_networks,
-                          advertise=advertise, datacenter=datacenter, ha_grace=ha_grace)
+                          advertise=advertise, datacenter=datacenter, ha_grace=ha_grace, import_dir=import_dir)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -541,6 +543,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m hvsim.control.api
     ap.add_argument("--ha-grace", type=float, default=15.0,
                     help="seconds a host without power evidence stays unreachable before HA restarts its protected "
                          "VMs (0-3600; a powered-off host needs none)")
+    ap.add_argument("--import-dir", type=Path, help="data disks may be imported from raw images in this directory "
+                                                    "(VMDefine.data_image: a path relative to it)")
     ap.add_argument("--log-level", default="WARNING")
     args = ap.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
@@ -575,13 +579,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m hvsim.control.api
             advertise = f"{'https' if api_tls else 'http'}://{args.tcp}"
         if len(args.datacenter) > 64:
             raise ControlInputError("datacenter", "at most 64 characters")
+        if args.import_dir is not None and not args.import_dir.is_dir():
+            raise ControlInputError("import_dir", f"{args.import_dir} is not a directory")
         token = ensure_token(args.token_file)
         sock = unix_listener(args.socket) if args.socket else tcp_listener(args.tcp, args.allow_non_loopback)
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(run(args.store, token, sock, args.ready_file, tls, lease_ttl=args.lease_ttl,
                            agent_tls=agent_tls, agent_networks=nets, name=args.name, advertise=advertise,
                            datacenter=args.datacenter, api_tls=api_tls, serving_file=args.serving_file,
-                           ha_grace=args.ha_grace))
+                           ha_grace=args.ha_grace, import_dir=args.import_dir))
     except ControlInputError as e:
         print(f"hvsim manager: {e}", file=sys.stderr)
         return 2

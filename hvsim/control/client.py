@@ -32,8 +32,8 @@ from .leader import find_leader
 from .ops import OperationRecord
 from .pki import ClientTLS
 from .schema import (
-    Defined, Done, ExecRequest, ExecResult, GroupPage, HAReport, HostCreate, HostPage, MigrateRequest, OperationPage,
-    PlacementCheck, Progress, ReservationReport, RuleCreate, RulePage, VMDefine, VMPage,
+    Defined, Done, ExecRequest, ExecResult, GroupPage, GuestAddressInfo, HAReport, HostCreate, HostPage, MigrateRequest,
+    OperationPage, PlacementCheck, Progress, ReservationReport, RuleCreate, RulePage, ServiceAddress, VMDefine, VMPage,
 )
 from .state import GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord, as_dict, parse
 from .store import Store
@@ -348,6 +348,20 @@ class ManagerClient:
     async def resume_vm(self, name: str) -> None:
         """Resume the VM's paused QEMU (not a recorded operation)."""
         await self.raw("POST", f"/v1/vms/{name}/resume")
+
+    # -- the inter-cloud network and clones (hvsim.control.wanops) --------------------------------------
+    async def vm_address(self, name: str) -> GuestAddressInfo:
+        """The VM's address on the inter-cloud network."""
+        return parse(GuestAddressInfo, await self.raw("GET", f"/v1/vms/{name}/address"))
+
+    async def clone_vm(self, name: str, clone: str) -> tuple[VMRecord, OperationRecord]:
+        """A copy-on-write clone of running VM ``name``, defined shut off on an isolated network."""
+        d = parse(Defined, await self.raw("POST", f"/v1/vms/{name}/clone", json={"name": clone}))
+        return d.vm, d.operation
+
+    async def route_service(self, name: str) -> ServiceAddress:
+        """Route the inter-cloud network's service address to the VM."""
+        return parse(ServiceAddress, await self.raw("POST", f"/v1/vms/{name}/service-address"))
 
     @contextlib.asynccontextmanager
     async def stream_post(self, path: str, body: Any) -> AsyncIterator[httpx.Response]:

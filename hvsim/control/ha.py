@@ -59,7 +59,7 @@ from hvbase.fsm import StateMachine
 from hvsim.core.power import PowerError
 from hvsim.core.power import base as power_base
 
-from .agentrpc import GuestSpec, StartRequest
+from .agentrpc import StartRequest, guest_spec
 from .errors import ApiConflictError, ApiError, ApiUnavailableError, ConflictError, ControlError, FencedError
 from .ops import STEP_QEMU_STARTED, OpKind, OpState, Outcome, Resolution
 from .state import HOSTS, VMS, HostRecord, HostStatus, VMPower, VMRecord
@@ -364,7 +364,7 @@ class HAController:
             op.start()
             rev = await inv.update(op, rev)
             dst = await mgr.reader.get_host(target)
-            g = GuestSpec(name=vm.name, vcpus=vm.vcpus, memory_mib=max(64, vm.memory_mib), disk_mib=vm.disk_mib)
+            g = guest_spec(vm)
             try:
                 await mgr.agent(dst).start(StartRequest(vm=g), mgr.token)
             except ApiError as e:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hvbase.errors import HvsimError
 from hvbase.fsm import StateMachine
 from qmp_bridge import AttachError, MachineSpec, QEMUBridgeError, QemuProcess
 from qmp_bridge.process import cmdline
@@ -52,7 +53,8 @@ from hvsim.core.errors import SpecError
 from hvsim.core.events import ClusterEvent, VMStateChanged
 from hvsim.core.host import QMP_SOCKET, Host
 from hvsim.core.lifecycle import VMState
-from hvsim.core.model import DiskSpec, HostSpec, VMSpec
+from hvsim.core.model import DiskSpec, HostSpec, NicSpec, VMSpec
+from hvsim.crosscloud.network import ISOLATED, GuestAddress, WanConfig, WanNetwork, WanNicDriver
 from hvsim.core.power import PowerDomain
 from hvsim.core.vm import VM
 from hvsim.migration import Migration, MigrationError, start_migration
@@ -65,6 +67,7 @@ from .agentrpc import (
 )
 from .errors import ConflictError, ControlError, ControlInputError, ImageLockedError, NotFoundError, StaleTokenError
 from .fencing import HistoryLog
+from .imports import copy_image, resolve_import
 
 log = logging.getLogger("hvsim.control.agent")
 
@@ -99,6 +102,8 @@ class AgentConfig:
     images: Path | None = None
     accel: str | None = None
     client_tls: ClientTLS | None = None   # to call other agents over https (migrations)
+    wan: WanConfig | None = None          # the inter-cloud network this host is on (VMs with ``network``)
+    import_dir: Path | None = None        # data disks may be imported from images in here only
 
 
 @dataclass
@@ -153,6 +158,8 @@ class HostAgent:
         self._peers: dict[str, AgentClient] = {}
         self._events: Any = None
         self._busy: set[str] = set()                   # VMs the agent is starting, stopping, destroying
+        self.wan: WanNetwork | None = None
+        self._tops: dict[str, tuple[str, Path, str]] = {}  # vm -> its disk's active node, file, format
 
     # -- lifetime ---------------------------------------------------------------------------------
     @property
@@ -182,6 +189,13 @@ class HostAgent:
                                    accel=self.cfg.accel)
             power = PowerDomain(self.cfg.power_domain) if self.cfg.power_domain is not None else None
             self._host = self.cluster.add_host(self.cfg.host, power=power)
+            if self.cfg.wan is not None:
+                if self.cfg.wan.host != self.cfg.host.name:
+                    raise ControlInputError("wan", f"the WAN config is host {self.cfg.wan.host!r}'s, "
+                                                   f"not {self.cfg.host.name!r}'s")
+                self.wan = self.cfg.wan.network()
+                await self.wan.setup([self.cfg.host.name])
+                self.cluster.add_driver(WanNicDriver(self.wan))
             self._events = self.cluster.events.subscribe("host agent: VMs that end", kinds=(VMStateChanged,),
                                                          callback=self._vm_changed)
             await self._readopt()
@@ -272,25 +286,146 @@ class HostAgent:
     def vm_spec(self, g: GuestSpec) -> VMSpec:
         p = g.profile
         bus = p.disk_bus if p is not None else "virtio-blk"
-        disks = (DiskSpec("disk0", g.disk_mib, path=str(self.disk_path(g.name)), bus=bus),) if g.disk_mib else ()
+        disks: tuple[DiskSpec, ...] = ()
+        if g.disk_mib and g.clone_of is not None:
+            disks = (DiskSpec("disk0", g.disk_mib, path=str(self.overlay_path(g.name)), format="qcow2", bus=bus),)
+        elif g.disk_mib and (top := self.active_top(g.name)) is not None:
+            disks = (DiskSpec("disk0", g.disk_mib, path=str(top), format="qcow2", bus=bus),)
+        elif g.disk_mib:
+            disks = (DiskSpec("disk0", g.disk_mib, path=str(self.disk_path(g.name)), bus=bus),)
+        nics: tuple[NicSpec, ...] = ()
+        kernel_args = ""
+        if g.network is not None:
+            wan = self._wan(g.name)
+            isolated = g.network == ISOLATED
+            nics = (NicSpec("wan0", network=g.network, model=p.nic_model if p is not None else "virtio-net-pci"),)
+            kernel_args = wan.kernel_args(g.name, self.cfg.host.name, isolated=isolated)
         if p is None:
-            return VMSpec(g.name, vcpus=g.vcpus, memory_mib=g.memory_mib, disks=disks)
-        return VMSpec(g.name, vcpus=g.vcpus, memory_mib=g.memory_mib, disks=disks, machine=p.machine,
-                      cpu_model=p.cpu_model)
+            return VMSpec(g.name, vcpus=g.vcpus, memory_mib=g.memory_mib, disks=disks, nics=nics,
+                          kernel_args=kernel_args)
+        return VMSpec(g.name, vcpus=g.vcpus, memory_mib=g.memory_mib, disks=disks, nics=nics, machine=p.machine,
+                      cpu_model=p.cpu_model, kernel_args=kernel_args)
+
+    def _wan(self, vm: str) -> WanNetwork:
+        if self.wan is None:
+            raise ControlInputError("network", f"vm {vm!r}: host {self.cfg.host.name} is on no inter-cloud "
+                                               "network (its agent was started without --wan)")
+        return self.wan
 
     def disk_path(self, vm: str) -> Path:
         return self.cfg.datastore / vm / "disk0.img"
 
-    def _create_disk(self, g: GuestSpec) -> None:
+    def active_top(self, vm: str) -> Path | None:
+        """The qcow2 file ``vm`` writes into since its disk was snapshotted for a clone (its chain
+        ends in ``disk0.img``), recorded in the datastore beside the disk so that every later start
+        of the VM, here or on another host, opens the chain and not the frozen image."""
+        ptr = self.cfg.datastore / vm / "disk0.active"
+        try:
+            name = ptr.read_text().strip()
+        except FileNotFoundError:
+            return None
+        top = ptr.parent / name
+        if "/" in name or not name.endswith(".qcow2") or not top.is_file():
+            raise ControlError(f"vm {vm!r}: its disk's active-layer record {ptr} names {name!r}, not a qcow2 file "
+                               "beside it")
+        return top
+
+    def _set_active_top(self, vm: str, top: Path) -> None:
+        ptr = self.cfg.datastore / vm / "disk0.active"
+        part = ptr.with_name(ptr.name + ".part")
+        with open(part, "w") as f:
+            f.write(top.name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, ptr)
+
+    def overlay_path(self, vm: str) -> Path:
+        """A clone's disk: a qcow2 overlay on its origin's frozen image (:meth:`clone_disk`)."""
+        return self.cfg.datastore / vm / "disk0-overlay.qcow2"
+
+    async def _create_disk(self, g: GuestSpec) -> None:
         if not g.disk_mib:
+            return
+        if g.clone_of is not None:
+            if not self.overlay_path(g.name).exists():
+                raise ConflictError(f"vm {g.name!r} is a clone of {g.clone_of!r} whose disk overlay was not made "
+                                    f"on host {self.cfg.host.name} (POST /v1/vms/{g.clone_of}/clone first)")
             return
         p = self.disk_path(g.name)
         if p.exists():
+            return
+        if g.data_image is not None:
+            src = resolve_import(self.cfg.import_dir, g.data_image, g.disk_mib)
+            await asyncio.to_thread(copy_image, src, p, g.disk_mib)
+            log.info("vm %s: disk imported from %s (%d bytes)", g.name, src, src.stat().st_size)
             return
         p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(p, "wb") as f:
             f.truncate(g.disk_mib << 20)
         os.chmod(p, 0o600)
+
+    # -- the inter-cloud network and copy-on-write clones (hvsim.control.wanops) --------------------------
+    def _guest(self, name: str) -> GuestSpec:
+        rec = self.records.vms().get(name)
+        return rec.spec if rec is not None else guest_of(self._vm(name).spec)
+
+    def address(self, name: str) -> GuestAddress:
+        """``name``'s address on the inter-cloud network (ConflictError: it has no NIC there)."""
+        self._vm(name)
+        g = self._guest(name)
+        if g.network is None:
+            raise ConflictError(f"vm {name!r} has no NIC on the inter-cloud network (defined without 'network')")
+        return self._wan(name).address(name, self.cfg.host.name, isolated=g.network == ISOLATED)
+
+    async def route_service(self, name: str) -> str:
+        """Route the inter-cloud network's service address to ``name`` (running, NIC on ``wan``)."""
+        vm = self._vm(name)
+        if vm.state not in (VMState.RUNNING, VMState.PAUSED):
+            raise ConflictError(f"vm {name!r} is {vm.state.value}: the service address needs a running guest")
+        a = self.address(name)
+        if a.isolated:
+            raise ConflictError(f"vm {name!r} is on the isolated network: it cannot carry the service address")
+        wan = self._wan(name)
+        try:
+            await wan.move_service(name, self.cfg.host.name)
+        except HvsimError as e:
+            raise ConflictError(f"vm {name!r}: {e}") from e
+        return wan.service_ip
+
+    async def clone_disk(self, name: str, clone: str) -> Path:
+        """A copy-on-write overlay for ``clone`` on ``name``'s disk at this instant: the running
+        VM's disk is snapshotted (QMP ``blockdev-snapshot-sync``: the VM writes into a new qcow2 top
+        from now on and the image under it stops changing), the clone's qcow2 overlay is made on
+        that frozen image (nothing the clone writes reaches the VM). Returns the overlay's path."""
+        vm = self._vm(name)
+        if not vm.has_process or vm.state not in (VMState.RUNNING, VMState.PAUSED):
+            raise ConflictError(f"vm {name!r} is {vm.state.value}: only a running VM's disk can be cloned")
+        if not vm.spec.disks:
+            raise ConflictError(f"vm {name!r} has no disk to clone")
+        if clone in self.cl.vms or clone in self.incoming:
+            raise ConflictError(f"vm {clone!r} exists on host {self.cfg.host.name} already")
+        with self._own(name):
+            d = vm.spec.disks[0]
+            node, frozen, fmt = self._tops.get(name, (f"disk-{d.name}", vm.disk_path(d), d.format))
+            tag = secrets.token_hex(3)
+            top = self.disk_path(name).with_name(f"disk0-top-{tag}.qcow2")
+            new_node = f"disk-{d.name}-top-{tag}"
+            await vm.qmp.execute("blockdev-snapshot-sync", {"node-name": node, "snapshot-file": str(top),
+                                                            "snapshot-node-name": new_node, "format": "qcow2"})
+            self._tops[name] = (new_node, top, "qcow2")
+            self._set_active_top(name, top)      # a later start opens the chain, not the frozen image
+            overlay = self.overlay_path(clone)
+            overlay.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            overlay.unlink(missing_ok=True)
+            proc = await asyncio.create_subprocess_exec(
+                "qemu-img", "create", "-q", "-f", "qcow2", "-b", str(frozen), "-F", fmt, str(overlay),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            _, err = await proc.communicate()
+            if proc.returncode != 0:
+                raise ControlError(f"vm {name!r}: the clone's overlay could not be made: {err.decode()[-500:]}")
+            os.chmod(overlay, 0o600)
+        log.info("vm %s: disk snapshotted (%s frozen, writes go to %s); clone %s overlays it", name, frozen, top, clone)
+        return overlay
 
     def _machine(self, spec: VMSpec, instance_dir: Path) -> MachineSpec:
         """Enough of the machine to re-attach its QEMU (the QMP socket and pid are what is checked)."""
@@ -406,6 +541,7 @@ class HostAgent:
         except Exception as e:   # keep the agent serving; the record goes anyway
             log.error("forgetting vm %s: %s", name, e)
         self.records.delete_vm(name)
+        self._tops.pop(name, None)
         log.warning("vm %s ended on its own: %s", name, self.lost.get(name))
 
     # -- queries ------------------------------------------------------------------------------------
@@ -500,7 +636,7 @@ class HostAgent:
         spec = self.vm_spec(g)
         self.host.check_fit(spec)                        # CapacityError before anything is recorded or started
         with self._own(g.name):
-            self._create_disk(g)
+            await self._create_disk(g)
             self.lost.pop(g.name, None)
             self.records.put_vm(LocalVM(spec=g, instance_dir=str(cl.run_dir / g.name)))   # before the QEMU starts
             vm: VM | None = None
@@ -545,6 +681,7 @@ class HostAgent:
         with contextlib.suppress(CoreNotFound):
             await self.cl.undefine_vm(name)
         self.records.delete_vm(name)
+        self._tops.pop(name, None)          # a next QEMU opens the chain's top as its drive's own node
 
     async def resume(self, name: str) -> None:
         """QMP cont on a paused (or post-migrate) QEMU: it becomes the running owner of the guest."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -25,7 +26,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from hvsim.core.power import PowerDomain
 from qmp_bridge.process import die_with_parent, join_cgroup
@@ -84,8 +87,10 @@ class EmulatedHost:
                  datacenter: str = "dc1", datastore: Path | None = None, netns: str | None = None,
                  address: str | None = None, port: int | None = None, ca: CertificateAuthority | None = None,
                  images: Path | None = None, accel: str | None = None, log_level: str = "INFO",
-                 tcp_only: bool = False) -> None:
+                 tcp_only: bool = False, wan: Mapping[str, Any] | None = None, import_dir: Path | None = None) -> None:
         self.name = name
+        self.wan = wan                    # the WAN config (hvsim.crosscloud.network.WanConfig.to_json())
+        self.import_dir = import_dir
         self.dir = Path(base_dir) / name
         self.vcpus = vcpus
         self.memory_mib = memory_mib
@@ -169,6 +174,10 @@ class EmulatedHost:
             a += ["--images", str(self.images)]
         if self.accel is not None:
             a += ["--accel", self.accel]
+        if self.wan is not None:
+            a += ["--wan", str(self.dir / "wan.json")]
+        if self.import_dir is not None:
+            a += ["--import-dir", str(self.import_dir)]
         # nsenter, not `ip netns exec`: the latter remounts /sys, which hides the cgroup v2 tree the
         # host's power domain (and its QEMUs' cgroup) lives in
         return (["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []) + a
@@ -180,6 +189,8 @@ class EmulatedHost:
         assert self.domain is not None
         ready = self.dir / "ready"
         ready.unlink(missing_ok=True)
+        if self.wan is not None:
+            (self.dir / "wan.json").write_text(json.dumps(dict(self.wan)))  # noqa: ASYNC240 (tiny)
         die = die_with_parent()
         cg = self.domain.path
 
@@ -255,8 +266,9 @@ class ManagerProcess:
                  log_level: str = "INFO", allow_non_loopback: bool = False,
                  api_tls: bool | tuple[Path, Path, Path] | None = None, advertise: str | None = None,
                  datacenter: str | None = None, name: str | None = None, token_file: Path | None = None,
-                 ha_grace: float | None = None) -> None:
+                 ha_grace: float | None = None, import_dir: Path | None = None) -> None:
         self.dir = Path(run_dir)
+        self.import_dir = import_dir
         self._token_file = token_file          # shared by managers that stand in for each other
         self.api_tls = api_tls
         self.advertise = advertise
@@ -346,6 +358,8 @@ class ManagerProcess:
             a += ["--store-tls", *map(str, self.store_tls)]
         if self.ha_grace is not None:
             a += ["--ha-grace", str(self.ha_grace)]
+        if self.import_dir is not None:
+            a += ["--import-dir", str(self.import_dir)]
         files = self._api_tls_files()
         if files is not None:
             a += ["--api-tls", *map(str, files)]

@@ -51,6 +51,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -59,12 +60,15 @@ from hvbase.aio import wait_for
 from hvbase.fsm import StateMachine
 
 from .agent_client import AgentClient, ClientTLS
-from .agentrpc import ExecBody, ExecOutput, GuestSpec, MigrateOut, MigrationInfo, QemuList, StartRequest, StopRequest
+from .agentrpc import (
+    ExecBody, ExecOutput, MigrateOut, MigrationInfo, QemuList, StartRequest, StopRequest, guest_spec,
+)
 from .errors import (
     ApiConflictError, ApiError, ApiInputError, ApiNotFoundError, ApiUnavailableError, ConflictError,
     ControlError, ControlInputError, FencedError, NotFoundError, NotLeaderError, OperationFailedError, StoreError,
 )
 from .ha import HAController
+from .imports import resolve_import
 from .inventory import Inventory
 from .leader import LEADER_KEY, LeaderInfo, publish_leader
 from .ops import (
@@ -139,7 +143,7 @@ class Manager:
                  agent_networks: Iterable[str] = ("127.0.0.0/8", "::1/128"),
                  monitor_interval: float = 1.0, resolve_interval: float = 2.0,
                  advertise: str | None = None, datacenter: str = "", ha_grace: float = 15.0,
-                 ha_off_grace: float = 0.0, ha_retry: float = 30.0) -> None:
+                 ha_off_grace: float = 0.0, ha_retry: float = 30.0, import_dir: Path | None = None) -> None:
         if not 1 <= lease_ttl <= 600:
             raise ControlInputError("lease_ttl", f"must be 1..600 seconds, got {lease_ttl!r}")
         self.store = store
@@ -155,6 +159,7 @@ class Manager:
             raise ControlInputError("agent_networks", str(e)) from e
         self.monitor_interval = monitor_interval
         self.resolve_interval = resolve_interval
+        self.import_dir = import_dir              # data disks are imported from images in here only
         self.reader = Inventory(store, manager=self.name)     # reads (no fence needed)
         self.fsm: StateMachine[ManagerState] = StateMachine(f"manager {self.name}", ManagerState.NEW, MANAGER_TABLE,
                                                             log=log)
@@ -439,6 +444,8 @@ class Manager:
         state rebuilt meanwhile (another request's reload) still counts it: concurrent defines never
         break a required rule between them."""
         inv = self.inventory
+        if vm.data_image is not None:
+            resolve_import(self.import_dir, vm.data_image, vm.disk_mib)   # 400 naming the problem
         async with self._place_lock:
             if vm.host is None:
                 await self._ensure_placer()
@@ -544,10 +551,8 @@ class Manager:
         agent = self.agent(host)
 
         async def body(op: Operation, rev: int) -> OperationRecord:
-            g = GuestSpec(name=vm.name, vcpus=vm.vcpus, memory_mib=max(64, vm.memory_mib), disk_mib=vm.disk_mib,
-                          profile=vm.profile)
             try:
-                await agent.start(StartRequest(vm=g), self.token)
+                await agent.start(StartRequest(vm=guest_spec(vm)), self.token)
             except ApiError as e:
                 if not _definite(e):
                     raise OperationFailedError(f"start of {name}: host {host.name} did not answer ({e.detail}); the "

@@ -8,7 +8,9 @@ from pydantic import Field, Strict
 from pydantic.dataclasses import dataclass
 
 from .ops import OperationRecord
-from .state import CFG, GroupRecord, HostRecord, InstanceProfile, Name, ReservationRecord, RuleRecord, VMRecord
+from .state import (
+    CFG, DataImage, GroupRecord, HostRecord, InstanceProfile, Name, Network, ReservationRecord, RuleRecord, VMRecord,
+)
 
 
 @dataclass(config=CFG)
@@ -33,6 +35,8 @@ class VMDefine:
     protected: Annotated[bool, Strict()] = False
     priority: Annotated[int, Strict(), Field(ge=0, le=1000)] = 0
     profile: InstanceProfile | None = None
+    network: Network = None
+    data_image: DataImage = None
 
 
 @dataclass(config=CFG)
@@ -75,6 +79,34 @@ class ErrorBody:
     leader: LeaderBrief | None = None   # ... and who does (null: none known yet)
     applied: bool | None = None         # 503 not leader: false = nothing was written (send it to the leader)
 
+
+
+# -- the inter-cloud network and clones (hvsim.control.wanops) ------------------------------------------
+@dataclass(config=CFG)
+class GuestAddressInfo:
+    vm: Name
+    host: Name
+    network: str
+    ip: str
+    gateway: str
+    prefixlen: Annotated[int, Strict()]
+
+
+@dataclass(config=CFG)
+class CloneRequest:
+    name: Name
+
+
+@dataclass(config=CFG)
+class CloneDiskRequest:
+    clone: Name
+
+
+@dataclass(config=CFG)
+class ServiceAddress:
+    service_ip: str
+    vm: Name
+    host: Name
 
 
 # -- responses --------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from qmp_bridge.machine import CPU_MODELS, DISK_BUSES, MACHINE_TYPES, NIC_MODELS
 from hvsim.placement.schema import rule_from_dict, rule_to_dict
 
 from .errors import ControlInputError
+from .imports import IMAGE_PATH_RE
 
 ROOT = "/hvsim/"
 HOSTS = ROOT + "hosts/"
@@ -67,6 +68,15 @@ class VMPower(enum.Enum):
 
 def _one_of(values: tuple[str, ...]) -> str:
     return "^(" + "|".join(re.escape(v) for v in values) + ")$"
+
+
+# a VM's NIC on the inter-cloud network (hvsim.crosscloud.network): routed there, or isolated (a test clone's)
+Network = Annotated[str | None, Field(pattern=r"^(wan|isolated)$",
+                                      description="a NIC on the inter-cloud network ('wan') or an isolated one "
+                                                  "('isolated'); absent: no NIC")]
+DataImage = Annotated[str | None, Field(max_length=256, pattern=IMAGE_PATH_RE,
+                                        description="fill the disk on first start from this raw image, a path "
+                                                    "relative to the import directory (--import-dir)")]
 
 
 @dataclass(config=CFG)
@@ -108,6 +118,10 @@ class VMRecord:
     protected: Annotated[bool, Strict()] = False
     priority: Annotated[int, Strict(), Field(ge=0, le=1000)] = 0
     profile: InstanceProfile | None = None
+    network: Network = None
+    data_image: DataImage = None
+    clone_of: Annotated[Name | None, Field(description="the VM whose disk this copy-on-write clone's overlays "
+                                                       "(POST /v1/vms/{name}/clone)")] = None
 
 
 @dataclass(config=CFG)

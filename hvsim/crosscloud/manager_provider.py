@@ -2,24 +2,33 @@
 address with its own bearer token, the way a migration tool reaches EC2 or vSphere.
 
 Everything goes through :class:`~hvsim.control.client.ManagerClient`: an instance is a VM record
-defined with the cloud's instance profile (machine type, CPU model, disk bus: ``VMDefine.profile``)
-and a data disk (``disk_mib``, created raw in the cloud's datastore), started by the manager on the
-host its placement chooses; exec, the streamed exec that runs the migration agents and the writer
-(``POST /v1/vms/{name}/exec-stream``), pause and resume (:mod:`hvsim.control.guestops`) are API
-calls too. Refusals come before anything is created: bad credentials (401 on the first call:
+defined with the cloud's instance profile (machine type, CPU model, disk bus, NIC model:
+``VMDefine.profile``), a data disk (``disk_mib``, created raw in the cloud's datastore, or filled
+from an image: ``data_image``, a path inside the manager's import directory, :mod:`hvsim.control.imports`)
+and a NIC on the inter-cloud network (``network: "wan"``, or ``"isolated"``), started by the manager
+on the host its placement chooses, the host agent giving the guest its routed /30 on the WAN
+(:mod:`hvsim.control.wanops`, over :class:`~hvsim.crosscloud.network.WanNetwork`). Exec, the
+streamed exec that runs the migration agents and the writer (``POST /v1/vms/{name}/exec-stream``),
+pause and resume (:mod:`hvsim.control.guestops`), the guest's WAN address
+(``GET /v1/vms/{name}/address``), the copy-on-write clone of a test cutover
+(``POST /v1/vms/{name}/clone``: the running VM's disk snapshotted on its host, the clone defined
+there with an isolated NIC and a qcow2 overlay on the frozen image) and the service-address move
+(``POST /v1/vms/{name}/service-address``) are API calls too, so a whole
+:class:`~hvsim.crosscloud.orchestrator.CrossCloudMigration` runs between two managers
+(tests/hil/crosscloud/test_managers.py).
+
+Refusals come before anything is created: bad credentials (401 on the first call:
 :class:`CredentialsError`), no host with room for the instance (:class:`NoCapacityError`, from the
 manager's host records and the VMs defined on them, the way its placement counts), an instance
-whose guest agent does not answer (:class:`NoAgentChannelError`).
-
-**Not in the manager's API yet** (each raises :class:`ProviderUnsupportedError` naming it): a NIC on
-the inter-cloud network and the guest's address on it (the manager's VMs have no NICs), a data
-disk imported from an existing image, and the copy-on-write clone of a test cutover. Until they
-exist, a whole migration between two managers cannot run: the agents in the guests have no
-network to talk over. :class:`~hvsim.crosscloud.provider.InProcessProvider` remains the driver of
-the library mode, which has all of it.
+whose guest agent does not answer (:class:`NoAgentChannelError`), a data disk outside the import
+directory (:class:`~hvsim.crosscloud.errors.CrossCloudInputError`, here; the manager and the host
+agent refuse it again). What the manager refuses (a VM without a WAN NIC asked for its address, an
+isolated one for the service address) is :class:`ProviderRefusedError` with the manager's reason.
+:class:`~hvsim.crosscloud.provider.InProcessProvider` remains the driver of the library mode.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import hashlib
@@ -34,23 +43,25 @@ from typing import Any
 import httpx
 
 from ..control.client import ManagerClient
-from ..control.errors import ApiAuthError, ApiConflictError, ApiError, ApiNotFoundError
+from ..control.errors import ApiAuthError, ApiConflictError, ApiError, ApiInputError, ApiNotFoundError
 from ..control.schema import ExecRequest, VMDefine
 from ..control.state import InstanceProfile, VMPower
 from ..core.agent import Chunk, ExecResult, collect_stream
 from ..core.errors import AgentError
 from ..core.model import DiskSpec, VMSpec
-from .errors import CredentialsError, CrossCloudError, NoAgentChannelError, NoCapacityError
+from .errors import CredentialsError, CrossCloudError, CrossCloudInputError, NoAgentChannelError, NoCapacityError
+from .network import ISOLATED, WAN
 from .profiles import ProviderProfile
 
 log = logging.getLogger("hvsim.crosscloud.manager")
 PUSH_CHUNK = 3000            # base64 bytes per command: the manager's exec takes commands of <= 4096 chars
+PUSH_PARALLEL = 6           # exec calls of one push in flight at once (each a round trip to the guest)
 STATE = {VMPower.RUNNING: "running", VMPower.PAUSED: "paused", VMPower.SHUTOFF: "shutoff",
          VMPower.MIGRATING: "migrating", VMPower.CRASHED: "crashed"}
 
 
-class ProviderUnsupportedError(CrossCloudError):
-    """The cloud's API has no way to do this (named in the message)."""
+class ProviderRefusedError(CrossCloudError):
+    """The cloud's API refused the request (its reason in the message)."""
 
 
 class ManagerExecStream:
@@ -119,30 +130,45 @@ class ManagerProvider:
     address: str
     profile: ProviderProfile
     timeout: float = 300.0
+    import_dir: Path | None = None          # the manager's --import-dir: data disks are imported from in here
+    network: str | None = WAN               # instances' NIC: on the inter-cloud network (None: no NIC)
     client: ManagerClient | None = field(default=None, repr=False)
+    _credentials: str | None = field(default=None, repr=False)
+    _retired: list[ManagerClient] = field(default_factory=list, repr=False)
 
     @property
     def api(self) -> str:
         return self.address
 
     async def authenticate(self, credentials: str) -> None:
-        if self.client is not None:
-            await self.client.close()
-        c = ManagerClient(self.address, credentials, timeout=self.timeout)
+        """Check ``credentials`` (any authenticated call: 401 if the token is wrong) and use them from
+        now on. Streams opened before (a writer's, an agent's) keep their connection: a client that
+        is replaced is closed only by :meth:`close`, and the same credentials keep the same client."""
+        if self.client is not None and self._credentials == credentials:
+            c = self.client
+        else:
+            c = ManagerClient(self.address, credentials, timeout=self.timeout)
         try:
-            await c.list_hosts(limit=1)            # any authenticated call: 401 if the token is wrong
+            await c.list_hosts(limit=1)
         except ApiAuthError as e:
-            await c.close()
+            if c is not self.client:
+                await c.close()
             raise CredentialsError(f"cloud {self.cloud!r} ({self.address}) refused the credentials") from e
         except BaseException:
-            await c.close()
+            if c is not self.client:
+                await c.close()
             raise
-        self.client = c
+        if c is not self.client:
+            if self.client is not None:
+                self._retired.append(self.client)
+            self.client, self._credentials = c, credentials
 
     async def close(self) -> None:
-        if self.client is not None:
-            await self.client.close()
-            self.client = None
+        for c in [*self._retired, *([self.client] if self.client is not None else [])]:
+            await c.close()
+        self._retired.clear()
+        self.client = None
+        self._credentials = None
 
     def _c(self) -> ManagerClient:
         if self.client is None:
@@ -182,16 +208,31 @@ class ManagerProvider:
                               f"{spec.name!r} ({spec.vcpus} vCPUs, {spec.memory_mib} MiB): "
                               + ("; ".join(why) or "no hosts"))
 
+    def image_path(self, data_disk: Path) -> str:
+        """``data_disk`` as the API names it: relative to the manager's import directory."""
+        if self.import_dir is None:
+            raise CrossCloudInputError(f"cloud {self.cloud!r}: no import directory is known for this manager "
+                                       f"(ManagerProvider.import_dir): {data_disk} cannot be imported")
+        p = Path(data_disk)
+        if p.is_absolute():
+            try:
+                p = p.resolve().relative_to(self.import_dir.resolve())
+            except ValueError as e:
+                raise CrossCloudInputError(f"cloud {self.cloud!r}: {data_disk} is not inside the import directory "
+                                           f"{self.import_dir}") from e
+        return p.as_posix()
+
     async def create_instance(self, spec: VMSpec, *, data_disk: Path | None = None, isolated: bool = False,
                               data_size_mib: int = 256) -> str:
-        if data_disk is not None:
-            raise ProviderUnsupportedError(f"cloud {self.cloud!r}: the manager API cannot import a data disk "
-                                           f"from an image ({data_disk}); it creates empty ones")
-        if isolated:
-            raise ProviderUnsupportedError(f"cloud {self.cloud!r}: the manager API has no networks yet")
+        image = self.image_path(data_disk) if data_disk is not None else None
         await self.check_capacity(spec)
-        await self._c().define_vm(VMDefine(name=spec.name, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
-                                           disk_mib=data_size_mib, profile=self.instance_profile()))
+        network = ISOLATED if isolated else self.network
+        try:
+            await self._c().define_vm(VMDefine(name=spec.name, vcpus=spec.vcpus, memory_mib=spec.memory_mib,
+                                               disk_mib=data_size_mib, profile=self.instance_profile(),
+                                               network=network, data_image=image))
+        except (ApiInputError, ApiConflictError) as e:
+            raise ProviderRefusedError(f"cloud {self.cloud!r}: instance {spec.name!r} refused: {e.detail}") from e
         return spec.name
 
     async def start(self, name: str) -> None:
@@ -228,15 +269,23 @@ class ManagerProvider:
 
     async def push_file(self, name: str, local: Path, remote: str, mode: int = 0o600) -> None:
         """``local`` into the guest at ``remote`` through exec calls (gzip + base64 in commands
-        under the API's 4096-character limit), checked by SHA-256 before it is moved into place."""
+        under the API's 4096-character limit, ``PUSH_PARALLEL`` at a time, each part its own file),
+        checked by SHA-256 before it is moved into place."""
         raw = Path(local).read_bytes()
         b64 = base64.b64encode(gzip.compress(raw, 6)).decode()
         tmp = shlex.quote(remote + ".part")
-        await self.exec(name, f"rm -f {tmp} {tmp}.b64", check=True)
-        for i in range(0, len(b64), PUSH_CHUNK):
-            await self.exec(name, f"printf %s {b64[i:i + PUSH_CHUNK]} >> {tmp}.b64", timeout=60, check=True)
+        parts = shlex.quote(remote + ".parts")
+        await self.exec(name, f"rm -rf {tmp} {parts} && mkdir -m 700 {parts}", check=True)
+        sem = asyncio.Semaphore(PUSH_PARALLEL)
+
+        async def one(i: int, chunk: str) -> None:
+            async with sem:
+                await self.exec(name, f"printf %s {chunk} > {parts}/{i:05d}", timeout=60, check=True)
+        async with asyncio.TaskGroup() as tg:
+            for i in range(0, len(b64), PUSH_CHUNK):
+                tg.create_task(one(i // PUSH_CHUNK, b64[i:i + PUSH_CHUNK]))
         digest = hashlib.sha256(raw).hexdigest()
-        r = await self.exec(name, f"base64 -d {tmp}.b64 | gunzip > {tmp} && rm -f {tmp}.b64 && sha256sum {tmp}",
+        r = await self.exec(name, f"cat {parts}/* | base64 -d | gunzip > {tmp} && rm -rf {parts} && sha256sum {tmp}",
                             timeout=120, check=True)
         if r.stdout.split()[:1] != [digest]:
             raise AgentError(f"vm {name!r}: pushed {remote} has SHA-256 {r.stdout[:64]!r}, expected {digest}")
@@ -253,11 +302,21 @@ class ManagerProvider:
                                       f"(exit {r.exit_code}, timed out {r.timed_out})")
 
     async def clone_for_test(self, name: str, clone: str) -> str:
-        raise ProviderUnsupportedError(f"cloud {self.cloud!r}: the manager API has no copy-on-write clone yet "
-                                       "(the test cutover needs one)")
+        """A throw-away copy-on-write clone of running instance ``name`` on an isolated network
+        (defined shut off; :meth:`start` boots it, :meth:`delete` discards it)."""
+        try:
+            rec, _ = await self._c().clone_vm(name, clone)
+        except (ApiInputError, ApiConflictError, ApiNotFoundError) as e:
+            raise ProviderRefusedError(f"cloud {self.cloud!r}: clone of vm {name!r} refused: {e.detail}") from e
+        return rec.name
 
     async def route_service(self, name: str) -> None:
-        raise ProviderUnsupportedError(f"cloud {self.cloud!r}: the manager API has no service addresses yet")
+        """Route the service address to instance ``name`` (the cloud's elastic-IP move)."""
+        try:
+            await self._c().route_service(name)
+        except (ApiInputError, ApiConflictError, ApiNotFoundError) as e:
+            raise ProviderRefusedError(f"cloud {self.cloud!r}: service address to vm {name!r} refused: "
+                                       f"{e.detail}") from e
 
     async def vm_state(self, name: str) -> str | None:
         try:
@@ -267,5 +326,8 @@ class ManagerProvider:
         return STATE.get(rec.power, rec.power.value)
 
     async def guest_address(self, name: str) -> str:
-        raise ProviderUnsupportedError(f"cloud {self.cloud!r}: the manager's VMs have no NIC on the inter-cloud "
-                                       f"network yet, so vm {name!r} has no address the other cloud can reach")
+        try:
+            return (await self._c().vm_address(name)).ip
+        except (ApiInputError, ApiConflictError, ApiNotFoundError) as e:
+            raise ProviderRefusedError(f"cloud {self.cloud!r}: vm {name!r} has no address on the inter-cloud "
+                                       f"network: {e.detail}") from e

@@ -12,6 +12,12 @@ Every other host routes the guest's /30 via the guest's host. A clone for a test
 plugged *isolated*: its tap has no address and no route, so it reaches nobody and nobody reaches it.
 The service address (:attr:`WanNetwork.service_ip`) is a /32 the client routes to the host of the
 active copy, which routes it to the guest; moving it is two route replacements.
+
+The same network serves the library mode (one process: a :class:`WanNetwork` over the
+:class:`~hvsim.network.underlay.Underlay` itself, addresses from all of ``GUEST_NET``) and the host
+agents of hvsim managers (one process per host: each agent's :class:`WanNetwork` is built from a
+:class:`WanConfig` naming the WAN's hosts, its namespaces and addresses, the client host and the
+agent's own slice of ``GUEST_NET``, so two agents never hand out the same /30).
 """
 from __future__ import annotations
 
@@ -20,7 +26,9 @@ import hashlib
 import ipaddress
 import logging
 import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from qmp_bridge import Nic
 
@@ -57,26 +65,101 @@ class GuestAddress:
         return str(self.subnet.network_address + 2)
 
 
-class WanNetwork:
-    """Guest /30s and routes across the hosts of ``underlay`` (which must have a ``client`` host)."""
+class WanTopology(Protocol):
+    """The WAN's hosts as :class:`WanNetwork` needs them (an Underlay is one; :class:`WanConfig` too)."""
 
-    def __init__(self, underlay: Underlay, client_host: str = "client") -> None:
+    @property
+    def hosts(self) -> tuple[str, ...]: ...
+    def host_ns(self, host: str) -> str: ...
+    def host_ip(self, host: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """What a host agent is told of the WAN at start (``--wan FILE``, JSON): every WAN host's
+    namespace and address, the client host, this host's name and its slice of ``GUEST_NET``."""
+    host: str
+    namespaces: Mapping[str, str]
+    addresses: Mapping[str, str]
+    client: str = "client"
+    pool: str = str(GUEST_NET)
+
+    def __post_init__(self) -> None:
+        if set(self.namespaces) != set(self.addresses):
+            raise CrossCloudInputError("WAN config: namespaces and addresses must name the same hosts")
+        for h in (self.host, self.client):
+            if h not in self.namespaces:
+                raise CrossCloudInputError(f"WAN config: host {h!r} is not among the WAN hosts "
+                                           f"{sorted(self.namespaces)}")
+        for h, ip in self.addresses.items():
+            try:
+                ipaddress.IPv4Address(ip)
+            except ValueError as e:
+                raise CrossCloudInputError(f"WAN config: host {h!r}: bad address {ip!r}") from e
+        try:
+            pool = ipaddress.IPv4Network(self.pool)
+        except ValueError as e:
+            raise CrossCloudInputError(f"WAN config: bad pool {self.pool!r}") from e
+        if not pool.subnet_of(GUEST_NET) or pool.prefixlen > 28:
+            raise CrossCloudInputError(f"WAN config: pool {self.pool} must be a /28 or larger inside {GUEST_NET}")
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(self.namespaces)
+
+    def host_ns(self, host: str) -> str:
+        return self.namespaces[host]
+
+    def host_ip(self, host: str) -> str:
+        return self.addresses[host]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"host": self.host, "namespaces": dict(self.namespaces), "addresses": dict(self.addresses),
+                "client": self.client, "pool": self.pool}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> WanConfig:
+        if not isinstance(d, Mapping) or not isinstance(d.get("namespaces"), Mapping) or \
+                not isinstance(d.get("addresses"), Mapping) or not isinstance(d.get("host"), str):
+            raise CrossCloudInputError("WAN config: want {host, namespaces: {host: ns}, addresses: {host: ip}, "
+                                       "client?, pool?}")
+        return cls(host=d["host"], namespaces={str(k): str(v) for k, v in d["namespaces"].items()},
+                   addresses={str(k): str(v) for k, v in d["addresses"].items()},
+                   client=str(d.get("client", "client")), pool=str(d.get("pool", GUEST_NET)))
+
+    @classmethod
+    def of_underlay(cls, underlay: Underlay, host: str, pool: str, client: str = "client") -> WanConfig:
+        return cls(host=host, namespaces={h: underlay.host_ns(h) for h in underlay.hosts},
+                   addresses={h: underlay.host_ip(h) for h in underlay.hosts}, client=client, pool=pool)
+
+    def network(self) -> WanNetwork:
+        return WanNetwork(self, self.client, pool=ipaddress.IPv4Network(self.pool))
+
+
+class WanNetwork:
+    """Guest /30s and routes across the hosts of ``underlay`` (which must have a ``client`` host);
+    addresses come from ``pool`` (default: all of ``GUEST_NET``)."""
+
+    def __init__(self, underlay: WanTopology, client_host: str = "client",
+                 pool: ipaddress.IPv4Network = GUEST_NET) -> None:
         if client_host not in underlay.hosts:
             raise CrossCloudInputError(f"the WAN underlay needs a host {client_host!r} for the clients; "
                                        f"it has {list(underlay.hosts)}")
         self.underlay = underlay
         self.client = client_host
+        self.pool = pool
         self.service_ip = SERVICE_IP
         self._index: dict[str, int] = {}
         self._plugged: dict[str, GuestAddress] = {}
         self._service_at: GuestAddress | None = None
         self._ready = False
 
-    async def setup(self) -> None:
-        """IPv4 forwarding in every host namespace (only there: the root namespace is untouched)."""
+    async def setup(self, hosts: Sequence[str] | None = None) -> None:
+        """IPv4 forwarding in the host namespaces (``hosts``; default every one; only there: the
+        root namespace is untouched)."""
         await asyncio.gather(*(nsutil.run(nsutil.argv_in(self.underlay.host_ns(h),
                                                          ["sysctl", "-qw", "net.ipv4.ip_forward=1"]))
-                               for h in self.underlay.hosts))
+                               for h in (self.underlay.hosts if hosts is None else hosts)))
         self._ready = True
 
     def address(self, vm: str, host: str, isolated: bool = False) -> GuestAddress:
@@ -84,9 +167,9 @@ class WanNetwork:
             raise CrossCloudInputError(f"host {host!r} is not on the WAN underlay ({list(self.underlay.hosts)})")
         key = f"{vm}@{host}"           # two clouds may each have an instance of the same name
         i = self._index.setdefault(key, len(self._index))
-        if i >= GUEST_NET.num_addresses // 4 - 1:
-            raise CrossCloudInputError("the WAN guest network is full")
-        subnet = ipaddress.IPv4Network((int(GUEST_NET.network_address) + 4 * (i + 1), 30))
+        if i >= self.pool.num_addresses // 4 - 1:
+            raise CrossCloudInputError(f"the WAN guest network {self.pool} is full")
+        subnet = ipaddress.IPv4Network((int(self.pool.network_address) + 4 * (i + 1), 30))
         tap = "hvt" + hashlib.sha256(key.encode()).hexdigest()[:8]
         return GuestAddress(vm, host, subnet, tap, isolated)
 
@@ -139,13 +222,18 @@ class WanNetwork:
         if a is None:
             return
         await nsutil.ip("route", "del", f"{self.service_ip}/32", netns=self.underlay.host_ns(a.host), check=False)
-        await nsutil.ip("route", "del", f"{self.service_ip}/32", netns=self.underlay.host_ns(self.client), check=False)
+        # the client's route only if it still points here (another host agent may have moved it since)
+        await nsutil.ip("route", "del", f"{self.service_ip}/32", "via", self.underlay.host_ip(a.host),
+                        netns=self.underlay.host_ns(self.client), check=False)
         self._service_at = None
 
     async def set_wan_link(self, host: str, up: bool) -> None:
         """Cut or restore ``host``'s link to the WAN (fault injection). A link that goes down loses
         its routes (the kernel flushes them), so restoring it puts back the routes from ``host`` to
-        every guest elsewhere and, if it is the client's, the service route."""
+        every guest elsewhere and, if it is the client's, the service route. (Library mode: needs the
+        Underlay itself.)"""
+        if not isinstance(self.underlay, Underlay):
+            raise CrossCloudInputError("cutting a WAN link needs the underlay itself (library mode)")
         await self.underlay.set_link(host, up)
         if not up:
             return

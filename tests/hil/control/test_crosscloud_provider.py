@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from hvsim.control.schema import HostCreate
+from hvsim.control.errors import ApiInputError
+from hvsim.control.schema import HostCreate, VMDefine
 from hvsim.core.model import VMSpec
 from hvsim.crosscloud.errors import CredentialsError, NoCapacityError
 from hvsim.crosscloud.guestproc import GuestProcess
-from hvsim.crosscloud.manager_provider import ManagerProvider, ProviderUnsupportedError
+from hvsim.crosscloud.manager_provider import ManagerProvider, ProviderRefusedError
 from hvsim.crosscloud.profiles import PROFILE_A, PROFILE_B, native_blockers
 from hvsim.crosscloud.provider import ProviderDriver
 
@@ -31,7 +32,7 @@ async def test_manager_provider_runs_a_profile_b_instance_through_the_api(cp: Co
     m = await cp.manager(lease_ttl=3)
     c = cp.client(m)
     await c.add_host(HostCreate(name="h1", agent=cp.hosts["h1"].address))
-    p = ManagerProvider("cloud-b", m.address, PROFILE_B)
+    p = ManagerProvider("cloud-b", m.address, PROFILE_B, network=None)     # this host agent has no --wan
     drv: ProviderDriver = p          # it is a ProviderDriver (mypy checks the protocol here)
     try:
         with pytest.raises(CredentialsError):
@@ -90,11 +91,14 @@ async def test_manager_provider_runs_a_profile_b_instance_through_the_api(cp: Co
         assert (await ag.vm("inst")).qemu_status == "running"
         assert (await drv.exec("inst", "echo back", check=True)).stdout.strip() == "back"
 
-        # what the manager's API cannot do yet is refused by name, not faked
-        with pytest.raises(ProviderUnsupportedError, match="NIC"):
+        # an instance without a NIC on the inter-cloud network: no address there, no service address
+        with pytest.raises(ProviderRefusedError, match="no NIC on the inter-cloud network"):
             await drv.guest_address("inst")
-        with pytest.raises(ProviderUnsupportedError, match="clone"):
-            await drv.clone_for_test("inst", "inst-test")
+        with pytest.raises(ProviderRefusedError, match="cannot carry the service address"):
+            await drv.route_service("inst")
+        # an image import on a manager without an import directory is refused, naming it
+        with pytest.raises(ApiInputError, match="no import directory configured"):
+            await c.define_vm(VMDefine(name="imp", disk_mib=16, data_image="disk.img"))
 
         await drv.delete("inst")
         assert await drv.vm_state("inst") is None

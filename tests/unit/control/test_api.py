@@ -214,3 +214,26 @@ async def test_curl_against_the_unix_socket(manager: Manager, client: ManagerCli
     assert out.stdout == "401"
     out = subprocess.run([*base, "http://m/openapi.json"], capture_output=True, text=True, check=True)
     assert "/v1/vms/{name}/migrate" in json.loads(out.stdout)["paths"]
+
+
+async def test_cross_cloud_routes_refuse_what_cannot_be_done_and_change_nothing(client: ManagerClient) -> None:
+    await client.add_host(HostCreate(name="h1"))
+    await client.define_vm(VMDefine(name="plain"))
+    w, _ = await client.define_vm(VMDefine(name="wan1", disk_mib=16, network="wan"))
+    assert w.network == "wan" and w.data_image is None and w.clone_of is None
+    before = await revision(client)
+    for call, why in ((client.vm_address("plain"), "no NIC on the inter-cloud network"),
+                      (client.vm_address("wan1"), "its address is given once it runs"),
+                      (client.clone_vm("wan1", "wan1-c"), "is shutoff"),
+                      (client.route_service("plain"), "is shutoff"),
+                      (client.define_vm(VMDefine(name="img", disk_mib=16, data_image="a.img")),
+                       "no import directory configured")):
+        with pytest.raises((ApiConflictError, ApiInputError), match=why):
+            await call
+    for bad in ({"name": "x", "network": "lan"}, {"name": "x", "data_image": "/etc/passwd"},
+                {"name": "x", "data_image": "a b"}, {"name": "x", "clone_of": "wan1"}):
+        with pytest.raises(ApiInputError):
+            await client.request("POST", "/v1/vms", json=bad)
+    with pytest.raises(ApiNotFoundError):
+        await client.vm_address("nope")
+    assert await revision(client) == before
