@@ -144,6 +144,7 @@ class AgentTransfer:
             for ep in (self.source, self.dest):
                 await self._remove_agents(ep, keep_binary=True)
         binary = agent_binary()
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(binary.read_bytes()).hexdigest())
         pki = self.workdir / "pki"
         ca = CertificateAuthority.create(pki, f"xcloud-{self.session[:8]}")
         dst_ip = await self.dest.provider.guest_address(self.dest.vm)
@@ -152,7 +153,7 @@ class AgentTransfer:
         for ep, issued in ((self.dest, srv), (self.source, cli)):
             await ep.provider.exec(ep.vm, f"mkdir -p {GUEST_DIR} && chmod 700 {GUEST_DIR}", check=True)
             self.installed.append(ep)
-            await self._push_binary(ep, binary)
+            await self._push_binary(ep, binary, digest)
             await ep.provider.push_file(ep.vm, issued.cert_path, f"{GUEST_DIR}/cert.pem")
             await ep.provider.push_file(ep.vm, issued.key_path, f"{GUEST_DIR}/key.pem")
             await ep.provider.push_file(ep.vm, ca.cert_path, f"{GUEST_DIR}/ca.pem")
@@ -198,9 +199,11 @@ class AgentTransfer:
         if ssize != dsize:
             raise ReplicationError(f"the disks differ in size: source {ssize}, destination {dsize}")
         ranges: list[list[int]] = []
+        differ_chunks = 0
         for off in sorted(src):
             if dst.get(off) == src[off]:
                 continue
+            differ_chunks += 1
             length = min(RESYNC_CHUNK, ssize - off)
             if ranges and ranges[-1][0] + ranges[-1][1] == off:
                 ranges[-1][1] += length
@@ -217,7 +220,7 @@ class AgentTransfer:
         kv = fields(line)
         if kv.get("bad", "1") != "0" or "error" in kv:
             raise ReplicationError(f"the source agent refused the list of differing chunks: {line}")
-        res = {"chunks": len(src), "differ_chunks": sum(1 for o in src if dst.get(o) != src[o]),
+        res = {"chunks": len(src), "differ_chunks": differ_chunks,
                "differ_bytes": differ, "marked_bytes": int(kv.get("marked_bytes", 0)), "ranges": len(ranges),
                "secs": round(time.monotonic() - t0, 3)}
         self.stats.resyncs.append(res)
@@ -328,10 +331,9 @@ class AgentTransfer:
             await self._remove_agents(ep)
         self.installed.clear()
 
-    async def _push_binary(self, ep: Endpoint, binary: Path) -> None:
-        """The agent binary into the guest, unless the very same one is there (an earlier life's,
-        after a resume: checked by SHA-256; pushing 5 MB through the guest agent takes seconds)."""
-        digest = await asyncio.to_thread(lambda: hashlib.sha256(binary.read_bytes()).hexdigest())
+    async def _push_binary(self, ep: Endpoint, binary: Path, digest: str) -> None:
+        """The agent binary (SHA-256 ``digest``) into the guest, unless the very same one is there
+        (an earlier life's, after a resume; pushing 5 MB through the guest agent takes seconds)."""
         r = await ep.provider.exec(ep.vm, f"sha256sum {AGENT} 2>/dev/null; true", timeout=60)
         if r.stdout.split()[:1] == [digest]:
             await ep.provider.exec(ep.vm, f"chmod 700 {AGENT}", check=True)
