@@ -15,6 +15,7 @@ from hvsim.core.model import VMSpec
 from hvsim.crosscloud.errors import (CredentialsError, NativeMigrationRefusedError, NoAgentChannelError,
                                     NoCapacityError, ReplicationError, UnknownProviderError)
 from hvsim.crosscloud.guestproc import fields
+from hvsim.crosscloud.criterion import Decision
 from hvsim.crosscloud.orchestrator import CrossCloudMigration, XState
 from hvsim.crosscloud.scene import Scene
 from hvsim.migration import IncompatibleMachinesError, migrate
@@ -49,6 +50,19 @@ async def wait_for(pred, timeout: float, what: str) -> None:  # type: ignore[no-
         await asyncio.sleep(0.2)
 
 
+async def replicating(shared: SharedClouds) -> tuple[WriterApp, CrossCloudMigration, asyncio.Task[Decision]]:
+    """The source guest with its writer, a migration prepared and replicating in a task (throttled
+    to 1 MiB/s), once the agents have sent 1 MiB."""
+    app = await shared.source_vm("app1", disk_mib=64, prefill_mib=24, rate_kib=32)
+    m = migration(shared.scene, app, budget_s=10.0, rate_bps=1 * MiB)
+    await m.prepare()
+    assert m.transfer is not None
+    st = m.transfer.stats
+    task = asyncio.create_task(m.replicate())
+    await wait_for(lambda: st.sent_total > 1 * MiB, 60, "1 MiB sent")
+    return app, m, task
+
+
 @pytest.mark.asyncio(loop_scope="class")
 class TestFaultsOnSharedClouds:
     """One scene for the class (see conftest.py); the tests that leave the source running and clean
@@ -57,13 +71,7 @@ class TestFaultsOnSharedClouds:
     async def test_cancel_leaves_the_source_running_and_cleans_the_destination(
             self, shared_clouds: SharedClouds) -> None:
         scene = shared_clouds.scene
-        app = await shared_clouds.source_vm("app1", disk_mib=64, prefill_mib=24, rate_kib=32)
-        m = migration(scene, app, budget_s=10.0, rate_bps=1 * MiB)
-        await m.prepare()
-        assert m.transfer is not None
-        st = m.transfer.stats
-        task = asyncio.create_task(m.replicate())
-        await wait_for(lambda: st.sent_total > 1 * MiB, 60, "1 MiB sent")
+        app, m, task = await replicating(shared_clouds)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -192,13 +200,7 @@ class TestFaultsOnSharedClouds:
     async def test_source_guest_crash_fails_the_migration_and_cleans_the_destination(
             self, shared_clouds: SharedClouds) -> None:
         scene = shared_clouds.scene
-        app = await shared_clouds.source_vm("app1", disk_mib=64, prefill_mib=24, rate_kib=32)
-        m = migration(scene, app, budget_s=10.0, rate_bps=1 * MiB)
-        await m.prepare()
-        assert m.transfer is not None
-        st = m.transfer.stats
-        task = asyncio.create_task(m.replicate())
-        await wait_for(lambda: st.sent_total > 1 * MiB, 60, "1 MiB sent")
+        app, m, task = await replicating(shared_clouds)
         pid = scene.a.cluster.vm("app1").pid
         assert pid
         os.kill(pid, signal.SIGKILL)                          # the source guest's QEMU dies
