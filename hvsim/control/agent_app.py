@@ -49,6 +49,7 @@ from .guestops import add_agent_routes
 from .hostagent import AgentConfig, AgentNotServingError, HostAgent, host_spec
 from .store import TLSFiles
 from .wanops import add_agent_routes as add_wan_routes
+from .fileops import add_agent_routes as add_file_routes
 
 log = logging.getLogger("hvsim.control.agent")
 NameParam = Annotated[str, PathParam(pattern=NAME_RE.pattern, max_length=32, description="a VM name")]
@@ -178,6 +179,7 @@ def create_agent_app(agent: HostAgent) -> FastAPI:
 
     add_agent_routes(app, agent, wr)
     add_wan_routes(app, agent, rd, wr)
+    add_file_routes(app, agent, wr)
 
     @app.post("/v1/incoming", response_model=QemuInfo, **wr)
     async def incoming(body: IncomingRequest) -> QemuInfo:

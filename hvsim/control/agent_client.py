@@ -83,7 +83,8 @@ class AgentClient:
         await self._http.aclose()
 
     async def _call(self, method: str, path: str, cls: type[T], *, json: Any = None, token: int | None = None,
-                    timeout: float | None = None, params: dict[str, Any] | None = None) -> T:
+                    timeout: float | None = None, params: dict[str, Any] | None = None,
+                    content: bytes | None = None) -> T:
         if self._socket is not None:
             check_agent_socket(self._socket)
         headers = None
@@ -93,7 +94,7 @@ class AgentClient:
             if until is not None:
                 headers[FENCE_UNTIL_HEADER] = f"{until:.6f}"
         try:
-            r = await self._http.request(method, path, json=json, headers=headers, params=params,
+            r = await self._http.request(method, path, json=json, headers=headers, params=params, content=content,
                                          timeout=timeout if timeout is not None else self.timeout)
         except httpx.HTTPError as e:
             raise ApiUnavailableError(0, f"host agent at {self.address} unreachable: {e!r}") from e
@@ -177,9 +178,13 @@ class AgentClient:
     async def post_ok(self, path: str, token: int) -> Ok:
         return await self._call("POST", path, Ok, token=token)
 
-    async def call(self, method: str, path: str, cls: type[T], *, json: Any = None, token: int | None = None) -> T:
-        """Any route of the agent's RPC (routes added beside the core ones: :mod:`.wanops`)."""
-        return await self._call(method, path, cls, json=json, token=token)
+    async def call(self, method: str, path: str, cls: type[T], *, json: Any = None, token: int | None = None,
+                   params: dict[str, Any] | None = None, content: bytes | None = None,
+                   timeout: float | None = None) -> T:
+        """Any route of the agent's RPC (routes added beside the core ones: :mod:`.wanops`,
+        :mod:`.fileops`); ``content``: a raw request body instead of ``json``."""
+        return await self._call(method, path, cls, json=json, token=token, params=params, content=content,
+                                timeout=timeout)
 
     @contextlib.asynccontextmanager
     async def stream_lines(self, path: str, body: Any, token: int) -> AsyncIterator[AsyncIterator[str]]:

@@ -31,6 +31,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import socket
@@ -59,6 +60,8 @@ from .errors import (
 )
 from .guestops import add_manager_routes
 from .wanops import add_manager_routes as add_wan_routes
+from .fileops import add_manager_routes as add_file_routes
+from hvsim.core.guestfile import MAX_FILE
 from .inventory import Listing
 from .leader import check_advertise, find_leader
 from .manager import LEASE_TTL, Manager
@@ -77,6 +80,7 @@ from .store import TLSFiles, make_store
 log = logging.getLogger("hvsim.control.api")
 
 MAX_BODY = 256 * 1024
+FILE_ROUTE = re.compile(r"/v1/vms/[^/]+/files")
 NameParam = Annotated[str, PathParam(pattern=NAME_RE.pattern, max_length=32, description="a record name")]
 OpIdParam = Annotated[str, PathParam(pattern=r"^[0-9a-f]{16}-[0-9a-f]{8}$", description="an operation id")]
 Limit = Annotated[int, Query(ge=1, le=1000, description="page size")]
@@ -264,6 +268,7 @@ def create_app(manager: Manager, token: str) -> FastAPI:
 
     add_manager_routes(app, manager, ops)
     add_wan_routes(app, manager, ops)
+    add_file_routes(app, manager, ops)
 
     # -- placement groups, rules, reservations ----------------------------------------------------
     @app.get("/v1/groups", tags=["placement"], response_model=GroupPage, **v1)
@@ -361,16 +366,19 @@ class _Unauthorized(Exception):
 
 class BodyLimit:
     """Pure ASGI middleware (no per-request task like BaseHTTPMiddleware): a declared body
-    larger than MAX_BODY is answered 413 before it is read."""
+    larger than MAX_BODY (MAX_FILE for a file written into a guest: :mod:`.fileops`, which also
+    counts an undeclared one) is answered 413 before it is read."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
+            limit = MAX_FILE if scope.get("method") == "PUT" and FILE_ROUTE.fullmatch(scope.get("path", "")) \
+                else MAX_BODY
             for k, v in scope.get("headers", ()):
-                if k == b"content-length" and (not v.isdigit() or int(v) > MAX_BODY):
-                    await _err(413, f"request body larger than {MAX_BODY} bytes", "body")(scope, receive, send)
+                if k == b"content-length" and (not v.isdigit() or int(v) > limit):
+                    await _err(413, f"request body larger than {limit} bytes", "body")(scope, receive, send)
                     return
         await self.app(scope, receive, send)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json as jsonlib
 import ssl
 import time
@@ -32,8 +33,9 @@ from .leader import find_leader
 from .ops import OperationRecord
 from .pki import ClientTLS
 from .schema import (
-    Defined, Done, ExecRequest, ExecResult, GroupPage, GuestAddressInfo, HAReport, HostCreate, HostPage, MigrateRequest,
-    OperationPage, PlacementCheck, Progress, ReservationReport, RuleCreate, RulePage, ServiceAddress, VMDefine, VMPage,
+    Defined, Done, ExecRequest, ExecResult, GroupPage, GuestAddressInfo, GuestFile, HAReport, HostCreate, HostPage,
+    MigrateRequest, OperationPage, PlacementCheck, Progress, ReservationReport, RuleCreate, RulePage, ServiceAddress,
+    VMDefine, VMPage,
 )
 from .state import GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord, as_dict, parse
 from .store import Store
@@ -161,25 +163,28 @@ class ManagerClient:
         await old.aclose()
         return True
 
-    async def _send(self, method: str, path: str, json: Any, params: dict[str, Any] | None) -> httpx.Response:
+    async def _send(self, method: str, path: str, json: Any, params: dict[str, Any] | None,
+                    content: bytes | None = None) -> httpx.Response:
         http, address = self._http, self.address
         try:
-            return await http.request(method, path, json=json, params=params)
+            return await http.request(method, path, json=json, params=params, content=content)
         except httpx.HTTPError as e:
             if isinstance(e, httpx.ConnectError) and self.store is not None:
                 info = await find_leader(self.store)
                 if info is not None and await self._move(address, info.address):
                     try:
-                        return await self._http.request(method, path, json=json, params=params)
+                        return await self._http.request(method, path, json=json, params=params, content=content)
                     except httpx.HTTPError as e2:
                         raise ApiUnavailableError(0, f"manager at {self.address} unreachable: {e2!r}") from e2
             raise ApiUnavailableError(0, f"manager at {address} unreachable: {e!r}") from e
 
-    async def raw(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None) -> bytes:
-        """The answer's body (bytes); an error status raises the matching ApiError."""
+    async def raw(self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None,
+                  content: bytes | None = None) -> bytes:
+        """The answer's body (bytes); an error status raises the matching ApiError. ``content``: a
+        raw request body (instead of ``json``)."""
         for attempt in (0, 1):
             address = self.address
-            r = await self._send(method, path, json, params)
+            r = await self._send(method, path, json, params, content)
             if r.status_code < 400:
                 return r.content
             try:
@@ -358,6 +363,12 @@ class ManagerClient:
         """A copy-on-write clone of running VM ``name``, defined shut off on an isolated network."""
         d = parse(Defined, await self.raw("POST", f"/v1/vms/{name}/clone", json={"name": clone}))
         return d.vm, d.operation
+
+    async def write_file(self, name: str, path: str, data: bytes, mode: int = 0o600) -> GuestFile:
+        """Write ``data`` to ``path`` in the running VM's guest (checked by SHA-256 there)."""
+        return parse(GuestFile, await self.raw("PUT", f"/v1/vms/{name}/files", content=data,
+                                               params={"path": path, "mode": f"{mode:04o}",
+                                                       "sha256": hashlib.sha256(data).hexdigest()}))
 
     async def route_service(self, name: str) -> ServiceAddress:
         """Route the inter-cloud network's service address to the VM."""

@@ -109,6 +109,16 @@ class ServiceAddress:
     host: Name
 
 
+@dataclass(config=CFG)
+class GuestFile:
+    """A file written into a guest (``PUT /v1/vms/{name}/files``): where, how big, its SHA-256 as
+    the guest computed it."""
+    vm: Name
+    path: str
+    size: int
+    sha256: str
+
+
 # -- responses --------------------------------------------------------------------------------
 @dataclass(config=CFG)
 class Health:

@@ -28,13 +28,10 @@ isolated one for the service address) is :class:`ProviderRefusedError` with the 
 """
 from __future__ import annotations
 
-import asyncio
 import base64
-import gzip
 import hashlib
 import json
 import logging
-import shlex
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,28 +265,17 @@ class ManagerProvider:
         return ManagerExecStream(self._c(), name, command, timeout)
 
     async def push_file(self, name: str, local: Path, remote: str, mode: int = 0o600) -> None:
-        """``local`` into the guest at ``remote`` through exec calls (gzip + base64 in commands
-        under the API's 4096-character limit, ``PUSH_PARALLEL`` at a time, each part its own file),
-        checked by SHA-256 before it is moved into place."""
-        raw = Path(local).read_bytes()
-        b64 = base64.b64encode(gzip.compress(raw, 6)).decode()
-        tmp = shlex.quote(remote + ".part")
-        parts = shlex.quote(remote + ".parts")
-        await self.exec(name, f"rm -rf {tmp} {parts} && mkdir -m 700 {parts}", check=True)
-        sem = asyncio.Semaphore(PUSH_PARALLEL)
-
-        async def one(i: int, chunk: str) -> None:
-            async with sem:
-                await self.exec(name, f"printf %s {chunk} > {parts}/{i:05d}", timeout=60, check=True)
-        async with asyncio.TaskGroup() as tg:
-            for i in range(0, len(b64), PUSH_CHUNK):
-                tg.create_task(one(i // PUSH_CHUNK, b64[i:i + PUSH_CHUNK]))
-        digest = hashlib.sha256(raw).hexdigest()
-        r = await self.exec(name, f"cat {parts}/* | base64 -d | gunzip > {tmp} && rm -rf {parts} && sha256sum {tmp}",
-                            timeout=120, check=True)
-        if r.stdout.split()[:1] != [digest]:
-            raise AgentError(f"vm {name!r}: pushed {remote} has SHA-256 {r.stdout[:64]!r}, expected {digest}")
-        await self.exec(name, f"chmod {mode:o} {tmp} && mv {tmp} {shlex.quote(remote)}", check=True)
+        """``local`` into the guest at ``remote`` in one request (the manager's file route; the
+        guest checks it by SHA-256 before it is moved into place)."""
+        data = Path(local).read_bytes()
+        try:
+            w = await self._c().write_file(name, remote, data, mode)
+        except (ApiInputError, ApiConflictError, ApiNotFoundError) as e:
+            raise ProviderRefusedError(f"cloud {self.cloud!r}: writing {remote} into vm {name!r} refused: "
+                                       f"{e.detail}") from e
+        if w.sha256 != hashlib.sha256(data).hexdigest() or w.size != len(data):
+            raise AgentError(f"vm {name!r}: pushed {remote} has SHA-256 {w.sha256[:64]!r} ({w.size} bytes), "
+                             f"expected {hashlib.sha256(data).hexdigest()} ({len(data)} bytes)")
 
     async def probe_agent(self, name: str) -> None:
         try:

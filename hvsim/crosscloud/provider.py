@@ -11,13 +11,9 @@ bad credentials (:class:`CredentialsError`), no capacity for the profile's insta
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
-import gzip
-import hashlib
 import hmac
 import logging
-import shlex
 import subprocess
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -27,6 +23,7 @@ from typing import Any, Protocol
 from ..core.agent import Chunk, ExecResult, ExecStream
 from ..core.cluster import Cluster
 from ..core.errors import AgentError, CapacityError, NotFoundError
+from ..core.guestfile import write_guest_file
 from ..core.model import DiskSpec, NicSpec, VMSpec
 from ..core.vm import VM
 from .errors import CredentialsError, NoAgentChannelError, NoCapacityError, UnknownProviderError
@@ -34,8 +31,6 @@ from .network import ISOLATED, WAN, WanNetwork
 from .profiles import ProviderProfile
 
 log = logging.getLogger("hvsim.crosscloud.provider")
-
-PUSH_CHUNK = 96 * 1024            # base64 bytes per command: sh -c's argument must stay under 128 KiB
 
 
 class GuestStream(Protocol):
@@ -173,21 +168,9 @@ class InProcessProvider:
                                       f"({exc}); the migration agents cannot be installed") from exc
 
     async def push_file(self, name: str, local: Path, remote: str, mode: int = 0o600) -> None:
-        """Copy ``local`` into the guest at ``remote`` through the guest agent (gzip + base64 in
-        commands under sh's argument limit), checked by SHA-256 before it is moved into place."""
-        raw = Path(local).read_bytes()
-        b64 = base64.b64encode(gzip.compress(raw, 6)).decode()
-        tmp = shlex.quote(remote + ".part")
-        vm = self._vm(name)
-        await vm.exec(f"rm -f {tmp} {tmp}.b64", check=True)
-        for i in range(0, len(b64), PUSH_CHUNK):
-            await vm.exec(f"printf %s {b64[i:i + PUSH_CHUNK]} >> {tmp}.b64", timeout=60, check=True)
-        digest = hashlib.sha256(raw).hexdigest()
-        r = await vm.exec(f"base64 -d {tmp}.b64 | gunzip > {tmp} && rm -f {tmp}.b64 && sha256sum {tmp}", timeout=120,
-                          check=True)
-        if r.stdout.split()[:1] != [digest]:
-            raise AgentError(f"vm {name!r}: pushed {remote} has SHA-256 {r.stdout[:64]!r}, expected {digest}")
-        await vm.exec(f"chmod {mode:o} {tmp} && mv {tmp} {shlex.quote(remote)}", check=True)
+        """Copy ``local`` into the guest at ``remote`` through the guest agent
+        (:func:`hvsim.core.guestfile.write_guest_file`: checked by SHA-256 before it is moved into place)."""
+        await write_guest_file(self._vm(name).exec, remote, Path(local).read_bytes(), mode, what=f"vm {name!r}")
 
     async def clone_for_test(self, name: str, clone: str) -> str:
         """A throw-away clone of instance ``name`` on an isolated network: the instance's data disk is

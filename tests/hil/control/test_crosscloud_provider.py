@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -64,6 +65,23 @@ async def test_manager_provider_runs_a_profile_b_instance_through_the_api(cp: Co
         await drv.push_file("inst", src, "/run/blob", 0o600)
         got = (await drv.exec("inst", "sha256sum /run/blob; stat -c %a /run/blob", check=True)).stdout.split()
         assert got[0] == hashlib.sha256(src.read_bytes()).hexdigest() and got[-1] == "600"
+        # the file route with curl: an incompressible 3 MiB file arrives whole in one request; a body
+        # that is not the one its digest names, or a path that climbs out, is refused and writes nothing
+        big = tmp_path / "big"
+        big.write_bytes(os.urandom(3 << 20))
+        digest = hashlib.sha256(big.read_bytes()).hexdigest()
+        curl = ["curl", "-sS", "--unix-socket", str(m.socket), "-H", f"Authorization: Bearer {m.token}", "-X", "PUT",
+                "-H", "Content-Type: application/octet-stream", "--data-binary", f"@{big}", "-w", "\n%{http_code}"]
+        url = "http://m/v1/vms/inst/files?path="
+        for query, code, why in ((f"/run/big&mode=0640&sha256={'0' * 64}", "400", "does not have SHA-256"),
+                                 ("/run/../etc/big", "400", "component '..'"),
+                                 (f"/run/big&mode=0640&sha256={digest}", "200", digest)):
+            out = subprocess.run([*curl, url + query], capture_output=True, text=True, check=True).stdout
+            assert out.endswith(code) and why in out, (query, out)
+            if code != "200":
+                assert (await drv.exec("inst", "ls /run/big* /etc/big 2>/dev/null | wc -l")).stdout.strip() == "0"
+        got = (await drv.exec("inst", "sha256sum /run/big; stat -c %a /run/big", check=True)).stdout.split()
+        assert got == [digest, "/run/big", "640"]
 
         # the streamed exec: lines as they are written, then the exit status
         lines: list[tuple[float, str]] = []

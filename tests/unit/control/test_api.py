@@ -237,3 +237,33 @@ async def test_cross_cloud_routes_refuse_what_cannot_be_done_and_change_nothing(
     with pytest.raises(ApiNotFoundError):
         await client.vm_address("nope")
     assert await revision(client) == before
+
+
+async def test_the_file_route_refuses_bad_input_before_reading_or_sending_anything(manager: Manager,
+                                                                                    client: ManagerClient) -> None:
+    await client.add_host(HostCreate(name="h1"))
+    await client.define_vm(VMDefine(name="f1"))
+    before = await revision(client)
+    base = ["curl", "-sS", "--unix-socket", str(manager.socket), "-H", f"Authorization: Bearer {manager.token}",
+            "-X", "PUT", "-H", "Content-Type: application/octet-stream", "-o", "-", "-w", "\n%{http_code}"]
+
+    def put(query: str, body: bytes = b"hello", extra: tuple[str, ...] = ()) -> tuple[int, str]:
+        out = subprocess.run([*base, *extra, "--data-binary", "@-", f"http://m/v1/vms/f1/files?{query}"],
+                             input=body, capture_output=True, check=True)
+        text, _, code = out.stdout.decode().rpartition("\n")
+        return int(code), text
+    for query, why in (("path=/a/../etc/passwd&mode=0600", "component '..'"),
+                       ("path=relative&mode=0600", "must be absolute"),
+                       ("path=/run/x&mode=0999", "mode"),
+                       ("path=/run/x&sha256=abc", "query.sha256"),
+                       ("path=/run/x", "is shutoff")):
+        code, text = put(query)
+        assert code in (400, 409, 422) and why in text, (query, code, text)
+    # a declared length over the limit is refused before the body is read
+    code, text = put("path=/run/x", extra=("-H", f"Content-Length: {(64 << 20) + 1}"))
+    assert code == 413 and "larger than" in text, text
+    assert await revision(client) == before
+    out = subprocess.run(["curl", "-sS", "--unix-socket", str(manager.socket), "http://m/openapi.json"],
+                         capture_output=True, text=True, check=True)
+    op = json.loads(out.stdout)["paths"]["/v1/vms/{name}/files"]["put"]
+    assert "application/octet-stream" in op["requestBody"]["content"]
