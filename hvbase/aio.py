@@ -40,6 +40,29 @@ async def cancel_and_wait(task: asyncio.Future[Any], retry_s: float = 0.5) -> No
         task.exception()          # retrieved: no "exception was never retrieved" warning
 
 
+async def all_or_first_error(*aws: Awaitable[Any]) -> list[Any]:
+    """Run ``aws`` together and return their results in order. The first one to fail cancels the
+    others (and is waited for), and its exception is raised as itself, not inside an
+    ExceptionGroup (so callers keep catching the error types they know); a later failure is
+    logged. A cancellation of the caller cancels them all and propagates."""
+    tasks: list[asyncio.Task[Any]] = []
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tasks = [tg.create_task(_as_coro(a)) for a in aws]
+    except BaseExceptionGroup as eg:
+        errors = [e for e in eg.exceptions if not isinstance(e, asyncio.CancelledError)]
+        if not errors:
+            raise
+        for e in errors[1:]:
+            log.warning("also failed, beside %r: %r", errors[0], e)
+        raise errors[0] from errors[0].__cause__
+    return [t.result() for t in tasks]
+
+
+async def _as_coro(aw: Awaitable[T]) -> T:
+    return await aw
+
+
 async def run_to_completion(aw: Awaitable[T]) -> T:
     """Await ``aw`` to the end even if the caller is cancelled meanwhile (teardown, rollback);
     the cancellation is re-raised afterwards, never swallowed. If ``aw`` itself failed after the

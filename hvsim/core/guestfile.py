@@ -16,6 +16,8 @@ import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from hvbase.aio import all_or_first_error
+
 from .agent import ExecResult
 from .errors import AgentError, InputError
 
@@ -74,9 +76,7 @@ async def write_guest_file(exec_fn: ExecFn, path: str, data: bytes, mode: int = 
         async def one(i: int) -> None:
             async with sem:
                 await exec_fn(f"printf %s {b64[i:i + PART]} > {parts}/{i // PART:05d}", timeout=60, check=True)
-        async with asyncio.TaskGroup() as tg:
-            for i in range(0, len(b64), PART):
-                tg.create_task(one(i))
+        await all_or_first_error(*(one(i) for i in range(0, len(b64), PART)))
         r = await exec_fn(f"cat {parts}/* | base64 -d | gunzip > {tmp} && sha256sum {tmp}", timeout=120, check=True)
         if r.stdout.split()[:1] != [digest]:
             raise AgentError(f"{what}: the file written to {path} has SHA-256 {r.stdout[:64]!r}, expected {digest}")

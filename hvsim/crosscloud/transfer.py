@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvbase.aio import wait_for
-from ..control.pki import CertificateAuthority
+from hvbase.aio import all_or_first_error, wait_for
+from ..control.pki import CertificateAuthority, Issued
 from ..core.cluster import images_dir
 from ..core.errors import AgentError
 from .criterion import RoundRecord
@@ -150,13 +150,16 @@ class AgentTransfer:
         dst_ip = await self.dest.provider.guest_address(self.dest.vm)
         srv = ca.issue_server("dest-agent", ips=[dst_ip])
         cli = ca.issue_client("source-agent")
-        for ep, issued in ((self.dest, srv), (self.source, cli)):
+
+        async def install(ep: Endpoint, issued: Issued) -> None:
             await ep.provider.exec(ep.vm, f"mkdir -p {GUEST_DIR} && chmod 700 {GUEST_DIR}", check=True)
             self.installed.append(ep)
             await self._push_binary(ep, binary, digest)
             await ep.provider.push_file(ep.vm, issued.cert_path, f"{GUEST_DIR}/cert.pem")
             await ep.provider.push_file(ep.vm, issued.key_path, f"{GUEST_DIR}/key.pem")
             await ep.provider.push_file(ep.vm, ca.cert_path, f"{GUEST_DIR}/ca.pem")
+        # both guests at once (each push is round trips to its own guest agent)
+        await all_or_first_error(install(self.dest, srv), install(self.source, cli))
         await self._start_dest()
         await self.source.provider.exec(self.source.vm, f"rm -f {GUEST_DIR}/ctl && mkfifo -m 600 {GUEST_DIR}/ctl",
                                         check=True)

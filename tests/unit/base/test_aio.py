@@ -65,3 +65,38 @@ async def test_cancel_and_wait_stops_a_task_that_swallows_one_cancel() -> None:
     await asyncio.sleep(0.01)
     await cancel_and_wait(task, retry_s=0.05)
     assert task.cancelled() and swallowed == 1
+
+
+async def test_all_or_first_error_raises_the_first_failure_itself_and_cancels_the_rest() -> None:
+    from hvbase.aio import all_or_first_error
+    cancelled: list[str] = []
+
+    async def ok(v: int) -> int:
+        await asyncio.sleep(0.01)
+        return v
+
+    async def slow() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.append("slow")
+            raise
+
+    async def bad() -> None:
+        await asyncio.sleep(0.02)
+        try:
+            raise OSError("root")
+        except OSError as e:
+            raise KeyError("boom") from e
+    assert await all_or_first_error(ok(1), ok(2)) == [1, 2]
+    with pytest.raises(KeyError, match="boom") as ei:
+        await all_or_first_error(ok(1), slow(), bad())
+    assert isinstance(ei.value.__cause__, OSError)          # the root cause kept, no ExceptionGroup
+    assert cancelled == ["slow"]
+    # the caller's cancellation propagates and cancels them all
+    t = asyncio.ensure_future(all_or_first_error(slow(), slow()))
+    await asyncio.sleep(0.05)
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t
+    assert cancelled == ["slow", "slow", "slow"]
