@@ -80,6 +80,7 @@ from .store import TLSFiles, make_store
 log = logging.getLogger("hvsim.control.api")
 
 MAX_BODY = 256 * 1024
+GRACEFUL_S = 5             # a graceful stop's wait for the requests in flight
 FILE_ROUTE = re.compile(r"/v1/vms/[^/]+/files")
 NameParam = Annotated[str, PathParam(pattern=NAME_RE.pattern, max_length=32, description="a record name")]
 OpIdParam = Annotated[str, PathParam(pattern=r"^[0-9a-f]{16}-[0-9a-f]{8}$", description="an operation id")]
@@ -474,8 +475,11 @@ async def serving(app: FastAPI, sock: socket.socket, tls: TLSFiles | None = None
     if tls is not None:
         extra = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key), "ssl_ca_certs": str(tls.ca),
                  "ssl_cert_reqs": ssl.CERT_REQUIRED}
+    # a graceful stop waits at most GRACEFUL_S for the requests in flight: an open exec stream (a
+    # guest command that runs for hours) must not hold a SIGTERM'd manager or agent up
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                           http="httptools", timeout_keep_alive=75, **extra))
+                                           http="httptools", timeout_keep_alive=75,
+                                           timeout_graceful_shutdown=GRACEFUL_S, **extra))
     task = asyncio.create_task(server.serve(sockets=[sock]), name="uvicorn")
     try:
         while not server.started:

@@ -34,8 +34,8 @@ from .ops import OperationRecord
 from .pki import ClientTLS
 from .schema import (
     Defined, Done, ExecRequest, ExecResult, GroupPage, GuestAddressInfo, GuestFile, HAReport, HostCreate, HostPage,
-    MigrateRequest, OperationPage, PlacementCheck, Progress, ReservationReport, RuleCreate, RulePage, ServiceAddress,
-    VMDefine, VMPage,
+    MigrateRequest, OperationPage, PlacementCheck, Progress, ReservationReport, RuleCreate, RulePage, RunState,
+    ServiceAddress, VMDefine, VMPage,
 )
 from .state import GroupRecord, HostRecord, ReservationRecord, RuleRecord, VMRecord, as_dict, parse
 from .store import Store
@@ -363,6 +363,10 @@ class ManagerClient:
         """A copy-on-write clone of running VM ``name``, defined shut off on an isolated network."""
         d = parse(Defined, await self.raw("POST", f"/v1/vms/{name}/clone", json={"name": clone}))
         return d.vm, d.operation
+
+    async def runstate(self, name: str) -> RunState:
+        """The VM's QEMU runstate (``paused`` while paused: the record's power stays ``running``)."""
+        return parse(RunState, await self.raw("GET", f"/v1/vms/{name}/runstate"))
 
     async def write_file(self, name: str, path: str, data: bytes, mode: int = 0o600) -> GuestFile:
         """Write ``data`` to ``path`` in the running VM's guest (checked by SHA-256 there)."""

@@ -6,6 +6,7 @@ the guest).
 
 Manager API (bearer token, like every route)::
 
+    GET  /v1/vms/{name}/runstate                                   -> {"vm", "host", "qemu_status", "state"}
     POST /v1/vms/{name}/pause          {}                          -> {"ok": true}
     POST /v1/vms/{name}/resume         {}                          -> {"ok": true}
     POST /v1/vms/{name}/exec-stream    {"command", "timeout"?}     -> application/x-ndjson lines:
@@ -36,6 +37,7 @@ from hvsim.core.agent import Chunk
 from hvsim.core.model import NAME_RE
 
 from .errors import ApiConflictError, ApiError, ApiInputError, ApiNotFoundError, ConflictError, OperationFailedError
+from .schema import RunState
 from .state import CFG, VMPower
 
 if TYPE_CHECKING:
@@ -134,6 +136,16 @@ def _refused(what: str, host: str, e: ApiError) -> Exception:
     return OperationFailedError(f"{what} on {host} failed: {e.detail}")
 
 
+async def manager_runstate(manager: Manager, name: str) -> RunState:
+    manager.inventory      # noqa: B018 (only the leader asks its agents)
+    vm, host = await manager.home(name, VMPower.RUNNING, VMPower.PAUSED, VMPower.MIGRATING)
+    try:
+        q = await manager.agent(host).vm(name)
+    except ApiError as e:
+        raise _refused(f"runstate of vm {name!r}", host.name, e) from e
+    return RunState(vm=name, host=host.name, qemu_status=q.qemu_status, state=q.state)
+
+
 async def manager_pause(manager: Manager, name: str) -> None:
     manager.inventory      # noqa: B018 (only the leader sends commands)
     vm, host = await manager.home(name, VMPower.RUNNING, VMPower.PAUSED)
@@ -181,7 +193,13 @@ async def manager_exec_stream(manager: Manager, name: str, req: ExecStreamReques
 
 
 def add_manager_routes(app: FastAPI, manager: Manager, ops: dict[str, Any]) -> None:
-    """The manager API's pause, resume and exec-stream routes (``ops``: its route settings)."""
+    """The manager API's runstate, pause, resume and exec-stream routes (``ops``: its route settings)."""
+    @app.get("/v1/vms/{name}/runstate", tags=["vms"], response_model=RunState, **ops)
+    async def vm_runstate(name: VMName) -> RunState:
+        """The VM's QEMU runstate, asked of its host agent (the record's power stays ``running``
+        while QEMU is paused)."""
+        return await manager_runstate(manager, name)
+
     @app.post("/v1/vms/{name}/pause", tags=["vms"], response_model=Ok, **ops)
     async def pause_vm(name: VMName) -> Ok:
         """Pause the VM's QEMU (QMP stop); not a recorded operation (like exec)."""

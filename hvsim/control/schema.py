@@ -110,6 +110,17 @@ class ServiceAddress:
 
 
 @dataclass(config=CFG)
+class RunState:
+    """Where the VM's QEMU runs and its runstate as QEMU reports it (``GET /v1/vms/{name}/runstate``):
+    ``running``, ``paused``, ``inmigrate``, ``postmigrate``, ... (the record's ``power`` stays
+    ``running`` while QEMU is paused: pause is not a recorded operation)."""
+    vm: Name
+    host: Name
+    qemu_status: str
+    state: str
+
+
+@dataclass(config=CFG)
 class GuestFile:
     """A file written into a guest (``PUT /v1/vms/{name}/files``): where, how big, its SHA-256 as
     the guest computed it."""

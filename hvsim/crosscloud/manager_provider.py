@@ -305,10 +305,18 @@ class ManagerProvider:
                                        f"{e.detail}") from e
 
     async def vm_state(self, name: str) -> str | None:
+        """The record's power, except that a running record whose QEMU is paused is ``paused``
+        (pause is not a recorded operation: asked of the manager's runstate route)."""
         try:
             rec = await self._c().get_vm(name)
         except ApiNotFoundError:
             return None
+        if rec.power is VMPower.RUNNING:
+            try:
+                if (await self._c().runstate(name)).qemu_status == "paused":
+                    return "paused"
+            except (ApiConflictError, ApiNotFoundError):
+                pass            # it stopped or went meanwhile: the record says what it was
         return STATE.get(rec.power, rec.power.value)
 
     async def guest_address(self, name: str) -> str:

@@ -105,8 +105,10 @@ async def test_manager_provider_runs_a_profile_b_instance_through_the_api(cp: Co
         ag = cp.agent("h1")
         await drv.pause("inst")
         assert (await ag.vm("inst")).qemu_status == "paused"
+        # the record's power stays running (pause is not an operation); the driver says paused
+        assert (await c.get_vm("inst")).power.value == "running" and await drv.vm_state("inst") == "paused"
         await drv.resume("inst")
-        assert (await ag.vm("inst")).qemu_status == "running"
+        assert (await ag.vm("inst")).qemu_status == "running" and await drv.vm_state("inst") == "running"
         assert (await drv.exec("inst", "echo back", check=True)).stdout.strip() == "back"
 
         # an instance without a NIC on the inter-cloud network: no address there, no service address
