@@ -65,6 +65,7 @@ from .agent_records import AgentRecords, LocalIncoming, LocalVM
 from .agentrpc import (
     AgentInfo, ExecOutput, GuestSpec, IncomingRequest, MigrateOut, MigrationInfo, QemuInfo, QemuList,
 )
+from .datastore import clones_of, remove_vm_files, sweep_deleting
 from .errors import ConflictError, ControlError, ControlInputError, ImageLockedError, NotFoundError, StaleTokenError
 from .fencing import HistoryLog
 from .imports import copy_image, resolve_import
@@ -183,6 +184,8 @@ class HostAgent:
         self.fsm.set(AgentState.OPENING)
         try:
             self.cfg.datastore.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for left in sweep_deleting(self.cfg.datastore):     # an interrupted disk removal's rest
+                log.warning("removed %s (left by an interrupted removal of a VM's disks)", left)
             run = self.cfg.state_dir / "run"
             run.mkdir(mode=0o700, exist_ok=True)
             self.cluster = Cluster(self.cfg.host.name, run_dir=run, images=self.cfg.images, keep_run_dir=True,
@@ -363,6 +366,25 @@ class HostAgent:
         with open(p, "wb") as f:
             f.truncate(g.disk_mib << 20)
         os.chmod(p, 0o600)
+
+    async def remove_disks(self, name: str) -> list[str]:
+        """Delete ``name``'s datastore directory (its disk, qcow2 tops, a clone's overlay: every
+        file of it, :func:`hvsim.control.datastore.remove_vm_files`), for an undefine. Refused
+        (ConflictError, nothing removed) while a QEMU of it is here (running or arriving) or while
+        another VM's overlay stands on its frozen image (a clone: undefine it first). Removing
+        nothing (no directory) succeeds: a retried call is harmless."""
+        cl = self.cl
+        if name in self.incoming or name in cl.vms:
+            raise ConflictError(f"vm {name!r} has a QEMU on host {self.host.name}: its disks stay while it exists")
+        clones = clones_of(self.cfg.datastore, name)
+        if clones:
+            raise ConflictError(f"vm {name!r}'s disk is the frozen base of clone(s) {', '.join(clones)}: "
+                                "undefine the clone(s) first")
+        with self._own(name):
+            removed = await asyncio.to_thread(remove_vm_files, self.cfg.datastore, name)
+            self._tops.pop(name, None)
+        log.info("vm %s: datastore files removed: %s", name, removed)
+        return removed
 
     # -- the inter-cloud network and copy-on-write clones (hvsim.control.wanops) --------------------------
     def _guest(self, name: str) -> GuestSpec:
