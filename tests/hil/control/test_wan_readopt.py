@@ -1,4 +1,4 @@
-"""A host agent on the inter-cloud network (``--wan``) SIGKILLed and restarted keeps every running
+"""A host agent on the inter-cloud network (``--wan``) SIGKILLed (then SIGTERMed) and restarted keeps every running
 VM's WAN address (the guests were configured with them: the agent's records hold each VM's /30, it
 does not derive them again in record order) and routes the service address to the VM that held it.
 The VMs are defined so that record order differs from assignment order: a, b started, a undefined
@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from hvsim.control.client import ManagerClient
 from hvsim.control.schema import ExecRequest, HostCreate, VMDefine
 from hvsim.crosscloud.network import SERVICE_IP, WanConfig
 from hvsim.network import netns as nsutil
@@ -26,6 +27,15 @@ async def _ping(ns: str, ip: str) -> bool:
     except Exception:  # unreachable: an answer in itself
         return False
     return True
+
+
+async def _wait_up(c: ManagerClient) -> None:
+    """The manager sees h1 up (its host monitor asks every second; a restarted agent may have been
+    seen unreachable meanwhile)."""
+    deadline = time.monotonic() + 30
+    while (await c.get_host("h1")).status.value != "up":
+        assert time.monotonic() < deadline, "h1 never came back up"
+        await asyncio.sleep(0.2)
 
 
 async def test_restarted_agent_keeps_wan_addresses_and_the_service_route(cp: ControlPlane) -> None:
@@ -65,10 +75,7 @@ async def test_restarted_agent_keeps_wan_addresses_and_the_service_route(cp: Con
             print(f"agent restarted in {time.monotonic() - t0:.1f} s")
             again = {q.vm: q for q in (await cp.agent("h1").qemus()).items}
             assert {n: q.pid for n, q in again.items()} == pids and all(q.state == "running" for q in again.values())
-            deadline = time.monotonic() + 30
-            while (await c.get_host("h1")).status.value != "up":
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.2)
+            await _wait_up(c)
             for n, a in addr.items():
                 now = await c.vm_address(n)
                 assert (now.ip, now.gateway) == (a.ip, a.gateway), (n, now, a)
@@ -80,6 +87,16 @@ async def test_restarted_agent_keeps_wan_addresses_and_the_service_route(cp: Con
             assert await _ping(client_ns, SERVICE_IP), "the service address no longer reaches c"
 
             assert addr["c"].ip == first_a, addr        # a's /30 was handed out again, to c (recorded after b)
+
+            # a graceful stop (SIGTERM) lets the NICs go (their taps and routes stay); the next agent adopts them
+            assert await h.stop_agent() == 0
+            await h.start_agent()
+            assert {q.vm: q.pid for q in (await cp.agent("h1").qemus()).items} == pids
+            await _wait_up(c)
+            for n, a in addr.items():
+                assert (await c.vm_address(n)).ip == a.ip
+                assert await _ping(client_ns, a.ip), f"{n} ({a.ip}) unreachable after the graceful restart"
+            assert await _ping(client_ns, SERVICE_IP), "the service address no longer reaches c"
 
             # a VM started after the restart gets a /30 none of the re-adopted VMs holds
             await c.define_vm(VMDefine(name="d", memory_mib=128, host="h1", network="wan"))
