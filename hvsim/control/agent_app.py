@@ -45,6 +45,7 @@ from .agentrpc import (
 )
 from .api import ERRORS, BodyLimit, no_unknown_query, serving, tcp_listener, tcp_listener_check, unix_listener
 from .errors import ConflictError, ControlInputError, NotFoundError, StaleTokenError
+from .diskops import add_agent_routes as add_disk_routes
 from .guestops import add_agent_routes
 from .hostagent import AgentConfig, AgentNotServingError, HostAgent, host_spec
 from .store import TLSFiles
@@ -180,6 +181,7 @@ def create_agent_app(agent: HostAgent) -> FastAPI:
     add_agent_routes(app, agent, wr)
     add_wan_routes(app, agent, rd, wr)
     add_file_routes(app, agent, wr)
+    add_disk_routes(app, agent, wr)
 
     @app.post("/v1/incoming", response_model=QemuInfo, **wr)
     async def incoming(body: IncomingRequest) -> QemuInfo:

@@ -10,6 +10,11 @@ of the directory)::
     fence.json            {"token": N}
     vms/<vm>.json         LocalVM
     incoming/<vm>.json    LocalIncoming
+    service.json          {"vm": NAME}: the VM this host routed the inter-cloud service address to
+
+A VM on the inter-cloud network has its /30 in its record (``wan_subnet``, written with the record
+before its QEMU starts): the guest was configured with that address, so a restarted agent gives it
+exactly that one again rather than derive addresses anew.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ class LocalVM:
     start_time: str = ""
     generation: int = 0
     components: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    wan_subnet: str | None = None         # its /30 on the inter-cloud network (hvsim.crosscloud.network)
 
 
 @dataclass(config=CFG)
@@ -55,6 +61,7 @@ class LocalIncoming:
     instance_dir: str
     pid: int | None = None
     start_time: str = ""
+    wan_subnet: str | None = None
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -146,3 +153,25 @@ class AgentRecords:
 
     def delete_incoming(self, name: str) -> None:
         self._path("incoming", name).unlink(missing_ok=True)
+
+    # -- the inter-cloud service address ---------------------------------------------------------
+    def service(self) -> str | None:
+        """The VM this host routed the service address to (None: none, or an unreadable record)."""
+        p = self.dir / "service.json"
+        try:
+            vm = json.loads(p.read_bytes()).get("vm")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, AttributeError) as e:
+            log.error("ignoring unreadable record %s: %s", p, e)
+            return None
+        return vm if isinstance(vm, str) and NAME_RE.match(vm) else None
+
+    def set_service(self, vm: str | None) -> None:
+        p = self.dir / "service.json"
+        if vm is None:
+            p.unlink(missing_ok=True)
+            return
+        if not NAME_RE.match(vm):
+            raise RecordError(f"bad record name {vm!r}")
+        write_atomic(p, json.dumps({"vm": vm}).encode())

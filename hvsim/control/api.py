@@ -58,6 +58,7 @@ from .errors import (
     ConflictError, ControlError, ControlInputError, FencedError, NotFoundError, NotLeaderError, OperationFailedError,
     StoreUnavailableError,
 )
+from .diskops import manager_undefine
 from .guestops import add_manager_routes
 from .wanops import add_manager_routes as add_wan_routes
 from .fileops import add_manager_routes as add_file_routes
@@ -233,7 +234,10 @@ def create_app(manager: Manager, token: str) -> FastAPI:
 
     @app.delete("/v1/vms/{name}", tags=["vms"], response_model=Done, **v1)
     async def undefine_vm(name: NameParam) -> Response:
-        op = await manager.inventory.undefine_vm(name)
+        """Undefine a shut-off VM: its disks removed through its host's agent, then its record
+        (409 naming the clones standing on its disk, or its host when that is unreachable: nothing
+        changed; see hvsim.control.diskops)."""
+        op = await manager_undefine(manager, name)
         manager.placement_changed()
         return _raw(b'{"operation":' + dump(op) + b"}")
 

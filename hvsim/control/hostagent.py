@@ -65,6 +65,7 @@ from .agent_records import AgentRecords, LocalIncoming, LocalVM
 from .agentrpc import (
     AgentInfo, ExecOutput, GuestSpec, IncomingRequest, MigrateOut, MigrationInfo, QemuInfo, QemuList,
 )
+from .datastore import clones_of, remove_vm_files, sweep_deleting
 from .errors import ConflictError, ControlError, ControlInputError, ImageLockedError, NotFoundError, StaleTokenError
 from .fencing import HistoryLog
 from .imports import copy_image, resolve_import
@@ -183,6 +184,8 @@ class HostAgent:
         self.fsm.set(AgentState.OPENING)
         try:
             self.cfg.datastore.mkdir(mode=0o700, parents=True, exist_ok=True)
+            for left in sweep_deleting(self.cfg.datastore):     # an interrupted disk removal's rest
+                log.warning("removed %s (left by an interrupted removal of a VM's disks)", left)
             run = self.cfg.state_dir / "run"
             run.mkdir(mode=0o700, exist_ok=True)
             self.cluster = Cluster(self.cfg.host.name, run_dir=run, images=self.cfg.images, keep_run_dir=True,
@@ -277,11 +280,30 @@ class HostAgent:
         """Write ``vm``'s record (``pid``: its QEMU's, when the VM no longer holds it: detached)."""
         old = self.records.vms().get(vm.name)
         pid = pid if pid is not None else vm.pid
-        self.records.put_vm(LocalVM(spec=old.spec if old is not None else guest_of(vm.spec),
-                                    instance_dir=str(vm.instance_dir), pid=pid,
+        g = old.spec if old is not None else guest_of(vm.spec)
+        self.records.put_vm(LocalVM(spec=g, instance_dir=str(vm.instance_dir), pid=pid,
                                     start_time=procfs.start_time(pid) if pid else "", generation=vm.generation,
                                     components=components if components is not None else
-                                    (old.components if old else {})))
+                                    (old.components if old else {}),
+                                    wan_subnet=old.wan_subnet if old is not None and old.wan_subnet else
+                                    self._wan_subnet(g)))
+
+    def _wan_subnet(self, g: GuestSpec) -> str | None:
+        """``g``'s /30 on the inter-cloud network (handed out now if it has none yet), for its record."""
+        if g.network is None or self.wan is None:
+            return None
+        return str(self.wan.address(g.name, self.cfg.host.name, isolated=g.network == ISOLATED).subnet)
+
+    def _gone(self, name: str) -> None:
+        """``name`` has no record here any more: its WAN address may be handed out again, and it
+        no longer holds the service address."""
+        if self.wan is not None:
+            try:
+                self.wan.release(name, self.cfg.host.name)
+            except HvsimError as e:        # still plugged (its tap was not removed): the address stays taken
+                log.warning("vm %s: WAN address kept: %s", name, e)
+        if self.records.service() == name:
+            self.records.set_service(None)
 
     def vm_spec(self, g: GuestSpec) -> VMSpec:
         p = g.profile
@@ -364,6 +386,25 @@ class HostAgent:
             f.truncate(g.disk_mib << 20)
         os.chmod(p, 0o600)
 
+    async def remove_disks(self, name: str) -> list[str]:
+        """Delete ``name``'s datastore directory (its disk, qcow2 tops, a clone's overlay: every
+        file of it, :func:`hvsim.control.datastore.remove_vm_files`), for an undefine. Refused
+        (ConflictError, nothing removed) while a QEMU of it is here (running or arriving) or while
+        another VM's overlay stands on its frozen image (a clone: undefine it first). Removing
+        nothing (no directory) succeeds: a retried call is harmless."""
+        cl = self.cl
+        if name in self.incoming or name in cl.vms:
+            raise ConflictError(f"vm {name!r} has a QEMU on host {self.host.name}: its disks stay while it exists")
+        clones = clones_of(self.cfg.datastore, name)
+        if clones:
+            raise ConflictError(f"vm {name!r}'s disk is the frozen base of clone(s) {', '.join(clones)}: "
+                                "undefine the clone(s) first")
+        with self._own(name):
+            removed = await asyncio.to_thread(remove_vm_files, self.cfg.datastore, name)
+            self._tops.pop(name, None)
+        log.info("vm %s: datastore files removed: %s", name, removed)
+        return removed
+
     # -- the inter-cloud network and copy-on-write clones (hvsim.control.wanops) --------------------------
     def _guest(self, name: str) -> GuestSpec:
         rec = self.records.vms().get(name)
@@ -390,6 +431,7 @@ class HostAgent:
             await wan.move_service(name, self.cfg.host.name)
         except HvsimError as e:
             raise ConflictError(f"vm {name!r}: {e}") from e
+        self.records.set_service(name)       # a restarted agent routes it to this VM again
         return wan.service_ip
 
     async def clone_disk(self, name: str, clone: str) -> Path:
@@ -470,13 +512,19 @@ class HostAgent:
         cl = self.cluster
         assert cl is not None
         incoming = self.records.incoming()
-        for name, rec in self.records.vms().items():
+        vms = self.records.vms()
+        unaddressed = self._restore_addresses(vms, incoming)
+        for name, rec in vms.items():
+            if name in unaddressed:
+                log.error("vm %s: not re-adopted (its QEMU is left running untouched): %s", name, unaddressed[name])
+                continue
             spec = self.vm_spec(rec.spec)
             got = await self._reattach(name, spec, Path(rec.instance_dir), rec.pid, rec.start_time)
             if got is None:
                 log.warning("vm %s: its QEMU is gone (it crashed, or the host was powered off meanwhile)", name)
                 self.lost[name] = "its QEMU was gone when the host agent started"
                 self.records.delete_vm(name)
+                self._gone(name)
                 continue
             proc, status = got
             try:
@@ -491,17 +539,64 @@ class HostAgent:
             self.records.delete_incoming(name)
             log.info("vm %s: re-adopted QEMU pid %s (%s)", name, proc.pid, status)
         for name, inc in incoming.items():
+            if name in unaddressed:
+                log.error("incoming %s: not re-attached: %s", name, unaddressed[name])
+                continue
             spec = self.vm_spec(inc.spec)
             got = await self._reattach(name, spec, Path(inc.instance_dir), inc.pid, inc.start_time)
             if got is None:
                 self.records.delete_incoming(name)
                 shutil.rmtree(inc.instance_dir, ignore_errors=True)
+                self._gone(name)
                 continue
             vm = await cl.define_vm(spec, self.host)
             self.host.reserve(spec)
             self.incoming[name] = Incoming(inc, got[0], vm)
             log.info("incoming migration %s of %s: re-attached QEMU pid %s (%s)", inc.migration_id, name,
                      got[0].pid, got[1])
+        await self._restore_service()
+
+    def _restore_addresses(self, vms: dict[str, LocalVM], incoming: dict[str, LocalIncoming]) -> dict[str, str]:
+        """Give every recorded VM on the inter-cloud network its recorded /30 again, all of them
+        before any address is handed out anew (an address derived in record order would differ from
+        the one the guest was configured with). Returns the VMs that cannot have theirs (why)."""
+        bad: dict[str, str] = {}
+        if self.wan is None:
+            return bad
+        recs: list[LocalVM | LocalIncoming] = [*vms.values(), *incoming.values()]
+        for rec in recs:
+            if rec.spec.network is None or not rec.wan_subnet:
+                continue
+            try:
+                self.wan.restore(rec.spec.name, self.cfg.host.name, rec.wan_subnet)
+            except HvsimError as e:
+                bad[rec.spec.name] = str(e)
+        for rec in recs:            # records of an older agent (no subnet recorded): derived, after the rest
+            if rec.spec.network is not None and not rec.wan_subnet and rec.spec.name not in bad:
+                log.warning("vm %s: no WAN address recorded (an older agent's record); derived anew", rec.spec.name)
+        return bad
+
+    async def _restore_service(self) -> None:
+        """Route the service address to the VM that held it before the restart (unless another
+        host took it meanwhile, or that VM is gone: then the stale routes go)."""
+        name = self.records.service()
+        if name is None or self.wan is None:
+            return
+        host = self.cfg.host.name
+        vm = self.cluster.vms.get(name) if self.cluster is not None else None
+        try:
+            if vm is not None and vm.has_process and any(p.vm == name and p.host == host and not p.isolated
+                                                          for p in self.wan.plugged):
+                if await self.wan.readopt_service(name, host):
+                    log.info("service address %s routed to vm %s again", self.wan.service_ip, name)
+                    return
+            else:
+                log.warning("service address: vm %s that held it is not here any more; its routes removed", name)
+                await self.wan.drop_service_routes(host)
+        except HvsimError as e:
+            log.error("service address: not restored to vm %s: %s", name, e)
+            return
+        self.records.set_service(None)
 
     # -- events -------------------------------------------------------------------------------------
     def _vm_changed(self, event: ClusterEvent) -> None:
@@ -541,6 +636,7 @@ class HostAgent:
         except Exception as e:   # keep the agent serving; the record goes anyway
             log.error("forgetting vm %s: %s", name, e)
         self.records.delete_vm(name)
+        self._gone(name)
         self._tops.pop(name, None)
         log.warning("vm %s ended on its own: %s", name, self.lost.get(name))
 
@@ -634,11 +730,19 @@ class HostAgent:
                 return await self.qemu_info(g.name)      # already running as asked (a retried call)
             raise ConflictError(f"vm {g.name!r} is {have.state.value} on host {self.host.name}")
         spec = self.vm_spec(g)
-        self.host.check_fit(spec)                        # CapacityError before anything is recorded or started
+        try:
+            self.host.check_fit(spec)                    # CapacityError before anything is recorded or started
+            with self._own(g.name):
+                await self._create_disk(g)
+        except BaseException:
+            if g.name not in self.records.vms():
+                self._gone(g.name)                       # the WAN address vm_spec handed out goes back
+            raise
         with self._own(g.name):
-            await self._create_disk(g)
             self.lost.pop(g.name, None)
-            self.records.put_vm(LocalVM(spec=g, instance_dir=str(cl.run_dir / g.name)))   # before the QEMU starts
+            # before the QEMU starts; with the guest's WAN address: a restarted agent gives it that one
+            self.records.put_vm(LocalVM(spec=g, instance_dir=str(cl.run_dir / g.name),
+                                        wan_subnet=self._wan_subnet(g)))
             vm: VM | None = None
             try:
                 vm = await cl.define_vm(spec, self.host)
@@ -652,6 +756,7 @@ class HostAgent:
                     except Exception as ue:   # noqa: BLE001 (the start's own error is what is raised)
                         log.warning("vm %s: not undefined after its failed start: %s", g.name, ue)
                 self.records.delete_vm(g.name)
+                self._gone(g.name)
                 if isinstance(e, Exception) and image_locked(e):
                     raise ImageLockedError(f"vm {g.name!r} not started on host {self.host.name}: its disk image "
                                            f"{self.disk_path(g.name)} is locked by another QEMU (the guest runs "
@@ -681,6 +786,7 @@ class HostAgent:
         with contextlib.suppress(CoreNotFound):
             await self.cl.undefine_vm(name)
         self.records.delete_vm(name)
+        self._gone(name)
         self._tops.pop(name, None)          # a next QEMU opens the chain's top as its drive's own node
 
     async def resume(self, name: str) -> None:
@@ -775,7 +881,8 @@ class HostAgent:
         vm = await cl.define_vm(spec, self.host)
         self.host.reserve(spec)
         d = vm.run_dir / f"mig-in-{secrets.token_hex(3)}"
-        rec = LocalIncoming(migration_id=req.migration_id, spec=req.vm, source=req.source, instance_dir=str(d))
+        rec = LocalIncoming(migration_id=req.migration_id, spec=req.vm, source=req.source, instance_dir=str(d),
+                            wan_subnet=self._wan_subnet(req.vm))
         self.records.put_incoming(rec)
         proc = self.host.qemu_process(vm.machine_spec(d, incoming="defer"), d)
         try:
@@ -784,9 +891,11 @@ class HostAgent:
             await proc.kill()
             await self._drop_incoming_vm(vm, d)
             self.records.delete_incoming(name)
+            self._gone(name)
             raise
         rec = LocalIncoming(migration_id=req.migration_id, spec=req.vm, source=req.source, instance_dir=str(d),
-                            pid=proc.pid, start_time=procfs.start_time(proc.pid) if proc.pid else "")
+                            pid=proc.pid, start_time=procfs.start_time(proc.pid) if proc.pid else "",
+                            wan_subnet=rec.wan_subnet)
         self.records.put_incoming(rec)
         self.incoming[name] = Incoming(rec, proc, vm)
         return await self.qemu_info(name)
@@ -840,7 +949,8 @@ class HostAgent:
         await vm.attach_running(inc.process, instance_dir=d, paused=st == "paused")
         del self.incoming[name]
         self.records.put_vm(LocalVM(spec=inc.record.spec, instance_dir=str(d), pid=inc.process.pid,
-                                    start_time=inc.record.start_time, generation=vm.generation))
+                                    start_time=inc.record.start_time, generation=vm.generation,
+                                    wan_subnet=inc.record.wan_subnet))
         self.records.delete_incoming(name)
         log.info("vm %s arrived from %s (migration %s), QEMU pid %s", name, inc.record.source,
                  inc.record.migration_id, inc.process.pid)
@@ -854,6 +964,7 @@ class HostAgent:
         finally:
             await self._drop_incoming_vm(inc.vm, Path(inc.record.instance_dir))
             self.records.delete_incoming(name)
+            self._gone(name)
 
 
 LOCK_MESSAGE = 'Failed to get "write" lock'

@@ -17,7 +17,7 @@ from typing import Generic, TypeVar
 from .errors import ConflictError, ControlInputError, FencedError, NotFoundError
 from .ops import IN_FLIGHT, Operation, OperationRecord, OpKind, OpState, Resolution
 from .state import (
-    GROUP_VMS, GROUPS, HOST_VMS, HOSTS, INFLIGHT, OPS, RESERVATIONS, RULES, VM_OP, VMS, GroupRecord, HostRecord,
+    CLONES, GROUP_VMS, GROUPS, HOST_VMS, HOSTS, INFLIGHT, OPS, RESERVATIONS, RULES, VM_OP, VMS, GroupRecord, HostRecord,
     HostStatus, ReservationRecord, RuleRecord, VMPower, VMRecord, as_dict, dump, key_of, parse,
 )
 from .store import Compare, Delete, Fence, Get, KeyValue, Op, Put, Store, TxnResult
@@ -194,6 +194,8 @@ class Inventory:
             ops.append(Put(f"{HOST_VMS}{vm.host}/{vm.name}", b""))
         if vm.group is not None:
             ops.append(Put(f"{GROUP_VMS}{vm.group}/{vm.name}", b""))
+        if vm.clone_of is not None:
+            ops.append(Put(f"{CLONES}{vm.clone_of}/{vm.name}", b""))
         res = await self._txn(compares, ops, [Get(VMS + vm.name)])
         if not res.succeeded:
             if res.results[0] is not None:
@@ -220,15 +222,45 @@ class Inventory:
         op = self._op(OpKind.UNDEFINE, name)
         op.start()
         done = op.succeed("undefined")
-        ops: list[Op] = [Delete(kv.key), Put(OPS + done.id, dump(done))]
-        if vm.host:
-            ops.append(Delete(f"{HOST_VMS}{vm.host}/{name}"))
-        if vm.group:
-            ops.append(Delete(f"{GROUP_VMS}{vm.group}/{name}"))
+        ops: list[Op] = [Delete(kv.key), Put(OPS + done.id, dump(done)), *self._index_deletes(vm)]
         res = await self._txn([Compare.mod_revision(kv.key, kv.mod_revision), Compare.absent(VM_OP + name)], ops)
         if not res.succeeded:
             raise ConflictError(f"vm {name!r} changed or has an operation in flight, try again")
         return done
+
+    @staticmethod
+    def _index_deletes(vm: VMRecord) -> list[Op]:
+        ops: list[Op] = []
+        if vm.host:
+            ops.append(Delete(f"{HOST_VMS}{vm.host}/{vm.name}"))
+        if vm.group:
+            ops.append(Delete(f"{GROUP_VMS}{vm.group}/{vm.name}"))
+        if vm.clone_of:
+            ops.append(Delete(f"{CLONES}{vm.clone_of}/{vm.name}"))
+        return ops
+
+    async def clones_of(self, name: str, limit: int = 20) -> list[str]:
+        """The clones defined on ``name``'s disk (``POST /v1/vms/{name}/clone``), at most ``limit``."""
+        page = await self.store.list(f"{CLONES}{name}/", limit=limit)
+        return [kv.key.rsplit("/", 1)[1] for kv in page.items]
+
+    async def finish_undefine(self, op: Operation, revision: int) -> OperationRecord:
+        """The last step of an undefine recorded as an operation (:mod:`.diskops`: the VM's disks
+        are removed already): the VM record and its index keys are deleted and the operation
+        succeeds, releasing the VM's lock, in one transaction."""
+        name = op.record.vm
+        got = await self._get(VMRecord, VMS + name)
+        op.succeed("undefined: disks removed")
+        rec = op.record
+        ops: list[Op] = [Put(OPS + rec.id, dump(rec)), Delete(VM_OP + name), Delete(INFLIGHT + rec.id)]
+        compares = [Compare.mod_revision(OPS + rec.id, revision)]
+        if got is not None:
+            vm, kv = got
+            ops += [Delete(kv.key), *self._index_deletes(vm)]
+            compares.append(Compare.mod_revision(kv.key, kv.mod_revision))
+        if not (await self._txn(compares, ops)).succeeded:
+            raise ConflictError(f"operation {rec.id} or vm {name!r} changed meanwhile: undefine again")
+        return rec
 
     # -- groups, rules, reservations ----------------------------------------------------------
     async def add_group(self, g: GroupRecord) -> GroupRecord:

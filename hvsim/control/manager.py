@@ -540,6 +540,16 @@ class Manager:
         await self.inventory.update(op, rev, vm=vm)
         return op.record
 
+    async def run_op(self, kind: OpKind, vm: VMRecord, params: dict[str, str],
+                     body: Callable[[Operation, int], Awaitable[OperationRecord]]) -> OperationRecord:
+        """Record an operation on ``vm`` (its lock taken), set it running and run ``body`` to its end
+        (shielded from the caller's cancellation), for the operations of :mod:`.diskops`."""
+        return await self._run(kind, vm, params, body)
+
+    async def end_op(self, op: Operation, rev: int, *, ok: bool, note: str) -> OperationRecord:
+        """Settle ``op`` (succeeded or failed) without changing its VM's record."""
+        return await self._end(op, rev, ok=ok, vm=None, note=note)
+
     @staticmethod
     def _with(vm: VMRecord, **fields: Any) -> VMRecord:
         return VMRecord(**{**{k: getattr(vm, k) for k in vm.__dataclass_fields__}, **fields})

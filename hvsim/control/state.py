@@ -43,6 +43,7 @@ HOST_VMS = ROOT + "index/host-vms/"
 GROUP_VMS = ROOT + "index/group-vms/"
 VM_OP = ROOT + "index/vm-op/"
 INFLIGHT = ROOT + "index/inflight/"
+CLONES = ROOT + "index/clones/"          # CLONES<base>/<clone>: the clones standing on a VM's frozen disk
 
 CFG = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=False)
 Name = Annotated[str, Field(pattern=NAME_RE.pattern, min_length=1, max_length=32,

@@ -21,6 +21,10 @@ The host agent has ``GET /v1/vms/{name}/address``, ``POST /v1/vms/{name}/clone-d
 ``POST /v1/vms/{name}/service-address`` (fenced, under its RPC conventions). Refusals name the
 problem: a VM without a NIC there, an isolated one carrying the service address, a host agent
 without ``--wan``, a clone of a VM that does not run or has no disk, a clone name in use.
+
+The host agent keeps each VM's /30 and the VM it routed the service address to in its own records
+(:mod:`.agent_records`): a restarted agent gives every running VM exactly its address again and
+routes the service address back to the VM that held it.
 """
 from __future__ import annotations
 

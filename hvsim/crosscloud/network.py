@@ -163,15 +163,56 @@ class WanNetwork:
         self._ready = True
 
     def address(self, vm: str, host: str, isolated: bool = False) -> GuestAddress:
+        """``vm``'s address on ``host``: the /30 it was given (or got back by :meth:`restore`),
+        else the lowest one free now (an index given back by :meth:`release` is handed out again)."""
         if host not in self.underlay.hosts:
             raise CrossCloudInputError(f"host {host!r} is not on the WAN underlay ({list(self.underlay.hosts)})")
         key = f"{vm}@{host}"           # two clouds may each have an instance of the same name
-        i = self._index.setdefault(key, len(self._index))
-        if i >= self.pool.num_addresses // 4 - 1:
-            raise CrossCloudInputError(f"the WAN guest network {self.pool} is full")
+        i = self._index.get(key)
+        if i is None:
+            used = set(self._index.values())
+            i = next((k for k in range(self.capacity) if k not in used), None)
+            if i is None:
+                raise CrossCloudInputError(f"the WAN guest network {self.pool} is full")
+            self._index[key] = i
         subnet = ipaddress.IPv4Network((int(self.pool.network_address) + 4 * (i + 1), 30))
         tap = "hvt" + hashlib.sha256(key.encode()).hexdigest()[:8]
         return GuestAddress(vm, host, subnet, tap, isolated)
+
+    @property
+    def capacity(self) -> int:
+        """How many guest /30s the pool holds (its first /30 is never handed out)."""
+        return self.pool.num_addresses // 4 - 1
+
+    def restore(self, vm: str, host: str, subnet: ipaddress.IPv4Network | str) -> GuestAddress:
+        """Give ``vm`` on ``host`` exactly ``subnet`` again (what it had before its owner
+        restarted: its guest was configured with it), before any new address is handed out.
+        CrossCloudInputError: not a /30 of the pool, or another VM holds it."""
+        try:
+            net = ipaddress.IPv4Network(subnet)
+        except ValueError as e:
+            raise CrossCloudInputError(f"vm {vm!r}: recorded WAN subnet {subnet!r} is not a network") from e
+        off = int(net.network_address) - int(self.pool.network_address)
+        if net.prefixlen != 30 or not net.subnet_of(self.pool) or off < 4:
+            raise CrossCloudInputError(f"vm {vm!r}: recorded WAN subnet {net} is not a guest /30 of the pool "
+                                       f"{self.pool}")
+        key = f"{vm}@{host}"
+        i = off // 4 - 1
+        holder = next((k for k, v in self._index.items() if v == i and k != key), None)
+        if holder is not None:
+            raise CrossCloudInputError(f"vm {vm!r}: recorded WAN subnet {net} is {holder}'s already")
+        if self._index.get(key, i) != i:
+            raise CrossCloudInputError(f"vm {vm!r} has another WAN address already")
+        self._index[key] = i
+        return self.address(vm, host)
+
+    def release(self, vm: str, host: str) -> None:
+        """Forget ``vm``'s address on ``host`` (it is gone from there): the /30 may be handed out
+        again. Its tap must be unplugged already."""
+        key = f"{vm}@{host}"
+        if any(p.vm == vm and p.host == host for p in self._plugged.values()):
+            raise CrossCloudInputError(f"vm {vm!r} on {host!r} is still plugged: its address stays")
+        self._index.pop(key, None)
 
     def kernel_args(self, vm: str, host: str, nic: str = "wan0", isolated: bool = False) -> str:
         a = self.address(vm, host, isolated)
@@ -190,6 +231,28 @@ class WanNetwork:
                                              netns=self.underlay.host_ns(h))
                                    for h in self.underlay.hosts if h != a.host))
         self._plugged[a.tap] = a
+
+    async def adopt(self, a: GuestAddress) -> None:
+        """Take over ``a``'s tap, plugged by an earlier owner (a host agent before its restart) and
+        held by a running QEMU: it must exist; its gateway address and the other hosts' routes to
+        the guest's /30 are put back if they went missing (each step idempotent)."""
+        ns = self.underlay.host_ns(a.host)
+        if not await nsutil.ip("-o", "link", "show", "dev", a.tap, netns=ns, check=False):
+            raise CrossCloudInputError(f"vm {a.vm!r}: its tap {a.tap} is not in {a.host}'s namespace any more")
+        if not a.isolated:
+            await nsutil.ip("addr", "replace", f"{a.gateway}/30", "dev", a.tap, netns=ns)
+            via = self.underlay.host_ip(a.host)
+            await asyncio.gather(*(nsutil.ip("route", "replace", str(a.subnet), "via", via,
+                                             netns=self.underlay.host_ns(h))
+                                   for h in self.underlay.hosts if h != a.host))
+        self._plugged[a.tap] = a
+
+    def let_go(self, a: GuestAddress) -> None:
+        """Stop managing ``a``'s tap without removing it (its owner goes away and the guest keeps
+        running: the next owner takes it over with :meth:`adopt`); its routes, the service route too, stay."""
+        self._plugged.pop(a.tap, None)
+        if self._service_at is not None and self._service_at.tap == a.tap:
+            self._service_at = None
 
     async def unplug(self, a: GuestAddress) -> None:
         if self._service_at is not None and self._service_at.tap == a.tap:
@@ -216,6 +279,30 @@ class WanNetwork:
             await nsutil.ip("route", "del", f"{self.service_ip}/32", netns=self.underlay.host_ns(old.host), check=False)
         self._service_at = a
         log.info("service address %s -> vm %s on %s", self.service_ip, vm, a.host)
+
+    async def readopt_service(self, vm: str, host: str) -> bool:
+        """After a restart of ``host``'s owner, route the service address to ``vm`` again (it held
+        it before), unless the client's route now points to another host (someone moved the service
+        address meanwhile: then only our stale host-side route goes). True: routed to ``vm``."""
+        client_ns = self.underlay.host_ns(self.client)
+        cur = (await nsutil.ip("route", "show", f"{self.service_ip}/32", netns=client_ns, check=False)).split()
+        via = self.underlay.host_ip(host)
+        if "via" in cur and cur[cur.index("via") + 1:cur.index("via") + 2] != [via]:
+            log.warning("service address %s: routed to another host meanwhile (%s); not taken back for vm %s",
+                        self.service_ip, " ".join(cur), vm)
+            await self.drop_service_routes(host)
+            return False
+        await self.move_service(vm, host)
+        return True
+
+    async def drop_service_routes(self, host: str) -> None:
+        """Remove the service routes that lead to ``host`` (its own, and the client's if it points
+        there), whoever set them (a previous owner that did not clean up)."""
+        await nsutil.ip("route", "del", f"{self.service_ip}/32", netns=self.underlay.host_ns(host), check=False)
+        await nsutil.ip("route", "del", f"{self.service_ip}/32", "via", self.underlay.host_ip(host),
+                        netns=self.underlay.host_ns(self.client), check=False)
+        if self._service_at is not None and self._service_at.host == host:
+            self._service_at = None
 
     async def _drop_service(self) -> None:
         a = self._service_at
@@ -245,6 +332,11 @@ class WanNetwork:
         if at is not None and host == self.client:
             await nsutil.ip("route", "replace", f"{self.service_ip}/32", "via", self.underlay.host_ip(at.host),
                             netns=ns)
+
+    @property
+    def plugged(self) -> tuple[GuestAddress, ...]:
+        """The taps this network manages now."""
+        return tuple(self._plugged.values())
 
     @property
     def service_at(self) -> tuple[str, str] | None:
@@ -282,6 +374,25 @@ class WanNicComponent(Component):
         mac = self.nic.mac or derive_mac(self.ctx.vm, self.nic.name)
         return Attachment(nics=(Nic(id=f"nic-{self.nic.name}", mac=mac,
                                     backend="tap", ifname=a.tap, model=self.nic.model),))  # type: ignore[arg-type]
+
+    async def _do_reattach(self, host: Host, record: dict[str, Any]) -> Attachment:
+        """The tap of a running QEMU (its owner restarted): the same address as before, which the
+        owner restored into the network first (:meth:`WanNetwork.restore`)."""
+        a = self.wan.address(self.ctx.vm, host.name, isolated=self.nic.network == ISOLATED)
+        if record.get("tap") not in (None, a.tap) or record.get("subnet") not in (None, str(a.subnet)):
+            raise CrossCloudInputError(f"vm {self.ctx.vm!r}: nic {self.nic.name!r} was {record}, now {a}")
+        await self.wan.adopt(a)
+        self.addr = a
+        mac = self.nic.mac or derive_mac(self.ctx.vm, self.nic.name)
+        return Attachment(nics=(Nic(id=f"nic-{self.nic.name}", mac=mac,
+                                    backend="tap", ifname=a.tap, model=self.nic.model),))  # type: ignore[arg-type]
+
+    async def _do_detach(self) -> dict[str, Any]:
+        if self.addr is None:
+            return {}
+        a, self.addr = self.addr, None
+        self.wan.let_go(a)
+        return {"tap": a.tap, "subnet": str(a.subnet)}
 
     async def _do_stop(self) -> None:
         if self.addr is not None:

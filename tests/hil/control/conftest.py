@@ -175,7 +175,8 @@ class SharedPlane:
         if not failed and plane.managers and plane.managers[0].pid is not None:
             c = plane.client(plane.managers[0])
             try:
-                for vm in (await c.list_vms())[0]:
+                # clones first: a VM whose frozen disk a clone stands on is refused until the clone is gone
+                for vm in sorted((await c.list_vms())[0], key=lambda v: v.clone_of is None):
                     if vm.power is not VMPower.SHUTOFF:
                         await c.wait_op((await c.destroy_vm(vm.name)).id, timeout=120)
                     await c.wait_op((await c.undefine_vm(vm.name)).id, timeout=120)

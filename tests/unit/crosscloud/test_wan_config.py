@@ -38,3 +38,30 @@ def test_round_trip_and_disjoint_slices() -> None:
 def test_bad_configs_are_refused_naming_why(d: Any, why: str) -> None:
     with pytest.raises(CrossCloudInputError, match=why):
         WanConfig.from_json(d)
+
+
+def test_addresses_are_restored_not_derived_again_and_released_ones_reused() -> None:
+    """A restarted host agent's network gets each VM's recorded /30 back before anything new is
+    handed out: record order (b, c) differs from assignment order (c took a's released /30)."""
+    cfg = WanConfig("a1", NS, IPS, pool="198.19.0.0/20")
+    w = cfg.network()
+    a, b = w.address("a", "a1"), w.address("b", "a1")
+    w.release("a", "a1")
+    c = w.address("c", "a1")
+    assert c.subnet == a.subnet and b.subnet != c.subnet           # the lowest free /30 again
+    again = cfg.network()                                           # the agent restarted
+    assert again.restore("b", "a1", str(b.subnet)) == b
+    assert again.restore("c", "a1", c.subnet) == c
+    assert again.address("b", "a1") == b and again.address("c", "a1") == c
+    d = again.address("d", "a1")
+    assert d.subnet not in (b.subnet, c.subnet)
+    assert again.restore("c", "a1", c.subnet) == c                  # idempotent
+    with pytest.raises(CrossCloudInputError, match="is c@a1's already"):
+        again.restore("e", "a1", c.subnet)
+    with pytest.raises(CrossCloudInputError, match="is b@a1's already"):
+        again.restore("c", "a1", b.subnet)
+    with pytest.raises(CrossCloudInputError, match="another WAN address"):
+        again.restore("c", "a1", "198.19.0.100/30")
+    for bad in ("198.19.0.0/30", "198.19.0.4/29", "198.19.16.4/30", "nonsense"):
+        with pytest.raises(CrossCloudInputError):
+            again.restore("x", "a1", bad)
