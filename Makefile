@@ -8,7 +8,7 @@ HVSIM := $(VENV)/bin/hvsim
 APT_PKGS := qemu-system-x86 qemu-utils busybox-static cpio gcc libc6-dev iproute2 \
             libnbd-bin nbdkit kmod zstd xz-utils iputils-ping nftables etcd-server curl \
             libssl-dev e2fsprogs
-IMAGES := images/out/vmlinuz images/out/initrd.img
+IMAGES := images/out/vmlinux images/out/initrd.img
 BENCH ?=
 PYTEST_ARGS ?=
 

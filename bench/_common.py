@@ -99,9 +99,10 @@ def _images() -> Path:
 
 
 def _accel() -> str:
+    from hvsim.core.cluster import INITRD_FILE, KERNEL_FILE
     from qmp_bridge.accel import choose_accel
     imgs = _images()
-    return choose_accel(str(imgs / "vmlinuz"), str(imgs / "initrd.img"))
+    return choose_accel(str(imgs / KERNEL_FILE), str(imgs / INITRD_FILE))
 
 
 def _loadavg() -> list[float]:

@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 from qemu.qmp import QMPClient
 
-from hvsim.core.cluster import Cluster, images_dir
+from hvsim.core.cluster import KERNEL_FILE, Cluster, images_dir
 from hvsim.core.model import HostSpec, VMSpec
 from qmp_bridge.accel import choose_accel
 
@@ -135,7 +135,7 @@ async def run(quick: bool) -> tuple[dict[str, Any], Samples[str, Any]]:
                             "samples": boots},
         "qmp_rtt_us": rtt,
         "idle_guest_cpu_pct": merge_samples(samples.of("idle"), ident=("guests",)),
-        "accel": choose_accel(str(images_dir() / "vmlinuz"), str(images_dir() / "initrd.img")),
+        "accel": choose_accel(str(images_dir() / KERNEL_FILE), str(images_dir() / "initrd.img")),
     }, samples
 
 

@@ -23,6 +23,8 @@ cp "$out"/bin/* "$root/bin/"
 cp "$here/init.sh" "$root/init"
 chmod 0755 "$root/init"
 echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
-(cd "$root" && find . -print0 | cpio --null -o -H newc --quiet | gzip -1) > "$out/initrd.img.tmp"
+# uncompressed: a TCG guest unpacks a gzip'd 5 MB archive in ~0.2 s of every boot; 13 MB of cpio
+# costs nothing to read (the page cache) and is freed after the unpack like the compressed one
+(cd "$root" && find . -print0 | cpio --null -o -H newc --quiet) > "$out/initrd.img.tmp"
 mv "$out/initrd.img.tmp" "$out/initrd.img"
 echo "build_initrd: $(wc -c < "$out/initrd.img") bytes, modules: $(tr '\n' ' ' < "$root/etc/modules.order")"

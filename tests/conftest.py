@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from hvsim.core.cluster import Cluster, images_dir
+from hvsim.core.cluster import INITRD_FILE, KERNEL_FILE, Cluster, images_dir
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIRE_HIL = os.environ.get("HVSIM_REQUIRE_HIL") == "1" or os.environ.get("CI") == "true"
@@ -26,7 +26,7 @@ _skipped_hil: list[str] = []
 def hil_missing() -> str | None:
     if shutil.which("qemu-system-x86_64") is None:
         return "qemu-system-x86_64 not installed (run `make setup`)"
-    for f in ("vmlinuz", "initrd.img"):
+    for f in (KERNEL_FILE, INITRD_FILE):
         if not (images_dir() / f).is_file():
             return f"guest image {images_dir() / f} missing (run `make images`)"
     return None

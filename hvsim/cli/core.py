@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from ..core.agent import MAX_OUTPUT
-from ..core.cluster import REPO, Cluster, images_dir
+from ..core.cluster import INITRD_FILE, KERNEL_FILE, REPO, Cluster, images_dir
 from ..core.errors import VMError
 from ..core.model import HostSpec, VMSpec
 from ..core.vm import VM
@@ -33,7 +33,7 @@ def check_timeout(value: float, option: str = "--timeout") -> float:
 
 def check_images() -> None:
     """The guest kernel and initramfs exist (before anything is created)."""
-    for f in ("vmlinuz", "initrd.img"):
+    for f in (KERNEL_FILE, INITRD_FILE):
         if not (images_dir() / f).is_file():
             raise VMError(f"guest image {images_dir() / f} is missing: build it with `hvsim images` "
                           "(or set HVSIM_IMAGES)")

@@ -94,6 +94,12 @@ def remove_stale_run_dirs(base: Path | None = None) -> list[Path]:
     return [s.path for s in reclaim_stale_run_dirs(base) if s.removed]
 
 
+# what QEMU boots (images/Makefile): the uncompressed kernel through its PVH entry point, and an
+# uncompressed initramfs (a TCG boot takes 3.3 s this way, 7.4 s from the bzImage and a gzip'd one)
+KERNEL_FILE = "vmlinux"
+INITRD_FILE = "initrd.img"
+
+
 def images_dir() -> Path:
     return Path(os.environ.get("HVSIM_IMAGES", REPO / "images" / "out"))
 
@@ -104,8 +110,8 @@ class Cluster:
                  accel: str | None = None) -> None:
         self.name = check_name("cluster", name)
         imgs = Path(images) if images else images_dir()
-        self.kernel = imgs / "vmlinuz"
-        self.initrd = imgs / "initrd.img"
+        self.kernel = imgs / KERNEL_FILE
+        self.initrd = imgs / INITRD_FILE
         self._own_run_dir = run_dir is None
         if self._own_run_dir:
             remove_stale_run_dirs()

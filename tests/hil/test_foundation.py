@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from hvsim.core.cluster import images_dir
+from hvsim.core.cluster import KERNEL_FILE, images_dir
 from hvsim.core.errors import CapacityError, GuestNotReadyError, IllegalTransitionError, SpecError, VMError
 from hvsim.core.events import VMStateChanged
 from hvsim.core.lifecycle import VMState
@@ -202,7 +202,7 @@ async def test_a_disk_path_that_does_not_exist_is_refused_before_any_process(clu
 async def test_launch_failure_carries_exit_code_and_argv(hvsim_cluster, tmp_path):
     # a kernel QEMU cannot load: QEMU itself exits before its monitor comes up
     real = images_dir()
-    (tmp_path / "vmlinuz").write_bytes(b"this is not a kernel" * 100)
+    (tmp_path / KERNEL_FILE).write_bytes(b"this is not a kernel" * 100)
     (tmp_path / "initrd.img").symlink_to(real / "initrd.img")
     cl = await hvsim_cluster("badkernel", images=tmp_path, accel="tcg")
     cl.add_host(HostSpec("h1", vcpus=2, memory_mib=1024))
@@ -211,7 +211,7 @@ async def test_launch_failure_carries_exit_code_and_argv(hvsim_cluster, tmp_path
         await vm.start()
     cause = ei.value.__cause__
     assert isinstance(cause, LaunchError) and cause.exit_code not in (None, 0)
-    assert "qemu-system-x86_64" in cause.argv[0] and str(tmp_path / "vmlinuz") in cause.argv
+    assert "qemu-system-x86_64" in cause.argv[0] and str(tmp_path / KERNEL_FILE) in cause.argv
     assert cause.log_tail.strip(), "QEMU's own error output is missing from the LaunchError"
     assert vm.state is VMState.SHUTOFF and vm.host.used_memory_mib == 0 and not vm.has_process
 

@@ -16,7 +16,7 @@ import pytest
 
 from hvbase.aio import wait_for
 from hvsim.core.agent import GuestAgent
-from hvsim.core.cluster import images_dir
+from hvsim.core.cluster import KERNEL_FILE, images_dir
 from hvsim.core.power import PowerDomain, reclaim_stale
 from hvsim.core.procfs import alive
 from qmp_bridge import AttachError, MachineSpec, ProcState, QemuProcess, SerialPort
@@ -43,7 +43,7 @@ OWNER = textwrap.dedent("""
 
 
 def spec(run: Path, accel: str) -> MachineSpec:
-    return MachineSpec(name="survivor", memory_mib=128, vcpus=1, kernel=str(images_dir() / "vmlinuz"),
+    return MachineSpec(name="survivor", memory_mib=128, vcpus=1, kernel=str(images_dir() / KERNEL_FILE),
                        initrd=str(images_dir() / "initrd.img"), accel=accel,  # type: ignore[arg-type]
                        console_log=str(run / "console.log"),
                        serial_ports=(SerialPort("agent0", "org.hvsim.agent", str(run / "agent.sock")),))
@@ -65,9 +65,9 @@ async def test_a_detached_qemu_survives_its_owner_is_reattached_and_dies_with_it
     reclaim_stale()
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
-    accel = choose_accel(str(images_dir() / "vmlinuz"), str(images_dir() / "initrd.img"))
+    accel = choose_accel(str(images_dir() / KERNEL_FILE), str(images_dir() / "initrd.img"))
     dom = PowerDomain.create("reattach-h")
-    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(run), str(dom.path), str(images_dir() / "vmlinuz"),
+    owner = subprocess.Popen([sys.executable, "-c", OWNER, str(run), str(dom.path), str(images_dir() / KERNEL_FILE),
                               str(images_dir() / "initrd.img"), accel], stdout=subprocess.PIPE, text=True)
     proc: QemuProcess | None = None
     try:
