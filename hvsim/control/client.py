@@ -368,11 +368,13 @@ class ManagerClient:
         """The VM's QEMU runstate (``paused`` while paused: the record's power stays ``running``)."""
         return parse(RunState, await self.raw("GET", f"/v1/vms/{name}/runstate"))
 
-    async def write_file(self, name: str, path: str, data: bytes, mode: int = 0o600) -> GuestFile:
-        """Write ``data`` to ``path`` in the running VM's guest (checked by SHA-256 there)."""
+    async def write_file(self, name: str, path: str, data: bytes, mode: int = 0o600,
+                         sha256: str | None = None) -> GuestFile:
+        """Write ``data`` to ``path`` in the running VM's guest (checked by SHA-256 there;
+        ``sha256``: the data's, if the caller has it already)."""
+        digest = sha256 if sha256 is not None else hashlib.sha256(data).hexdigest()
         return parse(GuestFile, await self.raw("PUT", f"/v1/vms/{name}/files", content=data,
-                                               params={"path": path, "mode": f"{mode:04o}",
-                                                       "sha256": hashlib.sha256(data).hexdigest()}))
+                                               params={"path": path, "mode": f"{mode:04o}", "sha256": digest}))
 
     async def route_service(self, name: str) -> ServiceAddress:
         """Route the inter-cloud network's service address to the VM."""

@@ -18,7 +18,6 @@ operation.
 from __future__ import annotations
 
 import hashlib
-import re
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import FastAPI, Path as PathParam, Query, Request
@@ -41,29 +40,22 @@ VMName = Annotated[str, PathParam(pattern=NAME_RE.pattern, max_length=32, descri
 GuestPath = Annotated[str, Query(min_length=2, max_length=1024, description="absolute path in the guest")]
 Mode = Annotated[str, Query(pattern=r"^0?[0-7]{3,4}$", description="octal file mode, e.g. 0700")]
 Digest = Annotated[str | None, Query(pattern=r"^[0-9a-f]{64}$", description="the body's SHA-256, lower-case hex")]
-_HEX = re.compile(r"[0-9a-f]{64}")
 
 
-def check_length(request: Request) -> None:
-    """A declared Content-Length over :data:`MAX_FILE` is refused before anything else."""
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_FILE):
-        raise ControlInputError("body", f"Content-Length {declared[:32]!r}: a file is at most {MAX_FILE} bytes")
-
-
-async def read_body(request: Request, expect_sha256: str | None) -> bytes:
-    """The request's body, at most :data:`MAX_FILE` bytes (refused as soon as it is longer),
-    matching ``expect_sha256`` when given."""
-    check_length(request)
+async def read_body(request: Request, expect_sha256: str | None) -> tuple[bytes, str]:
+    """The request's body and its SHA-256: at most :data:`MAX_FILE` bytes (a longer declared
+    Content-Length is answered 413 by :class:`~.api.BodyLimit` before any route; an undeclared
+    one is refused as soon as it is longer), matching ``expect_sha256`` when given."""
     buf = bytearray()
     async for chunk in request.stream():
         buf += chunk
         if len(buf) > MAX_FILE:
             raise ControlInputError("body", f"more than {MAX_FILE} bytes: a file is at most {MAX_FILE} bytes")
     data = bytes(buf)
-    if expect_sha256 is not None and hashlib.sha256(data).hexdigest() != expect_sha256:
+    digest = hashlib.sha256(data).hexdigest()
+    if expect_sha256 is not None and digest != expect_sha256:
         raise ControlInputError("sha256", f"the body ({len(data)} bytes) does not have SHA-256 {expect_sha256}")
-    return data
+    return data, digest
 
 
 def _checked(path: str, mode: str) -> tuple[str, int]:
@@ -81,19 +73,17 @@ def add_agent_routes(app: FastAPI, agent: HostAgent, wr: dict[str, Any]) -> None
     async def write_file(name: VMName, request: Request, path: GuestPath, mode: Mode = "0600",
                          sha256: Digest = None) -> GuestFile:
         p, m = _checked(path, mode)
-        check_length(request)
         vm = agent.vm(name)                 # 404 before the body is read
-        data = await read_body(request, sha256)
+        data, _ = await read_body(request, sha256)
         w = await write_guest_file(vm.exec, p, data, m, what=f"vm {name!r}")
         return GuestFile(vm=name, path=w.path, size=w.size, sha256=w.sha256)
 
 
 # -- host agent client ---------------------------------------------------------------------------------
-async def agent_write_file(client: AgentClient, name: str, path: str, mode: int, data: bytes,
+async def agent_write_file(client: AgentClient, name: str, path: str, mode: int, data: bytes, sha256: str,
                            token: int) -> GuestFile:
     return await client.call("PUT", f"/v1/vms/{name}/files", GuestFile, token=token, content=data,
-                             params={"path": path, "mode": f"{mode:04o}", "sha256": hashlib.sha256(data).hexdigest()},
-                             timeout=300)
+                             params={"path": path, "mode": f"{mode:04o}", "sha256": sha256}, timeout=300)
 
 
 # -- manager ------------------------------------------------------------------------------------------
@@ -102,14 +92,14 @@ async def manager_write_file(manager: Manager, name: str, path: str, mode: int, 
     """The VM's state checked first (an answer before the body is read), then the body relayed."""
     manager.inventory      # noqa: B018 (only the leader sends commands)
     vm, host = await manager.home(name, VMPower.RUNNING, VMPower.PAUSED, VMPower.MIGRATING)
-    data = await read_body(request, sha256)
+    data, digest = await read_body(request, sha256)
     try:
-        out = await agent_write_file(manager.agent(host), name, path, mode, data, manager.token)
+        out = await agent_write_file(manager.agent(host), name, path, mode, data, digest, manager.token)
     except ApiError as e:
         if isinstance(e, ApiInputError | ApiConflictError | ApiNotFoundError):
             raise ConflictError(f"file {path} into vm {name!r} refused by {host.name}: {e.detail}") from e
         raise OperationFailedError(f"file {path} into vm {name!r} on {host.name} failed: {e.detail}") from e
-    if out.size != len(data) or not _HEX.fullmatch(out.sha256) or out.sha256 != hashlib.sha256(data).hexdigest():
+    if out.size != len(data) or out.sha256 != digest:
         raise OperationFailedError(f"file {path} into vm {name!r}: host {host.name} wrote {out.size} bytes with "
                                    f"SHA-256 {out.sha256[:64]!r}, not the {len(data)} bytes sent")
     return out
@@ -126,5 +116,4 @@ def add_manager_routes(app: FastAPI, manager: Manager, ops: dict[str, Any]) -> N
         """Write the request's body (at most 64 MiB) to ``path`` in the running guest, with
         ``mode``; the file appears only once whole and checked by SHA-256 in the guest."""
         p, m = _checked(path, mode)
-        check_length(request)
         return await manager_write_file(manager, name, p, m, request, sha256)

@@ -268,14 +268,15 @@ class ManagerProvider:
         """``local`` into the guest at ``remote`` in one request (the manager's file route; the
         guest checks it by SHA-256 before it is moved into place)."""
         data = Path(local).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
         try:
-            w = await self._c().write_file(name, remote, data, mode)
+            w = await self._c().write_file(name, remote, data, mode, sha256=digest)
         except (ApiInputError, ApiConflictError, ApiNotFoundError) as e:
             raise ProviderRefusedError(f"cloud {self.cloud!r}: writing {remote} into vm {name!r} refused: "
                                        f"{e.detail}") from e
-        if w.sha256 != hashlib.sha256(data).hexdigest() or w.size != len(data):
+        if w.sha256 != digest or w.size != len(data):
             raise AgentError(f"vm {name!r}: pushed {remote} has SHA-256 {w.sha256[:64]!r} ({w.size} bytes), "
-                             f"expected {hashlib.sha256(data).hexdigest()} ({len(data)} bytes)")
+                             f"expected {digest} ({len(data)} bytes)")
 
     async def probe_agent(self, name: str) -> None:
         try:
